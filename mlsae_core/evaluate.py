@@ -1,0 +1,136 @@
+"""One streaming evaluation pass: metrics, and whatever analyses ride along (collectors).
+
+The transformer runs once per batch: its clean pass gives every block's output, the SAE
+encodes the chosen layers, and each collector (layer distributions, max-activating examples,
+...) sees the same tensors. Splicing reuses the clean pass and only reruns the blocks after
+the spliced layer; the zero-ablated distribution is input-independent, so it is computed once.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+
+from mlsae_core.metrics import ReconstructionMetrics, SpliceMetrics, metrics_rows
+from mlsae_core.sae import MLSAE, TopK
+
+logger = logging.getLogger(__name__)
+
+# Rows of [rows, vocab] logits handled at once when splicing: bounds evaluation memory.
+LOGIT_CHUNK_ROWS = 512
+
+
+@dataclass
+class EvalBatch:
+    """What every collector sees for one batch of token chunks."""
+
+    rows: torch.Tensor  # [B] chunk indices
+    tokens: torch.Tensor  # [B, P]
+    mask: torch.Tensor  # [B, P] bool: counted (non-special) positions
+    layers: list[int]
+    x: torch.Tensor  # [L, N, d] activations at counted positions
+    topk: TopK  # values, indices: [L, N, k] (ReLU'd)
+    recons: torch.Tensor  # [L, N, d]
+    batch_index: torch.Tensor  # [N] which row of the batch each counted position is in
+    pos_index: torch.Tensor  # [N] its position within the row
+
+
+class Collector(Protocol):
+    def update(self, batch: EvalBatch) -> None: ...
+
+
+@dataclass
+class EvalResult:
+    rows: list[dict[str, Any]]  # one per layer plus 'avg' (metrics.METRIC_COLUMNS)
+    recon: ReconstructionMetrics
+    splice: SpliceMetrics | None
+    n_tokens: int
+
+
+def prediction_mask(mask: torch.Tensor) -> torch.Tensor:
+    """[B, P] positions whose input and next-token target are both non-special."""
+    pred = torch.zeros_like(mask)
+    pred[:, :-1] = mask[:, :-1] & mask[:, 1:]
+    return pred
+
+
+def _chunked_logits(transformer: Any, hidden: torch.Tensor) -> torch.Tensor:
+    return torch.cat(
+        [
+            transformer.logits(hidden[s : s + LOGIT_CHUNK_ROWS]).float()
+            for s in range(0, hidden.shape[0], LOGIT_CHUNK_ROWS)
+        ]
+    )
+
+
+@torch.no_grad()
+def evaluate(
+    transformer: Any,
+    sae: MLSAE,
+    tokens: torch.Tensor,
+    masks: torch.Tensor,
+    layers: Sequence[int],
+    batch_size: int = 4,
+    max_tokens: int | None = None,
+    splice: bool = True,
+    collectors: Iterable[Collector] = (),
+    progress: bool = True,
+) -> EvalResult:
+    """Evaluate `sae` on chunk rows `tokens` [n, P] (masks: counted positions), in order.
+
+    max_tokens caps the positions read (whole batches). With splice=False only the blocks up
+    to the last requested layer run, which is much cheaper.
+    """
+    from tqdm.auto import tqdm
+
+    layers = list(layers)
+    collectors = list(collectors)
+    sae.eval()
+    device = next(sae.parameters()).device
+    recon = ReconstructionMetrics(len(layers), sae.n_latents, sae.n_inputs, sae.dead_threshold)
+    spl = SpliceMetrics(len(layers)) if splice else None
+    zero_lp: dict[int, torch.Tensor] = {}
+    n_rows, pos = tokens.shape
+    if max_tokens is not None:
+        n_rows = min(n_rows, max(1, -(-max_tokens // pos)))
+    bar = tqdm(total=n_rows * pos, unit="tok", unit_scale=True, disable=not progress, desc="eval")
+    for start in range(0, n_rows, batch_size):
+        rows = torch.arange(start, min(start + batch_size, n_rows))
+        toks = tokens[rows].to(transformer.device)
+        mask = masks[rows].to(transformer.device)
+        if splice:
+            clean = transformer.clean_pass(toks, with_logits=False)
+            acts = clean.hidden[layers]  # [L, B, P, d]
+        else:
+            clean = None
+            acts = transformer.activations(toks, layers)
+        x = acts[:, mask].float().to(device)  # [L, N, d]
+        out = sae(x)
+        recons = out.recons
+        recon.update(x, recons, out.topk.values, out.topk.indices)
+        b_idx, p_idx = mask.nonzero(as_tuple=True)
+        batch = EvalBatch(rows, toks, mask, layers, x, out.topk, recons, b_idx, p_idx)
+        for c in collectors:
+            c.update(batch)
+        if spl is not None and clean is not None:
+            pred = prediction_mask(mask)
+            targets = toks[:, 1:][pred[:, :-1]]
+            if targets.numel():
+                final = transformer.final_norm(clean.hidden[-1])[pred]
+                clean_logits = _chunked_logits(transformer, final)
+                spl.update_clean(clean_logits, targets)
+                for i, layer in enumerate(layers):
+                    if layer not in zero_lp:
+                        zero_lp[layer] = transformer.zero_ablation_log_probs(clean, layer)
+                    replacement = clean.hidden[layer].clone()
+                    replacement[mask] = recons[i].to(replacement.dtype).to(replacement.device)
+                    hidden = transformer.run_from(clean, layer, replacement)[pred]
+                    spliced_logits = _chunked_logits(transformer, hidden)
+                    spl.update_layer(i, clean_logits, spliced_logits, targets, zero_lp[layer])
+        bar.update(len(rows) * pos)
+    bar.close()
+    return EvalResult(metrics_rows(layers, recon, spl), recon, spl, recon.n_tokens)

@@ -1,0 +1,186 @@
+"""Streaming per-layer metrics (SPEC section 4), exact over any batch split.
+
+Every metric is a ratio of sums accumulated in float64, so streaming over batches gives the
+same number as one pass over all tokens (not a mean of per-batch ratios).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+METRIC_COLUMNS = (
+    "mse",
+    "fvu",
+    "l0",
+    "l1",
+    "dead",
+    "dce",
+    "kl",
+    "logit_mse",
+    "ce_clean",
+    "ce_spliced",
+    "ce_zero",
+    "loss_recovered",
+)
+
+
+@dataclass
+class ReconstructionMetrics:
+    """MSE, FVU, L0, L1 and dead fraction per layer, accumulated over batches."""
+
+    n_layers: int
+    n_latents: int
+    d: int
+    dead_threshold: float = 1e-3
+    n_tokens: int = 0
+    sq_err: torch.Tensor = field(init=False)  # [L] sum ||r - x||^2
+    x_sum: torch.Tensor = field(init=False)  # [L, d] sum x
+    x_sq: torch.Tensor = field(init=False)  # [L] sum ||x||^2
+    l0: torch.Tensor = field(init=False)  # [L] sum of active counts
+    l1: torch.Tensor = field(init=False)  # [L] sum of latent values
+    fired: torch.Tensor = field(init=False)  # [L, n] bool
+
+    def __post_init__(self) -> None:
+        f64 = torch.float64
+        self.sq_err = torch.zeros(self.n_layers, dtype=f64)
+        self.x_sum = torch.zeros(self.n_layers, self.d, dtype=f64)
+        self.x_sq = torch.zeros(self.n_layers, dtype=f64)
+        self.l0 = torch.zeros(self.n_layers, dtype=f64)
+        self.l1 = torch.zeros(self.n_layers, dtype=f64)
+        self.fired = torch.zeros(self.n_layers, self.n_latents, dtype=torch.bool)
+
+    @torch.no_grad()
+    def update(
+        self, x: torch.Tensor, recons: torch.Tensor, values: torch.Tensor, indices: torch.Tensor
+    ) -> None:
+        """x, recons: [L, N, d]; values, indices: [L, N, k] (ReLU'd TopK)."""
+        x64, r64 = x.double().cpu(), recons.double().cpu()
+        values, indices = values.cpu(), indices.cpu()
+        self.n_tokens += x.shape[1]
+        self.sq_err += (r64 - x64).pow(2).sum(dim=(1, 2))
+        self.x_sum += x64.sum(dim=1)
+        self.x_sq += x64.pow(2).sum(dim=(1, 2))
+        active = values > self.dead_threshold
+        self.l0 += active.sum(dim=(1, 2)).double()
+        self.l1 += values.double().sum(dim=(1, 2))
+        for layer in range(self.n_layers):
+            self.fired[layer, indices[layer][active[layer]]] = True
+
+    def merge(self, other: ReconstructionMetrics) -> None:
+        self.n_tokens += other.n_tokens
+        for name in ("sq_err", "x_sum", "x_sq", "l0", "l1"):
+            getattr(self, name).add_(getattr(other, name))
+        self.fired |= other.fired
+
+    def compute(self) -> dict[str, list[float]]:
+        n = max(self.n_tokens, 1)
+        var = self.x_sq - self.x_sum.pow(2).sum(-1) / n  # sum ||x - xbar_l||^2
+        return {
+            "mse": (self.sq_err / (n * self.d)).tolist(),
+            "fvu": (self.sq_err / var.clamp_min(1e-300)).tolist(),
+            "l0": (self.l0 / n).tolist(),
+            "l1": (self.l1 / n).tolist(),
+            "dead": (~self.fired).double().mean(-1).tolist(),
+        }
+
+    def dead_fraction(self) -> float:
+        """Latents that never fired at any layer."""
+        return float((~self.fired.any(0)).double().mean())
+
+
+@dataclass
+class SpliceMetrics:
+    """dCE, KL(clean || spliced), logit MSE, zero-ablation CE and loss recovered per layer."""
+
+    n_layers: int
+    n_positions: int = 0
+    vocab: int = 0
+    ce_clean: float = 0.0
+    ce_spliced: torch.Tensor = field(init=False)
+    ce_zero: torch.Tensor = field(init=False)
+    kl: torch.Tensor = field(init=False)
+    logit_sq: torch.Tensor = field(init=False)
+
+    def __post_init__(self) -> None:
+        for name in ("ce_spliced", "ce_zero", "kl", "logit_sq"):
+            setattr(self, name, torch.zeros(self.n_layers, dtype=torch.float64))
+
+    @torch.no_grad()
+    def update_clean(self, clean_logits: torch.Tensor, targets: torch.Tensor) -> None:
+        """clean_logits: [M, V] at counted positions; targets: [M] next tokens."""
+        self.vocab = clean_logits.shape[-1]
+        self.n_positions += targets.numel()
+        lp = torch.log_softmax(clean_logits.double(), -1)
+        self.ce_clean += float(-lp.gather(-1, targets[:, None]).sum())
+
+    @torch.no_grad()
+    def update_layer(
+        self,
+        layer: int,
+        clean_logits: torch.Tensor,
+        spliced_logits: torch.Tensor,
+        targets: torch.Tensor,
+        zero_log_probs: torch.Tensor,
+    ) -> None:
+        """All [M, V] except targets [M] and zero_log_probs [V] (the input-independent ablation)."""
+        lp_c = torch.log_softmax(clean_logits.double(), -1)
+        lp_s = torch.log_softmax(spliced_logits.double(), -1)
+        self.ce_spliced[layer] += float(-lp_s.gather(-1, targets[:, None]).sum())
+        self.kl[layer] += float((lp_c.exp() * (lp_c - lp_s)).sum())
+        self.logit_sq[layer] += float(
+            (clean_logits.double() - spliced_logits.double()).pow(2).sum()
+        )
+        self.ce_zero[layer] += float(-zero_log_probs.double()[targets].sum())
+
+    def merge(self, other: SpliceMetrics) -> None:
+        self.n_positions += other.n_positions
+        self.vocab = max(self.vocab, other.vocab)
+        self.ce_clean += other.ce_clean
+        for name in ("ce_spliced", "ce_zero", "kl", "logit_sq"):
+            getattr(self, name).add_(getattr(other, name))
+
+    def compute(self) -> dict[str, list[float]]:
+        n = max(self.n_positions, 1)
+        ce_clean = self.ce_clean / n
+        ce_s = self.ce_spliced / n
+        ce_z = self.ce_zero / n
+        denom = ce_z - ce_clean
+        recovered = torch.where(denom.abs() > 1e-12, (ce_z - ce_s) / denom, torch.nan)
+        return {
+            "dce": (ce_s - ce_clean).tolist(),
+            "kl": (self.kl / n).tolist(),
+            "logit_mse": (self.logit_sq / (n * max(self.vocab, 1))).tolist(),
+            "ce_clean": [ce_clean] * self.n_layers,
+            "ce_spliced": ce_s.tolist(),
+            "ce_zero": ce_z.tolist(),
+            "loss_recovered": recovered.tolist(),
+        }
+
+
+def metrics_rows(
+    layers: Sequence[int],
+    recon: ReconstructionMetrics,
+    splice: SpliceMetrics | None,
+) -> list[dict[str, Any]]:
+    """One row per layer plus one whose `layer` is 'avg' (mean over layers; dead over all)."""
+    values = recon.compute()
+    if splice is not None:
+        values.update(splice.compute())
+    rows: list[dict[str, Any]] = []
+    for i, layer in enumerate(layers):
+        row: dict[str, Any] = {"layer": str(layer)}
+        for col in METRIC_COLUMNS:
+            row[col] = float(values[col][i]) if col in values else math.nan
+        rows.append(row)
+    avg: dict[str, Any] = {"layer": "avg"}
+    for col in METRIC_COLUMNS:
+        col_vals = [r[col] for r in rows]
+        avg[col] = float(sum(col_vals) / len(col_vals)) if col_vals else math.nan
+    avg["dead"] = recon.dead_fraction()
+    rows.append(avg)
+    return rows

@@ -1,0 +1,353 @@
+"""The training loop, visible in one function (`train`): accumulate, project, step, renormalise.
+
+Resumable by construction: the data order is a pure function of (seed, step), so a checkpoint
+only needs the weights, the optimiser state, the dead-latent counters and the step number.
+Resuming from any checkpoint ends with the same weights as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+
+from mlsae_core import atomic
+from mlsae_core.config import SAEConfig, TrainConfig, resolve_device
+from mlsae_core.sae import MLSAE, total_loss
+
+logger = logging.getLogger(__name__)
+
+STATE_DIR = "training_state"
+HISTORY_NAME = "history.parquet"
+
+
+class TrainingDiverged(RuntimeError):
+    """Loss or weights became NaN/Inf; the last good checkpoint is kept."""
+
+
+class ActivationSource(Protocol):
+    """Residual-stream activations for rows of the token chunks, `[n_layers, rows, pos, d]`."""
+
+    n_layers: int
+    d_model: int
+
+    def __call__(self, rows: torch.Tensor) -> torch.Tensor: ...
+
+
+@dataclass
+class LiveActivations:
+    """Activations computed on the fly by the transformer (one forward per batch)."""
+
+    transformer: Any
+    tokens: torch.Tensor  # [n_chunks, pos]
+    layers: Sequence[int] | None = None
+
+    @property
+    def n_layers(self) -> int:
+        return len(self.layers) if self.layers is not None else self.transformer.n_layers
+
+    @property
+    def d_model(self) -> int:
+        return self.transformer.d_model
+
+    def __call__(self, rows: torch.Tensor) -> torch.Tensor:
+        toks = self.tokens[rows].to(self.transformer.device)
+        return self.transformer.activations(toks, self.layers)
+
+
+class RowOrder:
+    """Chunk rows in a seeded random order, a fresh permutation per epoch (pure function)."""
+
+    def __init__(self, n_rows: int, seed: int) -> None:
+        if n_rows < 1:
+            raise ValueError("no token chunks to train on: the training split is empty")
+        self.n_rows, self.seed = n_rows, seed
+        self._perms: dict[int, torch.Tensor] = {}
+
+    def _perm(self, epoch: int) -> torch.Tensor:
+        if epoch not in self._perms:
+            gen = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._perms = {epoch: torch.randperm(self.n_rows, generator=gen)}
+        return self._perms[epoch]
+
+    def rows(self, start: int, count: int) -> torch.Tensor:
+        out = []
+        for i in range(start, start + count):
+            out.append(self._perm(i // self.n_rows)[i % self.n_rows])
+        return torch.stack(out)
+
+
+# ----- distributed helpers ------------------------------------------------------------------
+def dist_info() -> tuple[int, int]:
+    """(rank, world_size); initialises torch.distributed under torchrun (gloo on CPU)."""
+    import torch.distributed as dist
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1
+    if not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend=backend)
+    return dist.get_rank(), dist.get_world_size()
+
+
+def _all_reduce(t: torch.Tensor, op: str = "sum") -> torch.Tensor:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
+    return t
+
+
+def _broadcast_params(sae: MLSAE) -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        for p in sae.parameters():
+            dist.broadcast(p.data, src=0)
+
+
+# ----- checkpoint state ---------------------------------------------------------------------
+def _save_state(
+    directory: Path, sae: MLSAE, opt: torch.optim.Optimizer, state: dict[str, Any]
+) -> None:
+    """weights + optimiser tensors (safetensors) + JSON scalars, as one atomic directory."""
+    from safetensors.torch import save_file
+
+    opt_sd = opt.state_dict()
+    opt_tensors: dict[str, torch.Tensor] = {}
+    for pid, pstate in opt_sd["state"].items():
+        for key, value in pstate.items():
+            opt_tensors[f"{pid}.{key}"] = torch.as_tensor(value).detach().contiguous().cpu()
+    with atomic.atomic_dir(directory) as tmp:
+        tensors = sae.weights_dict()
+        tensors["tokens_since_fired"] = sae.tokens_since_fired.detach().cpu().contiguous()
+        save_file(tensors, str(tmp / "model.safetensors"))
+        save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
+        meta = {**state, "param_groups": opt_sd["param_groups"]}
+        (tmp / "state.json").write_text(json.dumps(meta, indent=2) + "\n")
+
+
+def _load_state(directory: Path, sae: MLSAE, opt: torch.optim.Optimizer) -> dict[str, Any]:
+    from safetensors.torch import load_file
+
+    meta = json.loads((directory / "state.json").read_text())
+    tensors = load_file(str(directory / "model.safetensors"))
+    sae.tokens_since_fired.copy_(tensors.pop("tokens_since_fired"))
+    sae.load_weights(tensors)
+    opt_tensors = load_file(str(directory / "optimizer.safetensors"))
+    opt_state: dict[int, dict[str, torch.Tensor]] = {}
+    for name, value in opt_tensors.items():
+        pid, key = name.split(".", 1)
+        opt_state.setdefault(int(pid), {})[key] = value
+    opt.load_state_dict({"state": opt_state, "param_groups": meta.pop("param_groups")})
+    return meta
+
+
+def _write_history(path: Path, rows: list[dict[str, Any]]) -> None:
+    import pyarrow as pa
+
+    schema = pa.schema(
+        [
+            ("step", pa.int64()),
+            ("tokens", pa.int64()),
+            ("loss", pa.float64()),
+            ("fvu", pa.float64()),
+            ("auxk_loss", pa.float64()),
+            ("dead_fraction", pa.float64()),
+            ("l0", pa.float64()),
+            ("lr", pa.float64()),
+            ("tokens_per_s", pa.float64()),
+            ("elapsed_s", pa.float64()),
+        ]
+    )
+    table = pa.Table.from_pylist(rows, schema=schema)
+    atomic.write_parquet(path, table)
+
+
+def read_history(out_dir: str | Path) -> list[dict[str, Any]]:
+    import pyarrow.parquet as pq
+
+    path = Path(out_dir) / HISTORY_NAME
+    return pq.read_table(path).to_pylist() if path.exists() else []
+
+
+# ----- the loop -----------------------------------------------------------------------------
+def train(
+    source: ActivationSource,
+    masks: torch.Tensor,
+    sae_cfg: SAEConfig,
+    train_cfg: TrainConfig,
+    out_dir: str | Path,
+    batch_size: int,
+    max_tokens: int,
+    metadata: dict[str, Any] | None = None,
+    progress: bool = True,
+    stop_after_steps: int | None = None,
+    on_step: Callable[[dict[str, Any]], None] | None = None,
+) -> MLSAE:
+    """Train an MLSAE on `source` and save it to `out_dir`; resume if a checkpoint is there.
+
+    masks: [n_chunks, pos] bool, True at positions that count (not BOS/EOS/PAD).
+    max_tokens: token budget (chunk positions, special ones included, as the reference).
+    stop_after_steps: stop early (to test resume); the run continues on the next call.
+    """
+    from tqdm.auto import tqdm
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rank, world = dist_info()
+    device = torch.device(resolve_device(train_cfg.device))
+    torch.manual_seed(train_cfg.seed)
+
+    n_chunks, pos = masks.shape
+    accum = train_cfg.accumulate_grad_batches
+    tokens_per_step = batch_size * pos * accum * world
+    total_steps = max(1, math.ceil(max_tokens / tokens_per_step))
+    n_latents = sae_cfg.n_latents(source.d_model)
+    run_config = {
+        "sae": {**sae_cfg.__dict__},
+        "train": {k: v for k, v in train_cfg.__dict__.items() if k not in ("checkpoint_every",)},
+        "batch_size": batch_size,
+        "max_length": pos,
+        "max_tokens": max_tokens,
+        "world_size": world,
+        "n_chunks": n_chunks,
+    }
+    sae = MLSAE(
+        n_inputs=source.d_model,
+        n_latents=n_latents,
+        k=sae_cfg.k,
+        auxk=sae_cfg.auxk,
+        dead_tokens_threshold=sae_cfg.dead_tokens_threshold,
+        dead_threshold=sae_cfg.dead_threshold,
+        standardize=sae_cfg.standardize,
+        metadata=metadata,
+    ).to(device)
+    opt = torch.optim.Adam(sae.parameters(), lr=train_cfg.lr, eps=train_cfg.eps)
+    order = RowOrder(n_chunks, train_cfg.seed)
+
+    state_dir = out_dir / STATE_DIR
+    step, history = 0, []
+    if (state_dir / "state.json").exists():
+        saved = json.loads((state_dir / "state.json").read_text())["run_config"]
+        if saved != json.loads(json.dumps(run_config)):
+            raise ValueError(
+                f"{out_dir} holds a run with different settings ({saved}); "
+                "use another --out directory or delete it to start over"
+            )
+        meta = _load_state(state_dir, sae, opt)
+        step = int(meta["step"])
+        history = [r for r in read_history(out_dir) if r["step"] < step]
+        logger.info("resuming %s at step %d/%d", out_dir, step, total_steps)
+        if meta.get("done") and step >= total_steps:
+            return MLSAE.from_pretrained(out_dir, device=device)
+    sae.train()
+
+    def checkpoint(done: bool = False) -> None:
+        if rank != 0:
+            return
+        _save_state(state_dir, sae, opt, {"step": step, "run_config": run_config, "done": done})
+        _write_history(out_dir / HISTORY_NAME, history)
+
+    bar = tqdm(
+        total=total_steps * tokens_per_step,
+        initial=step * tokens_per_step,
+        unit="tok",
+        unit_scale=True,
+        disable=not progress or rank != 0,
+        desc=f"train {out_dir.name}",
+    )
+    t_start = time.perf_counter()
+    steps_this_call = 0
+    while step < total_steps:
+        if stop_after_steps is not None and steps_this_call >= stop_after_steps:
+            break
+        t0 = time.perf_counter()
+        fired = torch.zeros(n_latents, dtype=torch.bool, device=device)
+        n_tok = torch.zeros((), dtype=torch.long, device=device)
+        sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss, fvu, aux, l0*tokens
+        for a in range(accum):
+            micro = (step * accum + a) * world + rank
+            rows = order.rows(micro * batch_size, batch_size)
+            acts = source(rows).to(device)  # [L, B, P, d]
+            mask = masks[rows].to(device)  # [B, P]
+            x = acts[:, mask].float()  # [L, N, d]
+            if x.shape[1] == 0:
+                continue
+            if step == 0 and a == 0 and steps_this_call == 0:
+                sae.init_pre_encoder_bias(x)
+                _broadcast_params(sae)
+            out = sae(x)
+            loss, main, aux = total_loss(sae, x, out, sae_cfg.auxk_coef)
+            (loss / accum).backward()
+            fired |= out.fired
+            n_tok += x.shape[1]
+            l0 = (out.topk.values > sae.dead_threshold).sum(-1).float().mean()
+            sums += torch.stack([loss.detach(), main.detach(), aux.detach(), l0]).double()
+        if world > 1:
+            for p in sae.parameters():
+                if p.grad is not None:
+                    _all_reduce(p.grad).div_(world)
+            _all_reduce(fired.to(torch.uint8), "max")
+            _all_reduce(n_tok)
+            _all_reduce(sums)
+        sums /= accum * world
+        loss_value = float(sums[0])
+        if not math.isfinite(loss_value):
+            raise TrainingDiverged(
+                f"step {step}: loss is {loss_value}; likely causes: a learning rate too high "
+                f"(lr={train_cfg.lr}) or non-finite activations from the model (try float32). "
+                f"The last good checkpoint is kept in {state_dir}"
+            )
+        sae.project_decoder_grad()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        sae.normalize_decoder()
+        sae.update_dead(fired, int(n_tok))
+        if not all(torch.isfinite(p).all() for p in sae.parameters()):
+            raise TrainingDiverged(
+                f"step {step}: weights became NaN/Inf after the optimiser step; likely cause: a "
+                f"learning rate too high (lr={train_cfg.lr}). The last good checkpoint is kept "
+                f"in {state_dir}"
+            )
+        step += 1
+        steps_this_call += 1
+        dt = time.perf_counter() - t0
+        row = {
+            "step": step - 1,
+            "tokens": step * tokens_per_step,
+            "loss": loss_value,
+            "fvu": float(sums[1]),
+            "auxk_loss": float(sums[2]),
+            "dead_fraction": float(sae.dead_mask().float().mean()),
+            "l0": float(sums[3]),
+            "lr": train_cfg.lr,
+            "tokens_per_s": tokens_per_step / max(dt, 1e-9),
+            "elapsed_s": time.perf_counter() - t_start,
+        }
+        history.append(row)
+        bar.update(tokens_per_step)
+        bar.set_postfix(fvu=f"{row['fvu']:.3f}", dead=f"{row['dead_fraction']:.2f}")
+        if on_step is not None:
+            on_step(row)
+        if step % train_cfg.checkpoint_every == 0 and step < total_steps:
+            checkpoint()
+    bar.close()
+    if step >= total_steps:
+        if rank == 0:
+            sae.save_pretrained(out_dir)
+        checkpoint(done=True)
+        logger.info("trained %s: %d steps, final fvu %.4f", out_dir, step, history[-1]["fvu"])
+    else:
+        checkpoint()
+    sae.eval()
+    return sae
