@@ -1,0 +1,487 @@
+"""Analysis results -> `pyarrow.Table`s with explicit schemas, and the reference's CSVs.
+
+Every table starts with the partition columns it is keyed by (model, expansion_factor, k,
+layers; model-level tables such as resid_cos_sim need only `model`), repeated on every row,
+so Parquet files from many configs concatenate into one DuckDB view. Columns are documented
+in docs/tables.md (one place); keep the two in step.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+from collections.abc import Mapping, Sequence
+from os import PathLike
+from typing import TYPE_CHECKING, Any
+
+import pyarrow as pa
+
+from mlsae_core import atomic
+
+if TYPE_CHECKING:
+    from mlsae_core.analysis.dists import DistsResult
+    from mlsae_core.analysis.examples import ExamplesResult
+    from mlsae_core.analysis.geometry import EmbeddingSim, ResidCosSim, SimDistHistogram
+    from mlsae_core.analysis.prompts import PromptHeatmap
+    from mlsae_core.analysis.variance import VarianceResult
+
+PARTITION_FIELDS: tuple[pa.Field, ...] = (
+    pa.field("model", pa.string(), nullable=False),
+    pa.field("expansion_factor", pa.int32(), nullable=False),
+    pa.field("k", pa.int32(), nullable=False),
+    pa.field("layers", pa.string(), nullable=False),
+)
+SAE_PARTITION = tuple(f.name for f in PARTITION_FIELDS)
+MODEL_PARTITION = ("model",)
+STAT_NAMES = ("mean", "var", "std", "sem")
+
+DISTS_LAYER_STD_CSV_COLUMNS = (
+    "model_name",
+    "n_layers",
+    "expansion_factor",
+    "k",
+    *STAT_NAMES,
+    *(f"{s}_rel" for s in STAT_NAMES),
+)
+MMCS_CSV_COLUMNS = ("model_name", "expansion_factor", "k", *STAT_NAMES)
+
+
+def layers_label(layers: Sequence[int]) -> str:
+    """ "0-29" for a contiguous range, "3" for one layer, else "0,2,5" (the partition value)."""
+    layers = [int(x) for x in layers]
+    if not layers:
+        raise ValueError("layers must not be empty")
+    if len(layers) == 1:
+        return str(layers[0])
+    if layers == list(range(layers[0], layers[-1] + 1)):
+        return f"{layers[0]}-{layers[-1]}"
+    return ",".join(str(x) for x in layers)
+
+
+def _partition_fields(partition: Mapping[str, Any], required: Sequence[str]) -> list[pa.Field]:
+    known = {f.name: f for f in PARTITION_FIELDS}
+    unknown = sorted(set(partition) - set(known))
+    missing = [name for name in required if name not in partition]
+    if unknown or missing:
+        raise ValueError(
+            f"partition {dict(partition)} has unknown keys {unknown} / lacks {missing}; "
+            f"expected keys from {list(known)}"
+        )
+    return [f for f in PARTITION_FIELDS if f.name in partition]
+
+
+def _table(
+    partition: Mapping[str, Any],
+    fields: Sequence[pa.Field],
+    columns: Mapping[str, Any],
+    required: Sequence[str] = SAE_PARTITION,
+) -> pa.Table:
+    """Build a table: partition columns (repeated) then `columns`, under an explicit schema."""
+    part_fields = _partition_fields(partition, required)
+    arrays: list[pa.Array] = [pa.array(columns[f.name], type=f.type) for f in fields]
+    n = len(arrays[0]) if arrays else 0
+    part_arrays = [pa.repeat(pa.scalar(partition[f.name], type=f.type), n) for f in part_fields]
+    schema = pa.schema([*part_fields, *fields])
+    return pa.Table.from_arrays([*part_arrays, *arrays], schema=schema)
+
+
+def _f64(x: Any) -> list[float]:
+    return [float(v) for v in x]
+
+
+# ----- dists ---------------------------------------------------------------------------------
+LATENT_DISTS_FIELDS = (
+    pa.field("latent", pa.int64()),
+    pa.field("layer_mean", pa.float64()),
+    pa.field("layer_var", pa.float64()),
+    pa.field("layer_std", pa.float64()),
+    pa.field("count", pa.int64()),
+    pa.field("total", pa.float64()),
+    pa.field("n_layers_active", pa.int32()),
+    pa.field("live", pa.bool_()),
+)
+
+
+def latent_dists_table(result: DistsResult, partition: Mapping[str, Any]) -> pa.Table:
+    """One row per latent: its layer distribution's statistics (NaN for dead latents)."""
+    return _table(
+        partition,
+        LATENT_DISTS_FIELDS,
+        {
+            "latent": range(result.n_latents),
+            "layer_mean": result.layer_mean.numpy(),
+            "layer_var": result.layer_var.numpy(),
+            "layer_std": result.layer_std.numpy(),
+            "count": result.count.round().long().numpy(),
+            "total": result.total.numpy(),
+            "n_layers_active": result.n_layers_active.int().numpy(),
+            "live": result.live.numpy(),
+        },
+    )
+
+
+LATENT_LAYER_DISTS_FIELDS = (
+    pa.field("layer", pa.int32()),
+    pa.field("layer_index", pa.int32()),
+    pa.field("latent", pa.int64()),
+    pa.field("count", pa.int64()),
+    pa.field("total", pa.float64()),
+    pa.field("p", pa.float64()),
+)
+
+
+def latent_layer_dists_table(
+    result: DistsResult, partition: Mapping[str, Any], nonzero_only: bool = True
+) -> pa.Table:
+    """Long form, one row per (layer, latent); by default only where the latent fired."""
+    import torch
+
+    li, lat = (
+        (result.counts > 0).nonzero(as_tuple=True)
+        if nonzero_only
+        else torch.ones_like(result.counts, dtype=torch.bool).nonzero(as_tuple=True)
+    )
+    layer_ids = torch.tensor(result.layers, dtype=torch.int32)
+    return _table(
+        partition,
+        LATENT_LAYER_DISTS_FIELDS,
+        {
+            "layer": layer_ids[li].numpy(),
+            "layer_index": li.int().numpy(),
+            "latent": lat.numpy(),
+            "count": result.counts[li, lat].round().long().numpy(),
+            "total": result.totals[li, lat].numpy(),
+            "p": result.p[li, lat].numpy(),
+        },
+    )
+
+
+DISTS_SUMMARY_FIELDS = (
+    pa.field("n_layers", pa.int32()),
+    pa.field("n_latents", pa.int64()),
+    pa.field("n_live", pa.int64()),
+    pa.field("n_tokens", pa.int64()),
+    *(pa.field(s, pa.float64()) for s in STAT_NAMES),
+    *(pa.field(f"{s}_rel", pa.float64()) for s in STAT_NAMES),
+)
+
+
+def dists_summary_table(result: DistsResult, partition: Mapping[str, Any]) -> pa.Table:
+    """One row per config: stats of layer_std over live latents (and / n_layers)."""
+    s = result.summary()
+    return _table(
+        partition, DISTS_SUMMARY_FIELDS, {f.name: [s[f.name]] for f in DISTS_SUMMARY_FIELDS}
+    )
+
+
+# ----- variance ------------------------------------------------------------------------------
+LAYER_VARIANCE_FIELDS = (
+    pa.field("n_layers", pa.int32()),
+    pa.field("n_live", pa.int64()),
+    pa.field("n_tokens", pa.int64()),
+    pa.field("token_var_mean", pa.float64()),
+    pa.field("aggregate_var_mean", pa.float64()),
+    pa.field("ratio", pa.float64()),
+    pa.field("token_var_weighted", pa.float64()),
+    pa.field("aggregate_var_weighted", pa.float64()),
+    pa.field("ratio_weighted", pa.float64()),
+    pa.field("mean_layers_per_token", pa.float64()),
+)
+
+
+def layer_variance_table(result: VarianceResult, partition: Mapping[str, Any]) -> pa.Table:
+    """One row per config: token-level vs aggregate layer variance (analysis.variance)."""
+    s = result.summary()
+    return _table(
+        partition, LAYER_VARIANCE_FIELDS, {f.name: [s[f.name]] for f in LAYER_VARIANCE_FIELDS}
+    )
+
+
+LATENT_VARIANCE_FIELDS = (
+    pa.field("latent", pa.int64()),
+    pa.field("token_var", pa.float64()),
+    pa.field("aggregate_var", pa.float64()),
+    pa.field("weight", pa.float64()),
+    pa.field("pairs", pa.int64()),
+)
+
+
+def latent_variance_table(result: VarianceResult, partition: Mapping[str, Any]) -> pa.Table:
+    """One row per latent: V_tok, V_agg, total activation, (token, latent) pairs."""
+    return _table(
+        partition,
+        LATENT_VARIANCE_FIELDS,
+        {
+            "latent": range(int(result.weight.numel())),
+            "token_var": result.token_var.numpy(),
+            "aggregate_var": result.aggregate_var.numpy(),
+            "weight": result.weight.numpy(),
+            "pairs": result.pairs.round().long().numpy(),
+        },
+    )
+
+
+# ----- examples ------------------------------------------------------------------------------
+MAX_EXAMPLES_FIELDS = (
+    pa.field("latent", pa.int64()),
+    pa.field("layer", pa.int32()),
+    pa.field("rank", pa.int32()),
+    pa.field("activation", pa.float32()),
+    pa.field("row", pa.int64()),
+    pa.field("pos", pa.int32()),
+    pa.field("token_id", pa.int64()),
+    pa.field("token", pa.string()),
+    pa.field("centre", pa.int32()),
+    pa.field("context_ids", pa.list_(pa.int64())),
+    pa.field("context_tokens", pa.list_(pa.string())),
+    pa.field("context_activations", pa.list_(pa.float32())),
+    pa.field("document", pa.string()),
+    pa.field("genre", pa.string()),
+)
+
+
+def max_examples_table(
+    result: ExamplesResult,
+    partition: Mapping[str, Any],
+    doc_index: Any | None = None,
+    documents: Sequence[Any] | None = None,
+) -> pa.Table:
+    """One row per (latent, layer, rank) with its clipped context window.
+
+    doc_index [R, P] and documents (`TokenChunks.doc_index` / `.documents`) add the source
+    document id and genre of the example token; without them those columns are null.
+    """
+    import numpy as np
+
+    valid = result.context_valid.numpy()  # [M, C]
+    lengths = valid.sum(1)
+    offsets = np.zeros(len(result) + 1, dtype=np.int32)
+    np.cumsum(lengths, out=offsets[1:])
+    flat_ids = result.context_ids.numpy()[valid]  # row-major: each example's window in order
+    flat_acts = result.context_acts.numpy()[valid].astype(np.float32)
+    vocab = sorted(result.strings)
+    lookup = pa.array([result.strings[i] for i in vocab], type=pa.string())
+    pos_of = np.searchsorted(np.asarray(vocab, dtype=np.int64), flat_ids)
+    flat_strings = lookup.take(pa.array(pos_of, type=pa.int64()))
+    off = pa.array(offsets, type=pa.int32())
+    token_strings = lookup.take(
+        pa.array(np.searchsorted(np.asarray(vocab, dtype=np.int64), result.token_id.numpy()))
+    )
+    doc_col: list[str | None] = [None] * len(result)
+    genre_col: list[str | None] = [None] * len(result)
+    if doc_index is not None and documents is not None:
+        idx = doc_index[result.row, result.pos].tolist()
+        doc_col = [documents[i].id if i >= 0 else None for i in idx]
+        genre_col = [getattr(documents[i], "genre", None) if i >= 0 else None for i in idx]
+    columns = {
+        "latent": result.latent.numpy(),
+        "layer": result.layer.int().numpy(),
+        "rank": result.rank.int().numpy(),
+        "activation": result.activation.float().numpy(),
+        "row": result.row.numpy(),
+        "pos": result.pos.int().numpy(),
+        "token_id": result.token_id.numpy(),
+        "token": token_strings,
+        "centre": result.centre.int().numpy(),
+        "context_ids": pa.ListArray.from_arrays(off, pa.array(flat_ids, type=pa.int64())),
+        "context_tokens": pa.ListArray.from_arrays(off, flat_strings),
+        "context_activations": pa.ListArray.from_arrays(
+            off, pa.array(flat_acts, type=pa.float32())
+        ),
+        "document": doc_col,
+        "genre": genre_col,
+    }
+    return _table(partition, MAX_EXAMPLES_FIELDS, columns)
+
+
+# ----- geometry ------------------------------------------------------------------------------
+RESID_COS_SIM_FIELDS = (
+    pa.field("layer", pa.int32()),
+    pa.field("next_layer", pa.int32()),
+    *(pa.field(f"cos_{s}", pa.float64()) for s in STAT_NAMES),
+    *(pa.field(f"norm_{s}", pa.float64()) for s in STAT_NAMES),
+    pa.field("n_tokens", pa.int64()),
+)
+
+
+def resid_cos_sim_table(result: ResidCosSim, partition: Mapping[str, Any]) -> pa.Table:
+    """One row per layer: its norm stats and the cosine with the next layer (null for the last)."""
+    n_layers = len(result.layers)
+    cols: dict[str, Any] = {
+        "layer": result.layers,
+        "next_layer": [*result.layers[1:], None],
+        "n_tokens": [result.n_tokens] * n_layers,
+    }
+    for s in STAT_NAMES:
+        cols[f"cos_{s}"] = [*_f64(result.cos[s]), None]
+        cols[f"norm_{s}"] = _f64(result.norm[s])
+    return _table(partition, RESID_COS_SIM_FIELDS, cols, required=MODEL_PARTITION)
+
+
+MMCS_FIELDS = (
+    pa.field("reference", pa.string()),
+    pa.field("n_latents", pa.int64()),
+    *(pa.field(s, pa.float64()) for s in STAT_NAMES),
+)
+
+
+def mmcs_table(
+    summary: Mapping[str, float], partition: Mapping[str, Any], reference: str = "self"
+) -> pa.Table:
+    """One row: MMCS stats of a dictionary against itself ("self") or another (its label)."""
+    cols = {"reference": [reference], "n_latents": [int(summary["n"])]}
+    cols.update({s: [float(summary[s])] for s in STAT_NAMES})
+    return _table(partition, MMCS_FIELDS, cols)
+
+
+DECODER_SIM_FIELDS = (
+    pa.field("dist_lo", pa.float64()),
+    pa.field("dist_hi", pa.float64()),
+    pa.field("cos_lo", pa.float64()),
+    pa.field("cos_hi", pa.float64()),
+    pa.field("count", pa.int64()),
+)
+
+
+def decoder_sim_table(hist: SimDistHistogram, partition: Mapping[str, Any]) -> pa.Table:
+    """The 2-D histogram of decoder cosine vs layer-mean distance, one row per bin."""
+    import numpy as np
+
+    nd, nc = hist.counts.shape
+    di, ci = np.meshgrid(np.arange(nd), np.arange(nc), indexing="ij")
+    di, ci = di.ravel(), ci.ravel()
+    return _table(
+        partition,
+        DECODER_SIM_FIELDS,
+        {
+            "dist_lo": hist.dist_edges[di],
+            "dist_hi": hist.dist_edges[di + 1],
+            "cos_lo": hist.cos_edges[ci],
+            "cos_hi": hist.cos_edges[ci + 1],
+            "count": hist.counts.ravel().astype(np.int64),
+        },
+    )
+
+
+EMBEDDING_SIM_FIELDS = (
+    pa.field("latent", pa.int64()),
+    pa.field("embedding", pa.string()),
+    pa.field("rank", pa.int32()),
+    pa.field("token_id", pa.int64()),
+    pa.field("token", pa.string()),
+    pa.field("cosine", pa.float32()),
+)
+
+
+def embedding_sim_table(
+    sim: EmbeddingSim, partition: Mapping[str, Any], strings: Mapping[int, str]
+) -> pa.Table:
+    """Rows (latent, embedding in {input, output}, rank): top tokens by cosine.
+
+    `strings` maps token ids to text (`examples.token_strings`).
+    """
+    import numpy as np
+
+    cols: dict[str, list[Any]] = {f.name: [] for f in EMBEDDING_SIM_FIELDS}
+    for name, vals, ids in (
+        ("input", sim.input_values, sim.input_ids),
+        ("output", sim.output_values, sim.output_ids),
+    ):
+        n, top = ids.shape
+        cols["latent"].append(np.repeat(np.arange(n), top))
+        cols["embedding"].append(np.full(n * top, name, dtype=object))
+        cols["rank"].append(np.tile(np.arange(top, dtype=np.int32), n))
+        flat = ids.reshape(-1).numpy()
+        cols["token_id"].append(flat)
+        cols["token"].append(
+            np.array([strings.get(int(i), str(int(i))) for i in flat], dtype=object)
+        )
+        cols["cosine"].append(vals.reshape(-1).float().numpy())
+    return _table(partition, EMBEDDING_SIM_FIELDS, {k: np.concatenate(v) for k, v in cols.items()})
+
+
+PROMPT_HEATMAP_FIELDS = (
+    pa.field("prompt", pa.string()),
+    pa.field("latent", pa.int64()),
+    pa.field("order", pa.int32()),
+    pa.field("layer", pa.int32()),
+    pa.field("value", pa.float64()),
+    pa.field("raw", pa.float64()),
+)
+
+
+def prompt_heatmap_table(heat: PromptHeatmap, partition: Mapping[str, Any]) -> pa.Table:
+    """Long form of the prompt heatmap: one row per (layer, latent) cell."""
+    import numpy as np
+
+    n_layers, m = heat.matrix.shape
+    li, ci = np.meshgrid(np.arange(n_layers), np.arange(m), indexing="ij")
+    li, ci = li.ravel(), ci.ravel()
+    return _table(
+        partition,
+        PROMPT_HEATMAP_FIELDS,
+        {
+            "prompt": [heat.prompt] * (n_layers * m),
+            "latent": heat.latents.numpy()[ci],
+            "order": ci.astype(np.int32),
+            "layer": np.asarray(heat.layers, dtype=np.int32)[li],
+            "value": heat.matrix.numpy()[li, ci],
+            "raw": heat.raw.numpy()[li, ci],
+        },
+    )
+
+
+# ----- the reference's CSVs ------------------------------------------------------------------
+def dists_layer_std_row(
+    model_name: str, expansion_factor: int, k: int, result: DistsResult
+) -> dict[str, Any]:
+    """One row of the reference's dists_layer_std.csv."""
+    s = result.summary()
+    row = {
+        "model_name": model_name,
+        "n_layers": s["n_layers"],
+        "expansion_factor": expansion_factor,
+    }
+    row["k"] = k
+    row.update({c: s[c] for c in DISTS_LAYER_STD_CSV_COLUMNS[4:]})
+    return row
+
+
+def mmcs_row(
+    model_name: str, expansion_factor: int, k: int, summary: Mapping[str, float]
+) -> dict[str, Any]:
+    """One row of the reference's mmcs.csv."""
+    row: dict[str, Any] = {"model_name": model_name, "expansion_factor": expansion_factor, "k": k}
+    row.update({s: summary[s] for s in STAT_NAMES})
+    return row
+
+
+def _write_csv(
+    path: str | PathLike[str], columns: Sequence[str], rows: Sequence[Mapping[str, Any]]
+) -> None:
+    buf = io.StringIO()
+    writer = csv.DictWriter(
+        buf, fieldnames=list(columns), extrasaction="raise", lineterminator="\n"
+    )
+    writer.writeheader()
+    for row in rows:
+        missing = [c for c in columns if c not in row]
+        if missing:
+            raise ValueError(f"CSV row {dict(row)} lacks columns {missing}")
+        writer.writerow({c: ("nan" if _isnan(row[c]) else row[c]) for c in columns})
+    atomic.write_text(path, buf.getvalue())
+
+
+def _isnan(v: Any) -> bool:
+    return isinstance(v, float) and math.isnan(v)
+
+
+def write_dists_layer_std_csv(path: str | PathLike[str], rows: Sequence[Mapping[str, Any]]) -> None:
+    """The reference's dists_layer_std.csv (columns DISTS_LAYER_STD_CSV_COLUMNS), atomically."""
+    _write_csv(path, DISTS_LAYER_STD_CSV_COLUMNS, rows)
+
+
+def write_mmcs_csv(path: str | PathLike[str], rows: Sequence[Mapping[str, Any]]) -> None:
+    """The reference's mmcs.csv (columns MMCS_CSV_COLUMNS), atomically."""
+    _write_csv(path, MMCS_CSV_COLUMNS, rows)

@@ -1,0 +1,644 @@
+"""Analyses (SPEC section 5) against hand computations and float64 brute force."""
+
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+
+from mlsae_core.analysis import tables
+from mlsae_core.analysis.dists import LayerDists, RunningStats, describe
+from mlsae_core.analysis.examples import MaxExamples, sae_row_encoder, token_strings
+from mlsae_core.analysis.geometry import (
+    decoder_sim_vs_layer_distance,
+    embedding_similarity,
+    max_cos,
+    mmcs,
+    resid_cos_sim,
+    transformer_batches,
+)
+from mlsae_core.analysis.prompts import DEFAULT_PROMPT, PromptHeatmap, prompt_heatmap
+from mlsae_core.analysis.variance import TokenLayerVariance
+from mlsae_core.sae import MLSAE, TopK
+
+DOCS = Path(__file__).resolve().parents[1] / "docs" / "tables.md"
+PART = {"model": "tiny", "expansion_factor": 2, "k": 2, "layers": "2,3,5"}
+
+
+# ----- planted data ----------------------------------------------------------------------------
+def planted() -> tuple[torch.Tensor, torch.Tensor]:
+    """[L=3, N=2, k=2] top-k over 4 latents.
+
+    latent 0: only layer index 1 (value 2 on both tokens); latent 1: layers 0 and 2 equally
+    (token 0); latent 2: layer 0 (1, token 0) and layer 1 (3, token 1); latent 3: never above
+    the threshold (dead).
+    """
+    entries = {  # (layer, token): [(latent, value), (latent, value)]
+        (0, 0): [(1, 1.0), (2, 1.0)],
+        (0, 1): [(0, 0.0), (3, 0.0)],
+        (1, 0): [(0, 2.0), (3, 0.0005)],
+        (1, 1): [(0, 2.0), (2, 3.0)],
+        (2, 0): [(1, 1.0), (3, 0.0)],
+        (2, 1): [(3, 0.0), (2, 0.0)],
+    }
+    values = torch.zeros(3, 2, 2)
+    indices = torch.zeros(3, 2, 2, dtype=torch.long)
+    for (layer, tok), pairs in entries.items():
+        for s, (lat, val) in enumerate(pairs):
+            values[layer, tok, s] = val
+            indices[layer, tok, s] = lat
+    return values, indices
+
+
+def random_topk(
+    n_layers: int, n_tok: int, n_latents: int, k: int, seed: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Random ReLU'd top-k (distinct indices per row, some zeros) and its dense float64 form."""
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(n_layers, n_tok, n_latents, generator=g)
+    v, i = torch.topk(z, k, dim=-1)
+    v = torch.relu(v - 0.8)  # some selected values are exactly 0 (not fired)
+    dense = torch.zeros(n_layers, n_tok, n_latents, dtype=torch.float64)
+    dense.scatter_(-1, i, v.double())
+    return v, i, dense
+
+
+# ----- dists -----------------------------------------------------------------------------------
+def test_dists_planted_exact() -> None:
+    values, indices = planted()
+    col = LayerDists(4, [2, 3, 5])
+    col.add(values, indices)
+    res = col.result()
+    assert res.counts.tolist() == [[0, 1, 1, 0], [2, 0, 1, 0], [0, 1, 0, 0]]
+    assert res.totals.tolist() == [[0, 1, 1, 0], [4, 0, 3, 0], [0, 1, 0, 0]]
+    assert res.live.tolist() == [True, True, True, False]
+    torch.testing.assert_close(res.p[:, 0], torch.tensor([0.0, 1.0, 0.0], dtype=torch.float64))
+    torch.testing.assert_close(res.p[:, 1], torch.tensor([0.5, 0.0, 0.5], dtype=torch.float64))
+    torch.testing.assert_close(res.p[:, 2], torch.tensor([0.25, 0.75, 0.0], dtype=torch.float64))
+    assert torch.isnan(res.p[:, 3]).all() and math.isnan(res.layer_mean[3])
+    torch.testing.assert_close(res.layer_mean[:3], torch.tensor([1.0, 1.0, 0.75]).double())
+    torch.testing.assert_close(res.layer_var[:3], torch.tensor([0.0, 1.0, 0.1875]).double())
+    torch.testing.assert_close(res.layer_std[:3], torch.tensor([0.0, 1.0, 0.1875**0.5]).double())
+    assert res.n_layers_active.tolist() == [1, 2, 2, 0]
+    assert res.count.tolist() == [2, 2, 2, 0] and res.total.tolist() == [4, 2, 4, 0]
+    assert res.order().tolist() == [2, 0, 1]  # by layer_mean, ties by id
+
+    s = res.summary()
+    std = np.array([0.0, 1.0, 0.1875**0.5])
+    assert s["n_live"] == 3 and s["n_layers"] == 3 and s["n_tokens"] == 2
+    assert s["mean"] == pytest.approx(std.mean())
+    assert s["var"] == pytest.approx(std.var(ddof=1))
+    assert s["std"] == pytest.approx(std.std(ddof=1))
+    assert s["sem"] == pytest.approx(std.std(ddof=1) / math.sqrt(3))
+    assert s["mean_rel"] == pytest.approx(std.mean() / 3)
+    assert s["var_rel"] == pytest.approx((std / 3).var(ddof=1))
+    assert s["sem_rel"] == pytest.approx(s["sem"] / 3)
+    counts, edges = res.histogram(bins=4)
+    assert counts.tolist() == [0, 1, 2, 0] and edges[0] == 0 and edges[-1] == 2
+
+
+def test_dists_random_matches_dense_and_streams() -> None:
+    v, i, dense = random_topk(4, 50, 30, 5, seed=1)
+    whole = LayerDists(30, range(4))
+    whole.add(v, i)
+    parts = LayerDists(30, range(4))
+    for s in range(0, 50, 7):
+        parts.add(v[:, s : s + 7], i[:, s : s + 7])
+    fired = dense > 1e-3
+    counts = fired.sum(1).double()  # [L, n]
+    totals = torch.where(fired, dense, 0.0).sum(1)
+    r1, r2 = whole.result(), parts.result()
+    torch.testing.assert_close(r1.counts, counts)
+    torch.testing.assert_close(r1.totals, totals)
+    torch.testing.assert_close(r2.totals, totals)
+    torch.testing.assert_close(r1.layer_std, r2.layer_std, equal_nan=True)
+    live = totals.sum(0) > 0
+    p = totals[:, live] / totals[:, live].sum(0)
+    ell = torch.arange(4.0, dtype=torch.float64)[:, None]
+    mean = (ell * p).sum(0)
+    var = ((ell - mean) ** 2 * p).sum(0)  # the centred form, a different formula
+    torch.testing.assert_close(r1.layer_mean[live], mean)
+    torch.testing.assert_close(r1.layer_var[live], var)
+
+
+def test_running_stats_and_describe_match_numpy() -> None:
+    x = torch.randn(3, 101, dtype=torch.float64) * 5 + 100
+    rs = RunningStats((3,))
+    for s in range(0, 101, 13):
+        rs.update(x[:, s : s + 13], dim=1)
+    out = rs.result()
+    np.testing.assert_allclose(out["mean"], x.numpy().mean(1), rtol=1e-12)
+    np.testing.assert_allclose(out["var"], x.numpy().var(1, ddof=1), rtol=1e-10)
+    np.testing.assert_allclose(out["sem"], x.numpy().std(1, ddof=1) / math.sqrt(101), rtol=1e-10)
+    d = describe(x[0])
+    assert d["var"] == pytest.approx(x[0].numpy().var(ddof=1)) and d["n"] == 101
+
+
+# ----- token vs aggregate variance ---------------------------------------------------------
+def test_token_variance_planted() -> None:
+    # latent 0: layer 0 on token 0, layer 2 on token 1 -> token var 0, aggregate var 1.
+    # latent 1: layers 0 and 2 equally on token 0 -> token var 1 = aggregate var 1.
+    values = torch.tensor(
+        [[[1.0, 1.0], [0.0, 0.0]], [[0.0, 0.0], [0.0, 0.0]], [[0.0, 1.0], [1.0, 0.0]]]
+    )
+    indices = torch.tensor([[[0, 1], [2, 3]], [[2, 3], [2, 3]], [[2, 1], [0, 3]]])
+    col = TokenLayerVariance(4, [0, 1, 2])
+    col.add(values, indices)
+    res = col.result()
+    assert res.token_var[:2].tolist() == [0.0, 1.0]
+    assert res.aggregate_var[:2].tolist() == [1.0, 1.0]
+    assert res.pairs[:2].tolist() == [2, 1]
+    assert torch.isnan(res.token_var[2:]).all()
+    s = res.summary()
+    assert s["n_live"] == 2
+    assert s["token_var_mean"] == pytest.approx(0.5)
+    assert s["aggregate_var_mean"] == pytest.approx(1.0)
+    assert s["ratio"] == pytest.approx(2.0)
+    assert s["token_var_weighted"] == pytest.approx((0 * 2 + 1 * 2) / 4)
+    assert s["mean_layers_per_token"] == pytest.approx((1 + 1 + 2) / 3)
+
+
+def test_token_variance_random_matches_dense() -> None:
+    v, i, dense = random_topk(5, 40, 20, 6, seed=2)
+    col = TokenLayerVariance(20, range(5))
+    for s in range(0, 40, 9):
+        col.add(v[:, s : s + 9], i[:, s : s + 9])
+    res = col.result()
+    a = torch.where(dense > 1e-3, dense, 0.0)  # [L, N, n]
+    ell = torch.arange(5.0, dtype=torch.float64)[:, None, None]
+    w = a.sum(0)  # [N, n]
+    m = (ell * a).sum(0) / w.clamp_min(1e-300)
+    var_t = ((ell - m) ** 2 * a).sum(0) / w.clamp_min(1e-300)
+    tok = (w * var_t).sum(0) / w.sum(0)
+    dists = LayerDists(20, range(5))
+    dists.add(v, i)
+    live = w.sum(0) > 0
+    torch.testing.assert_close(res.token_var[live], tok[live])
+    torch.testing.assert_close(res.aggregate_var[live], dists.result().layer_var[live])
+    # law of total variance: aggregate >= expected token-level variance
+    assert (res.aggregate_var[live] >= res.token_var[live] - 1e-12).all()
+
+
+# ----- max-activating examples -------------------------------------------------------------
+R, P, NLAT, KTOP = 3, 7, 5, 2
+
+
+def example_data() -> tuple[torch.Tensor, torch.Tensor, TopK, torch.Tensor]:
+    """tokens [R, P], mask [R, P], topk [L=2, R, P, k] and dense latents [2, R, P, n] (masked)."""
+    g = torch.Generator().manual_seed(3)
+    tokens = torch.randint(4, 39, (R, P), generator=g)
+    mask = torch.ones(R, P, dtype=torch.bool)
+    mask[1, 0] = False  # a special position: never an example, activation 0 in context
+    z = torch.rand(2, R, P, NLAT, generator=g)
+    z[0, 0, 0, 0] = 10.0  # the top example of (layer 0, latent 0): first position of a row
+    z[1, 2, P - 1, 1] = 10.0  # the top example of (layer 1, latent 1): last position
+    z[:, 1, 0, :] = 20.0  # would dominate everything, but the position is masked
+    v, i = torch.topk(z, KTOP, dim=-1)
+    v = torch.where(mask[None, :, :, None], v, 0.0)
+    dense = torch.zeros(2, R, P, NLAT).scatter_(-1, i, v)
+    return tokens, mask, TopK(v, i), dense
+
+
+def feed(col: MaxExamples, topk: TopK, mask: torch.Tensor, rows_per_batch: int) -> None:
+    for s in range(0, R, rows_per_batch):
+        rows = torch.arange(s, min(R, s + rows_per_batch))
+        m = mask[rows]
+        b_idx, p_idx = m.nonzero(as_tuple=True)
+        col.add(topk.values[:, rows][:, m], topk.indices[:, rows][:, m], rows[b_idx], p_idx, P)
+
+
+def test_max_examples_planted_and_edges() -> None:
+    tokens, mask, topk, dense = example_data()
+    col = MaxExamples(NLAT, [4, 6], n_examples=3, n_context=2)
+    feed(col, topk, mask, rows_per_batch=R)
+    encode = lambda rows: TopK(topk.values[:, rows], topk.indices[:, rows])  # noqa: E731
+    res = col.result(tokens, None, encode_rows=encode, batch_size=2)
+
+    seen = set()
+    for m in range(len(res)):
+        ex = res.example(m)
+        li = [4, 6].index(ex["layer"])
+        lat, row, pos = ex["latent"], ex["row"], ex["pos"]
+        seen.add((li, lat))
+        # the expected top-3 of the dense column, ties impossible (random floats)
+        col_vals = dense[li, :, :, lat].flatten()
+        order = torch.argsort(col_vals, descending=True)
+        want = order[ex["rank"]]
+        assert (row, pos) == (int(want) // P, int(want) % P)
+        assert ex["activation"] == pytest.approx(float(col_vals[want]))
+        assert mask[row, pos]
+        lo, hi = max(0, pos - 2), min(P, pos + 3)
+        assert ex["context_ids"] == tokens[row, lo:hi].tolist()
+        assert ex["centre"] == pos - lo
+        assert ex["context_activations"] == pytest.approx(dense[li, row, lo:hi, lat].tolist())
+    top00 = res.example(0)
+    assert (top00["layer"], top00["latent"], top00["rank"], top00["row"], top00["pos"]) == (
+        4,
+        0,
+        0,
+        0,
+        0,
+    )
+    assert top00["centre"] == 0 and len(top00["context_ids"]) == 3  # clipped at the start
+    last = [
+        res.example(m)
+        for m in range(len(res))
+        if (res.example(m)["layer"], res.example(m)["latent"], res.example(m)["rank"]) == (6, 1, 0)
+    ][0]
+    assert (last["row"], last["pos"]) == (2, P - 1)
+    assert last["centre"] == 2 and len(last["context_ids"]) == 3  # clipped at the end
+    # every (layer, latent) that fired anywhere has min(3, #fired) examples
+    for li in range(2):
+        for lat in range(NLAT):
+            n_fired = int((dense[li, :, :, lat] > 1e-3).sum())
+            got = int(((res.layer_index == li) & (res.latent == lat)).sum())
+            assert got == min(3, n_fired)
+
+
+def test_max_examples_streaming_equals_one_batch_fixed_memory() -> None:
+    tokens, mask, topk, _ = example_data()
+    one = MaxExamples(NLAT, [4, 6], n_examples=3, n_context=2)
+    feed(one, topk, mask, rows_per_batch=R)
+    many = MaxExamples(NLAT, [4, 6], n_examples=3, n_context=2)
+    feed(many, topk, mask, rows_per_batch=1)
+    assert torch.equal(one.values, many.values) and torch.equal(one.locs, many.locs)
+
+    # many batches of new rows: the state never grows, and equals one pass over them all
+    big = MaxExamples(NLAT, [4, 6], n_examples=3, n_context=2)
+    stream = MaxExamples(NLAT, [4, 6], n_examples=3, n_context=2)
+    shape, nbytes = tuple(stream.values.shape), stream.nbytes()
+    all_v, all_i, all_r, all_p = [], [], [], []
+    for b in range(20):
+        v, i, _ = random_topk(2, 8, NLAT, KTOP, seed=100 + b)
+        v = torch.round(v.float() * 8) / 8  # coarse values: many ties, broken by location
+        rows = torch.full((8,), b)
+        pos = torch.arange(8)
+        stream.add(v, i, rows, pos, 8)
+        assert tuple(stream.values.shape) == shape and stream.nbytes() == nbytes
+        all_v.append(v)
+        all_i.append(i)
+        all_r.append(rows)
+        all_p.append(pos)
+    big.add(torch.cat(all_v, 1), torch.cat(all_i, 1), torch.cat(all_r), torch.cat(all_p), 8)
+    assert torch.equal(big.values, stream.values) and torch.equal(big.locs, stream.locs)
+
+    # merging two collectors (e.g. from two processes) also gives the same result
+    a = MaxExamples(NLAT, [4, 6], n_examples=3, n_context=2)
+    b = MaxExamples(NLAT, [4, 6], n_examples=3, n_context=2)
+    for col, rows in ((a, torch.arange(0, 1)), (b, torch.arange(1, R))):
+        m = mask[rows]
+        bi, pi = m.nonzero(as_tuple=True)
+        col.add(topk.values[:, rows][:, m], topk.indices[:, rows][:, m], rows[bi], pi, P)
+    a.merge(b)
+    assert torch.equal(a.values, one.values) and torch.equal(a.locs, one.locs)
+
+
+def test_token_strings_byte_level_markers() -> None:
+    class ByteLevel:
+        vocab = {0: "Ġthe", 1: "Ċ", 2: "cat"}
+
+        def convert_ids_to_tokens(self, i: int) -> str:
+            return self.vocab[i]
+
+        def convert_tokens_to_string(self, toks: list[str]) -> str:
+            return "".join(toks).replace("Ġ", " ").replace("Ċ", "\n")
+
+    assert token_strings(ByteLevel(), [2, 0, 1, 0]) == {0: " the", 1: "\n", 2: "cat"}
+
+
+# ----- geometry ----------------------------------------------------------------------------
+def brute_max_cos(a: np.ndarray, b: np.ndarray | None) -> np.ndarray:
+    ua = a / np.linalg.norm(a, axis=0)
+    ub = ua if b is None else b / np.linalg.norm(b, axis=0)
+    sims = ua.T @ ub
+    if b is None:
+        np.fill_diagonal(sims, -np.inf)
+    return sims.max(1)
+
+
+def test_mmcs_matches_brute_force() -> None:
+    g = torch.Generator().manual_seed(4)
+    w = torch.randn(8, 50, generator=g, dtype=torch.float64)
+    w[:, 7] = w[:, 3] * 2.0  # a duplicate direction: both have max cosine 1
+    want = brute_max_cos(w.numpy(), None)
+    for chunk in (7, 1000):
+        got = max_cos(w, chunk_size=chunk, dtype=torch.float64)
+        np.testing.assert_allclose(got.values.numpy(), want, rtol=0, atol=1e-12)
+    assert got.values[3] == pytest.approx(1.0) and got.indices[3] == 7 and got.indices[7] == 3
+    f32 = max_cos(w.float(), chunk_size=16)
+    np.testing.assert_allclose(f32.values.numpy(), want, atol=1e-5)
+    s = mmcs(w, chunk_size=5, dtype=torch.float64)
+    assert s["mean"] == pytest.approx(want.mean()) and s["var"] == pytest.approx(want.var(ddof=1))
+    assert s["sem"] == pytest.approx(want.std(ddof=1) / math.sqrt(50))
+
+    b = torch.randn(8, 20, generator=g, dtype=torch.float64)
+    want_ab = brute_max_cos(w.numpy(), b.numpy())
+    got_ab = max_cos(w, b, chunk_size=9, dtype=torch.float64)
+    np.testing.assert_allclose(got_ab.values.numpy(), want_ab, atol=1e-12)
+    # a dictionary against itself as "another" dictionary: every column finds itself
+    assert torch.allclose(
+        max_cos(w, w.clone(), dtype=torch.float64).values, torch.ones(50).double()
+    )
+
+
+def test_resid_cos_sim_matches_brute_force() -> None:
+    g = torch.Generator().manual_seed(5)
+    batches = [
+        torch.randn(4, n, 6, generator=g) * 3 + torch.arange(6.0) for n in (11, 1, 20)
+    ]  # [L, N, d]
+    res = resid_cos_sim(batches, layers=[0, 1, 2, 3])
+    x = torch.cat(batches, 1).double().numpy()  # [L, N, d]
+    xc = x - x.mean(1, keepdims=True)
+    num = (xc[:-1] * xc[1:]).sum(-1)
+    cos = num / (np.linalg.norm(xc[:-1], axis=-1) * np.linalg.norm(xc[1:], axis=-1))  # [L-1, N]
+    norms = np.linalg.norm(x, axis=-1)
+    np.testing.assert_allclose(res.cos["mean"], cos.mean(1), rtol=1e-10)
+    np.testing.assert_allclose(res.cos["var"], cos.var(1, ddof=1), rtol=1e-9)
+    np.testing.assert_allclose(res.cos["sem"], cos.std(1, ddof=1) / math.sqrt(32), rtol=1e-9)
+    np.testing.assert_allclose(res.norm["mean"], norms.mean(1), rtol=1e-10)
+    np.testing.assert_allclose(res.norm["std"], norms.std(1, ddof=1), rtol=1e-9)
+    assert res.n_tokens == 32
+    with pytest.raises(TypeError):
+        resid_cos_sim(iter(batches))  # one-shot iterators cannot give two passes
+
+
+def test_decoder_sim_vs_layer_distance() -> None:
+    g = torch.Generator().manual_seed(6)
+    w = torch.randn(6, 12, generator=g)
+    lm = torch.rand(12, generator=g) * 4
+    lm[3] = math.nan  # dead latent: excluded
+    full = decoder_sim_vs_layer_distance(w, lm, n_layers=5, dist_bins=4, cos_bins=5)
+    assert not full.sampled and full.n_pairs == 11 * 10 // 2
+    assert full.counts.sum() == full.n_pairs
+    # brute force over all pairs of live latents
+    live = [i for i in range(12) if i != 3]
+    u = (w / w.norm(dim=0)).double()
+    cos = [float(u[:, a] @ u[:, b]) for ai, a in enumerate(live) for b in live[ai + 1 :]]
+    dist = [abs(float(lm[a] - lm[b])) for ai, a in enumerate(live) for b in live[ai + 1 :]]
+    want, _, _ = np.histogram2d(dist, cos, bins=[4, 5], range=[[0, 4], [-1, 1]])
+    np.testing.assert_array_equal(full.counts, want)
+    assert full.correlation == pytest.approx(np.corrcoef(dist, cos)[0, 1])
+    sampled = decoder_sim_vs_layer_distance(w, lm, n_layers=5, max_pairs=20, seed=1)
+    again = decoder_sim_vs_layer_distance(w, lm, n_layers=5, max_pairs=20, seed=1)
+    assert sampled.sampled and sampled.n_pairs == 20 and sampled.counts.sum() == 20
+    np.testing.assert_array_equal(sampled.counts, again.counts)  # seeded
+
+
+def test_embedding_similarity_finds_planted_token() -> None:
+    g = torch.Generator().manual_seed(7)
+    emb_in = torch.randn(30, 8, generator=g)
+    emb_out = torch.randn(30, 8, generator=g)
+    dec = torch.randn(8, 5, generator=g)
+    dec[:, 2] = emb_in[11] * 3
+    dec[:, 4] = emb_out[25]
+    sim = embedding_similarity(dec, emb_in, emb_out, top=3, chunk_size=2)
+    assert sim.input_ids[2, 0] == 11 and sim.input_values[2, 0] == pytest.approx(1.0, abs=1e-6)
+    assert sim.output_ids[4, 0] == 25
+    want = (
+        torch.nn.functional.normalize(dec.t(), dim=1)
+        @ torch.nn.functional.normalize(emb_in, dim=1).t()
+    )
+    torch.testing.assert_close(sim.input_values, torch.topk(want, 3, dim=1).values)
+    assert (sim.input_values[:, :-1] >= sim.input_values[:, 1:]).all()
+
+
+# ----- the one-pass evaluation on a tiny transformer ----------------------------------------
+def nan_equal(a: list[dict], b: list[dict]) -> bool:
+    def norm(rows: list[dict]) -> list[dict]:
+        return [
+            {k: ("nan" if isinstance(v, float) and math.isnan(v) else v) for k, v in r.items()}
+            for r in rows
+        ]
+
+    return norm(a) == norm(b)
+
+
+@pytest.fixture(scope="module")
+def tiny_setup():
+    from tests.tiny_models import BOS_ID, EOS_ID, tiny_transformer
+
+    tt = tiny_transformer("llama", n_layers=3, d=32)
+    torch.manual_seed(0)
+    sae = MLSAE(32, 48, k=4, auxk=None)
+    g = torch.Generator().manual_seed(8)
+    tokens = torch.randint(4, 39, (5, 12), generator=g)
+    tokens[:, 0] = BOS_ID
+    tokens[2, 6] = EOS_ID
+    mask = ~torch.isin(tokens, torch.tensor([0, BOS_ID, EOS_ID]))
+    return tt, sae, tokens, mask
+
+
+def test_one_pass_equals_separate_passes_and_brute_force(tiny_setup) -> None:
+    from mlsae_core.evaluate import evaluate
+
+    tt, sae, tokens, mask = tiny_setup
+    layers = [0, 1, 2]
+    kw = {"layers": layers, "batch_size": 2, "progress": False, "splice": False}
+    dists, ex, var = (
+        LayerDists(48, layers),
+        MaxExamples(48, layers, n_examples=4, n_context=3),
+        TokenLayerVariance(48, layers),
+    )
+    together = evaluate(tt, sae, tokens, mask, collectors=[dists, ex, var], **kw)
+    alone = evaluate(tt, sae, tokens, mask, **kw)
+    assert nan_equal(together.rows, alone.rows)
+    dists2, ex2 = LayerDists(48, layers), MaxExamples(48, layers, n_examples=4, n_context=3)
+    evaluate(tt, sae, tokens, mask, collectors=[dists2], **kw)
+    evaluate(tt, sae, tokens, mask, collectors=[ex2], **kw)
+    assert torch.equal(dists.counts, dists2.counts) and torch.equal(dists.totals, dists2.totals)
+    assert torch.equal(ex.values, ex2.values) and torch.equal(ex.locs, ex2.locs)
+
+    # brute force: dense latents of every counted position, float64 sums
+    with torch.no_grad():
+        acts = tt.activations(tokens, layers).float()  # [L, R, P, d]
+        dense = sae.latents_dense(sae(acts).topk).double()  # [L, R, P, n]
+    dense = dense * mask[None, :, :, None]
+    fired = dense > sae.dead_threshold
+    torch.testing.assert_close(dists.counts, fired.sum((1, 2)).double())
+    torch.testing.assert_close(dists.totals, torch.where(fired, dense, 0.0).sum((1, 2)))
+    assert dists.n_tokens == int(mask.sum())
+
+    encode = sae_row_encoder(tt, sae, tokens, layers, masks=mask)
+    res = ex.result(tokens, tt.tokenizer, encode_rows=encode, batch_size=2)
+    assert len(res) > 0
+    n_tok = tokens.shape[1]
+    for m in range(len(res)):
+        e = res.example(m)
+        li = layers.index(e["layer"])
+        column = dense[li, :, :, e["latent"]].flatten()
+        assert e["activation"] == pytest.approx(
+            float(column.sort(descending=True).values[e["rank"]]), rel=1e-5
+        )
+        lo, hi = max(0, e["pos"] - 3), min(n_tok, e["pos"] + 4)
+        assert e["context_ids"] == tokens[e["row"], lo:hi].tolist()
+        want = dense[li, e["row"], lo:hi, e["latent"]].tolist()
+        assert e["context_activations"] == pytest.approx(want, rel=1e-4, abs=1e-5)
+        assert e["context_tokens"] == [tt.tokenizer.decode([t]) for t in e["context_ids"]]
+    assert {res.example(m)["pos"] for m in range(len(res))} & {0, 1, 2, n_tok - 1}
+
+    # tables: documented columns, partition values on every row
+    part = {"model": "tiny", "expansion_factor": 1, "k": 4, "layers": tables.layers_label(layers)}
+    t = tables.max_examples_table(res, part)
+    assert t.num_rows == len(res)
+    assert set(t.column("layers").to_pylist()) == {"0-2"}
+    first = t.slice(0, 1).to_pylist()[0]
+    assert first["context_tokens"] == res.example(0)["context_tokens"]
+    assert first["context_activations"] == pytest.approx(res.example(0)["context_activations"])
+    vt = tables.layer_variance_table(var.result(), part)
+    assert vt.num_rows == 1 and vt.column("ratio").to_pylist()[0] >= 1.0 - 1e-9
+
+
+def test_resid_cos_sim_on_transformer_source(tiny_setup) -> None:
+    tt, _, tokens, mask = tiny_setup
+    source = transformer_batches(tt, tokens, mask, batch_size=2)
+    res = resid_cos_sim(source)
+    x = torch.cat(list(source()), 1).double()  # [L, N, d]
+    xc = x - x.mean(1, keepdim=True)
+    cos = torch.nn.functional.cosine_similarity(xc[:-1], xc[1:], dim=-1)
+    torch.testing.assert_close(res.cos["mean"], cos.mean(1))
+    assert res.n_tokens == int(mask.sum()) and len(res.layers) == tt.n_layers
+
+
+def test_prompt_heatmap(tiny_setup) -> None:
+    tt, sae, _, _ = tiny_setup
+    heat = prompt_heatmap(tt, sae, [0, 1, 2], DEFAULT_PROMPT)
+    ids = tt.tokenizer(DEFAULT_PROMPT, add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        acts = tt.activations(torch.tensor([ids]), [0, 1, 2])[:, 0].float()
+        dense = sae.latents_dense(sae(acts).topk).double().sum(1)  # [L, n] summed over tokens
+    alive = (dense.max(0).values >= 1e-3).nonzero().squeeze(-1)
+    assert sorted(heat.latents.tolist()) == alive.tolist()
+    torch.testing.assert_close(heat.raw, dense[:, heat.latents])
+    torch.testing.assert_close(heat.matrix.sum(0), torch.ones(len(alive), dtype=torch.float64))
+    assert (heat.layer_mean[1:] >= heat.layer_mean[:-1]).all()
+    assert heat.tokens[:2] == ["When", "Mary"]
+    assert heat.matrix.shape == (3, len(alive))
+
+
+# ----- tables ----------------------------------------------------------------------------------
+def documented_columns() -> dict[str, list[str]]:
+    """Table name -> column names from docs/tables.md (`## name` then a | column | ... | table)."""
+    out: dict[str, list[str]] = {}
+    current = None
+    for line in DOCS.read_text().splitlines():
+        head = re.match(r"^## `?([a-z_]+)`?", line)
+        if head:
+            current = head.group(1)
+            out[current] = []
+            continue
+        keyed = re.match(r"^Keyed by: (.*)$", line)
+        if current and keyed:
+            out[current] = re.findall(r"`([a-z_]+)`", keyed.group(1)) + out[current]
+            continue
+        cell = re.match(r"^\| `([a-z_0-9]+)` \|", line)
+        if current and cell:
+            out[current].append(cell.group(1))
+    return out
+
+
+def test_tables_have_documented_columns(tmp_path: Path) -> None:
+    values, indices = planted()
+    d = LayerDists(4, [2, 3, 5])
+    d.add(values, indices)
+    dres = d.result()
+    v = TokenLayerVariance(4, [2, 3, 5])
+    v.add(values, indices)
+    g = torch.Generator().manual_seed(9)
+    w = torch.randn(6, 4, generator=g)
+    hist = decoder_sim_vs_layer_distance(w, dres.layer_mean, 3, dist_bins=2, cos_bins=3)
+    sim = embedding_similarity(w, torch.randn(10, 6, generator=g), torch.randn(10, 6, generator=g))
+    tokens, mask, topk, _ = example_data()
+    ex = MaxExamples(NLAT, [4, 6], n_examples=2, n_context=1)
+    feed(ex, topk, mask, rows_per_batch=2)
+    eres = ex.result(tokens)
+    rcs = resid_cos_sim([torch.randn(3, 10, 4)])
+    model_part = {"model": "tiny"}
+    heat = PromptHeatmap(
+        prompt="a b",
+        layers=[2, 3, 5],
+        tokens=["a", "b"],
+        latents=torch.tensor([2, 0]),
+        matrix=dres.p[:, [2, 0]],
+        layer_mean=dres.layer_mean[[2, 0]],
+        raw=dres.totals[:, [2, 0]],
+    )
+    built = {
+        "latent_dists": tables.latent_dists_table(dres, PART),
+        "latent_layer_dists": tables.latent_layer_dists_table(dres, PART),
+        "dists_summary": tables.dists_summary_table(dres, PART),
+        "layer_variance": tables.layer_variance_table(v.result(), PART),
+        "latent_variance": tables.latent_variance_table(v.result(), PART),
+        "max_examples": tables.max_examples_table(eres, PART),
+        "resid_cos_sim": tables.resid_cos_sim_table(rcs, model_part),
+        "mmcs": tables.mmcs_table(mmcs(w), PART),
+        "decoder_sim": tables.decoder_sim_table(hist, PART),
+        "embedding_sim": tables.embedding_sim_table(sim, PART, {}),
+        "prompt_heatmap": tables.prompt_heatmap_table(heat, PART),
+    }
+    docs = documented_columns()
+    for name, table in built.items():
+        assert name in docs, f"{name} is not documented in docs/tables.md"
+        assert table.column_names == docs[name], name
+        assert isinstance(table, pa.Table) and table.num_rows > 0
+        assert set(docs) == set(built), "every documented table is built here"
+        for key, value in (PART if name != "resid_cos_sim" else model_part).items():
+            assert set(table.column(key).to_pylist()) == {value}
+        # an explicit schema survives a Parquet round trip unchanged
+        from mlsae_core.atomic import write_parquet
+
+        write_parquet(tmp_path / f"{name}.parquet", table)
+        import pyarrow.parquet as pq
+
+        assert pq.read_table(tmp_path / f"{name}.parquet").schema.equals(table.schema)
+
+    lt = built["latent_dists"].to_pylist()
+    assert [r["layer_std"] for r in lt[:3]] == pytest.approx([0.0, 1.0, 0.1875**0.5])
+    assert math.isnan(lt[3]["layer_mean"]) and lt[3]["live"] is False
+    long = built["latent_layer_dists"].to_pylist()
+    assert {(r["layer"], r["latent"], r["count"]) for r in long} == {
+        (2, 1, 1),
+        (2, 2, 1),
+        (3, 0, 2),
+        (3, 2, 1),
+        (5, 1, 1),
+    }
+    rc = built["resid_cos_sim"].to_pylist()
+    assert rc[-1]["next_layer"] is None and rc[-1]["cos_mean"] is None and rc[0]["next_layer"] == 1
+    with pytest.raises(ValueError, match="lacks"):
+        tables.latent_dists_table(dres, {"model": "tiny"})
+    with pytest.raises(ValueError, match="unknown"):
+        tables.latent_dists_table(dres, {**PART, "seed": 1})
+
+
+def test_layers_label() -> None:
+    assert tables.layers_label(range(30)) == "0-29"
+    assert tables.layers_label([3]) == "3"
+    assert tables.layers_label([0, 2, 5]) == "0,2,5"
+
+
+def test_reference_csvs(tmp_path: Path) -> None:
+    values, indices = planted()
+    d = LayerDists(4, [2, 3, 5])
+    d.add(values, indices)
+    row = tables.dists_layer_std_row("tiny", 2, 4, d.result())
+    tables.write_dists_layer_std_csv(tmp_path / "dists_layer_std.csv", [row])
+    lines = (tmp_path / "dists_layer_std.csv").read_text().splitlines()
+    assert lines[0] == (
+        "model_name,n_layers,expansion_factor,k,mean,var,std,sem,mean_rel,var_rel,std_rel,sem_rel"
+    )
+    cells = lines[1].split(",")
+    assert cells[:4] == ["tiny", "3", "2", "4"]
+    assert float(cells[4]) == pytest.approx(np.mean([0, 1, 0.1875**0.5]))
+    w = torch.randn(5, 9)
+    tables.write_mmcs_csv(tmp_path / "mmcs.csv", [tables.mmcs_row("tiny", 2, 4, mmcs(w))])
+    lines = (tmp_path / "mmcs.csv").read_text().splitlines()
+    assert lines[0] == "model_name,expansion_factor,k,mean,var,std,sem"
+    assert float(lines[1].split(",")[3]) == pytest.approx(float(max_cos(w).values.mean()))
+    assert not list(tmp_path.glob(".*.tmp"))
+    with pytest.raises(ValueError, match="lacks"):
+        tables.write_mmcs_csv(tmp_path / "bad.csv", [{"model_name": "x"}])
