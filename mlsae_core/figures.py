@@ -1,0 +1,264 @@
+"""Matplotlib renderers for the analyses: PNG for the UI, PDF for papers (SPEC section 5).
+
+Every renderer takes an output path stem (`.../dists_heatmap`; a .png/.pdf suffix is dropped),
+writes `<stem>.png` and `<stem>.pdf` atomically (temporary file, then rename) and returns the
+paths written. Matplotlib is imported lazily with the Agg backend, so importing this module
+is cheap and works without a display.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from os import PathLike
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from mlsae_core.atomic import atomic_path
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+    from mlsae_core.analysis.dists import DistsResult
+    from mlsae_core.analysis.geometry import ResidCosSim, SimDistHistogram
+    from mlsae_core.analysis.prompts import PromptHeatmap
+
+logger = logging.getLogger(__name__)
+
+# A single-column paper figure is ~3.3 in wide; 5 x 3.2 in at 200 dpi reads well both ways.
+FIGSIZE = (5.0, 3.2)
+DPI = 200
+FORMATS = ("png", "pdf")
+SUMMARY_METRICS = ("fvu", "mse", "l0", "dce", "kl")
+METRIC_LABELS = {
+    "fvu": "FVU",
+    "mse": "MSE",
+    "l0": "L0",
+    "l1": "L1",
+    "dce": "ΔCE (nats)",
+    "kl": "KL divergence (nats)",
+    "dead": "dead fraction",
+    "loss_recovered": "loss recovered",
+    "logit_mse": "logit MSE",
+}
+
+
+def _plt() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    plt.rcParams.update({"font.size": 8, "axes.titlesize": 9, "axes.labelsize": 8})
+    return plt
+
+
+def save_figure(fig: Figure, path: str | PathLike[str]) -> list[Path]:
+    """Write `fig` as PNG and PDF beside each other, each atomically; close it."""
+    plt = _plt()
+    stem = Path(path)
+    if stem.suffix.lower() in {f".{fmt}" for fmt in FORMATS}:
+        stem = stem.with_suffix("")  # "heatmap.png" -> "heatmap"; "x64.k32" is kept whole
+    written = []
+    try:
+        fig.tight_layout()
+        for fmt in FORMATS:
+            out = stem.with_name(f"{stem.name}.{fmt}")
+            with atomic_path(out) as tmp:
+                fig.savefig(tmp, format=fmt, dpi=DPI)
+            written.append(out)
+    finally:
+        plt.close(fig)
+    logger.info("wrote %s", ", ".join(str(p) for p in written))
+    return written
+
+
+def _layer_ticks(ax: Any, layers: Sequence[int], axis: str = "y") -> None:
+    """Tick at most ~10 layers, labelled with the actual block ids."""
+    step = max(1, math.ceil(len(layers) / 10))
+    pos = list(range(0, len(layers), step))
+    labels = [str(layers[i]) for i in pos]
+    if axis == "y":
+        ax.set_yticks(pos, labels)
+    else:
+        ax.set_xticks(pos, labels)
+
+
+def dists_heatmap(
+    result: DistsResult, path: str | PathLike[str], title: str | None = None
+) -> list[Path]:
+    """p[layer, latent] for live latents sorted by layer_mean: layers x latents image."""
+    plt = _plt()
+    order = result.order()
+    p = result.p[:, order].numpy()  # [L, m]
+    fig, ax = plt.subplots(figsize=FIGSIZE)
+    vmax = float(p.max()) if p.size else 1.0
+    im = ax.imshow(p, aspect="auto", interpolation="nearest", cmap="magma", vmin=0.0, vmax=vmax)
+    ax.invert_yaxis()
+    ax.set_xlabel(f"latent (sorted by mean layer; {p.shape[1]} live)")
+    ax.set_ylabel("layer")
+    _layer_ticks(ax, result.layers)
+    fig.colorbar(im, ax=ax, label="fraction of activation at layer")
+    if title:
+        ax.set_title(title)
+    return save_figure(fig, path)
+
+
+def prompt_heatmap_figure(
+    heat: PromptHeatmap, path: str | PathLike[str], title: str | None = None
+) -> list[Path]:
+    """The prompt heatmap: normalised activation per (layer, latent), latents by mean layer."""
+    plt = _plt()
+    m = heat.matrix.numpy()
+    fig, ax = plt.subplots(figsize=FIGSIZE)
+    vmax = float(m.max()) if m.size else 1.0
+    im = ax.imshow(m, aspect="auto", interpolation="nearest", cmap="magma", vmin=0.0, vmax=vmax)
+    ax.invert_yaxis()
+    ax.set_xlabel(f"latent (sorted by mean layer; {m.shape[1]} active)")
+    ax.set_ylabel("layer")
+    _layer_ticks(ax, heat.layers)
+    fig.colorbar(im, ax=ax, label="fraction of activation at layer")
+    ax.set_title(title or _shorten(heat.prompt))
+    return save_figure(fig, path)
+
+
+def _shorten(text: str, n: int = 60) -> str:
+    return text if len(text) <= n else text[: n - 1] + "…"
+
+
+def layer_mean_histogram(
+    result: DistsResult, path: str | PathLike[str], bins: int = 30, title: str | None = None
+) -> list[Path]:
+    """Histogram of each live latent's mean layer."""
+    plt = _plt()
+    counts, edges = result.histogram(bins)
+    fig, ax = plt.subplots(figsize=FIGSIZE)
+    ax.stairs(counts, edges, fill=True, color="tab:blue", alpha=0.8)
+    ax.set_xlabel("mean layer of latent (layer index)")
+    ax.set_ylabel("number of latents")
+    if title:
+        ax.set_title(title)
+    return save_figure(fig, path)
+
+
+def resid_cos_sim_figure(
+    result: ResidCosSim, path: str | PathLike[str], title: str | None = None
+) -> list[Path]:
+    """Mean cosine similarity of centred residuals at adjacent layers (± std), and norms."""
+    plt = _plt()
+    x = list(range(len(result.layers) - 1))
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(FIGSIZE[0] * 1.6, FIGSIZE[1]))
+    mean, std = result.cos["mean"].numpy(), result.cos["std"].numpy()
+    ax.plot(x, mean, marker="o", ms=3)
+    ax.fill_between(x, mean - std, mean + std, alpha=0.25)
+    _layer_ticks(ax, result.layers[:-1], axis="x")
+    ax.set_xlabel("layer l (pair l → next layer)")
+    ax.set_ylabel("cosine similarity (centred)")
+    ax.set_ylim(min(0.0, float(mean.min() - std.max())) if len(x) else 0.0, 1.0)
+    nm, ns = result.norm["mean"].numpy(), result.norm["std"].numpy()
+    xl = list(range(len(result.layers)))
+    ax2.plot(xl, nm, marker="o", ms=3, color="tab:orange")
+    ax2.fill_between(xl, nm - ns, nm + ns, alpha=0.25, color="tab:orange")
+    _layer_ticks(ax2, result.layers, axis="x")
+    ax2.set_xlabel("layer")
+    ax2.set_ylabel("‖x‖")
+    if title:
+        fig.suptitle(title)
+    return save_figure(fig, path)
+
+
+def decoder_sim_figure(
+    hist: SimDistHistogram, path: str | PathLike[str], title: str | None = None
+) -> list[Path]:
+    """2-D histogram: decoder cosine similarity vs distance between latents' mean layers."""
+    import numpy as np
+
+    plt = _plt()
+    from matplotlib.colors import LogNorm
+
+    fig, ax = plt.subplots(figsize=FIGSIZE)
+    counts = np.ma.masked_equal(hist.counts.T, 0)  # [cos, dist]
+    vmax = max(float(hist.counts.max()), 1.0)
+    im = ax.pcolormesh(
+        hist.dist_edges, hist.cos_edges, counts, cmap="viridis", norm=LogNorm(vmin=1, vmax=vmax)
+    )
+    centres = (hist.dist_edges[:-1] + hist.dist_edges[1:]) / 2
+    ax.plot(centres, hist.mean_cos_by_dist, color="tab:red", lw=1, label="mean cosine")
+    ax.set_xlabel("|mean layer i − mean layer j|")
+    ax.set_ylabel("decoder cosine similarity")
+    ax.legend(loc="upper right", fontsize=7)
+    fig.colorbar(im, ax=ax, label="pairs of latents" + (" (sampled)" if hist.sampled else ""))
+    if title:
+        ax.set_title(title)
+    return save_figure(fig, path)
+
+
+def _rows(data: Any) -> list[dict[str, Any]]:
+    """Rows from a pyarrow Table or an iterable of dicts."""
+    if hasattr(data, "to_pylist"):
+        return list(data.to_pylist())
+    return [dict(r) for r in data]
+
+
+def summary_figures(
+    data: Iterable[Mapping[str, Any]] | Any,
+    out_dir: str | PathLike[str],
+    metrics: Sequence[str] = SUMMARY_METRICS,
+    layer: str | None = "avg",
+) -> list[Path]:
+    """For each metric: one plot vs k (a line per expansion factor), one vs expansion factor
+    (a line per k). Rows: model, expansion_factor, k, layers, metric columns; a `layer`
+    column, when present, is filtered to `layer` (the avg row by default). Distinct (model,
+    layers) get separate line styles. Files: test_<metric>_by_k / test_<metric>_by_expansion.
+    """
+    plt = _plt()
+    rows = _rows(data)
+    if layer is not None:
+        rows = [r for r in rows if "layer" not in r or str(r["layer"]) == layer]
+    if not rows:
+        raise ValueError("no test-summary rows to plot")
+    out_dir = Path(out_dir)
+    groups = sorted({(str(r["model"]), str(r["layers"])) for r in rows})
+    styles = ["-", "--", ":", "-."]
+    written: list[Path] = []
+    for metric in metrics:
+        have = [r for r in rows if r.get(metric) is not None and not _isnan(r[metric])]
+        if not have:
+            logger.warning("no values for metric %s; skipping its figures", metric)
+            continue
+        for x_key, line_key, suffix, x_label in (
+            ("k", "expansion_factor", "by_k", "k (active latents)"),
+            ("expansion_factor", "k", "by_expansion", "expansion factor"),
+        ):
+            fig, ax = plt.subplots(figsize=FIGSIZE)
+            for gi, (model, layers) in enumerate(groups):
+                sub = [r for r in have if (str(r["model"]), str(r["layers"])) == (model, layers)]
+                for value in sorted({int(r[line_key]) for r in sub}):
+                    pts = sorted(
+                        (int(r[x_key]), float(r[metric])) for r in sub if int(r[line_key]) == value
+                    )
+                    label = f"{line_key.replace('_', ' ')} {value}"
+                    if len(groups) > 1:
+                        label += f" ({model}, layers {layers})"
+                    ax.plot(
+                        [p[0] for p in pts],
+                        [p[1] for p in pts],
+                        marker="o",
+                        ms=3,
+                        ls=styles[gi % len(styles)],
+                        label=label,
+                    )
+            ax.set_xscale("log", base=2)
+            xs = sorted({int(r[x_key]) for r in have})
+            ax.set_xticks(xs, [str(v) for v in xs])
+            ax.minorticks_off()
+            ax.set_xlabel(x_label)
+            ax.set_ylabel(METRIC_LABELS.get(metric, metric))
+            ax.legend(fontsize=6)
+            written += save_figure(fig, out_dir / f"test_{metric}_{suffix}")
+    return written
+
+
+def _isnan(v: Any) -> bool:
+    return isinstance(v, float) and math.isnan(v)
