@@ -79,11 +79,14 @@ def evaluate(
     splice: bool = True,
     collectors: Iterable[Collector] = (),
     progress: bool = True,
+    splice_max_tokens: int | None = None,
 ) -> EvalResult:
     """Evaluate `sae` on chunk rows `tokens` [n, P] (masks: counted positions), in order.
 
     max_tokens caps the positions read (whole batches). With splice=False only the blocks up
-    to the last requested layer run, which is much cheaper.
+    to the last requested layer run, which is much cheaper. splice_max_tokens limits the
+    splice metrics (one partial forward per layer: the costly part) to the first batches
+    covering that many positions; reconstruction metrics and collectors still see every batch.
     """
     from tqdm.auto import tqdm
 
@@ -102,7 +105,8 @@ def evaluate(
         rows = torch.arange(start, min(start + batch_size, n_rows))
         toks = tokens[rows].to(transformer.device)
         mask = masks[rows].to(transformer.device)
-        if splice:
+        splice_now = splice and (splice_max_tokens is None or start * pos < splice_max_tokens)
+        if splice_now:
             clean = transformer.clean_pass(toks, with_logits=False)
             acts = clean.hidden[layers]  # [L, B, P, d]
         else:

