@@ -141,15 +141,18 @@ class MaxExamples:
         n_examples: int = 32,
         n_context: int = 4,
         dead_threshold: float = 1e-3,
+        device: str | torch.device = "cpu",
     ) -> None:
+        """`device` holds the state and does the merging (a GPU makes the sorts cheap)."""
         self.layers = [int(x) for x in layers]
         self.n_latents = n_latents
         self.n_examples = n_examples
+        self.device = torch.device(device)
         self.n_context = n_context
         self.dead_threshold = dead_threshold
         shape = (len(self.layers), n_latents, n_examples)
-        self.values = torch.full(shape, -math.inf, dtype=torch.float32)  # [L, n, E]
-        self.locs = torch.full(shape, -1, dtype=torch.int64)  # [L, n, E] row * seq_len + pos
+        self.values = torch.full(shape, -math.inf, dtype=torch.float32, device=self.device)
+        self.locs = torch.full(shape, -1, dtype=torch.int64, device=self.device)  # row*P + pos
         self.seq_len: int | None = None
 
     def nbytes(self) -> int:
@@ -181,13 +184,17 @@ class MaxExamples:
             self.seq_len = int(seq_len)
         elif self.seq_len != seq_len:
             raise ValueError(f"sequence length changed from {self.seq_len} to {seq_len}")
-        loc = rows.to(torch.int64) * self.seq_len + pos.to(torch.int64)  # [N]
+        dev = self.device
+        loc = rows.to(dev, torch.int64) * self.seq_len + pos.to(dev, torch.int64)  # [N]
         k = values.shape[-1]
         loc_k = loc[:, None].expand(-1, k).reshape(-1)  # [N*k]
         for li in range(len(self.layers)):
-            v = values[li].detach().float().cpu().reshape(-1)  # [N*k]
-            j = indices[li].detach().cpu().reshape(-1)
-            keep = v > self.dead_threshold
+            v = values[li].detach().to(dev, torch.float32).reshape(-1)  # [N*k]
+            j = indices[li].detach().to(dev).reshape(-1)
+            # Only candidates at least as large as the latent's current E-th value can enter
+            # (>=, so a tie with an earlier location still wins): after a few batches this
+            # drops almost everything before the sort.
+            keep = (v > self.dead_threshold) & (v >= self.values[li, j, -1])
             self._merge(li, v[keep], j[keep], loc_k[keep])
 
     def _merge(self, li: int, v: torch.Tensor, j: torch.Tensor, loc: torch.Tensor) -> None:
@@ -199,12 +206,13 @@ class MaxExamples:
         v, j, loc = v[order], j[order], loc[order]
         touched, counts = torch.unique_consecutive(j, return_counts=True)  # [T]
         starts = torch.cumsum(counts, 0) - counts
-        group = torch.repeat_interleave(torch.arange(touched.numel()), counts)  # [C]
-        rank = torch.arange(v.numel()) - starts[group]
+        dev = v.device
+        group = torch.repeat_interleave(torch.arange(touched.numel(), device=dev), counts)
+        rank = torch.arange(v.numel(), device=dev) - starts[group]
         sel = rank < self.n_examples
         e = self.n_examples
-        cand_v = torch.full((touched.numel(), e), -math.inf, dtype=torch.float32)  # [T, E]
-        cand_l = torch.full((touched.numel(), e), -1, dtype=torch.int64)
+        cand_v = torch.full((touched.numel(), e), -math.inf, dtype=torch.float32, device=dev)
+        cand_l = torch.full((touched.numel(), e), -1, dtype=torch.int64, device=dev)  # [T, E]
         cand_v[group[sel], rank[sel]] = v[sel]
         cand_l[group[sel], rank[sel]] = loc[sel]
         mv = torch.cat([self.values[li, touched], cand_v], 1)  # [T, 2E]
@@ -222,8 +230,9 @@ class MaxExamples:
         if self.seq_len != other.seq_len:
             raise ValueError("cannot merge examples over different sequence lengths")
         e = self.n_examples
-        mv = torch.cat([self.values, other.values], -1).flatten(0, 1)  # [L*n, 2E]
-        ml = torch.cat([self.locs, other.locs], -1).flatten(0, 1)
+        ov, ol = other.values.to(self.device), other.locs.to(self.device)
+        mv = torch.cat([self.values, ov], -1).flatten(0, 1)  # [L*n, 2E]
+        ml = torch.cat([self.locs, ol], -1).flatten(0, 1)
         keep = _order_rows(mv, ml)[:, :e]
         self.values = mv.gather(1, keep).reshape(self.values.shape)
         self.locs = ml.gather(1, keep).reshape(self.locs.shape)
@@ -242,10 +251,11 @@ class MaxExamples:
         activation on every context token is recomputed from the rows holding examples;
         without it, only the centre activation is known (others NaN).
         """
-        filled = self.values > -math.inf  # [L, n, E]
+        values, locs = self.values.cpu(), self.locs.cpu()
+        filled = values > -math.inf  # [L, n, E]
         li, lat, rank = filled.nonzero(as_tuple=True)  # [M] each, in (layer, latent, rank) order
-        act = self.values[li, lat, rank]
-        loc = self.locs[li, lat, rank]
+        act = values[li, lat, rank]
+        loc = locs[li, lat, rank]
         seq_len = self.seq_len if self.seq_len is not None else int(tokens.shape[1])
         if int(tokens.shape[1]) != seq_len:
             raise ValueError(f"tokens have {tokens.shape[1]} positions, examples {seq_len}")
