@@ -127,7 +127,7 @@ def _test_args(p: argparse.ArgumentParser) -> None:
 def _test(args: argparse.Namespace) -> int:
     from mlsae_core.runs import partition_values, test_run, write_metrics
 
-    rows, sae, _ = test_run(
+    rows, sae = test_run(
         args.repo_id,
         dataset=args.dataset,
         max_tokens=args.max_tokens,
@@ -153,6 +153,111 @@ def _print_rows(rows: Sequence[dict], cols: Sequence[str]) -> None:
     print("  ".join(c.rjust(w) for c, w in zip(cols, widths, strict=True)))
     for r in rows:
         print("  ".join(fmt(r[c]).rjust(w) for c, w in zip(cols, widths, strict=True)))
+
+
+# ----- analyses (one evaluation pass) -----------------------------------------------------------
+def _analysis_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--repo_id", required=True, help="checkpoint directory or hub repo id")
+    _add_data_args(p, defaults_from_checkpoint=True)
+    p.add_argument("--max_tokens", type=int, default=100_000, help="held-out tokens to read")
+    p.add_argument("--batch_size", type=int, default=4, help="sequences per batch")
+    p.add_argument("--n_examples", type=int, default=32, help="examples per (latent, layer)")
+    p.add_argument("--n_context", type=int, default=4, help="context tokens each side")
+    p.add_argument(
+        "--splice_max_tokens",
+        type=int,
+        default=None,
+        help="with metrics: splice only the first N tokens (the costly part; default: all)",
+    )
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument(
+        "--out", type=Path, default=None, help="output directory (default: beside the checkpoint)"
+    )
+
+
+def _run_analyses(args: argparse.Namespace, analyses: tuple[str, ...]) -> int:
+    from mlsae_core.analyse import analyse_checkpoint
+
+    out = analyse_checkpoint(
+        args.repo_id,
+        out_dir=args.out,
+        analyses=analyses,
+        dataset=args.dataset,
+        max_tokens=args.max_tokens,
+        max_length=args.max_length,
+        batch_size=args.batch_size,
+        splice_max_tokens=args.splice_max_tokens,
+        n_examples=args.n_examples,
+        n_context=args.n_context,
+        device=args.device,
+    )
+    if out.dists is not None:
+        summary = out.dists.summary()
+        print("layer_std over live latents: " + ", ".join(
+            f"{k}={summary[k]:.4g}" for k in ("mean", "std", "sem", "mean_rel") if k in summary
+        ))  # fmt: skip
+    if out.variance is not None:
+        v = out.variance.summary()
+        print(f"token vs aggregate layer variance: ratio={v.get('ratio', float('nan')):.4g}")
+    if out.metrics_rows:
+        _print_rows(out.metrics_rows[-1:], ("layer", "mse", "fvu", "l0", "dead", "dce", "kl"))
+    for path in sorted(out.paths.values()):
+        print(f"wrote {path}")
+    return 0
+
+
+COMMANDS["analyse"] = (
+    _analysis_args,
+    lambda a: _run_analyses(a, ("metrics", "dists", "variance", "examples")),
+    "metrics, layer distributions, layer variance and examples in ONE pass",
+)
+COMMANDS["dists"] = (
+    _analysis_args,
+    lambda a: _run_analyses(a, ("dists", "variance")),
+    "latent activation distributions over layers (+ token vs aggregate variance)",
+)
+COMMANDS["examples"] = (
+    _analysis_args,
+    lambda a: _run_analyses(a, ("examples",)),
+    "max-activating examples for every (latent, layer)",
+)
+
+
+# ----- figures ---------------------------------------------------------------------------------
+FIGURES = ("resid_cos_sim", "dists_heatmaps", "dists_layer_std", "prompt_heatmaps", "mmcs",
+           "test_summary", "decoder_sim")  # fmt: skip
+
+
+def _figures_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("name", choices=FIGURES, help="which figure or table")
+    p.add_argument(
+        "--repo_id", nargs="+", default=[], help="checkpoint directories (all but resid_cos_sim)"
+    )
+    p.add_argument("--model_name", default="smollm2", help="model (resid_cos_sim)")
+    p.add_argument("--dataset", default="brown", help="dataset (resid_cos_sim)")
+    p.add_argument("--max_length", type=int, default=256, help="tokens per sequence")
+    p.add_argument("--max_tokens", type=int, default=20_000, help="tokens (resid_cos_sim)")
+    p.add_argument(
+        "--prompt",
+        default="When Mary and John went to the store, John gave a drink to",
+        help="prompt (prompt_heatmaps)",
+    )
+    p.add_argument("--out", type=Path, default=Path("figures"), help="output directory")
+
+
+def _figures(args: argparse.Namespace) -> int:
+    from mlsae_core.figure_commands import run_figure
+
+    for path in run_figure(args):
+        print(f"wrote {path}")
+    return 0
+
+
+COMMANDS["figures"] = (
+    _figures_args,
+    _figures,
+    "figures and CSVs of the paper: " + ", ".join(FIGURES),
+)
 
 
 # ----- setup helpers -------------------------------------------------------------------------
@@ -187,6 +292,26 @@ COMMANDS["prepare"] = (
     _prepare_args,
     _prepare,
     "convert the offline SmolLM2 GGUF once and fetch the Brown corpus",
+)
+
+
+# ----- explore (the handler lives in mlsae_core/explorer/server.py) ---------------------------
+def _explore_args(p: argparse.ArgumentParser) -> None:
+    from mlsae_core.explorer.options import add_args
+
+    add_args(p)
+
+
+def _explore(args: argparse.Namespace) -> int:
+    from mlsae_core.explorer.server import run
+
+    return run(args)
+
+
+COMMANDS["explore"] = (
+    _explore_args,
+    _explore,
+    "serve the interactive explorer for a trained MLSAE (http://127.0.0.1:8000)",
 )
 
 

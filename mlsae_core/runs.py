@@ -45,7 +45,9 @@ def resolve_layers(layers: Sequence[int] | None, n_layers: int) -> list[int]:
 
 def layers_label(layers: Sequence[int]) -> str:
     """'0-29' for a contiguous range, '3' for one layer, '0,5,10' otherwise."""
-    layers = list(layers)
+    layers = [int(x) for x in layers]
+    if not layers:
+        raise ValueError("layers must not be empty")
     if len(layers) == 1:
         return str(layers[0])
     if layers == list(range(layers[0], layers[-1] + 1)):
@@ -158,21 +160,25 @@ def train_run(
     )
 
 
-def test_run(
+@dataclass
+class TestSetup:
+    """A checkpoint ready to evaluate: the SAE, its transformer, layers and held-out chunks."""
+
+    sae: Any
+    transformer: Any
+    layers: list[int]
+    chunks: Any  # TokenChunks of the test split
+
+
+def load_for_test(
     repo_id: str | Path,
     dataset: str | None = None,
     max_tokens: int = 100_000,
     max_length: int | None = None,
-    batch_size: int = 4,
     device: str = "cpu",
     transformer: Any = None,
-    collectors: Iterable[Any] = (),
-    splice: bool = True,
-    progress: bool = True,
-    splice_max_tokens: int | None = None,
-) -> tuple[list[dict[str, Any]], Any, Any]:
-    """Evaluate a checkpoint on the held-out split; returns (metric rows, sae, test chunks)."""
-    from mlsae_core.evaluate import evaluate
+) -> TestSetup:
+    """Load a checkpoint, its transformer and the held-out split recorded in its config."""
     from mlsae_core.sae import MLSAE
     from mlsae_core.transformer import Transformer
 
@@ -200,20 +206,36 @@ def test_run(
         text_field=meta.get("text_field", "text"),
     )
     chunks = corpus_split(transformer, data, int(meta.get("split_seed", 0)), "test", max_tokens)
+    return TestSetup(sae, transformer, layers, chunks)
+
+
+def test_run(
+    repo_id: str | Path,
+    dataset: str | None = None,
+    max_tokens: int = 100_000,
+    max_length: int | None = None,
+    batch_size: int = 4,
+    device: str = "cpu",
+    transformer: Any = None,
+    splice_max_tokens: int | None = None,
+    progress: bool = True,
+) -> tuple[list[dict[str, Any]], Any]:
+    """Evaluate a checkpoint on its held-out split; returns (metric rows, sae)."""
+    from mlsae_core.evaluate import evaluate
+
+    setup = load_for_test(repo_id, dataset, max_tokens, max_length, device, transformer)
     result = evaluate(
-        transformer,
-        sae,
-        chunks.tokens,
-        chunks.mask(),
-        layers,
+        setup.transformer,
+        setup.sae,
+        setup.chunks.tokens,
+        setup.chunks.mask(),
+        setup.layers,
         batch_size=batch_size,
         max_tokens=max_tokens,
-        splice=splice,
-        collectors=collectors,
         progress=progress,
         splice_max_tokens=splice_max_tokens,
     )
-    return result.rows, sae, chunks
+    return result.rows, setup.sae
 
 
 def partition_values(sae: Any) -> dict[str, Any]:
@@ -232,14 +254,12 @@ def metrics_table(rows: list[dict[str, Any]], partition: dict[str, Any]) -> Any:
     """The test metrics as a pyarrow Table with an explicit schema."""
     import pyarrow as pa
 
+    from mlsae_core.analysis.tables import PARTITION_FIELDS
     from mlsae_core.metrics import METRIC_COLUMNS
 
     schema = pa.schema(
         [
-            ("model", pa.string()),
-            ("expansion_factor", pa.int64()),
-            ("k", pa.int64()),
-            ("layers", pa.string()),
+            *PARTITION_FIELDS,
             ("layer", pa.string()),
             *[(c, pa.float64()) for c in METRIC_COLUMNS],
         ]

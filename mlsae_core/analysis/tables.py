@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 import pyarrow as pa
 
 from mlsae_core import atomic
+from mlsae_core.runs import layers_label  # noqa: F401 - re-exported: the partition value
 
 if TYPE_CHECKING:
     from mlsae_core.analysis.dists import DistsResult
@@ -45,18 +46,6 @@ DISTS_LAYER_STD_CSV_COLUMNS = (
     *(f"{s}_rel" for s in STAT_NAMES),
 )
 MMCS_CSV_COLUMNS = ("model_name", "expansion_factor", "k", *STAT_NAMES)
-
-
-def layers_label(layers: Sequence[int]) -> str:
-    """ "0-29" for a contiguous range, "3" for one layer, else "0,2,5" (the partition value)."""
-    layers = [int(x) for x in layers]
-    if not layers:
-        raise ValueError("layers must not be empty")
-    if len(layers) == 1:
-        return str(layers[0])
-    if layers == list(range(layers[0], layers[-1] + 1)):
-        return f"{layers[0]}-{layers[-1]}"
-    return ",".join(str(x) for x in layers)
 
 
 def _partition_fields(partition: Mapping[str, Any], required: Sequence[str]) -> list[pa.Field]:

