@@ -1,0 +1,341 @@
+"""The explorer's HTTP layer: a FastAPI app (JSON API + the static page) and `mlsae explore`.
+
+Endpoints (all JSON; described at /openapi.json):
+
+    GET  /api/info          model, SAE, limits, whether examples are loaded, cache sizes
+    POST /api/prompt        tokens + per-layer metrics (FVU, MSE, L0, L1) of a prompt
+    POST /api/heatmap       latents x layers at a token (or summed over tokens)
+    POST /api/activations   one latent's value on every token, at every layer
+    POST /api/histograms    per-layer histograms of the prompt's latent values
+    GET  /api/examples      max-activating examples of (latent, layer)
+    POST /api/logits        top predictions at a position: clean / reconstruction / steered
+
+Every parameter is validated; bad input answers 4xx with {"detail": "<what is wrong>"},
+never a 500 or a stack trace. No request names a file: the checkpoint and the examples
+table are chosen on the command line only. The page is served at `/` and at
+`/prompt/<text>` (the URL holds the state).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from importlib import resources
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from fastapi import FastAPI, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse
+from fastapi.staticfiles import StaticFiles
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from mlsae_core.explorer.service import (
+    STEER_MODES,
+    ExamplesStore,
+    Explorer,
+    ExplorerInputError,
+    Limits,
+)
+
+logger = logging.getLogger(__name__)
+
+MAX_BODY_BYTES = 64 * 1024
+HARD_MAX_CHARS = 20_000  # pydantic's cap; the configured limit (Limits) is checked after
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def static_dir() -> Path:
+    return Path(str(resources.files("mlsae_core") / "explorer_static"))
+
+
+# ----- request bodies ------------------------------------------------------------------------
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="forbid", str_strip_whitespace=False)
+
+
+Prompt = Annotated[
+    str,
+    Field(
+        min_length=1,
+        max_length=HARD_MAX_CHARS,
+        description="the text to analyse (limits in /api/info)",
+    ),
+]
+Position = Annotated[int, Field(ge=0, description="token position, 0-based")]
+Layer = Annotated[int, Field(ge=0, description="block id; one of the SAE's layers")]
+Latent = Annotated[int, Field(ge=0, description="latent id, 0..n_latents-1")]
+
+
+class PromptIn(_Body):
+    prompt: Prompt
+
+
+class HeatmapIn(_Body):
+    prompt: Prompt
+    position: Position | None = Field(
+        default=None, description="token position; null sums over all tokens"
+    )
+    threshold: float = Field(
+        default=1e-3, ge=0.0, le=1e6, allow_inf_nan=False, description="minimum value shown"
+    )
+    max_latents: int | None = Field(default=None, ge=1, le=10_000)
+
+
+class ActivationsIn(_Body):
+    prompt: Prompt
+    latent: Latent
+    layer: Layer
+
+
+class HistogramsIn(_Body):
+    prompt: Prompt
+    bins: int = Field(default=20, ge=1, le=100)
+    position: Position | None = None
+
+
+class LogitsIn(_Body):
+    prompt: Prompt
+    position: Position
+    layer: Layer
+    latent: Latent | None = Field(default=None, description="latent to steer (null: no steering)")
+    factor: float = Field(
+        default=2.0,
+        ge=-1000.0,
+        le=1000.0,
+        allow_inf_nan=False,
+        description="steering factor (see mode)",
+    )
+    mode: Literal["scale", "add"] = Field(
+        default="scale",
+        description="scale: set the latent's value to factor x its value; add: add factor x "
+        "its activation scale (docs/explorer.md)",
+    )
+    top_k: int = Field(default=10, ge=1, le=50)
+
+
+# ----- errors ----------------------------------------------------------------------------------
+def _loc(loc: tuple) -> str:
+    parts = [str(p) for p in loc if p not in ("body", "query")]
+    return ".".join(parts) or "body"
+
+
+def _validation_message(exc: RequestValidationError) -> tuple[str, list[dict[str, str]]]:
+    errors = []
+    for err in exc.errors():
+        where = _loc(tuple(err.get("loc", ())))
+        msg = str(err.get("msg", "invalid"))
+        if err.get("type") == "json_invalid":
+            where, msg = "body", f"malformed JSON ({err.get('ctx', {}).get('error', msg)})"
+        elif err.get("type") == "extra_forbidden":
+            msg = "unknown field"
+        errors.append({"field": where, "message": msg})
+    text = "; ".join(f"{e['field']}: {e['message']}" for e in errors) or "invalid request"
+    return text, errors
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        text, errors = _validation_message(exc)
+        return JSONResponse(status_code=422, content={"detail": text, "errors": errors})
+
+    @app.exception_handler(ExplorerInputError)
+    async def _bad_input(request: Request, exc: ExplorerInputError) -> JSONResponse:
+        return JSONResponse(status_code=exc.status_code, content={"detail": str(exc)})
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return JSONResponse(status_code=exc.status_code, content={"detail": str(exc.detail)})
+
+    @app.exception_handler(Exception)
+    async def _internal(request: Request, exc: Exception) -> JSONResponse:
+        logger.exception("explorer: unexpected error on %s", request.url.path)
+        return JSONResponse(
+            status_code=500, content={"detail": "internal error (see the server log)"}
+        )
+
+    @app.middleware("http")
+    async def _limit_body(request: Request, call_next: Any) -> Any:
+        length = request.headers.get("content-length")
+        if length is not None:
+            try:
+                too_big = int(length) > MAX_BODY_BYTES
+            except ValueError:
+                return JSONResponse(status_code=400, content={"detail": "bad Content-Length"})
+            if too_big:
+                return JSONResponse(
+                    status_code=413,
+                    content={"detail": f"request body over {MAX_BODY_BYTES} bytes"},
+                )
+        return await call_next(request)
+
+
+# ----- the app -------------------------------------------------------------------------------
+def create_app(
+    sae: Any,
+    transformer: Any,
+    examples_table: Any = None,
+    limits: Limits | None = None,
+    repo_id: str = "DIR",
+    examples_message: str | None = None,
+) -> FastAPI:
+    """Build the explorer app for an MLSAE and its transformer.
+
+    examples_table: an `ExamplesStore`, a pyarrow Table with the max_examples schema
+    (docs/tables.md), or None (the page then says how to compute them).
+    """
+    if examples_table is not None and not isinstance(examples_table, ExamplesStore):
+        examples_table = ExamplesStore(examples_table)
+    explorer = Explorer(
+        sae,
+        transformer,
+        examples=examples_table,
+        limits=limits,
+        repo_id=repo_id,
+        examples_message=examples_message,
+    )
+    app = FastAPI(
+        title="MLSAE explorer",
+        description="Multi-layer SAE latents on a prompt: heatmaps, examples, logits, steering.",
+        version="1",
+        docs_url=None,  # Swagger/Redoc pages load scripts from a CDN; the schema is enough
+        redoc_url=None,
+    )
+    app.state.explorer = explorer
+    _install_error_handlers(app)
+    ex = explorer
+
+    @app.get("/api/info", summary="model, SAE, limits, examples and cache status")
+    def info() -> dict[str, Any]:
+        return ex.info()
+
+    @app.post("/api/prompt", summary="tokens and per-layer metrics of a prompt")
+    def prompt(body: PromptIn) -> dict[str, Any]:
+        return ex.prompt_view(body.prompt)
+
+    @app.post("/api/heatmap", summary="latents x layers at a token or summed over tokens")
+    def heatmap(body: HeatmapIn) -> dict[str, Any]:
+        return ex.heatmap(body.prompt, body.position, body.threshold, body.max_latents)
+
+    @app.post("/api/activations", summary="one latent on every token and layer")
+    def activations(body: ActivationsIn) -> dict[str, Any]:
+        return ex.latent_activations(body.prompt, body.latent, body.layer)
+
+    @app.post("/api/histograms", summary="per-layer histograms of latent values")
+    def histograms(body: HistogramsIn) -> dict[str, Any]:
+        return ex.histograms(body.prompt, body.bins, body.position)
+
+    @app.get("/api/examples", summary="max-activating examples of a latent at a layer")
+    def examples(
+        latent: Annotated[int, Query(ge=0, description="latent id")],
+        layer: Annotated[int, Query(ge=0, description="block id")],
+        limit: Annotated[int, Query(ge=1, le=1000)] = 32,
+    ) -> dict[str, Any]:
+        return ex.examples_view(latent, layer, limit)
+
+    @app.post("/api/logits", summary="top predictions: clean, reconstruction, steered")
+    def logits(body: LogitsIn) -> dict[str, Any]:
+        if abs(body.factor) > ex.limits.max_factor:
+            raise ExplorerInputError(
+                f"factor={body.factor} is not allowed: |factor| <= {ex.limits.max_factor}"
+            )
+        return ex.logits_view(
+            body.prompt,
+            body.position,
+            body.layer,
+            body.latent,
+            body.factor,
+            body.mode,
+            body.top_k,
+        )
+
+    index = static_dir() / "index.html"
+
+    @app.get("/", include_in_schema=False)
+    def root() -> FileResponse:
+        return FileResponse(index, headers={"Cache-Control": "no-cache"})
+
+    @app.get("/prompt/{text:path}", include_in_schema=False)
+    def prompt_page(text: str) -> FileResponse:
+        return FileResponse(index, headers={"Cache-Control": "no-cache"})
+
+    app.mount("/static", StaticFiles(directory=static_dir()), name="static")
+    return app
+
+
+# ----- loading a checkpoint and the CLI ------------------------------------------------------
+def load_app(
+    repo_id: str,
+    model_name: str | None = None,
+    device: str = "cpu",
+    limits: Limits | None = None,
+) -> FastAPI:
+    """Load the MLSAE, its transformer and the examples beside the checkpoint, once."""
+    from mlsae_core.config import ConfigError
+    from mlsae_core.explorer.service import load_examples
+    from mlsae_core.sae import MLSAE, resolve_checkpoint
+    from mlsae_core.transformer import Transformer
+
+    directory = resolve_checkpoint(repo_id)
+    sae = MLSAE.from_pretrained(directory, device=device)
+    name = model_name or sae.metadata.get("model_name")
+    if not name:
+        raise ConfigError(
+            f"{repo_id}: config.json does not say which model it was trained on (model_name); "
+            "pass --model_name"
+        )
+    logger.info("loading transformer %s", name)
+    transformer = Transformer.load(name, device=device)
+    examples, message = load_examples(directory, repo_id)
+    if examples is None:
+        logger.info("%s", message)
+    else:
+        logger.info("loaded %d max-activating examples from %s", examples.n_rows, examples.source)
+    return create_app(
+        sae,
+        transformer,
+        examples_table=examples,
+        limits=limits,
+        repo_id=repo_id,
+        examples_message=message,
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    from mlsae_core import paths
+    from mlsae_core.explorer.options import find_checkpoints
+
+    if args.list:
+        root = args.root or paths.data_dir()
+        found = find_checkpoints(root)
+        if not found:
+            print(f"no trained checkpoints under {root}")
+        for d in found:
+            print(d)
+        return 0
+    if not args.repo_id:
+        raise ValueError("--repo_id is required (or --list to see the trained checkpoints)")
+    for name in ("max_prompt_tokens", "max_prompt_chars", "cache_entries", "cache_mb"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name}={getattr(args, name)} is not allowed: must be >= 1")
+    if not 0 < args.port < 65536:
+        raise ValueError(f"--port={args.port} is not allowed: 1..65535")
+    limits = Limits(
+        max_prompt_tokens=args.max_prompt_tokens,
+        max_prompt_chars=args.max_prompt_chars,
+        cache_entries=args.cache_entries,
+        cache_bytes=args.cache_mb * 2**20,
+    )
+    app = load_app(args.repo_id, args.model_name, args.device, limits)
+    if args.host not in LOOPBACK:
+        logger.warning("binding to %s: the explorer is reachable from other machines", args.host)
+    import uvicorn
+
+    print(f"MLSAE explorer on http://{args.host}:{args.port}/  (Ctrl-C to stop)")
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    return 0
+
+
+__all__ = ["create_app", "load_app", "run", "STEER_MODES"]
