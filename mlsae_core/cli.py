@@ -315,6 +315,45 @@ COMMANDS["explore"] = (
 )
 
 
+# ----- pipeline (Dagster): handlers live in mlsae_pipeline.commands -----------------------------
+def _sweep_args(p: argparse.ArgumentParser) -> None:
+    from mlsae_pipeline.commands import sweep_args
+
+    sweep_args(p)
+
+
+def _sweep(args: argparse.Namespace) -> int:
+    from mlsae_pipeline.commands import sweep
+
+    return sweep(args)
+
+
+COMMANDS["sweep"] = (
+    _sweep_args,
+    _sweep,
+    "materialize every asset of every partition of the sweep (MLSAE_SWEEP) through Dagster",
+)
+
+
+def _query_args(p: argparse.ArgumentParser) -> None:
+    from mlsae_pipeline.commands import query_args
+
+    query_args(p)
+
+
+def _query(args: argparse.Namespace) -> int:
+    from mlsae_pipeline.commands import query
+
+    return query(args)
+
+
+COMMANDS["query"] = (
+    _query_args,
+    _query,
+    "run SQL on $MLSAE_DATA_DIR/results.duckdb, print a table",
+)
+
+
 # ----- entry point ---------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
