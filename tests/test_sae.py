@@ -185,6 +185,13 @@ def test_mismatched_checkpoint_refused(tmp_path):
         MLSAE.from_pretrained(tmp_path / "ck", k=8)
     cfg["n_latents"] = 64
     cfg_path.write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match=r"disagrees .* on \['n_latents'\]"):
+        MLSAE.from_pretrained(tmp_path / "ck")
+    # a checkpoint without the embedded config (e.g. the reference's): shapes are checked
+    from safetensors.torch import load_file, save_file
+
+    weights = tmp_path / "ck" / "model.safetensors"
+    save_file(load_file(str(weights)), str(weights))
     with pytest.raises(CheckpointError, match="encoder.weight has shape"):
         MLSAE.from_pretrained(tmp_path / "ck")
     del cfg["n_inputs"]
