@@ -134,12 +134,21 @@ def train_run(
     progress: bool = True,
 ) -> Any:
     """Train (or resume) the MLSAE described by `spec` into `out_dir`; returns the MLSAE."""
+    from mlsae_core.config import resolve_device
     from mlsae_core.train import LiveActivations, train
     from mlsae_core.transformer import Transformer
 
+    device = resolve_device(spec.train.device)  # before loading anything
     if transformer is None:
-        transformer = Transformer.load(spec.model_name, device=spec.train.device)
+        transformer = Transformer.load(spec.model_name, device=device)
+    # Everything checkable once the model is known, before tokenizing or training:
     layers = resolve_layers(spec.layers, transformer.n_layers)
+    spec.sae.n_latents(transformer.d_model)
+    if spec.data.max_length > transformer.max_context:
+        raise ConfigError(
+            f"max_length={spec.data.max_length} is not allowed: {transformer.name} has a "
+            f"context of {transformer.max_context} tokens"
+        )
     if train_chunks is None:
         train_chunks = corpus_split(
             transformer, spec.data, spec.train.seed, "train", spec.data.max_tokens

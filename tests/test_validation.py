@@ -1,0 +1,62 @@
+"""Bad input costs a clear message naming the field, the value and what is allowed."""
+
+from __future__ import annotations
+
+import pytest
+
+from mlsae_core.cli import main
+from mlsae_core.config import ConfigError, DataConfig, SAEConfig, TrainConfig, from_dict
+from tests.test_cli import corpus_dir, tiny_model_dir, train_args  # noqa: F401 - fixtures
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["-k", "0"], "k=0 is not allowed: an integer >= 1"),
+        (["-k", "100"], "k=100 is not allowed: at most n_latents = expansion_factor*d = 64"),
+        (["--expansion_factor", "0"], "expansion_factor=0 is not allowed: an integer >= 1"),
+        (["--layers", "0", "3"], "layers=[3] is not allowed: the model has 3 layers (0..2)"),
+        (["--max_length", "4096"], "max_length=4096 is not allowed"),
+        (["--max_tokens", "0"], "max_tokens=0 is not allowed"),
+        (["--device", "tpu"], "device='tpu' is not allowed: one of ('cpu', 'cuda', 'auto')"),
+        (["--lr", "-1"], "lr=-1.0 is not allowed"),
+        (["--batch_size", "0"], "batch_size=0 is not allowed"),
+    ],
+)
+def test_bad_train_flags(tiny_model_dir, corpus_dir, tmp_path, capsys, extra, message):  # noqa: F811
+    assert main(train_args(tiny_model_dir, corpus_dir, tmp_path / "o", *extra)) == 2
+    err = capsys.readouterr().err
+    assert message in err, err
+    assert not (tmp_path / "o" / "config.json").exists()
+
+
+def test_missing_or_empty_corpus(tiny_model_dir, tmp_path, capsys):  # noqa: F811
+    assert main(train_args(tiny_model_dir, tmp_path / "nope", tmp_path / "o")) == 2
+    assert "nope" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    assert main(train_args(tiny_model_dir, tmp_path / "empty", tmp_path / "o")) == 2
+    assert "empty" in capsys.readouterr().err
+
+
+def test_unsupported_model_family(tmp_path, corpus_dir, capsys):  # noqa: F811
+    from transformers import BertConfig, BertForMaskedLM
+
+    from tests.tiny_models import tiny_tokenizer
+
+    BertForMaskedLM(BertConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                               intermediate_size=16, vocab_size=64)).save_pretrained(tmp_path / "b")  # fmt: skip
+    tiny_tokenizer().save_pretrained(tmp_path / "b")
+    assert main(train_args(tmp_path / "b", corpus_dir, tmp_path / "o")) == 2
+    err = capsys.readouterr().err
+    assert "GPT-NeoX" in err and "Llama" in err and "GPT-2" in err, err
+
+
+def test_config_unknown_keys_and_ranges():
+    with pytest.raises(ConfigError, match=r"unknown key\(s\) \['kk'\] in sweep.*allowed keys"):
+        from_dict(SAEConfig, {"kk": 3}, where="sweep")
+    with pytest.raises(ConfigError, match="test_fraction=1.5"):
+        DataConfig(test_fraction=1.5)
+    with pytest.raises(ConfigError, match="accumulate_grad_batches=0"):
+        TrainConfig(accumulate_grad_batches=0)
+    with pytest.raises(ConfigError, match="auxk=0"):
+        SAEConfig(auxk=0)
