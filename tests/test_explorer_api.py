@@ -602,3 +602,35 @@ def test_finite_json_everywhere(client) -> None:
     assert "nan" not in text.lower() and "inf" not in text.lower().replace("info", "")
     assert all(isinstance(v, float | int) or v is None for row in body["values"] for v in row)
     assert not any(isinstance(v, float) and math.isnan(v) for row in body["share"] for v in row)
+
+
+def test_pipeline_layout_examples_and_moved_model(tmp_path) -> None:
+    """A pipeline checkpoint <root>/saes/<model>/<sae> finds its max_examples asset in
+    <root>/tables/max_examples/<model>__<sae>.parquet, and its model in <root>/models/<model>
+    when the recorded model directory has moved."""
+    import shutil
+
+    from fastapi.testclient import TestClient
+
+    from mlsae_core.explorer.server import load_app
+    from mlsae_core.explorer.service import examples_candidates
+
+    built = build_checkpoint(tmp_path / "build", with_examples=True)
+    root = tmp_path / "data"
+    ckpt = root / "saes" / "tiny-llama" / "x2-k4-Lall"
+    shutil.copytree(built, ckpt)
+    (ckpt / EXAMPLES_FILE).unlink()
+    table_path = root / "tables" / "max_examples" / "tiny-llama__x2-k4-Lall.parquet"
+    table_path.parent.mkdir(parents=True)
+    shutil.copy(built / EXAMPLES_FILE, table_path)
+    shutil.move(tmp_path / "build" / "model", root / "models" / "tiny-llama")
+    assert examples_candidates(ckpt)[1] == table_path.resolve()
+    with TestClient(load_app(str(ckpt))) as c:
+        info = c.get("/api/info").json()
+        assert info["examples"]["available"] and info["examples"]["rows"] > 0
+        assert post(c, "/api/prompt", prompt=PROMPT).status_code == 200
+    other = tmp_path / "elsewhere.parquet"
+    with TestClient(load_app(str(ckpt), examples_path=other)) as c:
+        assert (
+            "elsewhere.parquet does not exist" in c.get("/api/info").json()["examples"]["message"]
+        )

@@ -43,6 +43,13 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--model_name", default=None, help="transformer (default: the checkpoint's model_name)"
     )
+    p.add_argument(
+        "--examples",
+        type=Path,
+        default=None,
+        help="max_examples Parquet (default: <repo_id>/max_examples.parquet, or for a pipeline "
+        "checkpoint <root>/saes/<model>/<sae>: <root>/tables/max_examples/<model>__<sae>.parquet)",
+    )
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--max_prompt_tokens", type=int, default=128, help="prompt token cap")
     p.add_argument("--max_prompt_chars", type=int, default=2000, help="prompt character cap")

@@ -271,10 +271,16 @@ def load_app(
     model_name: str | None = None,
     device: str = "cpu",
     limits: Limits | None = None,
+    examples_path: str | Path | None = None,
 ) -> FastAPI:
-    """Load the MLSAE, its transformer and the examples beside the checkpoint, once."""
+    """Load the MLSAE, its transformer and the examples beside the checkpoint, once.
+
+    The transformer is the checkpoint's `model_name` (or `model_name` here); a pipeline
+    checkpoint whose recorded model directory has moved falls back to
+    `<root>/models/<model>`. Examples: `examples_path`, else `examples_candidates`.
+    """
     from mlsae_core.config import ConfigError
-    from mlsae_core.explorer.service import load_examples
+    from mlsae_core.explorer.service import load_examples, pipeline_layout
     from mlsae_core.sae import MLSAE, resolve_checkpoint
     from mlsae_core.transformer import Transformer
 
@@ -286,9 +292,18 @@ def load_app(
             f"{repo_id}: config.json does not say which model it was trained on (model_name); "
             "pass --model_name"
         )
+    layout = pipeline_layout(directory)
+    looks_like_path = str(name).startswith(("/", ".", "~"))
+    if looks_like_path and not Path(name).expanduser().exists() and layout is not None:
+        moved = layout[0] / "models" / layout[1]
+        if (moved / "config.json").is_file():
+            logger.info("model %s is gone; using %s", name, moved)
+            name = str(moved)
     logger.info("loading transformer %s", name)
-    transformer = Transformer.load(name, device=device)
-    examples, message = load_examples(directory, repo_id)
+    transformer = Transformer.load(str(name), device=device)
+    examples, message = load_examples(
+        directory, repo_id, Path(examples_path) if examples_path else None
+    )
     if examples is None:
         logger.info("%s", message)
     else:
@@ -312,8 +327,11 @@ def run(args: argparse.Namespace) -> int:
         found = find_checkpoints(root)
         if not found:
             print(f"no trained checkpoints under {root}")
+        from mlsae_core.explorer.service import examples_candidates
+
         for d in found:
-            print(d)
+            has = any(p.is_file() for p in examples_candidates(d))
+            print(f"{d}    examples: {'yes' if has else 'no'}")
         return 0
     if not args.repo_id:
         raise ValueError("--repo_id is required (or --list to see the trained checkpoints)")
@@ -328,7 +346,7 @@ def run(args: argparse.Namespace) -> int:
         cache_entries=args.cache_entries,
         cache_bytes=args.cache_mb * 2**20,
     )
-    app = load_app(args.repo_id, args.model_name, args.device, limits)
+    app = load_app(args.repo_id, args.model_name, args.device, limits, args.examples)
     if args.host not in LOOPBACK:
         logger.warning("binding to %s: the explorer is reachable from other machines", args.host)
     import uvicorn

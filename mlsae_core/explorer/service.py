@@ -91,14 +91,14 @@ class ByteLRU:
         self.hits = 0
         self.misses = 0
 
-    def get(self, key: Hashable) -> Any | None:
+    def get(self, key: Hashable, count: bool = True) -> Any | None:
         with self._lock:
             item = self._data.get(key)
             if item is None:
-                self.misses += 1
+                self.misses += count
                 return None
             self._data.move_to_end(key)
-            self.hits += 1
+            self.hits += count
             return item[0]
 
     def put(self, key: Hashable, value: Any, nbytes: int) -> None:
@@ -286,6 +286,7 @@ class Explorer:
         self._compute = threading.Lock()  # one computation at a time: bounded peak memory
         self._device = next(sae.parameters()).device
         self._strings: dict[int, str] = {}
+        self.n_analysed = 0  # prompts analysed (cache misses that ran the model)
 
     # ----- validation --------------------------------------------------------------------
     def check_layer(self, layer: int) -> int:
@@ -341,10 +342,11 @@ class Explorer:
         if hit is not None:
             return hit
         with self._compute:
-            hit = self.cache.get(prompt)
+            hit = self.cache.get(prompt, count=False)  # computed while we waited
             if hit is not None:
                 return hit
             result = self._analyse(prompt, ids)
+            self.n_analysed += 1
             self.cache.put(prompt, result, result.nbytes)
             return result
 
@@ -554,7 +556,7 @@ class Explorer:
         if hit is not None:
             return hit
         with self._compute:
-            hit = self.splices.get(key)
+            hit = self.splices.get(key, count=False)
             if hit is not None:
                 return hit
             normed = self.transformer.run_from(r.clean, layer, replacement[None])[0].float().cpu()
@@ -708,21 +710,48 @@ class Explorer:
                 "max_examples": lim.max_examples,
             },
             "steer_modes": list(STEER_MODES),
-            "cache": self.cache.stats(),
+            "cache": {**self.cache.stats(), "prompts_analysed": self.n_analysed},
             "splice_cache": self.splices.stats(),
         }
 
 
-def load_examples(directory: Path, repo_id: str) -> tuple[ExamplesStore | None, str | None]:
-    """The examples table beside a checkpoint, or (None, a message saying how to make it)."""
-    path = Path(directory) / EXAMPLES_FILE
-    if not path.is_file():
-        return None, NO_EXAMPLES_HINT.format(repo=repo_id)
+def pipeline_layout(directory: Path) -> tuple[Path, str, str] | None:
+    """(storage root, model, sae) when `directory` is the pipeline's `<root>/saes/<model>/<sae>`."""
+    directory = Path(directory).resolve()
+    if len(directory.parts) >= 4 and directory.parent.parent.name == "saes":
+        return directory.parent.parent.parent, directory.parent.name, directory.name
+    return None
+
+
+def examples_candidates(directory: Path) -> list[Path]:
+    """Where a checkpoint's max_examples table may be, in order of preference.
+
+    1. `<checkpoint>/max_examples.parquet` (written by `mlsae examples` / `mlsae analyse`);
+    2. for a checkpoint of the Dagster pipeline (`<root>/saes/<model>/<sae>/`), its
+       `max_examples` asset `<root>/tables/max_examples/<model>__<sae>.parquet`.
+    """
+    out = [Path(directory) / EXAMPLES_FILE]
+    layout = pipeline_layout(directory)
+    if layout is not None:
+        root, model, sae = layout
+        out.append(root / "tables" / "max_examples" / f"{model}__{sae}.parquet")
+    return out
+
+
+def load_examples(
+    directory: Path, repo_id: str, path: Path | None = None
+) -> tuple[ExamplesStore | None, str | None]:
+    """The examples table (`path`, else the first of `examples_candidates` that exists), or
+    (None, a message saying how to make it)."""
+    hint = NO_EXAMPLES_HINT.format(repo=repo_id)
+    if path is None:
+        path = next((p for p in examples_candidates(directory) if p.is_file()), None)
+        if path is None:
+            return None, hint
+    elif not Path(path).is_file():
+        return None, f"{path} does not exist; " + hint
     try:
         return ExamplesStore.from_parquet(path), None
     except Exception as exc:  # noqa: BLE001 - a bad table must not stop the explorer
         logger.warning("cannot read %s: %s", path, exc)
-        return None, (
-            f"{path} could not be read ({type(exc).__name__}: {exc}); "
-            + NO_EXAMPLES_HINT.format(repo=repo_id)
-        )
+        return None, f"{path} could not be read ({type(exc).__name__}: {exc}); " + hint
