@@ -65,13 +65,11 @@ def build_definitions(
     model_job = dg.define_asset_job(
         "model_assets",
         selection=dg.AssetSelection.assets(*MODEL_ASSETS),
-        partitions_def=parts.models,
         description="Per model: base transformer, tokenized corpus, residual cosine similarity.",
     )
     config_job = dg.define_asset_job(
         "config_assets",
         selection=dg.AssetSelection.assets(*CONFIG_ASSETS),
-        partitions_def=parts.configs,
         description="Per (model x SAE config): train, evaluate (one pass), figures.",
     )
     summary_job = dg.define_asset_job(

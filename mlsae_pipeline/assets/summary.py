@@ -57,6 +57,24 @@ def _is_single(label: str) -> bool:
     return label.isdigit()
 
 
+def _all_fps(storage: Storage, sweep: Any, asset: str) -> list[Any]:
+    """Fingerprints of every config partition of `asset` (None where not materialized)."""
+    from mlsae_pipeline.partitions import config_key
+    from mlsae_pipeline.state import upstream_fp
+
+    return [
+        upstream_fp(storage, asset, config_key(m, p.key))
+        for m in sweep.model_keys
+        for p in sweep.points
+    ]
+
+
+def _version(name: str, storage: Storage, sweep: SweepResource, upstream: str) -> str:
+    from mlsae_pipeline.state import fingerprint
+
+    return fingerprint(CODE_VERSIONS[name], _all_fps(storage, sweep.load(), upstream))
+
+
 def _meta(table: Any, extra: dict[str, Any] | None = None) -> dict[str, Any]:
     from mlsae_pipeline.io import md_table
 
@@ -79,7 +97,9 @@ def build_summary_assets() -> list[Any]:
             "averaged over layers, plus figures of each metric by k and by expansion factor."
         ),
     )
-    def test_summary(context: dg.AssetExecutionContext, storage: Storage, test_metrics: Any):
+    def test_summary(
+        context: dg.AssetExecutionContext, storage: Storage, sweep: SweepResource, test_metrics: Any
+    ):
         import pyarrow.compute as pc
 
         from mlsae_core import figures
@@ -100,7 +120,8 @@ def build_summary_assets() -> list[Any]:
         meta = _meta(avg, {"figures": dg.MetadataValue.path(str(out_dir))})
         if md:
             meta["plots"] = dg.MetadataValue.md(md)
-        return dg.Output(avg, metadata=meta)
+        fp = _version("test_summary", storage, sweep, "evaluation")
+        return dg.Output(avg, metadata=meta, data_version=dg.DataVersion(fp))
 
     @dg.asset(
         name="dists_layer_std",
@@ -115,7 +136,7 @@ def build_summary_assets() -> list[Any]:
             "layers latents are), and the same divided by n_layers (*_rel), as the paper's tables."
         ),
     )
-    def dists_layer_std(latent_dists: Any):
+    def dists_layer_std(storage: Storage, sweep: SweepResource, latent_dists: Any):
         groups: dict[tuple, list[float]] = {}
         counts: dict[tuple, list[int]] = {}
         for r in latent_dists.select([*PARTITION_COLS, "layer_std", "live"]).to_pylist():
@@ -149,7 +170,8 @@ def build_summary_assets() -> list[Any]:
             ]
         )
         table = pa.Table.from_pylist(rows, schema=schema)
-        return dg.Output(table, metadata=_meta(table))
+        fp = _version("dists_layer_std", storage, sweep, "evaluation")
+        return dg.Output(table, metadata=_meta(table), data_version=dg.DataVersion(fp))
 
     @dg.asset(
         name="mmcs",
@@ -170,8 +192,19 @@ def build_summary_assets() -> list[Any]:
         from mlsae_core.analysis import geometry, tables
         from mlsae_core.runs import layers_label
         from mlsae_core.sae import read_checkpoint_config, read_checkpoint_weights
+        from mlsae_pipeline.io import read_table
+        from mlsae_pipeline.state import cached, record
 
         sw = sweep.load()
+        fp = _version("mmcs", storage, sweep, "mlsae")
+        hit = cached(storage, "mmcs", None, fp, [storage.table_path("mmcs", None)])
+        if hit is not None:
+            table = read_table(storage.table_path("mmcs", None))
+            return dg.Output(
+                table,
+                metadata=_meta(table, {**hit, "skipped": True}),
+                data_version=dg.DataVersion(fp),
+            )
         decoders: dict[str, tuple[dict[str, Any], Any]] = {}
         for model in sw.model_keys:
             for point in sw.points:
@@ -207,7 +240,12 @@ def build_summary_assets() -> list[Any]:
         table = pa.concat_tables(out).sort_by(
             [(c, "ascending") for c in (*PARTITION_COLS, "reference")]
         )
-        return dg.Output(table, metadata=_meta(table, {"n_configs": len(decoders)}))
+        record(storage, "mmcs", None, fp, {"n_configs": len(decoders)})
+        return dg.Output(
+            table,
+            metadata=_meta(table, {"n_configs": len(decoders), "skipped": False}),
+            data_version=dg.DataVersion(fp),
+        )
 
     @dg.asset(
         name="single_layer_comparison",
@@ -223,7 +261,7 @@ def build_summary_assets() -> list[Any]:
             "next to the single-layer SAE's (mlsae_*, single_*, and fvu_ratio = mlsae/single)."
         ),
     )
-    def single_layer_comparison(test_metrics: Any):
+    def single_layer_comparison(storage: Storage, sweep: SweepResource, test_metrics: Any):
         rows = test_metrics.to_pylist()
         by_cfg: dict[tuple, dict[str, dict[str, Any]]] = {}
         for r in rows:
@@ -259,7 +297,8 @@ def build_summary_assets() -> list[Any]:
             ]
         )
         table = pa.Table.from_pylist(out, schema=schema)
-        return dg.Output(table, metadata=_meta(table))
+        fp = _version("single_layer_comparison", storage, sweep, "evaluation")
+        return dg.Output(table, metadata=_meta(table), data_version=dg.DataVersion(fp))
 
     @dg.asset(
         name="results_db",
@@ -275,8 +314,23 @@ def build_summary_assets() -> list[Any]:
             'with `mlsae query "SQL"`.'
         ),
     )
-    def results_db(context: dg.AssetExecutionContext, storage: Storage):
-        views = build_results_db(storage)
+    def results_db(context: dg.AssetExecutionContext, storage: Storage, sweep: SweepResource):
+        from mlsae_pipeline.state import cached, fingerprint, record
+
+        sw = sweep.load()
+        fp = fingerprint(
+            CODE_VERSIONS["results_db"],
+            view_sources(storage),
+            _all_fps(storage, sw, "evaluation"),
+            _all_fps(storage, sw, "mlsae"),
+            [upstream_fp_model(storage, m) for m in sw.model_keys],
+        )
+        hit = cached(storage, "results_db", None, fp, [storage.results_db])
+        skipped = hit is not None
+        if hit is None:
+            hit = {k: list(v) for k, v in build_results_db(storage).items()}
+            record(storage, "results_db", None, fp, hit)
+        views = {k: tuple(v) for k, v in hit.items()}
         lines = ["| view | rows | source |", "|---|---|---|"]
         lines += [f"| {name} | {n} | `{src}` |" for name, (n, src) in views.items()]
         return dg.MaterializeResult(
@@ -284,10 +338,18 @@ def build_summary_assets() -> list[Any]:
                 "path": dg.MetadataValue.path(str(storage.results_db)),
                 "views": dg.MetadataValue.md("\n".join(lines)),
                 "n_views": len(views),
-            }
+                "skipped": skipped,
+            },
+            data_version=dg.DataVersion(fp),
         )
 
     return [test_summary, dists_layer_std, mmcs, single_layer_comparison, results_db]
+
+
+def upstream_fp_model(storage: Storage, model: str) -> Any:
+    from mlsae_pipeline.state import upstream_fp
+
+    return upstream_fp(storage, "resid_cos_sim", model)
 
 
 def view_sources(storage: Storage) -> dict[str, str]:
