@@ -276,8 +276,8 @@ def load_app(
     """Load the MLSAE, its transformer and the examples beside the checkpoint, once.
 
     The transformer is the checkpoint's `model_name` (or `model_name` here); a pipeline
-    checkpoint whose recorded model directory has moved falls back to
-    `<root>/models/<model>`. Examples: `examples_path`, else `examples_candidates`.
+    checkpoint whose recorded model directory has moved (the storage root was copied
+    elsewhere) falls back to `<root>/models/<its name>` or `<root>/models/<model>`. Examples: `examples_path`, else `examples_candidates`.
     """
     from mlsae_core.config import ConfigError
     from mlsae_core.explorer.service import load_examples, pipeline_layout
@@ -295,10 +295,12 @@ def load_app(
     layout = pipeline_layout(directory)
     looks_like_path = str(name).startswith(("/", ".", "~"))
     if looks_like_path and not Path(name).expanduser().exists() and layout is not None:
-        moved = layout[0] / "models" / layout[1]
-        if (moved / "config.json").is_file():
-            logger.info("model %s is gone; using %s", name, moved)
-            name = str(moved)
+        models = layout[0] / "models"
+        for moved in (models / Path(name).name, models / layout[1]):
+            if (moved / "config.json").is_file():
+                logger.info("model %s is gone; using %s", name, moved)
+                name = str(moved)
+                break
     logger.info("loading transformer %s", name)
     transformer = Transformer.load(str(name), device=device)
     examples, message = load_examples(
