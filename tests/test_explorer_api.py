@@ -634,3 +634,16 @@ def test_pipeline_layout_examples_and_moved_model(tmp_path) -> None:
         assert (
             "elsewhere.parquet does not exist" in c.get("/api/info").json()["examples"]["message"]
         )
+
+
+def test_streamed_body_is_limited(client) -> None:
+    def chunks():
+        yield b'{"prompt": "'
+        for _ in range(100):
+            yield b"x" * 1024
+        yield b'"}'
+
+    r = client.post("/api/prompt", content=chunks(), headers={"content-type": "application/json"})
+    assert r.status_code == 413 and "bytes" in r.json()["detail"]
+    r = client.post("/api/prompt", content=b"{}", headers={"content-length": "abc"})
+    assert r.status_code == 400

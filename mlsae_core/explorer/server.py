@@ -156,20 +156,49 @@ def _install_error_handlers(app: FastAPI) -> None:
             status_code=500, content={"detail": "internal error (see the server log)"}
         )
 
-    @app.middleware("http")
-    async def _limit_body(request: Request, call_next: Any) -> Any:
-        length = request.headers.get("content-length")
+    app.add_middleware(_BodyLimit, max_bytes=MAX_BODY_BYTES)
+
+
+class _BodyLimit:
+    """ASGI middleware: refuse request bodies over `max_bytes` with 413, whether announced by
+    Content-Length or streamed in chunks (so no request can make the server buffer a lot)."""
+
+    def __init__(self, app: Any, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        too_big = JSONResponse(
+            status_code=413, content={"detail": f"request body over {self.max_bytes} bytes"}
+        )
+        headers = dict(scope.get("headers") or [])
+        length = headers.get(b"content-length")
         if length is not None:
             try:
-                too_big = int(length) > MAX_BODY_BYTES
+                n = int(length)
             except ValueError:
-                return JSONResponse(status_code=400, content={"detail": "bad Content-Length"})
-            if too_big:
-                return JSONResponse(
-                    status_code=413,
-                    content={"detail": f"request body over {MAX_BODY_BYTES} bytes"},
+                await JSONResponse(status_code=400, content={"detail": "bad Content-Length"})(
+                    scope, receive, send
                 )
-        return await call_next(request)
+                return
+            if n > self.max_bytes:
+                await too_big(scope, receive, send)
+                return
+        seen = 0
+
+        async def limited_receive() -> dict:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.max_bytes:
+                    raise StarletteHTTPException(413, f"request body over {self.max_bytes} bytes")
+            return message
+
+        await self.app(scope, limited_receive, send)
 
 
 # ----- the app -------------------------------------------------------------------------------
