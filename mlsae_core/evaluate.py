@@ -9,19 +9,38 @@ the spliced layer; the zero-ablated distribution is input-independent, so it is 
 from __future__ import annotations
 
 import logging
+import weakref
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
 
-from mlsae_core.metrics import ReconstructionMetrics, SpliceMetrics, metrics_rows
-from mlsae_core.sae import MLSAE, TopK
+from mlsae_core.metrics import (
+    ReconstructionMetrics,
+    SpliceMetrics,
+    metrics_rows,
+    unembedding_gram,
+)
+from mlsae_core.sae import MLSAE, TopK, autocast
 
 logger = logging.getLogger(__name__)
 
-# Rows of [rows, vocab] logits handled at once when splicing: bounds evaluation memory.
-LOGIT_CHUNK_ROWS = 512
+# Rows of [rows, vocab] logits handled at once when splicing: bounds evaluation memory and
+# keeps each float32 chunk (128 x 50k = 26 MB) near the cache for the logsumexp/dot passes.
+LOGIT_CHUNK_ROWS = 128
+
+# W^T W of an unembedding, reused while its weight is unchanged (logit MSE, metrics.py).
+_GRAMS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _gram(transformer: Any) -> torch.Tensor:
+    weight = transformer.unembed.weight
+    hit = _GRAMS.get(weight)
+    if hit is None or hit[0] != weight._version:
+        hit = (weight._version, unembedding_gram(weight))
+        _GRAMS[weight] = hit
+    return hit[1]
 
 
 @dataclass
@@ -97,6 +116,7 @@ def evaluate(
     recon = ReconstructionMetrics(len(layers), sae.n_latents, sae.n_inputs, sae.dead_threshold)
     spl = SpliceMetrics(len(layers)) if splice else None
     zero_lp: dict[int, torch.Tensor] = {}
+    gram: torch.Tensor | None = None
     n_rows, pos = tokens.shape
     if max_tokens is not None:
         n_rows = min(n_rows, max(1, -(-max_tokens // pos)))
@@ -124,17 +144,27 @@ def evaluate(
             pred = prediction_mask(mask)
             targets = toks[:, 1:][pred[:, :-1]]
             if targets.numel():
-                final = transformer.final_norm(clean.hidden[-1])[pred]
-                clean_logits = _chunked_logits(transformer, final)
-                spl.update_clean(clean_logits, targets)
+                if gram is None:
+                    gram = _gram(transformer)
+                final = transformer.final_norm(clean.hidden[-1])[pred]  # [M, d]
+                ref = spl.update_clean_chunked(transformer.logits, final, targets, LOGIT_CHUNK_ROWS)
                 for i, layer in enumerate(layers):
                     if layer not in zero_lp:
                         zero_lp[layer] = transformer.zero_ablation_log_probs(clean, layer)
                     replacement = clean.hidden[layer].clone()
                     replacement[mask] = recons[i].to(replacement.dtype).to(replacement.device)
                     hidden = transformer.run_from(clean, layer, replacement)[pred]
-                    spliced_logits = _chunked_logits(transformer, hidden)
-                    spl.update_layer(i, clean_logits, spliced_logits, targets, zero_lp[layer])
+                    spl.update_layer_chunked(
+                        i,
+                        ref,
+                        transformer.logits,
+                        hidden,
+                        targets,
+                        zero_lp[layer],
+                        gram,
+                        LOGIT_CHUNK_ROWS,
+                    )
+                del ref
         bar.update(len(rows) * pos)
     bar.close()
     return EvalResult(metrics_rows(layers, recon, spl), recon, spl, recon.n_tokens)

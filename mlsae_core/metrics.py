@@ -7,7 +7,7 @@ same number as one pass over all tokens (not a mean of per-batch ratios).
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -94,6 +94,27 @@ class ReconstructionMetrics:
 
 
 @dataclass
+class CleanLogitStats:
+    """Per-position clean quantities kept for one batch while every layer is spliced."""
+
+    probs: torch.Tensor  # [M, V] float32 clean softmax
+    neg_entropy: torch.Tensor  # [M] float64 sum_v p log p
+    mass: torch.Tensor  # [M] float64 sum_v p (1 up to float32 rounding)
+    hidden: torch.Tensor  # [M, d] float64 final-normed clean hidden states
+
+
+@torch.no_grad()
+def unembedding_gram(weight: torch.Tensor, chunk_rows: int = 4096) -> torch.Tensor:
+    """[d, d] float64 W^T W for an unembedding W [V, d]: float32 chunks summed in float64."""
+    w = weight.detach()
+    gram = torch.zeros(w.shape[1], w.shape[1], dtype=torch.float64, device=w.device)
+    for a in range(0, w.shape[0], chunk_rows):
+        c = w[a : a + chunk_rows].float()
+        gram += (c.t() @ c).double()
+    return gram
+
+
+@dataclass
 class SpliceMetrics:
     """dCE, KL(clean || spliced), logit MSE, zero-ablation CE and loss recovered per layer."""
 
@@ -135,6 +156,68 @@ class SpliceMetrics:
         self.logit_sq[layer] += float(
             (clean_logits.double() - spliced_logits.double()).pow(2).sum()
         )
+        self.ce_zero[layer] += float(-zero_log_probs.double()[targets].sum())
+
+    # ----- the fast path: float32 chunks, float64 sums (used by `evaluate`) -----------------
+    # update_clean/update_layer above are the plain float64 path and the oracle for these.
+    # Per position, with clean probabilities p, log-sum-exps c and s and logits z_s:
+    #   CE_s = s - z_s[target];  KL = sum p log p - p . z_s + s * sum p;
+    #   sum_v (z_c - z_s)^2 = dh^T (W^T W) dh with dh the difference of final-normed hidden
+    # states (the unembedding is linear; a bias cancels). So a layer costs one logits GEMM,
+    # one logsumexp and one row-wise dot product on [rows, V] float32 chunks that stay in
+    # cache, and never a float64 [M, V] tensor.
+    @torch.no_grad()
+    def update_clean_chunked(
+        self,
+        logits_fn: Callable[[torch.Tensor], torch.Tensor],
+        hidden: torch.Tensor,
+        targets: torch.Tensor,
+        chunk_rows: int = 128,
+    ) -> CleanLogitStats:
+        """hidden: [M, d] final-normed clean states; logits_fn maps rows of it to [rows, V]."""
+        probs, neg_ent, mass = [], [], []
+        ce = torch.zeros((), dtype=torch.float64)
+        for a in range(0, hidden.shape[0], chunk_rows):
+            logits = logits_fn(hidden[a : a + chunk_rows]).float()
+            self.vocab = logits.shape[-1]
+            lp = torch.log_softmax(logits, -1)
+            p = lp.exp()
+            probs.append(p)
+            neg_ent.append(torch.linalg.vecdot(p, lp).double())
+            mass.append(p.sum(-1).double())
+            ce -= lp.gather(-1, targets[a : a + chunk_rows, None]).double().sum()
+        self.n_positions += targets.numel()
+        self.ce_clean += float(ce)
+        return CleanLogitStats(
+            torch.cat(probs), torch.cat(neg_ent), torch.cat(mass), hidden.double()
+        )
+
+    @torch.no_grad()
+    def update_layer_chunked(
+        self,
+        layer: int,
+        clean: CleanLogitStats,
+        logits_fn: Callable[[torch.Tensor], torch.Tensor],
+        hidden: torch.Tensor,
+        targets: torch.Tensor,
+        zero_log_probs: torch.Tensor,
+        gram: torch.Tensor,
+        chunk_rows: int = 128,
+    ) -> None:
+        """hidden: [M, d] final-normed spliced states; gram: [d, d] float64 W^T W."""
+        ce = torch.zeros((), dtype=torch.float64)
+        kl = torch.zeros((), dtype=torch.float64)
+        for a in range(0, hidden.shape[0], chunk_rows):
+            sl = slice(a, a + chunk_rows)
+            logits = logits_fn(hidden[sl]).float()
+            lse = torch.logsumexp(logits, -1)
+            ce += (lse - logits.gather(-1, targets[sl, None]).squeeze(-1)).double().sum()
+            dot = torch.linalg.vecdot(clean.probs[sl], logits).double()
+            kl += (clean.neg_entropy[sl] - dot + lse.double() * clean.mass[sl]).sum()
+        dh = clean.hidden - hidden.double()  # [M, d]
+        self.ce_spliced[layer] += float(ce)
+        self.kl[layer] += float(kl)
+        self.logit_sq[layer] += float(torch.linalg.vecdot(dh @ gram, dh).sum())
         self.ce_zero[layer] += float(-zero_log_probs.double()[targets].sum())
 
     def merge(self, other: SpliceMetrics) -> None:

@@ -8,9 +8,13 @@ public names follow the original code (`MLSAE`, `TopK`, `AutoencoderOutput`, `en
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import json
 import logging
 import math
+import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -18,15 +22,64 @@ import torch
 from torch import nn
 
 from mlsae_core import atomic
-from mlsae_core.sparse import selected_preacts, sparse_decode
+from mlsae_core.sparse import gathered_preacts, selected_preacts, sparse_decode
 
 logger = logging.getLogger(__name__)
 
 WEIGHTS_NAME = "model.safetensors"
+EMBEDDED_CONFIG_KEY = "mlsae_config"
 CONFIG_NAME = "config.json"
 STD_EPS = 1e-5
 # Rows of pre-activations computed at once: bounds the dense [rows, n_latents] buffer.
 ENCODE_CHUNK_ELEMENTS = 1 << 26
+
+
+# ----- mixed precision ---------------------------------------------------------------------
+_AUTOCAST: contextvars.ContextVar[torch.dtype | None] = contextvars.ContextVar(
+    "mlsae_autocast", default=None
+)
+_AUTOCAST_NAMES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16}
+
+
+@contextlib.contextmanager
+def mixed_precision(dtype: torch.dtype | str | None = torch.bfloat16) -> Iterator[None]:
+    """Inside this block `train()` and `evaluate()` run the transformer and the encoder GEMM
+    under `torch.autocast(dtype)` (bf16 by default; None turns it off).
+
+    The TopK *selection* then uses low-precision pre-activations, but the k selected values,
+    the decode, the losses, the weights and the optimiser stay float32. Meant for CUDA; on
+    CPU it is honoured as well (CPU autocast) so the same code path can be tested anywhere.
+    The environment variable MLSAE_AUTOCAST=bf16 has the same effect for the CLI.
+    """
+    if isinstance(dtype, str):
+        dtype = _AUTOCAST_NAMES[dtype.lower()]
+    token = _AUTOCAST.set(dtype)
+    try:
+        yield
+    finally:
+        _AUTOCAST.reset(token)
+
+
+def autocast_dtype() -> torch.dtype | None:
+    """The mixed-precision dtype in force: `mixed_precision(...)`, else $MLSAE_AUTOCAST."""
+    dtype = _AUTOCAST.get()
+    if dtype is None:
+        env = os.environ.get("MLSAE_AUTOCAST", "").strip().lower()
+        if env and env not in ("0", "off", "none", "fp32", "float32"):
+            if env not in _AUTOCAST_NAMES:
+                raise ValueError(
+                    f"MLSAE_AUTOCAST={env!r} is not allowed: one of {sorted(_AUTOCAST_NAMES)}"
+                )
+            dtype = _AUTOCAST_NAMES[env]
+    return dtype
+
+
+def autocast(device: torch.device | str) -> contextlib.AbstractContextManager:
+    """torch.autocast for `device` when mixed precision is on, else a no-op."""
+    dtype = autocast_dtype()
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=torch.device(device).type, dtype=dtype)
 
 
 class CheckpointError(ValueError):
@@ -190,14 +243,21 @@ class MLSAE(nn.Module):
                     aux_v.append(av)
                     aux_i.append(dead_idx[ai])
         indices = torch.cat(top_i)
-        values = selected_preacts(xb, weight, indices, torch.cat(top_v))
+        top_values = torch.cat(top_v)
+        if top_values.dtype != xb.dtype:
+            # Mixed precision picked the latents; their values are recomputed at full precision.
+            top_values = gathered_preacts(xb.detach(), w_ng, indices)
+        values = selected_preacts(xb, weight, indices, top_values)
         fired = torch.zeros(self.n_latents, dtype=torch.bool, device=x.device)
         fired[indices[values.detach() > self.dead_threshold]] = True
         topk = TopK(values.reshape(*lead, self.k), indices.reshape(*lead, self.k))
         auxk = None
         if n_aux:
             aux_indices = torch.cat(aux_i)
-            aux_values = selected_preacts(xb, weight, aux_indices, torch.cat(aux_v))
+            aux_top = torch.cat(aux_v)
+            if aux_top.dtype != xb.dtype:
+                aux_top = gathered_preacts(xb.detach(), w_ng, aux_indices)
+            aux_values = selected_preacts(xb, weight, aux_indices, aux_top)
             auxk = TopK(aux_values.reshape(*lead, n_aux), aux_indices.reshape(*lead, n_aux))
         if stats is not None:
             stats = Stats(stats.mean.reshape(*lead, 1), stats.std.reshape(*lead, 1))
@@ -251,14 +311,19 @@ class MLSAE(nn.Module):
         """Write model.safetensors then config.json, each atomically, into `directory`.
 
         Other files in the directory (training history, resume state, analyses) are kept.
+        The config is also embedded in the weights file's header: a checkpoint whose
+        config.json disagrees with its weights (a hand edit, or a kill between the two renames)
+        is refused by the loader instead of being used with the wrong settings.
         """
         from safetensors.torch import save_file
 
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
+        config = self.config_dict()
+        meta = {"format": "pt", EMBEDDED_CONFIG_KEY: json.dumps(config)}
         with atomic.atomic_path(directory / WEIGHTS_NAME) as tmp:
-            save_file(self.weights_dict(), str(tmp), metadata={"format": "pt"})
-        atomic.write_json(directory / CONFIG_NAME, self.config_dict())
+            save_file(self.weights_dict(), str(tmp), metadata=meta)
+        atomic.write_json(directory / CONFIG_NAME, config)
         return directory
 
     @classmethod
@@ -367,12 +432,32 @@ def resolve_checkpoint(path_or_repo_id: str | Path) -> Path:
 
 def read_checkpoint_config(directory: Path) -> dict[str, Any]:
     cfg_path = directory / CONFIG_NAME
-    if not cfg_path.exists():
+    embedded = _embedded_config(directory / WEIGHTS_NAME)
+    if embedded is not None:
+        if cfg_path.exists():
+            try:
+                on_disk = json.loads(cfg_path.read_text())
+            except json.JSONDecodeError:
+                on_disk = None
+            if on_disk != embedded:
+                keys = sorted(
+                    k
+                    for k in set(embedded) | set(on_disk or {})
+                    if (on_disk or {}).get(k) != embedded.get(k)
+                )
+                raise CheckpointError(
+                    f"{cfg_path} disagrees with the config saved inside {WEIGHTS_NAME} on "
+                    f"{keys} (edited by hand, or a save was interrupted between the two "
+                    "files); restore config.json, or save the checkpoint again"
+                )
+        config = embedded
+    elif not cfg_path.exists():
         raise CheckpointError(f"{cfg_path} is missing: not an MLSAE checkpoint directory")
-    try:
-        config = json.loads(cfg_path.read_text())
-    except json.JSONDecodeError as exc:
-        raise CheckpointError(f"{cfg_path} is not valid JSON: {exc}") from exc
+    else:
+        try:
+            config = json.loads(cfg_path.read_text())
+        except json.JSONDecodeError as exc:
+            raise CheckpointError(f"{cfg_path} is not valid JSON: {exc}") from exc
     if "dead_tokens_threshold" not in config and "dead_steps_threshold" in config:
         # The reference counted steps; keep its number as tokens-per-step is unknown here.
         config["dead_tokens_threshold"] = config.pop("dead_steps_threshold")
@@ -383,6 +468,21 @@ def read_checkpoint_config(directory: Path) -> dict[str, Any]:
         if not isinstance(config[key], int) or config[key] < 1:
             raise CheckpointError(f"{cfg_path}: {key}={config[key]!r} must be a positive integer")
     return config
+
+
+def _embedded_config(weights: Path) -> dict[str, Any] | None:
+    """The config saved in the safetensors header by save_pretrained, if any (None if unreadable:
+    the weights loader then reports the corruption)."""
+    if not weights.exists():
+        return None
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(weights), framework="pt") as f:
+            text = (f.metadata() or {}).get(EMBEDDED_CONFIG_KEY)
+        return json.loads(text) if text else None
+    except Exception:  # noqa: BLE001 - corrupt headers are reported by read_checkpoint_weights
+        return None
 
 
 def read_checkpoint_weights(directory: Path) -> dict[str, torch.Tensor]:

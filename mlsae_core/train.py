@@ -21,7 +21,7 @@ import torch
 
 from mlsae_core import atomic
 from mlsae_core.config import SAEConfig, TrainConfig, resolve_device
-from mlsae_core.sae import MLSAE, total_loss
+from mlsae_core.sae import MLSAE, autocast, total_loss
 
 logger = logging.getLogger(__name__)
 
@@ -83,6 +83,31 @@ class RowOrder:
         for i in range(start, start + count):
             out.append(self._perm(i // self.n_rows)[i % self.n_rows])
         return torch.stack(out)
+
+
+def make_optimizer(sae: MLSAE, lr: float, eps: float) -> torch.optim.Adam:
+    """Adam(lr, eps) over the SAE's parameters, fused (one kernel per parameter) where the
+    installed torch supports it for the device, else the plain implementation.
+
+    Fused Adam applies the same update formula as the plain one (tests/test_sparse.py checks
+    they agree to float32 rounding). Every parameter is updated every step: the TopK gradient
+    is row-sparse, but Adam with a zero gradient still decays its moments and moves the
+    weight, so a "sparse Adam" would change the maths; with batches of thousands of tokens
+    nearly every latent is touched anyway (see docs/performance.md).
+    """
+    params = list(sae.parameters())
+    try:
+        return torch.optim.Adam(params, lr=lr, eps=eps, fused=True)
+    except (RuntimeError, ValueError):  # fused unsupported for this device/dtype
+        return torch.optim.Adam(params, lr=lr, eps=eps)
+
+
+def optimizer_step(sae: MLSAE, opt: torch.optim.Optimizer) -> None:
+    """Project the decoder gradient, step, clear gradients, renormalise the decoder."""
+    sae.project_decoder_grad()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    sae.normalize_decoder()
 
 
 # ----- distributed helpers ------------------------------------------------------------------
@@ -149,6 +174,13 @@ def _load_state(directory: Path, sae: MLSAE, opt: torch.optim.Optimizer) -> dict
         pid, key = name.split(".", 1)
         opt_state.setdefault(int(pid), {})[key] = value
     opt.load_state_dict({"state": opt_state, "param_groups": meta.pop("param_groups")})
+    # Moments are saved contiguous; give them back their parameter's memory layout (the
+    # decoder weight is stored transposed), as a fused kernel walks param and state together.
+    for group in opt.param_groups:
+        for param in group["params"]:
+            for key, value in opt.state.get(param, {}).items():
+                if value.shape == param.shape and value.stride() != param.stride():
+                    opt.state[param][key] = torch.empty_like(param).copy_(value)
     return meta
 
 
@@ -232,7 +264,7 @@ def train(
         standardize=sae_cfg.standardize,
         metadata=metadata,
     ).to(device)
-    opt = torch.optim.Adam(sae.parameters(), lr=train_cfg.lr, eps=train_cfg.eps)
+    opt = make_optimizer(sae, train_cfg.lr, train_cfg.eps)
     order = RowOrder(n_chunks, train_cfg.seed)
 
     state_dir = out_dir / STATE_DIR
@@ -278,7 +310,8 @@ def train(
         for a in range(accum):
             micro = (step * accum + a) * world + rank
             rows = order.rows(micro * batch_size, batch_size)
-            acts = source(rows).to(device)  # [L, B, P, d]
+            with autocast(device):
+                acts = source(rows).to(device)  # [L, B, P, d]
             mask = masks[rows].to(device)  # [B, P]
             x = acts[:, mask].float()  # [L, N, d]
             if x.shape[1] == 0:
@@ -286,7 +319,8 @@ def train(
             if step == 0 and a == 0 and steps_this_call == 0:
                 sae.init_pre_encoder_bias(x)
                 _broadcast_params(sae)
-            out = sae(x)
+            with autocast(device):
+                out = sae(x)
             loss, main, aux = total_loss(sae, x, out, sae_cfg.auxk_coef)
             (loss / accum).backward()
             fired |= out.fired
@@ -308,10 +342,7 @@ def train(
                 f"(lr={train_cfg.lr}) or non-finite activations from the model (try float32). "
                 f"The last good checkpoint is kept in {state_dir}"
             )
-        sae.project_decoder_grad()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        sae.normalize_decoder()
+        optimizer_step(sae, opt)
         sae.update_dead(fired, int(n_tok))
         if not all(torch.isfinite(p).all() for p in sae.parameters()):
             raise TrainingDiverged(

@@ -1,0 +1,209 @@
+"""An on-disk activation cache, so a sweep of MLSAEs shares one pass of the transformer.
+
+`ActivationCache.build(transformer, tokens, layers, out_dir)` runs the transformer once over
+the token chunks and writes the block outputs as float16 shards (`shard_00000.npy`, each
+`[n_layers, shard_rows, pos, d]`, memory-mapped on read). The manifest (`manifest.json`)
+records where the activations came from (model name and a fingerprint of its weights, the
+layers, a hash of the tokens, shapes) and is written LAST, inside a directory that appears
+atomically: a directory without a manifest is not a cache.
+
+`ActivationCache.open(out_dir, transformer=..., tokens=..., layers=...)` checks whatever it
+is given against the manifest and refuses a mismatch with a message naming the field. The
+reader implements `train.ActivationSource` (`n_layers`, `d_model`, `__call__(rows)`), so
+`train()` uses it unchanged. Values equal the live activations up to float16 rounding
+(relative error <= 2^-11); a value beyond float16's range (65504) is refused at build time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from mlsae_core.atomic import atomic_dir
+
+logger = logging.getLogger(__name__)
+
+MANIFEST_NAME = "manifest.json"
+FORMAT = "mlsae-activation-cache"
+VERSION = 1
+FP16_MAX = 65504.0
+
+
+class CacheMismatchError(ValueError):
+    """The cache was built from another model, other tokens or other layers (or is broken)."""
+
+
+def tokens_digest(tokens: torch.Tensor) -> str:
+    """sha256 of the token ids as little-endian int64, with their shape."""
+    arr = np.ascontiguousarray(tokens.detach().cpu().numpy().astype("<i8"))
+    h = hashlib.sha256(str(tuple(arr.shape)).encode())
+    h.update(arr.tobytes())
+    return h.hexdigest()
+
+
+def model_fingerprint(transformer: Any) -> str:
+    """sha256 over every parameter's name, shape, dtype and bytes: same weights <=> same hash."""
+    h = hashlib.sha256()
+    for name, p in transformer.model.state_dict().items():
+        t = p.detach().cpu().contiguous()
+        h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+class ActivationCache:
+    """Read side of the cache: an `ActivationSource` over float16 memory-mapped shards."""
+
+    def __init__(self, directory: Path, manifest: dict[str, Any]) -> None:
+        self.directory = Path(directory)
+        self.manifest = manifest
+        self.layers: list[int] = list(manifest["layers"])
+        self.n_layers = len(self.layers)
+        self.d_model = int(manifest["d_model"])
+        self.n_rows = int(manifest["n_rows"])
+        self.pos = int(manifest["pos"])
+        self.shard_rows = int(manifest["shard_rows"])
+        self._shards: list[np.ndarray] = []
+        for i, entry in enumerate(manifest["shards"]):
+            path = self.directory / entry["file"]
+            if not path.is_file():
+                raise CacheMismatchError(f"cache shard {path} is missing; rebuild the cache")
+            arr = np.load(path, mmap_mode="r")
+            want = (self.n_layers, entry["rows"], self.pos, self.d_model)
+            if arr.shape != want or arr.dtype != np.float16:
+                raise CacheMismatchError(
+                    f"cache shard {path} has shape {arr.shape} {arr.dtype}, the manifest says "
+                    f"{want} float16; rebuild the cache"
+                )
+            if i < len(manifest["shards"]) - 1 and entry["rows"] != self.shard_rows:
+                raise CacheMismatchError(f"cache shard {path}: unexpected row count")
+            self._shards.append(arr)
+
+    # ----- ActivationSource ---------------------------------------------------------------
+    def __call__(self, rows: torch.Tensor) -> torch.Tensor:
+        """[n_layers, len(rows), pos, d] float32 for chunk rows `rows`."""
+        rows_np = np.asarray(torch.as_tensor(rows).reshape(-1).cpu().numpy(), dtype=np.int64)
+        if rows_np.size and (rows_np.min() < 0 or rows_np.max() >= self.n_rows):
+            raise IndexError(f"rows out of range: the cache holds {self.n_rows} chunks")
+        out = np.empty((self.n_layers, rows_np.size, self.pos, self.d_model), dtype=np.float32)
+        shard_of, offset = np.divmod(rows_np, self.shard_rows)
+        for s in np.unique(shard_of):
+            where = np.nonzero(shard_of == s)[0]
+            out[:, where] = self._shards[int(s)][:, offset[where]]
+        return torch.from_numpy(out)
+
+    def __len__(self) -> int:
+        return self.n_rows
+
+    # ----- open / build -------------------------------------------------------------------
+    @classmethod
+    def open(
+        cls,
+        directory: str | Path,
+        transformer: Any | None = None,
+        tokens: torch.Tensor | None = None,
+        layers: Sequence[int] | None = None,
+        check_weights: bool = True,
+    ) -> ActivationCache:
+        """Open a cache, checking it against whatever of model/tokens/layers is given."""
+        directory = Path(directory)
+        path = directory / MANIFEST_NAME
+        if not path.is_file():
+            raise CacheMismatchError(
+                f"{path} is missing: {directory} is not a finished activation cache "
+                "(build it with ActivationCache.build)"
+            )
+        manifest = json.loads(path.read_text())
+        if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
+            raise CacheMismatchError(
+                f"{path}: format {manifest.get('format')!r} v{manifest.get('version')} is not "
+                f"{FORMAT!r} v{VERSION}; rebuild the cache"
+            )
+        expected: dict[str, Any] = {}
+        if transformer is not None:
+            expected["model_name"] = transformer.name
+            expected["d_model"] = transformer.d_model
+            if check_weights:
+                expected["model_fingerprint"] = model_fingerprint(transformer)
+        if tokens is not None:
+            expected["n_rows"], expected["pos"] = (int(s) for s in tokens.shape)
+            expected["tokens_sha256"] = tokens_digest(tokens)
+        if layers is not None:
+            expected["layers"] = [int(layer) for layer in layers]
+        for key, want in expected.items():
+            if manifest.get(key) != want:
+                raise CacheMismatchError(
+                    f"activation cache {directory} was built with {key}={manifest.get(key)!r} "
+                    f"but {want!r} was asked for; build a cache for this model/data/layers "
+                    "or point to the right one"
+                )
+        return cls(directory, manifest)
+
+    @classmethod
+    @torch.no_grad()
+    def build(
+        cls,
+        transformer: Any,
+        tokens: torch.Tensor,
+        layers: Sequence[int] | None,
+        out_dir: str | Path,
+        shard_rows: int = 64,
+        batch_size: int = 4,
+        progress: bool = True,
+    ) -> ActivationCache:
+        """Run `transformer` over `tokens` [n_rows, pos] once; write shards, manifest last."""
+        from tqdm.auto import tqdm
+
+        if shard_rows < 1 or batch_size < 1:
+            raise ValueError("shard_rows and batch_size must be >= 1")
+        layers = list(range(transformer.n_layers)) if layers is None else [int(x) for x in layers]
+        n_rows, pos = (int(s) for s in tokens.shape)
+        d = transformer.d_model
+        out_dir = Path(out_dir)
+        shards = []
+        with atomic_dir(out_dir) as tmp:
+            bar = tqdm(total=n_rows * pos, unit="tok", unit_scale=True, disable=not progress)
+            for i, start in enumerate(range(0, n_rows, shard_rows)):
+                stop = min(start + shard_rows, n_rows)
+                name = f"shard_{i:05d}.npy"
+                arr = np.lib.format.open_memmap(
+                    tmp / name, mode="w+", dtype=np.float16, shape=(len(layers), stop - start, pos, d)
+                )
+                for a in range(start, stop, batch_size):
+                    b = min(a + batch_size, stop)
+                    acts = transformer.activations(tokens[a:b], layers).float()  # [L, b, P, d]
+                    if not torch.isfinite(acts).all() or acts.abs().max() > FP16_MAX:
+                        raise ValueError(
+                            f"activations of rows {a}..{b} are non-finite or beyond float16's "
+                            f"range ({FP16_MAX}); a float16 cache cannot hold them"
+                        )
+                    arr[:, a - start : b - start] = acts.cpu().numpy().astype(np.float16)
+                    bar.update((b - a) * pos)
+                arr.flush()
+                del arr
+                shards.append({"file": name, "rows": stop - start})
+            bar.close()
+            manifest = {
+                "format": FORMAT,
+                "version": VERSION,
+                "model_name": transformer.name,
+                "model_fingerprint": model_fingerprint(transformer),
+                "layers": layers,
+                "d_model": d,
+                "n_rows": n_rows,
+                "pos": pos,
+                "tokens_sha256": tokens_digest(tokens),
+                "dtype": "float16",
+                "shard_rows": shard_rows,
+                "shards": shards,
+            }
+            (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
+        logger.info("activation cache %s: %d rows x %d layers", out_dir, n_rows, len(layers))
+        return cls.open(out_dir)

@@ -1,0 +1,77 @@
+"""The activation cache: equals live activations up to float16, trains like them, refuses
+a cache built from another model, other tokens or other layers."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from mlsae_core.cache import ActivationCache, CacheMismatchError
+from mlsae_core.config import SAEConfig, TrainConfig
+from mlsae_core.train import LiveActivations, read_history, train
+from tests.tiny_models import tiny_transformer
+
+
+@pytest.fixture(scope="module")
+def tt():
+    return tiny_transformer("llama", n_layers=3, d=32)
+
+
+@pytest.fixture(scope="module")
+def tokens():
+    g = torch.Generator().manual_seed(0)
+    return torch.randint(4, 101, (10, 16), generator=g)
+
+
+def test_cache_equals_live_within_fp16(tt, tokens, tmp_path):
+    cache = ActivationCache.build(tt, tokens, [0, 2], tmp_path / "c", shard_rows=3, progress=False)
+    assert (cache.n_layers, cache.d_model, len(cache)) == (2, 32, 10)
+    assert len(list((tmp_path / "c").glob("shard_*.npy"))) == 4  # 3+3+3+1 rows
+    rows = torch.tensor([9, 0, 4, 3, 5])  # out of order, across shards
+    got = cache(rows)
+    live = LiveActivations(tt, tokens, [0, 2])(rows)
+    assert got.dtype == torch.float32 and got.shape == live.shape
+    torch.testing.assert_close(got, live, rtol=2**-10, atol=1e-6)
+    assert torch.equal(got, live.half().float())  # exactly the float16 rounding
+
+
+def test_training_from_cache_matches_live(tt, tokens, tmp_path):
+    layers = [0, 1, 2]
+    masks = torch.ones_like(tokens, dtype=torch.bool)
+    masks[:, 0] = False
+    cache = ActivationCache.build(tt, tokens, layers, tmp_path / "c", shard_rows=4, progress=False)
+    sae_cfg = SAEConfig(expansion_factor=4, k=4, auxk=8, dead_tokens_threshold=100)
+    train_cfg = TrainConfig(lr=3e-3, accumulate_grad_batches=1, checkpoint_every=100, device="cpu")
+    kw = dict(batch_size=2, max_tokens=2 * 16 * 15, progress=False)
+    a = train(LiveActivations(tt, tokens, layers), masks, sae_cfg, train_cfg, tmp_path / "a", **kw)
+    b = train(cache, masks, sae_cfg, train_cfg, tmp_path / "b", **kw)
+    fa = [r["fvu"] for r in read_history(tmp_path / "a")]
+    fb = [r["fvu"] for r in read_history(tmp_path / "b")]
+    assert len(fa) == len(fb) == 15
+    assert fa[-1] < fa[0]  # it learned something
+    for x, y in zip(fa, fb, strict=True):
+        assert abs(x - y) <= 2e-3 * abs(x), (x, y)
+    # fp16 rounding may flip a near-tied TopK choice: weights agree closely, not exactly
+    diff = (a.encoder.weight - b.encoder.weight).norm() / a.encoder.weight.norm()
+    assert diff < 1e-2, float(diff)
+
+
+def test_mismatched_cache_refused(tt, tokens, tmp_path):
+    ActivationCache.build(tt, tokens, [0, 1], tmp_path / "c", progress=False)
+    ActivationCache.open(tmp_path / "c", transformer=tt, tokens=tokens, layers=[0, 1])
+    with pytest.raises(CacheMismatchError, match="layers"):
+        ActivationCache.open(tmp_path / "c", layers=[0, 2])
+    with pytest.raises(CacheMismatchError, match="tokens_sha256"):
+        ActivationCache.open(tmp_path / "c", tokens=tokens.flip(0))
+    other = tiny_transformer("llama", n_layers=3, d=32, seed=1)  # same name, other weights
+    with pytest.raises(CacheMismatchError, match="model_fingerprint"):
+        ActivationCache.open(tmp_path / "c", transformer=other)
+    manifest = json.loads((tmp_path / "c" / "manifest.json").read_text())
+    manifest["version"] = 99
+    (tmp_path / "c" / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(CacheMismatchError, match="rebuild"):
+        ActivationCache.open(tmp_path / "c")
+    with pytest.raises(CacheMismatchError, match="not a finished activation cache"):
+        ActivationCache.open(tmp_path / "nothing")
