@@ -174,7 +174,10 @@ class ActivationCache:
                 stop = min(start + shard_rows, n_rows)
                 name = f"shard_{i:05d}.npy"
                 arr = np.lib.format.open_memmap(
-                    tmp / name, mode="w+", dtype=np.float16, shape=(len(layers), stop - start, pos, d)
+                    tmp / name,
+                    mode="w+",
+                    dtype=np.float16,
+                    shape=(len(layers), stop - start, pos, d),
                 )
                 for a in range(start, stop, batch_size):
                     b = min(a + batch_size, stop)

@@ -35,11 +35,13 @@ _GRAMS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _gram(transformer: Any) -> torch.Tensor:
-    weight = transformer.unembed.weight
-    hit = _GRAMS.get(weight)
-    if hit is None or hit[0] != weight._version:
-        hit = (weight._version, unembedding_gram(weight))
-        _GRAMS[weight] = hit
+    module = transformer.unembed  # modules hash by identity (tensors do not)
+    weight = module.weight
+    key = (weight.data_ptr(), weight._version)
+    hit = _GRAMS.get(module)
+    if hit is None or hit[0] != key:
+        hit = (key, unembedding_gram(weight))
+        _GRAMS[module] = hit
     return hit[1]
 
 
@@ -133,7 +135,10 @@ def evaluate(
             clean = None
             acts = transformer.activations(toks, layers)
         x = acts[:, mask].float().to(device)  # [L, N, d]
-        out = sae(x)
+        # Mixed precision (sae.mixed_precision) covers only the SAE's TopK selection here:
+        # the transformer keeps its precision, as clean and spliced passes must match.
+        with autocast(device):
+            out = sae(x)
         recons = out.recons
         recon.update(x, recons, out.topk.values, out.topk.indices)
         b_idx, p_idx = mask.nonzero(as_tuple=True)

@@ -97,8 +97,9 @@ class ReconstructionMetrics:
 class CleanLogitStats:
     """Per-position clean quantities kept for one batch while every layer is spliced."""
 
+    logits: torch.Tensor  # [M, V] float32 clean logits
     probs: torch.Tensor  # [M, V] float32 clean softmax
-    neg_entropy: torch.Tensor  # [M] float64 sum_v p log p
+    lse: torch.Tensor  # [M] float64 log-sum-exp of the clean logits
     mass: torch.Tensor  # [M] float64 sum_v p (1 up to float32 rounding)
     hidden: torch.Tensor  # [M, d] float64 final-normed clean hidden states
 
@@ -160,12 +161,15 @@ class SpliceMetrics:
 
     # ----- the fast path: float32 chunks, float64 sums (used by `evaluate`) -----------------
     # update_clean/update_layer above are the plain float64 path and the oracle for these.
-    # Per position, with clean probabilities p, log-sum-exps c and s and logits z_s:
-    #   CE_s = s - z_s[target];  KL = sum p log p - p . z_s + s * sum p;
-    #   sum_v (z_c - z_s)^2 = dh^T (W^T W) dh with dh the difference of final-normed hidden
-    # states (the unembedding is linear; a bias cancels). So a layer costs one logits GEMM,
-    # one logsumexp and one row-wise dot product on [rows, V] float32 chunks that stay in
-    # cache, and never a float64 [M, V] tensor.
+    # Per position, with clean logits z_c, probabilities p, log-sum-exp c, and the spliced
+    # logits written as z_s = z_c + delta:
+    #   s - c = m + log(sum_v p e^(delta - m))   (m = max delta; exact, no large cancellation)
+    #   KL = (s - c) * sum p - p . delta;   CE_s = c + (s - c) - z_c[t] - delta[t]
+    #   sum_v delta^2 = dh^T (W^T W) dh, dh the difference of final-normed hidden states (the
+    #   unembedding is linear; a bias cancels).
+    # Everything is in terms of the small delta, so float32 chunks lose nothing that matters,
+    # and a layer costs one logits GEMM plus a few passes over [rows, V] chunks that stay near
+    # the cache; no float64 [M, V] tensor is ever built.
     @torch.no_grad()
     def update_clean_chunked(
         self,
@@ -175,21 +179,27 @@ class SpliceMetrics:
         chunk_rows: int = 128,
     ) -> CleanLogitStats:
         """hidden: [M, d] final-normed clean states; logits_fn maps rows of it to [rows, V]."""
-        probs, neg_ent, mass = [], [], []
+        logits_all, probs, lse_all, mass = [], [], [], []
         ce = torch.zeros((), dtype=torch.float64)
         for a in range(0, hidden.shape[0], chunk_rows):
             logits = logits_fn(hidden[a : a + chunk_rows]).float()
             self.vocab = logits.shape[-1]
-            lp = torch.log_softmax(logits, -1)
-            p = lp.exp()
+            lse = torch.logsumexp(logits, -1)
+            p = torch.exp(logits - lse[:, None])
+            logits_all.append(logits)
             probs.append(p)
-            neg_ent.append(torch.linalg.vecdot(p, lp).double())
+            lse_all.append(lse.double())
             mass.append(p.sum(-1).double())
-            ce -= lp.gather(-1, targets[a : a + chunk_rows, None]).double().sum()
+            tgt = logits.gather(-1, targets[a : a + chunk_rows, None]).squeeze(-1)
+            ce += (lse.double() - tgt.double()).sum()
         self.n_positions += targets.numel()
         self.ce_clean += float(ce)
         return CleanLogitStats(
-            torch.cat(probs), torch.cat(neg_ent), torch.cat(mass), hidden.double()
+            torch.cat(logits_all),
+            torch.cat(probs),
+            torch.cat(lse_all),
+            torch.cat(mass),
+            hidden.double(),
         )
 
     @torch.no_grad()
@@ -209,11 +219,15 @@ class SpliceMetrics:
         kl = torch.zeros((), dtype=torch.float64)
         for a in range(0, hidden.shape[0], chunk_rows):
             sl = slice(a, a + chunk_rows)
-            logits = logits_fn(hidden[sl]).float()
-            lse = torch.logsumexp(logits, -1)
-            ce += (lse - logits.gather(-1, targets[sl, None]).squeeze(-1)).double().sum()
-            dot = torch.linalg.vecdot(clean.probs[sl], logits).double()
-            kl += (clean.neg_entropy[sl] - dot + lse.double() * clean.mass[sl]).sum()
+            delta = logits_fn(hidden[sl]).float().sub_(clean.logits[sl])  # [rows, V]
+            t = targets[sl, None]
+            z_t = (clean.logits[sl].gather(-1, t) + delta.gather(-1, t)).squeeze(-1).double()
+            p_delta = torch.linalg.vecdot(clean.probs[sl], delta).double()
+            m = delta.amax(-1, keepdim=True)
+            shift = torch.linalg.vecdot(clean.probs[sl], delta.sub_(m).exp_())
+            d_lse = m.squeeze(-1).double() + torch.log(shift.double() / clean.mass[sl])
+            kl += (d_lse * clean.mass[sl] - p_delta).sum()
+            ce += (clean.lse[sl] + d_lse - z_t).sum()
         dh = clean.hidden - hidden.double()  # [M, d]
         self.ce_spliced[layer] += float(ce)
         self.kl[layer] += float(kl)

@@ -1,0 +1,360 @@
+"""Benchmark suite: `python -m mlsae_core.bench [--quick] [--only NAME] [--json [PATH]]`.
+
+Run as a script, never as timed tests. Every measurement runs in its OWN subprocess, so the
+peak RSS (`ru_maxrss`) printed is that measurement's. The shared baseline script (the
+original code's compute pattern, `--baseline`, default ../shared/bench/baseline_mlsae.py
+from the project root) runs in the same process tree on the same model directory (random
+Pythia-70m-shaped weights saved once with `save_pretrained`), the same batch shape and the
+same thread count, and each pair reports ours / baseline.
+
+Measurements (tokens/s = chunk positions per second, median of --reps after --warmup):
+  train/<cfg>     one training step: activations + SAE forward/backward + Adam (train.py's step)
+  sae-step/<cfg>  the SAE step alone on activations computed beforehand
+  eval/<cfg>      evaluate(): metrics + dCE/KL/logit-MSE spliced at every layer
+  analysis/<cfg>  evaluate() with the analysis collectors (LayerDists, MaxExamples) riding along
+  extract/<model> activation extraction (every block output, no unembedding)
+SmolLM2 (30 layers, d=576) runs the same lines on fewer tokens, when its converted copy exists.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_BASELINE = ROOT.parent / "shared" / "bench" / "baseline_mlsae.py"
+PYTHIA_70M_SHAPE = dict(
+    hidden_size=512,
+    num_hidden_layers=6,
+    num_attention_heads=8,
+    intermediate_size=2048,
+    vocab_size=50304,
+    rotary_pct=0.25,
+    max_position_embeddings=2048,
+)
+TINY_SHAPE = dict(
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    intermediate_size=64,
+    vocab_size=512,
+    rotary_pct=0.25,
+    max_position_embeddings=128,
+)
+# Pythia-architecture pairs with the baseline: (name, kind, expansion factor, k, baseline mode)
+PAIRS = (
+    ("train/x16-k32", "train", 16, 32, "train"),
+    ("train/x64-k32", "train", 64, 32, "train"),
+    ("eval/x16-k32", "eval", 16, 32, "eval"),
+)
+SOLO = (
+    ("sae-step/x16-k32", "sae-step", 16, 32),
+    ("sae-step/x64-k32", "sae-step", 64, 32),
+    ("analysis/x16-k32", "analysis", 16, 32),
+    ("extract/pythia70m-arch", "extract", 16, 32),
+)
+SMOL = (
+    ("smollm2/train/x16-k32", "train", 16, 32),
+    ("smollm2/sae-step/x16-k32", "sae-step", 16, 32),
+    ("smollm2/eval/x16-k32", "eval", 16, 32),
+    ("smollm2/analysis/x16-k32", "analysis", 16, 32),
+    ("smollm2/extract", "extract", 16, 32),
+)
+
+
+def peak_rss_mb() -> float:
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+
+
+# ----- the worker: one measurement in this process -------------------------------------------
+def _load(spec: dict[str, Any]):
+    import torch
+
+    from mlsae_core.transformer import Transformer
+
+    if spec["model"] == "smollm2":
+        return Transformer.load("smollm2")
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(spec["model"], dtype=torch.float32)
+    return Transformer.from_model(model, None, name=Path(spec["model"]).name)
+
+
+def _tokens(tr: Any, spec: dict[str, Any]):
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    hi = min(tr.vocab_size, 49152)  # as the baseline: ids below 49152
+    tokens = torch.randint(0, hi, (spec["batch_size"], spec["max_length"]), generator=g)
+    special = list(tr.special_token_ids)
+    masks = torch.ones_like(tokens, dtype=torch.bool)
+    for t in special:
+        masks &= tokens != t
+    return tokens, masks
+
+
+def _collectors(tr: Any, sae: Any, layers: list[int]) -> tuple[list[Any], str | None]:
+    """The analysis collectors, if the analysis package provides them yet."""
+    try:
+        from mlsae_core.analysis.dists import LayerDists
+        from mlsae_core.analysis.examples import MaxExamples
+    except ImportError as exc:
+        return [], f"analysis collectors not importable ({exc})"
+    out = []
+    for cls in (LayerDists, MaxExamples):
+        for args in ((sae.n_latents, layers), (sae.n_latents, len(layers))):
+            try:
+                out.append(cls(*args))
+                break
+            except TypeError:
+                continue
+        else:
+            return [], f"could not construct {cls.__name__}"
+    return out, None
+
+
+def worker(spec: dict[str, Any]) -> dict[str, Any]:
+    import torch
+
+    from mlsae_core.evaluate import evaluate
+    from mlsae_core.sae import MLSAE, autocast, total_loss
+    from mlsae_core.train import LiveActivations, make_optimizer, optimizer_step
+
+    torch.set_num_threads(spec["threads"])
+    tr = _load(spec)
+    tokens, masks = _tokens(tr, spec)
+    layers = list(range(tr.n_layers))
+    torch.manual_seed(0)
+    d = tr.d_model
+    sae = MLSAE(d, d * spec["expansion_factor"], spec["k"], auxk=256)
+    opt = make_optimizer(sae, 1e-4, 6.25e-10)
+    source = LiveActivations(tr, tokens, layers)
+    rows = torch.arange(tokens.shape[0])
+    note = None
+    kind = spec["kind"]
+
+    def sae_step(x: torch.Tensor) -> None:
+        with autocast("cpu"):
+            out = sae(x)
+        loss, _, _ = total_loss(sae, x, out, 1 / 32)
+        loss.backward()
+        optimizer_step(sae, opt)
+        sae.update_dead(out.fired, x.shape[1])
+
+    if kind == "train":
+
+        def step() -> None:
+            x = source(rows)[:, masks].float()  # [L, N, d]
+            sae_step(x)
+
+    elif kind == "sae-step":
+        x_fixed = source(rows)[:, masks].float()
+
+        def step() -> None:
+            sae_step(x_fixed)
+
+    elif kind in ("eval", "analysis"):
+        collectors: list[Any] = []
+        if kind == "analysis":
+            collectors, note = _collectors(tr, sae, layers)
+            if note is not None:
+                return {"skipped": True, "note": note}
+
+        def step() -> None:
+            evaluate(
+                tr, sae, tokens, masks, layers, batch_size=tokens.shape[0], collectors=collectors,
+                progress=False,
+            )  # fmt: skip
+
+    elif kind == "extract":
+
+        def step() -> None:
+            tr.activations(tokens, layers)
+
+    else:
+        raise ValueError(f"unknown measurement kind {kind!r}")
+
+    for _ in range(spec["warmup"]):
+        step()
+    times = []
+    for _ in range(spec["reps"]):
+        t0 = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t0)
+    n_tokens = tokens.numel()
+    return {
+        "tokens_per_s": round(n_tokens / statistics.median(times), 1),
+        "peak_rss_mb": peak_rss_mb(),
+        "times_s": [round(t, 4) for t in times],
+    }
+
+
+# ----- the driver ------------------------------------------------------------------------------
+def _run(cmd: list[str], timeout: float | None = None) -> dict[str, Any]:
+    env = {**os.environ, "OMP_NUM_THREADS": str(cmd_threads(cmd))}
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env, timeout=timeout)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        tail = (proc.stderr or proc.stdout)[-2000:]
+        return {"error": f"exit {proc.returncode}: {tail}"}
+    return json.loads(lines[-1])
+
+
+def cmd_threads(cmd: list[str]) -> int:
+    return int(cmd[cmd.index("--threads") + 1]) if "--threads" in cmd else 2
+
+
+def make_model_dir(out: Path, shape: dict[str, Any]) -> Path:
+    """A GPT-NeoX model with the given shape and seed-0 random weights, saved to `out`."""
+    import torch
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    torch.manual_seed(0)
+    cfg = GPTNeoXConfig(**shape, bos_token_id=0, eos_token_id=0)
+    GPTNeoXForCausalLM(cfg).save_pretrained(out)
+    return out
+
+
+def _smollm2_available() -> bool:
+    from mlsae_core import paths
+    from mlsae_core.transformer import SMOLLM2_DIR_NAME
+
+    return (paths.models_dir() / SMOLLM2_DIR_NAME / "config.json").is_file()
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="python -m mlsae_core.bench", description=__doc__.split("\n")[0]
+    )
+    p.add_argument("--quick", action="store_true", help="reps 2, warmup 1, fewer SmolLM2 tokens")
+    p.add_argument("--only", action="append", default=[], help="run names containing this")
+    p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--max-length", type=int, default=256)
+    p.add_argument("--json", nargs="?", const="-", default=None, help="JSON lines to PATH/stdout")
+    p.add_argument("--baseline", type=Path, default=DEFAULT_BASELINE)
+    p.add_argument("--no-baseline", action="store_true", help="skip the baseline runs")
+    p.add_argument("--no-smollm2", action="store_true")
+    p.add_argument("--tiny", action="store_true", help="a tiny model (smoke tests only)")
+    p.add_argument("--worker", help=argparse.SUPPRESS)
+    a = p.parse_args(argv)
+
+    if a.worker:
+        print(json.dumps(worker(json.loads(a.worker))))
+        return 0
+    if a.quick:
+        a.reps, a.warmup = min(a.reps, 2), 1
+
+    def wanted(name: str) -> bool:
+        return not a.only or any(o in name for o in a.only)
+
+    results: list[dict[str, Any]] = []
+    json_out = None
+    if a.json and a.json != "-":
+        json_out = open(a.json, "w")  # noqa: SIM115 - kept open while results stream in
+
+    def emit(rec: dict[str, Any]) -> None:
+        results.append(rec)
+        line = json.dumps(rec)
+        if json_out is not None:
+            json_out.write(line + "\n")
+            json_out.flush()
+        if a.json == "-":
+            print(line, flush=True)
+        else:
+            print(_format(rec), flush=True)
+
+    base_spec = dict(threads=a.threads, reps=a.reps, warmup=a.warmup)
+    with tempfile.TemporaryDirectory(prefix="mlsae-bench-") as tmp:
+        model_dir = make_model_dir(Path(tmp) / "model", TINY_SHAPE if a.tiny else PYTHIA_70M_SHAPE)
+        shape = dict(batch_size=a.batch_size, max_length=a.max_length)
+        model_label = "tiny-gpt-neox" if a.tiny else "pythia-70m-arch (random weights)"
+        me = [sys.executable, "-m", "mlsae_core.bench", "--threads", str(a.threads), "--worker"]
+        for name, kind, ef, k, mode in PAIRS:
+            if not wanted(name):
+                continue
+            spec = dict(
+                base_spec, **shape, model=str(model_dir), kind=kind, expansion_factor=ef, k=k
+            )
+            rec = {"name": name, "config": {**spec, "model": model_label}}
+            rec.update(_run([*me, json.dumps(spec)]))
+            if not a.no_baseline:
+                if not a.baseline.is_file():
+                    rec["baseline_note"] = f"baseline script {a.baseline} not found"
+                else:
+                    cmd = [
+                        sys.executable, str(a.baseline), "--model", str(model_dir), "--mode", mode,
+                        "--expansion-factor", str(ef), "-k", str(k), "--batch-size",
+                        str(a.batch_size), "--max-length", str(a.max_length), "--reps",
+                        str(a.reps), "--warmup", str(a.warmup), "--threads", str(a.threads),
+                    ]  # fmt: skip
+                    b = _run(cmd)
+                    if "error" in b:
+                        rec["baseline_error"] = b["error"]
+                    else:
+                        rec["baseline_tokens_per_s"] = b["tokens_per_s"]
+                        rec["baseline_peak_rss_mb"] = b["peak_rss_mb"]
+                        if rec.get("tokens_per_s"):
+                            rec["ratio"] = round(rec["tokens_per_s"] / b["tokens_per_s"], 2)
+                            rec["rss_ratio"] = round(rec["peak_rss_mb"] / b["peak_rss_mb"], 2)
+            emit(rec)
+        for name, kind, ef, k in SOLO:
+            if not wanted(name):
+                continue
+            spec = dict(
+                base_spec, **shape, model=str(model_dir), kind=kind, expansion_factor=ef, k=k
+            )
+            rec = {"name": name, "config": {**spec, "model": model_label}}
+            rec.update(_run([*me, json.dumps(spec)]))
+            emit(rec)
+        if not a.no_smollm2 and not a.tiny and any(wanted(s[0]) for s in SMOL):
+            if not _smollm2_available():
+                emit({"name": "smollm2", "skipped": True, "note": "data/models lacks SmolLM2"})
+            else:
+                smol_shape = dict(batch_size=1, max_length=128 if a.quick else 256)
+                for name, kind, ef, k in SMOL:
+                    if not wanted(name):
+                        continue
+                    spec = dict(
+                        base_spec,
+                        **smol_shape,
+                        model="smollm2",
+                        kind=kind,
+                        expansion_factor=ef,
+                        k=k,
+                    )
+                    rec = {"name": name, "config": spec}
+                    rec.update(_run([*me, json.dumps(spec)]))
+                    emit(rec)
+    if json_out is not None:
+        json_out.close()
+    return 1 if any("error" in r for r in results) else 0
+
+
+def _format(rec: dict[str, Any]) -> str:
+    if rec.get("skipped"):
+        return f"{rec['name']:<28} skipped: {rec.get('note')}"
+    if "error" in rec:
+        return f"{rec['name']:<28} ERROR {rec['error'][-300:]}"
+    s = f"{rec['name']:<28} {rec['tokens_per_s']:>9.1f} tok/s  peak {rec['peak_rss_mb']:>7.1f} MB"
+    if "baseline_tokens_per_s" in rec:
+        s += (
+            f" | baseline {rec['baseline_tokens_per_s']:>7.1f} tok/s {rec['baseline_peak_rss_mb']:>7.1f} MB"
+            f" | ratio {rec.get('ratio', float('nan')):.2f}x"
+        )
+    return s
+
+
+if __name__ == "__main__":
+    sys.exit(main())
