@@ -98,15 +98,19 @@ def build_config_assets(parts: SweepPartitions) -> list[Any]:
                     context, pipes_subprocess_client, spec, out, chunks, sw.nproc_per_node
                 )
             else:
+                last = [0.0]
 
                 def on_step(row: dict[str, Any]) -> None:
-                    if row["step"] % 10 == 0:
+                    # progress in the run's log, at most every 10 s
+                    if row["step"] == 0 or row["elapsed_s"] - last[0] >= 10:
+                        last[0] = row["elapsed_s"]
                         context.log.info(
-                            "step %d: %d tokens, fvu %.4f, dead %.3f",
+                            "step %d: %d tokens, fvu %.4f, dead %.3f, %.0f tok/s",
                             row["step"],
                             row["tokens"],
                             row["fvu"],
                             row["dead_fraction"],
+                            row["tokens_per_s"],
                         )
 
                 meta = runtime.train_sae(spec, out, chunks, on_step=on_step)
