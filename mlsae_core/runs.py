@@ -132,8 +132,13 @@ def train_run(
     source: Any = None,
     train_chunks: Any = None,
     progress: bool = True,
+    on_step: Any = None,
 ) -> Any:
-    """Train (or resume) the MLSAE described by `spec` into `out_dir`; returns the MLSAE."""
+    """Train (or resume) the MLSAE described by `spec` into `out_dir`; returns the MLSAE.
+
+    `source` may be an activation cache (mlsae_core.cache) shared by a sweep's configs;
+    by default activations are computed live by the transformer.
+    """
     from mlsae_core.config import resolve_device
     from mlsae_core.train import LiveActivations, train
     from mlsae_core.transformer import Transformer
@@ -166,6 +171,7 @@ def train_run(
         max_tokens=spec.data.max_tokens,
         metadata=meta,
         progress=progress,
+        on_step=on_step,
     )
 
 
