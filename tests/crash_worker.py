@@ -34,7 +34,7 @@ def run_training(out: Path) -> None:
         TrainConfig(lr=3e-3, accumulate_grad_batches=1, checkpoint_every=3, device="cpu"),
         out,
         batch_size=4,
-        max_tokens=4 * 16 * 40,  # 40 steps
+        max_tokens=4 * 16 * 300,  # 300 steps
         progress=False,
     )
 

@@ -32,18 +32,26 @@ def test_training_killed_at_random_points_resumes_to_identical_weights(tmp_path)
     want = MLSAE.from_pretrained(reference)
 
     victim = tmp_path / "victim"
+    state = victim / "training_state" / "state.json"
     rng = random.Random(0)
     kills = 0
-    for _ in range(6):
+    for _ in range(5):
         proc = _start("train", victim)
-        time.sleep(rng.uniform(2.0, 4.0))  # imports take ~2 s; training ~40 steps after
+        seen = state.stat().st_mtime_ns if state.exists() else 0
+        deadline = time.monotonic() + 60
+        # wait for the next checkpoint, then kill at a random moment after it
+        while proc.poll() is None and time.monotonic() < deadline:
+            if state.exists() and state.stat().st_mtime_ns != seen:
+                break
+            time.sleep(0.01)
+        time.sleep(rng.uniform(0.0, 0.3))
         if proc.poll() is None:
             proc.send_signal(signal.SIGKILL)
             kills += 1
         proc.wait()
         if (victim / "config.json").exists():
             break
-    assert kills >= 1
+    assert kills >= 3
     final = subprocess.run([*WORKER, "train", str(victim)], cwd=ROOT)
     assert final.returncode == 0
     got = MLSAE.from_pretrained(victim)
