@@ -91,3 +91,35 @@ def write_parquet(path: str | os.PathLike[str], table: Any) -> None:
 
     with atomic_path(path) as tmp:
         pq.write_table(table, tmp)
+
+
+def remove_stale_temporaries(directory: str | os.PathLike[str]) -> list[Path]:
+    """Delete `.NAME.*.tmp` leftovers of writers killed mid-write (SIGKILL skips cleanup).
+
+    Call only where one writer owns the directory (e.g. a training run's output directory
+    at start-up): a live writer's temporary would be removed too.
+    """
+    removed = []
+    directory = Path(directory)
+    if not directory.is_dir():
+        return removed
+    for entry in directory.iterdir():
+        if entry.name.startswith(".") and entry.name.endswith(".tmp"):
+            if entry.is_dir():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                entry.unlink(missing_ok=True)
+            removed.append(entry)
+    return removed
+
+
+def recover_dir(path: str | os.PathLike[str]) -> bool:
+    """If a kill fell between atomic_dir's two renames, put the previous copy back."""
+    path = Path(path)
+    if path.exists() or not path.parent.is_dir():
+        return False
+    olds = sorted(path.parent.glob(f".{path.name}.old-*"), key=lambda p: p.stat().st_mtime)
+    if not olds:
+        return False
+    os.replace(olds[-1], path)
+    return True

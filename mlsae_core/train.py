@@ -237,6 +237,8 @@ def train(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     rank, world = dist_info()
+    if rank == 0:
+        atomic.remove_stale_temporaries(out_dir)  # litter from a run killed mid-write
     device = torch.device(resolve_device(train_cfg.device))
     torch.manual_seed(train_cfg.seed)
 
@@ -268,6 +270,8 @@ def train(
     order = RowOrder(n_chunks, train_cfg.seed)
 
     state_dir = out_dir / STATE_DIR
+    if rank == 0:
+        atomic.recover_dir(state_dir)
     step, history = 0, []
     if (state_dir / "state.json").exists():
         saved = json.loads((state_dir / "state.json").read_text())["run_config"]

@@ -79,3 +79,19 @@ def test_artefact_writes_are_atomic_under_sigkill(tmp_path):
                 assert sae.encoder.weight.shape == (sae.n_latents, 8)
             except CheckpointError as exc:
                 assert "disagrees with the config saved inside" in str(exc)
+
+
+def test_kill_between_directory_renames_is_recovered(tmp_path):
+    """atomic_dir swaps a directory with two renames; a kill between them loses nothing."""
+    from mlsae_core import atomic
+
+    target = tmp_path / "state"
+    target.mkdir()
+    (target / "a").write_text("old")
+    # simulate the kill: the old copy moved aside, the new one never moved in
+    os.replace(target, tmp_path / f".state.old-{os.getpid()}")
+    (tmp_path / ".state.x1.tmp").mkdir()
+    assert atomic.recover_dir(target)
+    assert (target / "a").read_text() == "old"
+    assert [p.name for p in atomic.remove_stale_temporaries(tmp_path)] == [".state.x1.tmp"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["state"]
