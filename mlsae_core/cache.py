@@ -89,18 +89,45 @@ class ActivationCache:
     # ----- ActivationSource ---------------------------------------------------------------
     def __call__(self, rows: torch.Tensor) -> torch.Tensor:
         """[n_layers, len(rows), pos, d] float32 for chunk rows `rows`."""
+        return self.read(rows)
+
+    def read(self, rows: torch.Tensor, layer_index: Sequence[int] | None = None) -> torch.Tensor:
+        """Chunk rows `rows` of the cached layers at positions `layer_index` (default all)."""
         rows_np = np.asarray(torch.as_tensor(rows).reshape(-1).cpu().numpy(), dtype=np.int64)
         if rows_np.size and (rows_np.min() < 0 or rows_np.max() >= self.n_rows):
             raise IndexError(f"rows out of range: the cache holds {self.n_rows} chunks")
-        out = np.empty((self.n_layers, rows_np.size, self.pos, self.d_model), dtype=np.float32)
+        index = np.arange(self.n_layers) if layer_index is None else np.asarray(layer_index)
+        out = np.empty((index.size, rows_np.size, self.pos, self.d_model), dtype=np.float32)
         shard_of, offset = np.divmod(rows_np, self.shard_rows)
         for s in np.unique(shard_of):
             where = np.nonzero(shard_of == s)[0]
-            out[:, where] = self._shards[int(s)][:, offset[where]]
+            out[:, where] = self._shards[int(s)][np.ix_(index, offset[where])]
         return torch.from_numpy(out)
 
     def __len__(self) -> int:
         return self.n_rows
+
+    def select(self, layers: Sequence[int]) -> LayerSelection:
+        """An ActivationSource over a subset of the cached layers (e.g. one layer's baseline)."""
+        missing = [int(x) for x in layers if int(x) not in self.layers]
+        if missing:
+            raise CacheMismatchError(
+                f"layers {missing} are not in the activation cache {self.directory} "
+                f"(it holds {self.layers}); rebuild it with those layers"
+            )
+        return LayerSelection(self, [self.layers.index(int(x)) for x in layers])
+
+    @classmethod
+    def open_or_build(
+        cls, directory: str | Path, transformer: Any, tokens: torch.Tensor, **build_kw: Any
+    ) -> ActivationCache:
+        """Reuse the cache at `directory` if it matches (model, tokens, all layers), else build."""
+        layers = list(range(transformer.n_layers))
+        try:
+            return cls.open(directory, transformer=transformer, tokens=tokens, layers=layers)
+        except CacheMismatchError as exc:
+            logger.info("building the activation cache %s (%s)", directory, exc)
+            return cls.build(transformer, tokens, layers, directory, **build_kw)
 
     # ----- open / build -------------------------------------------------------------------
     @classmethod
@@ -210,3 +237,14 @@ class ActivationCache:
             (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
         logger.info("activation cache %s: %d rows x %d layers", out_dir, n_rows, len(layers))
         return cls.open(out_dir)
+
+
+class LayerSelection:
+    """Some layers of an ActivationCache, as an ActivationSource."""
+
+    def __init__(self, cache: ActivationCache, index: list[int]) -> None:
+        self.cache, self.index = cache, index
+        self.n_layers, self.d_model = len(index), cache.d_model
+
+    def __call__(self, rows: torch.Tensor) -> torch.Tensor:
+        return self.cache.read(rows, self.index)  # [len(index), rows, pos, d]

@@ -173,27 +173,38 @@ def spec_from_dict(d: dict[str, Any]) -> RunSpec:
 
 
 def train_sae(
-    spec: RunSpec, out_dir: Path, chunks_path: Path, on_step: Any = None, progress: bool = False
+    spec: RunSpec,
+    out_dir: Path,
+    chunks_path: Path,
+    on_step: Any = None,
+    progress: bool = False,
+    cache_dir: Path | None = None,
 ) -> dict[str, Any]:
-    """Train (or resume) one MLSAE; returns a summary of the run (also under torchrun)."""
+    """Train (or resume) one MLSAE; returns a summary of the run (also under torchrun).
+
+    With `cache_dir`, activations come from a float16 activation cache of every layer over
+    the model's training chunks, built by the first config that needs it and shared by the
+    rest of the sweep (one transformer pass instead of one per config).
+    """
     from mlsae_core.data import TokenChunks
-    from mlsae_core.runs import checkpoint_metadata
-    from mlsae_core.train import LiveActivations, dist_info, read_history, train
+    from mlsae_core.runs import train_run
+    from mlsae_core.train import dist_info, read_history
 
     transformer = load_transformer(Path(spec.model_name), spec.train.device)
     chunks = TokenChunks.load(chunks_path)
     layers = resolve_layers(spec.layers, transformer.n_layers)
-    source = LiveActivations(transformer, chunks.tokens, layers)
-    meta = checkpoint_metadata(spec, layers, transformer.n_layers)
-    sae = train(
-        source,
-        chunks.mask(),
-        spec.sae,
-        spec.train,
+    source = None
+    if cache_dir is not None:
+        from mlsae_core.cache import ActivationCache
+
+        cache = ActivationCache.open_or_build(cache_dir, transformer, chunks.tokens, progress=False)
+        source = cache.select(layers)
+    sae = train_run(
+        spec,
         out_dir,
-        batch_size=spec.data.batch_size,
-        max_tokens=spec.data.max_tokens,
-        metadata=meta,
+        transformer=transformer,
+        source=source,
+        train_chunks=chunks,
         progress=progress,
         on_step=on_step,
     )

@@ -75,3 +75,26 @@ def test_mismatched_cache_refused(tt, tokens, tmp_path):
         ActivationCache.open(tmp_path / "c")
     with pytest.raises(CacheMismatchError, match="not a finished activation cache"):
         ActivationCache.open(tmp_path / "nothing")
+
+
+def test_layer_selection_and_open_or_build(tmp_path):
+    """A single-layer baseline reads its layer from the shared cache; reuse needs a match."""
+    from mlsae_core.cache import ActivationCache, CacheMismatchError
+    from tests.tiny_models import tiny_transformer
+
+    t = tiny_transformer("llama", n_layers=3, d=32)
+    tokens = torch.randint(4, 40, (6, 8), generator=torch.Generator().manual_seed(0))
+    cache = ActivationCache.open_or_build(tmp_path / "c", t, tokens, progress=False)
+    rows = torch.tensor([5, 0, 3])
+    live = t.activations(tokens[rows])
+    one = cache.select([2])
+    assert one.n_layers == 1
+    torch.testing.assert_close(one(rows), live[2:3], rtol=2e-3, atol=2e-3)
+    torch.testing.assert_close(cache.select([0, 2])(rows), live[[0, 2]], rtol=2e-3, atol=2e-3)
+    built = (tmp_path / "c" / "manifest.json").stat().st_mtime_ns
+    ActivationCache.open_or_build(tmp_path / "c", t, tokens, progress=False)  # reused
+    assert (tmp_path / "c" / "manifest.json").stat().st_mtime_ns == built
+    ActivationCache.open_or_build(tmp_path / "c", t, tokens[:4], progress=False)  # other tokens
+    assert len(ActivationCache.open(tmp_path / "c")) == 4
+    with pytest.raises(CacheMismatchError, match=r"layers \[7\]"):
+        cache.select([7])

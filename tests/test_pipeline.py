@@ -215,6 +215,11 @@ def test_whole_graph_materializes(smoke):
     assert not any(r["failed_checks"] for r in rows), rows
     runs = smoke["instance"].get_runs()
     assert len(runs) >= len(rows)  # recorded in DAGSTER_HOME: visible in the UI
+    # the sweep's configs shared one transformer pass: an activation cache of every layer
+    from mlsae_core.cache import ActivationCache
+
+    cache = ActivationCache.open(smoke["data"] / "cache" / "tiny-llama")
+    assert cache.n_layers == 4
 
 
 def test_tables_columns_and_rows(smoke):

@@ -8,7 +8,7 @@ CODE_VERSIONS = {
     "transformer": "1",
     "corpus": "1",
     "resid_cos_sim": "1",
-    "mlsae": "1",
+    "mlsae": "2",  # 2: trains from the shared float16 activation cache
     "evaluation": "1",
     "dists_heatmap": "1",
     "prompt_heatmap": "1",

@@ -113,7 +113,9 @@ def build_config_assets(parts: SweepPartitions) -> list[Any]:
                             row["tokens_per_s"],
                         )
 
-                meta = runtime.train_sae(spec, out, chunks, on_step=on_step)
+                # several configs of one model share one transformer pass (activation cache)
+                shared = storage.path / "cache" / model if len(sw.points) > 1 else None
+                meta = runtime.train_sae(spec, out, chunks, on_step=on_step, cache_dir=shared)
             hist = read_history(out)
             runtime.training_curve_figure(hist, curve, f"{model} {sae_key}")
             meta["curve"] = str(png)
