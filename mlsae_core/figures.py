@@ -159,10 +159,14 @@ def resid_cos_sim_figure(
     nm, ns = result.norm["mean"].numpy(), result.norm["std"].numpy()
     xl = list(range(len(result.layers)))
     ax2.plot(xl, nm, marker="o", ms=3, color="tab:orange")
-    ax2.fill_between(xl, nm - ns, nm + ns, alpha=0.25, color="tab:orange")
+    # Norms are positive and heavy-tailed (a few tokens carry huge norms): log scale, and the
+    # ± std band clipped above zero rather than drawn into negative norms.
+    low = (nm - ns).clip(min=nm * 0.05)
+    ax2.fill_between(xl, low, nm + ns, alpha=0.25, color="tab:orange")
+    ax2.set_yscale("log")
     _layer_ticks(ax2, result.layers, axis="x")
     ax2.set_xlabel("layer")
-    ax2.set_ylabel("‖x‖")
+    ax2.set_ylabel("‖x‖ (mean ± std, log scale)")
     if title:
         fig.suptitle(title)
     return save_figure(fig, path)
