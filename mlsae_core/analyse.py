@@ -108,9 +108,9 @@ def analyse_checkpoint(
     if "metrics" in analyses:
         from mlsae_core.runs import metrics_table
 
-        write_metrics(result.rows, part, out_dir / "test_metrics.csv")
+        csv_path, pq_path = write_metrics(result.rows, part, out_dir / "test_metrics.csv")
         out.tables["metrics"] = metrics_table(result.rows, part)
-        out.paths["metrics"] = out_dir / FILES["metrics"]
+        out.paths["metrics"], out.paths["metrics_csv"] = pq_path, csv_path
     if "dists" in collectors:
         out.dists = collectors["dists"].result()
         put("dists", tables.latent_dists_table(out.dists, part))
