@@ -145,6 +145,13 @@ def run_figure(args: argparse.Namespace) -> list[Path]:
         path = out / "test_summary.parquet"
         atomic.write_parquet(path, table)
         written.append(path)
+        from mlsae_core.sae import read_checkpoint_config
+
+        rows = []
+        for repo, part in zip(repos, parts, strict=True):
+            n_latents = read_checkpoint_config(repo)["n_latents"]
+            rows += [{**r, "n_latents": n_latents} for r in part.to_pylist()]
+        written += tables.write_reference_test_csvs(rows, out)
         written += figures.summary_figures(table, out)
     elif args.name == "decoder_sim":
         from mlsae_core.sae import MLSAE

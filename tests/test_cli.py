@@ -134,5 +134,10 @@ def test_analyse_and_figures_commands(tiny_model_dir, corpus_dir, tmp_path):
     assert any(n.startswith("dists_heatmap_") and n.endswith(".pdf") for n in names)
     assert any(n.startswith("prompt_heatmap_") and n.endswith(".png") for n in names)
     assert any(n.startswith("resid_cos_sim_") and n.endswith(".png") for n in names)
+    test_csv = (figs / "test.csv").read_text().splitlines()
+    assert test_csv[0].startswith("model_name,expansion_factor,k,tuned_lens,layer,n_latents,")
+    assert "train/fvu/avg" in test_csv[0] and "val/loss/delta/layer_2" in test_csv[0]
+    assert len(test_csv) == 2  # one config
+    assert (figs / f"test_{test_csv[1].split(',')[0]}_k.csv").exists()
     header = (figs / "mmcs.csv").read_text().splitlines()[0]
     assert header.split(",") == ["model_name", "expansion_factor", "k", "mean", "var", "std", "sem"]

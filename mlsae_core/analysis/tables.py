@@ -474,3 +474,88 @@ def write_dists_layer_std_csv(path: str | PathLike[str], rows: Sequence[Mapping[
 def write_mmcs_csv(path: str | PathLike[str], rows: Sequence[Mapping[str, Any]]) -> None:
     """The reference's mmcs.csv (columns MMCS_CSV_COLUMNS), atomically."""
     _write_csv(path, MMCS_CSV_COLUMNS, rows)
+
+
+# ----- the reference's test_*.csv ------------------------------------------------------------
+# Our metric column -> the reference's W&B-style name (one column per layer plus `avg`).
+REFERENCE_TEST_METRICS = {
+    "fvu": "train/fvu",
+    "mse": "train/mse",
+    "l1": "train/l1",
+    "l0": "train/l0",
+    "dce": "val/loss/delta",
+    "kl": "val/logit/kldiv",
+    "logit_mse": "val/logit/mse",
+    "loss_recovered": "val/loss/recovered",
+}
+
+
+def reference_test_rows(metric_rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Long test metrics (one row per config and layer, as `test_metrics`) -> the reference's
+    wide rows: model_name, expansion_factor, k, tuned_lens, layer (the trained layer of a
+    single-layer SAE, empty for an MLSAE), n_latents, then `<metric>/avg`, `<metric>/layer_<l>`.
+    """
+    wide: dict[tuple, dict[str, Any]] = {}
+    for r in metric_rows:
+        key = (r["model"], int(r["expansion_factor"]), int(r["k"]), str(r["layers"]))
+        layers = str(r["layers"])
+        single = layers.isdigit()
+        row = wide.setdefault(
+            key,
+            {
+                "model_name": r["model"],
+                "expansion_factor": int(r["expansion_factor"]),
+                "k": int(r["k"]),
+                "tuned_lens": False,
+                "layer": int(layers) if single else None,
+                "n_latents": r.get("n_latents"),
+            },
+        )
+        suffix = "avg" if r["layer"] == "avg" else f"layer_{r['layer']}"
+        for ours, theirs in REFERENCE_TEST_METRICS.items():
+            if ours in r:
+                row[f"{theirs}/{suffix}"] = r[ours]
+    return list(wide.values())
+
+
+def write_reference_test_csvs(
+    metric_rows: Sequence[Mapping[str, Any]], out_dir: str | PathLike[str]
+) -> list[Any]:
+    """test.csv plus, per model, test_<model>_k.csv (MLSAEs at one expansion factor: 64 when
+    swept, else the largest), test_<model>_expansion_factor.csv (MLSAEs at one k: 32 when
+    swept, else the largest) and test_<model>_layer.csv (single-layer SAEs) — the
+    reference's files, same column names; cells a config did not measure are empty."""
+    from pathlib import Path
+
+    out = Path(out_dir)
+    rows = sorted(
+        reference_test_rows(metric_rows),
+        key=lambda r: (r["model_name"], r["expansion_factor"], r["k"], r["layer"] is not None,
+                       r["layer"] or 0),
+    )  # fmt: skip
+    columns: list[str] = ["model_name", "expansion_factor", "k", "tuned_lens", "layer",
+                          "n_latents"]  # fmt: skip
+    for r in rows:
+        columns += [c for c in r if c not in columns]
+
+    def write(path: Path, subset: list[dict[str, Any]]) -> Path:
+        full = [{c: ("" if r.get(c) is None else r.get(c)) for c in columns} for r in subset]
+        _write_csv(path, columns, full)
+        return path
+
+    written = [write(out / "test.csv", rows)]
+    for model in sorted({r["model_name"] for r in rows}):
+        mine = [r for r in rows if r["model_name"] == model]
+        multi = [r for r in mine if r["layer"] is None]
+        if multi:
+            efs, ks = {r["expansion_factor"] for r in multi}, {r["k"] for r in multi}
+            ef = 64 if 64 in efs else max(efs)
+            k = 32 if 32 in ks else max(ks)
+            written.append(write(out / f"test_{model}_k.csv",
+                                 [r for r in multi if r["expansion_factor"] == ef]))  # fmt: skip
+            written.append(write(out / f"test_{model}_expansion_factor.csv",
+                                 [r for r in multi if r["k"] == k]))  # fmt: skip
+        single = [r for r in mine if r["layer"] is not None]
+        if single:
+            written.append(write(out / f"test_{model}_layer.csv", single))
+    return written
