@@ -251,8 +251,18 @@ class Transformer:
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         path = resolve_model_path(name)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=False)
-        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+        try:
+            # safetensors only: a pickled checkpoint (pytorch_model.bin) is never unpickled
+            model = AutoModelForCausalLM.from_pretrained(
+                path, dtype=dtype, trust_remote_code=False, use_safetensors=True
+            )
+            tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+        except OSError as exc:
+            raise ValueError(
+                f"could not load {name!r} as a causal LM with safetensors weights ({exc}); "
+                "mlsae loads safetensors only (no pickle): pass a model directory or hub id "
+                "that has model.safetensors, a .gguf file, or 'smollm2'"
+            ) from exc
         model.to(device)
         return cls.from_model(model, tokenizer, name=name)
 

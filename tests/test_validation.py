@@ -60,3 +60,19 @@ def test_config_unknown_keys_and_ranges():
         TrainConfig(accumulate_grad_batches=0)
     with pytest.raises(ConfigError, match="auxk=0"):
         SAEConfig(auxk=0)
+
+
+def test_pickled_model_is_refused(tmp_path, corpus_dir, capsys):  # noqa: F811
+    """A model directory with only pytorch_model.bin (pickle) is never unpickled."""
+    from tests.tiny_models import tiny_transformer
+
+    t = tiny_transformer("llama", n_layers=3, d=32)
+    import torch
+
+    (tmp_path / "m").mkdir()
+    t.model.config.save_pretrained(tmp_path / "m")
+    torch.save(t.model.state_dict(), tmp_path / "m" / "pytorch_model.bin")  # a pickle
+    t.tokenizer.save_pretrained(tmp_path / "m")
+    assert not list((tmp_path / "m").glob("*.safetensors"))
+    assert main(train_args(tmp_path / "m", corpus_dir, tmp_path / "o")) == 2
+    assert "safetensors only (no pickle)" in capsys.readouterr().err
