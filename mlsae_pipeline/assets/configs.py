@@ -405,10 +405,8 @@ def _evaluate(
     from safetensors.torch import save_file
 
     from mlsae_core import atomic
+    from mlsae_core.analyse import one_pass
     from mlsae_core.analysis import tables
-    from mlsae_core.analysis.dists import LayerDists
-    from mlsae_core.analysis.examples import MaxExamples, sae_row_encoder
-    from mlsae_core.evaluate import evaluate
     from mlsae_core.runs import metrics_table, resolve_layers
     from mlsae_core.sae import MLSAE
     from mlsae_pipeline import runtime
@@ -420,27 +418,25 @@ def _evaluate(
     )
     sae = MLSAE.from_pretrained(storage.sae_dir(model, sae_key), device=str(tr.device))
     test = runtime.load_chunks(storage, model, "test")
-    masks = test.mask()
     layers = resolve_layers(point.layers, tr.n_layers)
-    dists = LayerDists(sae.n_latents, layers, sae.dead_threshold)
-    examples = MaxExamples(sae.n_latents, layers, ev.n_examples, ev.n_context, sae.dead_threshold)
-    result = evaluate(
+    analyses = ("metrics", "dists", "examples") if ev.splice_tokens > 0 else ("dists", "examples")
+    result = one_pass(
         tr,
         sae,
-        test.tokens,
-        masks,
+        test,
         layers,
-        batch_size=ev.batch_size,
+        analyses,
         max_tokens=ev.tokens,
-        splice=ev.splice_tokens > 0,
-        collectors=[dists, examples],
-        progress=False,
+        batch_size=ev.batch_size,
         splice_max_tokens=ev.splice_tokens,
+        n_examples=ev.n_examples,
+        n_context=ev.n_context,
+        progress=False,
     )
     context.log.info("evaluated %d tokens in %.1fs", result.n_tokens, time.perf_counter() - t0)
     cols = runtime.partition_columns(model, point, layers)
-    metrics = metrics_table(result.rows, cols)
-    dr = dists.result()
+    metrics = metrics_table(result.metrics_rows, cols)
+    dr = result.dists
     with atomic.atomic_path(dists_file) as tmp:
         save_file(
             {"counts": dr.counts.contiguous(), "totals": dr.totals.contiguous()},
@@ -448,11 +444,9 @@ def _evaluate(
             metadata={"layers": json.dumps(layers), "n_tokens": str(dr.n_tokens)},
         )
     latent = tables.latent_dists_table(dr, cols)
-    ex = examples.result(
-        test.tokens, tr.tokenizer, encode_rows=sae_row_encoder(tr, sae, test.tokens, layers, masks)
-    )
+    ex = result.examples
     max_ex = tables.max_examples_table(ex, cols, test.doc_index, test.documents)
-    avg = next(r for r in result.rows if r["layer"] == "avg")
+    avg = next(r for r in result.metrics_rows if r["layer"] == "avg")
     meta = {
         "test_metrics": {
             "n_tokens": result.n_tokens,
