@@ -145,7 +145,7 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
     def sae_step(x: torch.Tensor) -> None:
         with autocast("cpu"):
             out = sae(x)
-        loss, _, _ = total_loss(sae, x, out, 1 / 32)
+        loss, _, _ = total_loss(x, out, 1 / 32)
         loss.backward()
         optimizer_step(sae, opt)
         sae.update_dead(out.fired, x.shape[1])

@@ -12,7 +12,6 @@ import contextlib
 import contextvars
 import json
 import logging
-import math
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -514,7 +513,7 @@ def fvu_per_layer(x: torch.Tensor, recons: torch.Tensor) -> torch.Tensor:
     return err / var.clamp_min(1e-12)
 
 
-def auxk_loss(inputs: torch.Tensor, out: AutoencoderOutput, pre_encoder_bias: torch.Tensor):
+def auxk_loss(inputs: torch.Tensor, out: AutoencoderOutput) -> torch.Tensor:
     """||e - e_aux||^2 / ||e - mean(e)||^2, e the main error in standardized space; 0 if none dead."""
     if out.auxk_recons is None:
         return inputs.new_zeros(())
@@ -530,12 +529,8 @@ def auxk_loss(inputs: torch.Tensor, out: AutoencoderOutput, pre_encoder_bias: to
     return torch.nan_to_num(loss, nan=0.0)
 
 
-def total_loss(sae: MLSAE, x: torch.Tensor, out: AutoencoderOutput, auxk_coef: float):
+def total_loss(x: torch.Tensor, out: AutoencoderOutput, auxk_coef: float):
     """(total, main FVU averaged over layers, aux) for x: [n_layers, *tokens, d]."""
     main = fvu_per_layer(x, out.recons).mean()
-    aux = auxk_loss(x, out, sae.pre_encoder_bias)
+    aux = auxk_loss(x, out)
     return main + auxk_coef * aux, main, aux
-
-
-def n_params(sae: MLSAE) -> int:
-    return sum(math.prod(p.shape) for p in sae.parameters())

@@ -325,7 +325,7 @@ def train(
                 _broadcast_params(sae)
             with autocast(device):
                 out = sae(x)
-            loss, main, aux = total_loss(sae, x, out, sae_cfg.auxk_coef)
+            loss, main, aux = total_loss(x, out, sae_cfg.auxk_coef)
             (loss / accum).backward()
             fired |= out.fired
             n_tok += x.shape[1]

@@ -85,7 +85,7 @@ def test_sparse_gradients_equal_dense_float64():
     ref.backward()
     ref_grads = [p.grad.clone() for p in sae.parameters()]
     sae.zero_grad()
-    loss, main, _ = total_loss(sae, x, sae(x), 1 / 32)
+    loss, main, _ = total_loss(x, sae(x), 1 / 32)
     loss.backward()
     torch.testing.assert_close(main.detach(), ref.detach())
     for p, g in zip(sae.parameters(), ref_grads, strict=True):
@@ -98,7 +98,7 @@ def test_decoder_unit_norm_and_projected_gradient_orthogonal():
     x = torch.randn(2, 16, 12)
     torch.testing.assert_close(sae.decoder.weight.norm(dim=0), torch.ones(48))
     for _ in range(3):
-        loss, _, _ = total_loss(sae, x, sae(x), 1 / 32)
+        loss, _, _ = total_loss(x, sae(x), 1 / 32)
         loss.backward()
         sae.project_decoder_grad()
         w, g = sae.decoder.weight, sae.decoder.weight.grad
@@ -132,11 +132,11 @@ def test_auxk_zero_without_dead_and_finite_with_dead():
     x = torch.randn(2, 10, 12, dtype=torch.float64)
     out = sae(x)
     assert out.auxk is None
-    assert float(auxk_loss(x, out, sae.pre_encoder_bias)) == 0.0
+    assert float(auxk_loss(x, out)) == 0.0
     sae.update_dead(torch.zeros(48, dtype=torch.bool), 10)  # everything dead now
     out = sae(x)
     assert out.auxk is not None and out.auxk.values.shape[-1] == 8
-    aux = auxk_loss(x, out, sae.pre_encoder_bias)
+    aux = auxk_loss(x, out)
     assert torch.isfinite(aux) and aux > 0
     # a latent that fires is no longer dead
     fired = torch.zeros(48, dtype=torch.bool)

@@ -43,7 +43,7 @@ def _steps(fused: bool) -> MLSAE:
     g = torch.Generator().manual_seed(2)
     for _ in range(5):
         x = torch.randn(2, 16, 8, generator=g, dtype=torch.float64)
-        loss, _, _ = total_loss(sae, x, sae(x), 1 / 32)
+        loss, _, _ = total_loss(x, sae(x), 1 / 32)
         loss.backward()
         optimizer_step(sae, opt)
     return sae
@@ -98,7 +98,7 @@ def test_mixed_precision_selects_in_bf16_but_values_are_float32():
     x = torch.randn(2, 10, 16)
     with mixed_precision("bf16"), torch.autocast("cpu", dtype=torch.bfloat16):
         out = sae(x)
-        loss, _, _ = total_loss(sae, x, out, 1 / 32)
+        loss, _, _ = total_loss(x, out, 1 / 32)
     loss.backward()
     assert out.topk.values.dtype == torch.float32 and out.recons.dtype == torch.float32
     assert torch.isfinite(loss) and sae.encoder.weight.grad is not None
