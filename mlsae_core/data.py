@@ -407,6 +407,11 @@ def _unit_hash(seed: int, doc_id: str) -> float:
     return int.from_bytes(digest, "big") / 2**64
 
 
+def is_test_document(doc: Document, test_fraction: float, seed: int = 0) -> bool:
+    """The split rule on its own, for streamed sources that cannot be listed up front."""
+    return _unit_hash(seed, doc.id) < test_fraction
+
+
 def split_documents(
     docs: Iterable[Document], test_fraction: float = 0.1, seed: int = 0
 ) -> tuple[list[Document], list[Document]]:

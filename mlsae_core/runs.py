@@ -84,7 +84,7 @@ def _documents(data: DataConfig, seed: int) -> tuple[Iterable[Any], Iterable[Any
 
     def side(want_test: bool):
         for doc in docs:
-            if (d._unit_hash(seed, doc.id) < data.test_fraction) == want_test:
+            if d.is_test_document(doc, data.test_fraction, seed) == want_test:
                 yield doc
 
     return side(False), side(True)
