@@ -65,6 +65,7 @@ def one_pass(
     n_examples: int = 32,
     n_context: int = 4,
     progress: bool = True,
+    delta_dtype: str = "auto",
 ) -> OnePass:
     """Metrics and the chosen analyses from ONE evaluate() pass over `chunks` (TokenChunks).
 
@@ -100,6 +101,7 @@ def one_pass(
         collectors=list(collectors.values()),
         progress=progress,
         splice_max_tokens=splice_max_tokens,
+        delta_dtype=delta_dtype,
     )
     out = OnePass(result.rows, result.n_tokens)
     if "dists" in collectors:
@@ -128,6 +130,7 @@ def analyse_checkpoint(
     transformer: Any = None,
     figures: bool = True,
     progress: bool = True,
+    delta_dtype: str = "auto",
 ) -> AnalysisOutputs:
     """Run the chosen analyses over the held-out split in one pass; write Parquet + figures.
 
@@ -151,6 +154,7 @@ def analyse_checkpoint(
         n_examples=n_examples,
         n_context=n_context,
         progress=progress,
+        delta_dtype=delta_dtype,
     )
     part = partition_values(sae)
     out_dir = Path(out_dir) if out_dir is not None else Path(repo_id)

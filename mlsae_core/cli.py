@@ -109,6 +109,17 @@ def _train(args: argparse.Namespace) -> int:
 COMMANDS["train"] = (_train_args, _train, "train an MLSAE (resumes from --out if interrupted)")
 
 
+def _add_delta_dtype_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--delta_dtype",
+        default="auto",
+        choices=("auto", "float32", "bfloat16"),
+        help="precision of the spliced-minus-clean logit GEMM behind dCE/KL: float32 is "
+        "exact; bfloat16 (auto's choice where native) is several times faster and moves "
+        "KL/dCE by ~1e-5 relative (docs/performance.md)",
+    )
+
+
 # ----- test ----------------------------------------------------------------------------------
 def _test_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repo_id", required=True, help="checkpoint directory or hub repo id")
@@ -116,6 +127,7 @@ def _test_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max_tokens", type=int, default=100_000, help="test tokens (default 100k)")
     p.add_argument("--batch_size", type=int, default=4, help="sequences per batch")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
+    _add_delta_dtype_arg(p)
     p.add_argument(
         "--out",
         type=Path,
@@ -134,6 +146,7 @@ def _test(args: argparse.Namespace) -> int:
         max_length=args.max_length,
         batch_size=args.batch_size,
         device=args.device,
+        delta_dtype=args.delta_dtype,
     )
     out = args.out or Path(args.repo_id) / "test_metrics.csv"
     csv_path, pq_path = write_metrics(rows, partition_values(sae), out)
@@ -170,6 +183,7 @@ def _analysis_args(p: argparse.ArgumentParser) -> None:
         help="with metrics: splice only the first N tokens (the costly part; default: all)",
     )
     p.add_argument("--device", default="cpu", help="cpu or cuda")
+    _add_delta_dtype_arg(p)
     p.add_argument(
         "--out", type=Path, default=None, help="output directory (default: beside the checkpoint)"
     )
@@ -190,6 +204,7 @@ def _run_analyses(args: argparse.Namespace, analyses: tuple[str, ...]) -> int:
         n_examples=args.n_examples,
         n_context=args.n_context,
         device=args.device,
+        delta_dtype=args.delta_dtype,
     )
     if out.dists is not None:
         summary = out.dists.summary()

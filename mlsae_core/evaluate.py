@@ -79,13 +79,42 @@ def prediction_mask(mask: torch.Tensor) -> torch.Tensor:
     return pred
 
 
-def _chunked_logits(transformer: Any, hidden: torch.Tensor) -> torch.Tensor:
-    return torch.cat(
-        [
-            transformer.logits(hidden[s : s + LOGIT_CHUNK_ROWS]).float()
-            for s in range(0, hidden.shape[0], LOGIT_CHUNK_ROWS)
-        ]
-    )
+DELTA_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def fast_bf16(device: torch.device | str) -> bool:
+    """Whether bfloat16 GEMMs are native (and so faster than float32) on `device`."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        try:  # oneDNN's check for AVX512-BF16 / AMX
+            return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        except (AttributeError, RuntimeError):
+            return False
+    return False
+
+
+def resolve_delta_dtype(name: str | torch.dtype, device: torch.device | str) -> torch.dtype:
+    """The dtype of the splice metrics' logit-difference GEMM.
+
+    "auto" is bfloat16 where it is native (its error on KL/dCE is ~1e-3 relative, see
+    docs/performance.md) and float32 elsewhere; "float32" is the exact reference.
+    """
+    if isinstance(name, torch.dtype):
+        if name not in DELTA_DTYPES.values():
+            raise ValueError(f"delta_dtype {name} is not allowed: float32 or bfloat16")
+        return name
+    key = str(name).lower().removeprefix("torch.")
+    key = {"bf16": "bfloat16", "fp32": "float32"}.get(key, key)
+    if key == "auto":
+        return torch.bfloat16 if fast_bf16(device) else torch.float32
+    if key not in DELTA_DTYPES:
+        raise ValueError(
+            f"delta_dtype {name!r} is not allowed: one of auto, float32, bfloat16 "
+            "(float32 is exact; bfloat16 is faster where native)"
+        )
+    return DELTA_DTYPES[key]
 
 
 @torch.no_grad()
@@ -101,6 +130,7 @@ def evaluate(
     collectors: Iterable[Collector] = (),
     progress: bool = True,
     splice_max_tokens: int | None = None,
+    delta_dtype: str | torch.dtype = "auto",
 ) -> EvalResult:
     """Evaluate `sae` on chunk rows `tokens` [n, P] (masks: counted positions), in order.
 
@@ -108,6 +138,7 @@ def evaluate(
     to the last requested layer run, which is much cheaper. splice_max_tokens limits the
     splice metrics (one partial forward per layer: the costly part) to the first batches
     covering that many positions; reconstruction metrics and collectors still see every batch.
+    delta_dtype is the precision of the spliced-minus-clean logit GEMM (resolve_delta_dtype).
     """
     from tqdm.auto import tqdm
 
@@ -119,6 +150,11 @@ def evaluate(
     spl = SpliceMetrics(len(layers)) if splice else None
     zero_lp: dict[int, torch.Tensor] = {}
     gram: torch.Tensor | None = None
+    dtype = resolve_delta_dtype(delta_dtype, transformer.device)
+
+    def delta_fn(dh: torch.Tensor) -> torch.Tensor:
+        return transformer.logit_difference(dh, dtype)
+
     n_rows, pos = tokens.shape
     if max_tokens is not None:
         n_rows = min(n_rows, max(1, -(-max_tokens // pos)))
@@ -162,7 +198,7 @@ def evaluate(
                     spl.update_layer_chunked(
                         i,
                         ref,
-                        transformer.logits,
+                        delta_fn,
                         hidden,
                         targets,
                         zero_lp[layer],

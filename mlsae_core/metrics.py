@@ -115,6 +115,15 @@ def unembedding_gram(weight: torch.Tensor, chunk_rows: int = 4096) -> torch.Tens
     return gram
 
 
+# Above this, e^x of a centred logit difference could overflow float32 (e^88).
+_PHI_MAX = 60.0
+
+
+def _phi(x: torch.Tensor) -> torch.Tensor:
+    """e^x - 1 - x (>= 0, ~x^2/2 near 0), in place on a float32 temporary."""
+    return torch.expm1(x).sub_(x)
+
+
 @dataclass
 class SpliceMetrics:
     """dCE, KL(clean || spliced), logit MSE, zero-ablation CE and loss recovered per layer."""
@@ -161,15 +170,17 @@ class SpliceMetrics:
 
     # ----- the fast path: float32 chunks, float64 sums (used by `evaluate`) -----------------
     # update_clean/update_layer above are the plain float64 path and the oracle for these.
-    # Per position, with clean logits z_c, probabilities p, log-sum-exp c, and the spliced
-    # logits written as z_s = z_c + delta:
-    #   s - c = m + log(sum_v p e^(delta - m))   (m = max delta; exact, no large cancellation)
-    #   KL = (s - c) * sum p - p . delta;   CE_s = c + (s - c) - z_c[t] - delta[t]
-    #   sum_v delta^2 = dh^T (W^T W) dh, dh the difference of final-normed hidden states (the
-    #   unembedding is linear; a bias cancels).
-    # Everything is in terms of the small delta, so float32 chunks lose nothing that matters,
-    # and a layer costs one logits GEMM plus a few passes over [rows, V] chunks that stay near
-    # the cache; no float64 [M, V] tensor is ever built.
+    # Per position, with clean probabilities p and the spliced logits written as
+    # z_s = z_c + delta (delta from the small difference of final-normed states, see
+    # Transformer.logit_difference), mean = E_p[delta] and delta' = delta - mean:
+    #   KL(clean || spliced) = log E_p[e^delta'] = log1p(E_p[e^delta' - 1 - delta'])
+    #   CE_s = lse_c + mean + KL - z_c[t] - delta[t]
+    #   sum_v delta^2 = dh^T (W^T W) dh (the unembedding is linear; a bias cancels).
+    # KL is a sum of non-negative second-order terms, so nothing cancels: it keeps its
+    # relative precision even for near-perfect reconstructions (KL ~ 1e-6), and a rounding
+    # error in delta (a bfloat16 GEMM) or in `mean` moves it only to second order. A layer
+    # costs one GEMM of dh plus a few passes over [rows, V] chunks that stay near the cache;
+    # no float64 [M, V] tensor is ever built.
     @torch.no_grad()
     def update_clean_chunked(
         self,
@@ -207,28 +218,38 @@ class SpliceMetrics:
         self,
         layer: int,
         clean: CleanLogitStats,
-        logits_fn: Callable[[torch.Tensor], torch.Tensor],
+        delta_fn: Callable[[torch.Tensor], torch.Tensor],
         hidden: torch.Tensor,
         targets: torch.Tensor,
         zero_log_probs: torch.Tensor,
         gram: torch.Tensor,
         chunk_rows: int = 128,
     ) -> None:
-        """hidden: [M, d] final-normed spliced states; gram: [d, d] float64 W^T W."""
+        """hidden: [M, d] final-normed spliced states; gram: [d, d] float64 W^T W.
+
+        delta_fn maps rows of dh = hidden - clean hidden (float32) to their float32 logit
+        differences z_s - z_c (`Transformer.logit_difference`, float32 or bfloat16 GEMM).
+        """
         ce = torch.zeros((), dtype=torch.float64)
         kl = torch.zeros((), dtype=torch.float64)
+        dh = hidden.double() - clean.hidden  # [M, d]
+        dh32 = dh.float()
         for a in range(0, hidden.shape[0], chunk_rows):
             sl = slice(a, a + chunk_rows)
-            delta = logits_fn(hidden[sl]).float().sub_(clean.logits[sl])  # [rows, V]
+            p, mass = clean.probs[sl], clean.mass[sl]
+            delta = delta_fn(dh32[sl])  # [rows, V] float32
             t = targets[sl, None]
             z_t = (clean.logits[sl].gather(-1, t) + delta.gather(-1, t)).squeeze(-1).double()
-            p_delta = torch.linalg.vecdot(clean.probs[sl], delta).double()
-            m = delta.amax(-1, keepdim=True)
-            shift = torch.linalg.vecdot(clean.probs[sl], delta.sub_(m).exp_())
-            d_lse = m.squeeze(-1).double() + torch.log(shift.double() / clean.mass[sl])
-            kl += (d_lse * clean.mass[sl] - p_delta).sum()
-            ce += (clean.lse[sl] + d_lse - z_t).sum()
-        dh = clean.hidden - hidden.double()  # [M, d]
+            mean = torch.linalg.vecdot(p, delta).double() / mass  # E_p[delta]
+            centred = delta.sub_(mean.float()[:, None])  # delta', E_p[delta'] = 0
+            kl_rows = torch.log1p(torch.linalg.vecdot(p, _phi(centred)).double() / mass)
+            big = centred.amax(-1) > _PHI_MAX  # e^delta' could overflow: max-shifted form
+            if bool(big.any()):
+                m = centred[big].amax(-1, keepdim=True)
+                shifted = torch.linalg.vecdot(p[big], (centred[big] - m).exp_()).double()
+                kl_rows[big] = m.squeeze(-1).double() + torch.log(shifted / mass[big])
+            kl += kl_rows.sum()
+            ce += (clean.lse[sl] + mean + kl_rows - z_t).sum()
         self.ce_spliced[layer] += float(ce)
         self.kl[layer] += float(kl)
         self.logit_sq[layer] += float(torch.linalg.vecdot(dh @ gram, dh).sum())

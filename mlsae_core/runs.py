@@ -234,8 +234,12 @@ def test_run(
     transformer: Any = None,
     splice_max_tokens: int | None = None,
     progress: bool = True,
+    delta_dtype: str = "auto",
 ) -> tuple[list[dict[str, Any]], Any]:
-    """Evaluate a checkpoint on its held-out split; returns (metric rows, sae)."""
+    """Evaluate a checkpoint on its held-out split; returns (metric rows, sae).
+
+    delta_dtype: precision of the splice metrics' logit GEMM (evaluate.resolve_delta_dtype).
+    """
     from mlsae_core.evaluate import evaluate
 
     setup = load_for_test(repo_id, dataset, max_tokens, max_length, device, transformer)
@@ -249,6 +253,7 @@ def test_run(
         max_tokens=max_tokens,
         progress=progress,
         splice_max_tokens=splice_max_tokens,
+        delta_dtype=delta_dtype,
     )
     return result.rows, setup.sae
 

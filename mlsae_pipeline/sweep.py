@@ -57,6 +57,7 @@ class EvalSettings:
     n_context: int = 4
     resid_tokens: int = 2048  # tokens for the residual cosine similarity (per model)
     prompt: str = "When Mary and John went to the store, John gave a drink to"
+    delta_dtype: str = "auto"  # splice logit GEMM: float32 (exact) or bfloat16; auto picks
 
     def __post_init__(self) -> None:
         for name in ("tokens", "batch_size", "n_examples", "resid_tokens"):
@@ -69,6 +70,10 @@ class EvalSettings:
                 raise ConfigError(f"eval.{name}={v!r} is not allowed: an integer >= 0")
         if not isinstance(self.prompt, str) or not self.prompt.strip():
             raise ConfigError("eval.prompt is not allowed to be empty")
+        if self.delta_dtype not in ("auto", "float32", "bfloat16"):
+            raise ConfigError(
+                f"eval.delta_dtype={self.delta_dtype!r} is not allowed: auto, float32 or bfloat16"
+            )
 
 
 @dataclass(frozen=True)

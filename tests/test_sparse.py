@@ -64,7 +64,9 @@ def test_evaluate_fast_splice_metrics_equal_plain_float64():
     torch.manual_seed(0)
     sae = MLSAE(32, 96, 4)
     layers = [0, 1, 2]
-    res = evaluate(tt, sae, tokens, masks, layers, batch_size=2, progress=False)
+    res = evaluate(
+        tt, sae, tokens, masks, layers, batch_size=2, progress=False, delta_dtype="float32"
+    )
     # plain path: full float64 logits through SpliceMetrics.update_clean/update_layer
     plain = SpliceMetrics(len(layers))
     for start in range(0, 5, 2):

@@ -9,7 +9,7 @@ CODE_VERSIONS = {
     "corpus": "1",
     "resid_cos_sim": "1",
     "mlsae": "2",  # 2: trains from the shared float16 activation cache
-    "evaluation": "1",
+    "evaluation": "2",  # 2: splice logits from dh, bfloat16 GEMM where native
     "dists_heatmap": "1",
     "prompt_heatmap": "1",
     "test_summary": "1",

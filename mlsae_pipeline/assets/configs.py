@@ -407,6 +407,7 @@ def _evaluate(
     from mlsae_core import atomic
     from mlsae_core.analyse import one_pass
     from mlsae_core.analysis import tables
+    from mlsae_core.evaluate import resolve_delta_dtype
     from mlsae_core.runs import metrics_table, resolve_layers
     from mlsae_core.sae import MLSAE
     from mlsae_pipeline import runtime
@@ -432,6 +433,7 @@ def _evaluate(
         n_examples=ev.n_examples,
         n_context=ev.n_context,
         progress=False,
+        delta_dtype=ev.delta_dtype,
     )
     context.log.info("evaluated %d tokens in %.1fs", result.n_tokens, time.perf_counter() - t0)
     cols = runtime.partition_columns(model, point, layers)
@@ -451,6 +453,9 @@ def _evaluate(
         "test_metrics": {
             "n_tokens": result.n_tokens,
             "splice_tokens": ev.splice_tokens,
+            "delta_dtype": str(resolve_delta_dtype(ev.delta_dtype, tr.device)).removeprefix(
+                "torch."
+            ),
             "fvu": avg["fvu"],
             "l0": avg["l0"],
             "dead": avg["dead"],
