@@ -4,13 +4,16 @@ A TopK SAE touches only k of n latents per vector, so the gradient through the e
 the whole decoder are sparse-dense products. Doing them densely (as a plain autograd graph
 through `torch.topk` would) costs O(N*n*d); these cost O(N*k*d).
 
-These are pure-torch implementations and the test oracle for any faster kernel.
+These are pure-torch implementations and the test oracle for the Triton kernels
+(`triton_sparse.py`) that replace them for CUDA tensors.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from mlsae_core import triton_sparse
 
 # Rows per chunk when a product needs a [rows, k, d] temporary; bounds peak memory.
 _CHUNK_ELEMENTS = 1 << 24
@@ -29,6 +32,8 @@ def sparse_decode(
     Returns [..., d]. Differentiable in `values` and `weight_t` (embedding_bag's backward is
     itself sparse: it never builds a [N, n_latents] tensor).
     """
+    if triton_sparse.enabled_for(weight_t, values):
+        return triton_sparse.sparse_decode(indices, values, weight_t)
     k = indices.shape[-1]
     lead = indices.shape[:-1]
     out = F.embedding_bag(
@@ -51,6 +56,8 @@ def sparse_outer_sum(
     each latent's rows: O(N*k*d) and no [N, k, d] temporary (an `index_add_` of the outer
     products was 5-8x slower and needed that temporary).
     """
+    if triton_sparse.enabled_for(rows):
+        return triton_sparse.outer_sum(indices.detach(), coefs.detach(), rows.detach(), n_latents)
     with torch.enable_grad():
         table = torch.zeros(n_latents, rows.shape[-1], dtype=rows.dtype, device=rows.device)
         table.requires_grad_(True)
@@ -79,6 +86,8 @@ def sparse_outer_sum_plain(
 
 def gathered_preacts(x: torch.Tensor, weight: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
     """[N, k] <weight[indices[i, j]], x[i]> at x's precision, in row chunks (no [N, n])."""
+    if triton_sparse.enabled_for(x, weight):
+        return triton_sparse.gather_dot(indices, x, weight)
     k, d = indices.shape[-1], x.shape[-1]
     out = torch.empty(indices.shape, dtype=x.dtype, device=x.device)
     step = _row_chunk(k, d)

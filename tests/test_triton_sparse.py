@@ -1,0 +1,119 @@
+"""The Triton sparse kernels against the pure-torch products (their oracle), float64 first.
+
+On a machine without a GPU they run under Triton's CPU interpreter (tests/conftest.py).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("triton", reason="Triton is part of the dev extra (pip install -e .[dev])")
+
+from mlsae_core import sparse, triton_sparse  # noqa: E402
+from mlsae_core.sae import MLSAE, total_loss  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _case(seed: int, dtype: torch.dtype, n_rows=24, k=5, n=40, d=150, transposed=True):
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.stack([torch.randperm(n, generator=g)[:k] for _ in range(n_rows)])
+    vals = torch.randn(n_rows, k, generator=g, dtype=dtype)
+    if transposed:  # as the SAE passes it: decoder.weight [d, n] viewed as [n, d]
+        table = torch.randn(d, n, generator=g, dtype=dtype).t()
+    else:
+        table = torch.randn(n, d, generator=g, dtype=dtype)
+    x = torch.randn(n_rows, d, generator=g, dtype=dtype)
+    return [t.to(DEVICE) for t in (idx, vals, table, x)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("transposed", [True, False])
+def test_decode_equals_embedding_bag(dtype, transposed):
+    idx, vals, table, _ = _case(0, dtype, transposed=transposed)
+    want = torch.nn.functional.embedding_bag(idx, table, per_sample_weights=vals, mode="sum")
+    tol = {} if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(triton_sparse.decode(idx, vals, table), want, **tol)
+    # leading dims are kept: [L, N, k] -> [L, N, d]
+    got3 = triton_sparse.decode(idx.reshape(2, 12, -1), vals.reshape(2, 12, -1), table)
+    torch.testing.assert_close(got3.reshape(24, -1), want, **tol)
+
+
+def test_gather_dot_equals_dense_float64():
+    idx, _, table, x = _case(1, torch.float64)
+    want = (x @ table.t()).gather(1, idx)
+    torch.testing.assert_close(triton_sparse.gather_dot(idx, x, table), want)
+    torch.testing.assert_close(sparse.gathered_preacts(x, table, idx), want)  # torch oracle
+
+
+def test_outer_sum_equals_index_add_and_is_deterministic():
+    idx, vals, table, x = _case(2, torch.float64)
+    n = table.shape[0]
+    want = sparse.sparse_outer_sum_plain(idx, vals, x, n)
+    got = triton_sparse.outer_sum(idx, vals, x, n)
+    torch.testing.assert_close(got, want)
+    idx32, vals32, _, x32 = _case(2, torch.float32)
+    a = triton_sparse.outer_sum(idx32, vals32, x32, n)
+    b = triton_sparse.outer_sum(idx32, vals32, x32, n)
+    assert torch.equal(a, b)  # fixed summation order: bit-identical reruns
+
+
+def test_sparse_decode_gradients_equal_torch_path_float64():
+    idx, vals, table, _ = _case(3, torch.float64)
+    up = torch.randn(idx.shape[0], table.shape[1], dtype=torch.float64, device=DEVICE)
+    grads = []
+    for fn in (triton_sparse.sparse_decode, _torch_decode):
+        v = vals.clone().requires_grad_(True)
+        w = table.detach().clone().requires_grad_(True)
+        (fn(idx, v, w) * up).sum().backward()
+        grads.append((v.grad, w.grad))
+    torch.testing.assert_close(grads[0][0], grads[1][0])
+    torch.testing.assert_close(grads[0][1], grads[1][1])
+
+
+def _torch_decode(idx, vals, table):
+    with _triton_routing(False):
+        return sparse.sparse_decode(idx, vals, table)
+
+
+class _triton_routing:
+    """Force sparse.py's dispatch to the kernels (or away from them) whatever the device."""
+
+    def __init__(self, on: bool) -> None:
+        self.on = on
+
+    def __enter__(self):
+        self.saved = triton_sparse.enabled_for
+        triton_sparse.enabled_for = lambda *t: self.on
+        return self
+
+    def __exit__(self, *exc):
+        triton_sparse.enabled_for = self.saved
+
+
+def test_sae_step_through_kernels_equals_torch_path_float64():
+    """A whole MLSAE forward + backward with every sparse product routed to the kernels."""
+    results = []
+    for on in (True, False):
+        torch.manual_seed(0)
+        sae = MLSAE(12, 48, 3, auxk=6).double().to(DEVICE)
+        x = torch.randn(2, 10, 12, dtype=torch.float64, device=DEVICE)
+        with _triton_routing(on):
+            out = sae(x)
+            loss, _, _ = total_loss(x, out, 1 / 32)
+            loss.backward()
+        results.append((loss.detach(), [p.grad.clone() for p in sae.parameters()]))
+    torch.testing.assert_close(results[0][0], results[1][0])
+    for a, b in zip(results[0][1], results[1][1], strict=True):
+        torch.testing.assert_close(a, b)
+
+
+def test_dispatch_only_for_cuda_tensors(monkeypatch):
+    cpu = torch.zeros(2, 2)
+    assert not triton_sparse.enabled_for(cpu)
+    if torch.cuda.is_available():
+        gpu = cpu.cuda()
+        assert triton_sparse.enabled_for(gpu)
+        monkeypatch.setenv("MLSAE_TRITON", "0")
+        assert not triton_sparse.enabled_for(gpu)
