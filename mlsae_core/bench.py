@@ -10,10 +10,14 @@ same thread count, and each pair reports ours / baseline.
 Measurements (tokens/s = chunk positions per second, median of --reps after --warmup):
   train/<cfg>     one training step: activations + SAE forward/backward + Adam (train.py's step)
   sae-step/<cfg>  the SAE step alone on activations computed beforehand
-  eval/<cfg>      evaluate(): metrics + dCE/KL/logit-MSE spliced at every layer
+  eval/<cfg>      evaluate(): metrics + dCE/KL/logit-MSE spliced at every layer (delta_dtype
+                  "auto": the splice logit GEMM in bfloat16 where native)
+  eval-exact/<cfg> the same with delta_dtype="float32" (the exact reference path)
   analysis/<cfg>  evaluate() with the analysis collectors (LayerDists, MaxExamples) riding along
   extract/<model> activation extraction (every block output, no unembedding)
 SmolLM2 (30 layers, d=576) runs the same lines on fewer tokens, when its converted copy exists.
+With --device cuda our lines run on the GPU (timed after torch.cuda.synchronize, with the
+GPU's peak allocation as peak_gpu_mb) and the CPU-only baseline is not run.
 """
 
 from __future__ import annotations
@@ -57,6 +61,7 @@ PAIRS = (
     ("eval/x16-k32", "eval", 16, 32, "eval"),
 )
 SOLO = (
+    ("eval-exact/x16-k32", "eval-exact", 16, 32),
     ("sae-step/x16-k32", "sae-step", 16, 32),
     ("sae-step/x64-k32", "sae-step", 64, 32),
     ("analysis/x16-k32", "analysis", 16, 32),
@@ -81,12 +86,13 @@ def _load(spec: dict[str, Any]):
 
     from mlsae_core.transformer import Transformer
 
+    device = spec.get("device", "cpu")
     if spec["model"] == "smollm2":
-        return Transformer.load("smollm2")
+        return Transformer.load("smollm2", device=device)
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(spec["model"], dtype=torch.float32)
-    return Transformer.from_model(model, None, name=Path(spec["model"]).name)
+    return Transformer.from_model(model.to(device), None, name=Path(spec["model"]).name)
 
 
 def _tokens(tr: Any, spec: dict[str, Any]):
@@ -125,17 +131,19 @@ def _collectors(tr: Any, sae: Any, layers: list[int]) -> tuple[list[Any], str | 
 def worker(spec: dict[str, Any]) -> dict[str, Any]:
     import torch
 
-    from mlsae_core.evaluate import evaluate
+    from mlsae_core.evaluate import evaluate, resolve_delta_dtype
     from mlsae_core.sae import MLSAE, autocast, total_loss
     from mlsae_core.train import LiveActivations, make_optimizer, optimizer_step
 
     torch.set_num_threads(spec["threads"])
+    device = torch.device(spec.get("device", "cpu"))
+    cuda = device.type == "cuda"
     tr = _load(spec)
     tokens, masks = _tokens(tr, spec)
     layers = list(range(tr.n_layers))
     torch.manual_seed(0)
     d = tr.d_model
-    sae = MLSAE(d, d * spec["expansion_factor"], spec["k"], auxk=256)
+    sae = MLSAE(d, d * spec["expansion_factor"], spec["k"], auxk=256).to(device)
     opt = make_optimizer(sae, 1e-4, 6.25e-10)
     source = LiveActivations(tr, tokens, layers)
     rows = torch.arange(tokens.shape[0])
@@ -143,7 +151,7 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
     kind = spec["kind"]
 
     def sae_step(x: torch.Tensor) -> None:
-        with autocast("cpu"):
+        with autocast(device):
             out = sae(x)
         loss, _, _ = total_loss(x, out, 1 / 32)
         loss.backward()
@@ -153,26 +161,28 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
     if kind == "train":
 
         def step() -> None:
-            x = source(rows)[:, masks].float()  # [L, N, d]
+            x = source(rows)[:, masks.to(device)].float().to(device)  # [L, N, d]
             sae_step(x)
 
     elif kind == "sae-step":
-        x_fixed = source(rows)[:, masks].float()
+        x_fixed = source(rows)[:, masks.to(device)].float().to(device)
 
         def step() -> None:
             sae_step(x_fixed)
 
-    elif kind in ("eval", "analysis"):
+    elif kind in ("eval", "eval-exact", "analysis"):
         collectors: list[Any] = []
         if kind == "analysis":
             collectors, note = _collectors(tr, sae, layers)
             if note is not None:
                 return {"skipped": True, "note": note}
+        delta = "float32" if kind == "eval-exact" else "auto"
+        note = f"delta_dtype={resolve_delta_dtype(delta, device)}".replace("torch.", "")
 
         def step() -> None:
             evaluate(
                 tr, sae, tokens, masks, layers, batch_size=tokens.shape[0], collectors=collectors,
-                progress=False,
+                progress=False, delta_dtype=delta,
             )  # fmt: skip
 
     elif kind == "extract":
@@ -183,19 +193,31 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
     else:
         raise ValueError(f"unknown measurement kind {kind!r}")
 
+    def sync() -> None:
+        if cuda:
+            torch.cuda.synchronize(device)
+
     for _ in range(spec["warmup"]):
         step()
+    sync()
     times = []
     for _ in range(spec["reps"]):
         t0 = time.perf_counter()
         step()
+        sync()
         times.append(time.perf_counter() - t0)
     n_tokens = tokens.numel()
-    return {
+    out = {
         "tokens_per_s": round(n_tokens / statistics.median(times), 1),
         "peak_rss_mb": peak_rss_mb(),
         "times_s": [round(t, 4) for t in times],
     }
+    if cuda:
+        out["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+        out["gpu"] = torch.cuda.get_device_name(device)
+    if note is not None:
+        out["note"] = note
+    return out
 
 
 # ----- the driver ------------------------------------------------------------------------------
@@ -263,6 +285,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-baseline", action="store_true", help="skip the baseline runs")
     p.add_argument("--no-smollm2", action="store_true")
     p.add_argument("--tiny", action="store_true", help="a tiny model (smoke tests only)")
+    p.add_argument(
+        "--device", default="cpu", help="cpu or cuda (cuda: ours only; the baseline is CPU-only)"
+    )
     p.add_argument("--worker", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
 
@@ -291,7 +316,9 @@ def main(argv: list[str] | None = None) -> int:
         else:
             print(_format(rec), flush=True)
 
-    base_spec = dict(threads=a.threads, reps=a.reps, warmup=a.warmup)
+    base_spec = dict(threads=a.threads, reps=a.reps, warmup=a.warmup, device=a.device)
+    if a.device != "cpu":
+        a.no_baseline = True
     with tempfile.TemporaryDirectory(prefix="mlsae-bench-") as tmp:
         model_dir = make_model_dir(Path(tmp) / "model", TINY_SHAPE if a.tiny else PYTHIA_70M_SHAPE)
         shape = dict(batch_size=a.batch_size, max_length=a.max_length)
@@ -371,11 +398,15 @@ def _format(rec: dict[str, Any]) -> str:
     if "error" in rec:
         return f"{rec['name']:<28} ERROR {rec['error'][-300:]}"
     s = f"{rec['name']:<28} {rec['tokens_per_s']:>9.1f} tok/s  peak {rec['peak_rss_mb']:>7.1f} MB"
+    if "peak_gpu_mb" in rec:
+        s += f" (GPU {rec['peak_gpu_mb']:.1f} MB)"
     if "baseline_tokens_per_s" in rec:
         s += (
             f" | baseline {rec['baseline_tokens_per_s']:>7.1f} tok/s {rec['baseline_peak_rss_mb']:>7.1f} MB"
             f" | ratio {rec.get('ratio', float('nan')):.2f}x"
         )
+    if rec.get("note"):
+        s += f"  [{rec['note']}]"
     return s
 
 

@@ -191,7 +191,7 @@ class SpliceMetrics:
     ) -> CleanLogitStats:
         """hidden: [M, d] final-normed clean states; logits_fn maps rows of it to [rows, V]."""
         logits_all, probs, lse_all, mass = [], [], [], []
-        ce = torch.zeros((), dtype=torch.float64)
+        ce = torch.zeros((), dtype=torch.float64, device=hidden.device)
         for a in range(0, hidden.shape[0], chunk_rows):
             logits = logits_fn(hidden[a : a + chunk_rows]).float()
             self.vocab = logits.shape[-1]
@@ -230,8 +230,8 @@ class SpliceMetrics:
         delta_fn maps rows of dh = hidden - clean hidden (float32) to their float32 logit
         differences z_s - z_c (`Transformer.logit_difference`, float32 or bfloat16 GEMM).
         """
-        ce = torch.zeros((), dtype=torch.float64)
-        kl = torch.zeros((), dtype=torch.float64)
+        ce = torch.zeros((), dtype=torch.float64, device=hidden.device)
+        kl = torch.zeros((), dtype=torch.float64, device=hidden.device)
         dh = hidden.double() - clean.hidden  # [M, d]
         dh32 = dh.float()
         for a in range(0, hidden.shape[0], chunk_rows):
