@@ -215,5 +215,10 @@ class SparseDecode(torch.autograd.Function):
 
 
 def sparse_decode(indices: torch.Tensor, values: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
-    """Differentiable Triton decode (the same contract as `sparse.sparse_decode`)."""
-    return SparseDecode.apply(indices, values.to(table.dtype), table)
+    """Differentiable Triton decode (the same contract as `sparse.sparse_decode`).
+
+    The SAE passes its decoder weight [d, n] transposed; gathering rows of that view would
+    read memory n elements apart, so the table is made row-contiguous first (one n*d copy,
+    through which autograd returns the gradient to the view).
+    """
+    return SparseDecode.apply(indices, values.to(table.dtype), table.contiguous())
