@@ -16,31 +16,22 @@ logger = logging.getLogger(__name__)
 
 
 def load_dists(checkpoint: str | Path) -> Any:
-    """Rebuild a DistsResult from latent_layer_dists.parquet (computing it if missing)."""
+    """The DistsResult saved in latent_layer_dists.parquet (computed if missing or too old)."""
     import pyarrow.parquet as pq
-    import torch
 
     from mlsae_core.analyse import FILES, analyse_checkpoint
-    from mlsae_core.analysis.dists import DistsResult
-    from mlsae_core.sae import read_checkpoint_config
+    from mlsae_core.analysis.tables import DISTS_META_KEY, dists_from_layer_table
 
     checkpoint = Path(checkpoint)
     long_path = checkpoint / FILES["layer_dists"]
-    if not long_path.exists():
+    if long_path.exists():
+        table = pq.read_table(long_path)
+        if DISTS_META_KEY in (table.schema.metadata or {}):
+            return dists_from_layer_table(table)
+        logger.info("%s predates the dists metadata: recomputing", long_path)
+    else:
         logger.info("%s has no layer distributions yet: computing them", checkpoint)
-        return analyse_checkpoint(checkpoint, analyses=("dists",), figures=False).dists
-    cfg = read_checkpoint_config(checkpoint)
-    layers = list(cfg.get("layers") or range(int(cfg.get("n_model_layers", 1))))
-    n = int(cfg["n_latents"])
-    t = pq.read_table(long_path).to_pydict()
-    counts = torch.zeros(len(layers), n, dtype=torch.float64)
-    totals = torch.zeros(len(layers), n, dtype=torch.float64)
-    li = torch.tensor(t["layer_index"], dtype=torch.long)
-    lat = torch.tensor(t["latent"], dtype=torch.long)
-    counts[li, lat] = torch.tensor(t["count"], dtype=torch.float64)
-    totals[li, lat] = torch.tensor(t["total"], dtype=torch.float64)
-    summary = pq.read_table(checkpoint / FILES["dists_summary"]).to_pylist()[0]
-    return DistsResult(layers, counts, totals, int(summary["n_tokens"]))
+    return analyse_checkpoint(checkpoint, analyses=("dists",), figures=False).dists
 
 
 def _need_repos(args: argparse.Namespace) -> list[Path]:

@@ -97,9 +97,8 @@ class ReconstructionMetrics:
 class CleanLogitStats:
     """Per-position clean quantities kept for one batch while every layer is spliced."""
 
-    logits: torch.Tensor  # [M, V] float32 clean logits
+    target_log_probs: torch.Tensor  # [M] float64 clean log-probability of the next token
     probs: torch.Tensor  # [M, V] float32 clean softmax
-    lse: torch.Tensor  # [M] float64 log-sum-exp of the clean logits
     mass: torch.Tensor  # [M] float64 sum_v p (1 up to float32 rounding)
     hidden: torch.Tensor  # [M, d] float64 final-normed clean hidden states
 
@@ -117,6 +116,11 @@ def unembedding_gram(weight: torch.Tensor, chunk_rows: int = 4096) -> torch.Tens
 
 # Above this, e^x of a centred logit difference could overflow float32 (e^88).
 _PHI_MAX = 60.0
+
+
+def _row_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """[rows] <a[i], b[i]>: a batched GEMV, no [rows, V] product temporary (as vecdot makes)."""
+    return torch.bmm(a.unsqueeze(1), b.unsqueeze(2)).view(-1)
 
 
 def _phi(x: torch.Tensor) -> torch.Tensor:
@@ -174,7 +178,7 @@ class SpliceMetrics:
     # z_s = z_c + delta (delta from the small difference of final-normed states, see
     # Transformer.logit_difference), mean = E_p[delta] and delta' = delta - mean:
     #   KL(clean || spliced) = log E_p[e^delta'] = log1p(E_p[e^delta' - 1 - delta'])
-    #   CE_s = lse_c + mean + KL - z_c[t] - delta[t]
+    #   CE_s = -log p[t] + mean + KL - delta[t]
     #   sum_v delta^2 = dh^T (W^T W) dh (the unembedding is linear; a bias cancels).
     # KL is a sum of non-negative second-order terms, so nothing cancels: it keeps its
     # relative precision even for near-perfect reconstructions (KL ~ 1e-6), and a rounding
@@ -190,28 +194,24 @@ class SpliceMetrics:
         chunk_rows: int = 128,
     ) -> CleanLogitStats:
         """hidden: [M, d] final-normed clean states; logits_fn maps rows of it to [rows, V]."""
-        logits_all, probs, lse_all, mass = [], [], [], []
-        ce = torch.zeros((), dtype=torch.float64, device=hidden.device)
-        for a in range(0, hidden.shape[0], chunk_rows):
-            logits = logits_fn(hidden[a : a + chunk_rows]).float()
-            self.vocab = logits.shape[-1]
+        n = hidden.shape[0]
+        probs: torch.Tensor | None = None  # [M, V], allocated once the vocabulary is known
+        mass = torch.empty(n, dtype=torch.float64, device=hidden.device)
+        lp_t = torch.empty(n, dtype=torch.float64, device=hidden.device)
+        for a in range(0, n, chunk_rows):
+            sl = slice(a, a + chunk_rows)
+            logits = logits_fn(hidden[sl]).float()
+            if probs is None:
+                self.vocab = logits.shape[-1]
+                probs = torch.empty(n, self.vocab, dtype=torch.float32, device=hidden.device)
             lse = torch.logsumexp(logits, -1)
-            p = torch.exp(logits - lse[:, None])
-            logits_all.append(logits)
-            probs.append(p)
-            lse_all.append(lse.double())
-            mass.append(p.sum(-1).double())
-            tgt = logits.gather(-1, targets[a : a + chunk_rows, None]).squeeze(-1)
-            ce += (lse.double() - tgt.double()).sum()
+            lp_t[sl] = logits.gather(-1, targets[sl, None]).squeeze(-1).double() - lse.double()
+            p = torch.exp(logits.sub_(lse[:, None]), out=probs[sl])
+            mass[sl] = p.sum(-1).double()
         self.n_positions += targets.numel()
-        self.ce_clean += float(ce)
-        return CleanLogitStats(
-            torch.cat(logits_all),
-            torch.cat(probs),
-            torch.cat(lse_all),
-            torch.cat(mass),
-            hidden.double(),
-        )
+        self.ce_clean += float(-lp_t.sum())
+        assert probs is not None, "no positions"
+        return CleanLogitStats(lp_t, probs, mass, hidden.double())
 
     @torch.no_grad()
     def update_layer_chunked(
@@ -238,18 +238,17 @@ class SpliceMetrics:
             sl = slice(a, a + chunk_rows)
             p, mass = clean.probs[sl], clean.mass[sl]
             delta = delta_fn(dh32[sl])  # [rows, V] float32
-            t = targets[sl, None]
-            z_t = (clean.logits[sl].gather(-1, t) + delta.gather(-1, t)).squeeze(-1).double()
-            mean = torch.linalg.vecdot(p, delta).double() / mass  # E_p[delta]
+            d_t = delta.gather(-1, targets[sl, None]).squeeze(-1).double()
+            mean = _row_dot(p, delta).double() / mass  # E_p[delta]
             centred = delta.sub_(mean.float()[:, None])  # delta', E_p[delta'] = 0
-            kl_rows = torch.log1p(torch.linalg.vecdot(p, _phi(centred)).double() / mass)
+            kl_rows = torch.log1p(_row_dot(p, _phi(centred)).double() / mass)
             big = centred.amax(-1) > _PHI_MAX  # e^delta' could overflow: max-shifted form
             if bool(big.any()):
                 m = centred[big].amax(-1, keepdim=True)
-                shifted = torch.linalg.vecdot(p[big], (centred[big] - m).exp_()).double()
+                shifted = _row_dot(p[big], (centred[big] - m).exp_()).double()
                 kl_rows[big] = m.squeeze(-1).double() + torch.log(shifted / mass[big])
             kl += kl_rows.sum()
-            ce += (clean.lse[sl] + mean + kl_rows - z_t).sum()
+            ce += (mean + kl_rows - clean.target_log_probs[sl] - d_t).sum()
         self.ce_spliced[layer] += float(ce)
         self.kl[layer] += float(kl)
         self.logit_sq[layer] += float(torch.linalg.vecdot(dh @ gram, dh).sum())

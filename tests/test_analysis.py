@@ -102,6 +102,27 @@ def test_dists_planted_exact() -> None:
     assert counts.tolist() == [0, 1, 2, 0] and edges[0] == 0 and edges[-1] == 2
 
 
+def test_layer_dists_parquet_round_trip_is_exact(tmp_path: Path) -> None:
+    """The one persisted form of the dists (analyse and pipeline) reads back exactly."""
+    import pyarrow.parquet as pq
+
+    from mlsae_core import atomic
+
+    values, indices = planted()
+    col = LayerDists(4, [2, 3, 5])
+    col.add(values, indices)
+    res = col.result()  # latent 3 never fires: absent from the rows, kept by the metadata
+    path = tmp_path / "latent_layer_dists.parquet"
+    atomic.write_parquet(path, tables.latent_layer_dists_table(res, PART))
+    back = tables.dists_from_layer_table(pq.read_table(path))
+    assert back.layers == [2, 3, 5] and back.n_tokens == res.n_tokens
+    assert torch.equal(back.counts, res.counts) and torch.equal(back.totals, res.totals)
+    assert back.live.tolist() == [True, True, True, False]
+    bare = pq.read_table(path).replace_schema_metadata(None)
+    with pytest.raises(ValueError, match="mlsae dists"):
+        tables.dists_from_layer_table(bare)
+
+
 def test_dists_random_matches_dense_and_streams() -> None:
     v, i, dense = random_topk(4, 50, 30, 5, seed=1)
     whole = LayerDists(30, range(4))

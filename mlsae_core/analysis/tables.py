@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import math
 from collections.abc import Mapping, Sequence
 from os import PathLike
@@ -120,10 +121,19 @@ LATENT_LAYER_DISTS_FIELDS = (
 )
 
 
+# Schema metadata of latent_layer_dists: what `dists_from_layer_table` needs to rebuild the
+# DistsResult exactly (the rows alone omit silent latents and the token count).
+DISTS_META_KEY = b"mlsae.dists"
+
+
 def latent_layer_dists_table(
     result: DistsResult, partition: Mapping[str, Any], nonzero_only: bool = True
 ) -> pa.Table:
-    """Long form, one row per (layer, latent); by default only where the latent fired."""
+    """Long form, one row per (layer, latent); by default only where the latent fired.
+
+    This is the one persisted form of the layer distributions (for `mlsae analyse` and the
+    pipeline alike); `dists_from_layer_table` reads it back.
+    """
     import torch
 
     li, lat = (
@@ -132,7 +142,7 @@ def latent_layer_dists_table(
         else torch.ones_like(result.counts, dtype=torch.bool).nonzero(as_tuple=True)
     )
     layer_ids = torch.tensor(result.layers, dtype=torch.int32)
-    return _table(
+    table = _table(
         partition,
         LATENT_LAYER_DISTS_FIELDS,
         {
@@ -144,6 +154,37 @@ def latent_layer_dists_table(
             "p": result.p[li, lat].numpy(),
         },
     )
+    meta = {
+        "layers": [int(x) for x in result.layers],
+        "n_latents": result.n_latents,
+        "n_tokens": int(result.n_tokens),
+    }
+    return table.replace_schema_metadata({DISTS_META_KEY: json.dumps(meta)})
+
+
+def dists_from_layer_table(table: pa.Table) -> DistsResult:
+    """The DistsResult a `latent_layer_dists_table` was made from (counts are integers and
+    totals float64, so the round trip is exact)."""
+    import torch
+
+    from mlsae_core.analysis.dists import DistsResult
+
+    raw = (table.schema.metadata or {}).get(DISTS_META_KEY)
+    if raw is None:
+        raise ValueError(
+            "this latent_layer_dists table has no mlsae.dists schema metadata (written by an "
+            "older mlsae): recompute it with `mlsae dists` or rematerialize `evaluation`"
+        )
+    meta = json.loads(raw)
+    shape = (len(meta["layers"]), int(meta["n_latents"]))
+    counts = torch.zeros(shape, dtype=torch.float64)
+    totals = torch.zeros(shape, dtype=torch.float64)
+    cols = table.select(["layer_index", "latent", "count", "total"]).to_pydict()
+    li = torch.tensor(cols["layer_index"], dtype=torch.long)
+    lat = torch.tensor(cols["latent"], dtype=torch.long)
+    counts[li, lat] = torch.tensor(cols["count"], dtype=torch.float64)
+    totals[li, lat] = torch.tensor(cols["total"], dtype=torch.float64)
+    return DistsResult(list(meta["layers"]), counts, totals, int(meta["n_tokens"]))
 
 
 DISTS_SUMMARY_FIELDS = (

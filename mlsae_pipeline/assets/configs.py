@@ -21,6 +21,9 @@ from mlsae_pipeline.resources import Storage, SweepResource
 from mlsae_pipeline.state import cached, fingerprint, read_record, record, upstream_fp
 
 EVAL_TABLES = ("test_metrics", "latent_dists", "max_examples")
+# The per-(layer, latent) distributions beside the tables: the same Parquet form that
+# `mlsae analyse` writes (tables.latent_layer_dists_table), read back exactly.
+DISTS_FILE = "latent_layer_dists.parquet"
 EVAL_CHECKS = {
     "test_metrics": ("no_nan", "fvu_in_bounds", "dead_fraction_in_bounds"),
     "latent_dists": ("no_nan", "dists_sum_to_one"),
@@ -210,7 +213,7 @@ def build_config_assets(parts: SweepPartitions) -> list[Any]:
             upstream_fp(storage, "mlsae", part),
             upstream_fp(storage, "corpus", model),
         )
-        dists_file = storage.eval_dir(model, sae_key) / "dists.safetensors"
+        dists_file = storage.eval_dir(model, sae_key) / DISTS_FILE
         paths = {name: storage.table_path(name, part) for name in EVAL_TABLES}
         hit = cached(storage, "evaluation", part, fp, [*paths.values(), dists_file])
         if hit is not None:
@@ -268,7 +271,7 @@ def build_config_assets(parts: SweepPartitions) -> list[Any]:
         if hit is None:
             from mlsae_core import figures
 
-            dr = _load_dists(storage.eval_dir(model, sae_key) / "dists.safetensors")
+            dr = _load_dists(storage.eval_dir(model, sae_key) / DISTS_FILE)
             figures.dists_heatmap(dr, fig_dir / "dists_heatmap", title=f"{model} {sae_key}")
             figures.layer_mean_histogram(dr, fig_dir / "layer_mean_histogram", title=sae_key)
             hit = {
@@ -402,8 +405,6 @@ def _evaluate(
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     import time
 
-    from safetensors.torch import save_file
-
     from mlsae_core import atomic
     from mlsae_core.analyse import one_pass
     from mlsae_core.analysis import tables
@@ -439,12 +440,7 @@ def _evaluate(
     cols = runtime.partition_columns(model, point, layers)
     metrics = metrics_table(result.metrics_rows, cols)
     dr = result.dists
-    with atomic.atomic_path(dists_file) as tmp:
-        save_file(
-            {"counts": dr.counts.contiguous(), "totals": dr.totals.contiguous()},
-            str(tmp),
-            metadata={"layers": json.dumps(layers), "n_tokens": str(dr.n_tokens)},
-        )
+    atomic.write_parquet(dists_file, tables.latent_layer_dists_table(dr, cols))
     latent = tables.latent_dists_table(dr, cols)
     ex = result.examples
     max_ex = tables.max_examples_table(ex, cols, test.doc_index, test.documents)
@@ -470,15 +466,11 @@ def _evaluate(
 
 
 def _load_dists(path: Path) -> Any:
-    from safetensors import safe_open
-    from safetensors.torch import load_file
+    import pyarrow.parquet as pq
 
-    from mlsae_core.analysis.dists import DistsResult
+    from mlsae_core.analysis.tables import dists_from_layer_table
 
-    with safe_open(str(path), framework="pt") as f:
-        info = f.metadata()
-    t = load_file(str(path))
-    return DistsResult(json.loads(info["layers"]), t["counts"], t["totals"], int(info["n_tokens"]))
+    return dists_from_layer_table(pq.read_table(path))
 
 
 def _p_sums(path: Path) -> Any:
