@@ -116,7 +116,7 @@ def _add_delta_dtype_arg(p: argparse.ArgumentParser) -> None:
         choices=("auto", "float32", "bfloat16"),
         help="precision of the spliced-minus-clean logit GEMM behind dCE/KL: float32 is "
         "exact; bfloat16 (auto's choice where native) is several times faster and moves "
-        "KL/dCE by ~1e-5 relative (docs/performance.md)",
+        "KL/dCE by at most ~1e-3 relative (measured: docs/performance.md)",
     )
 
 
