@@ -118,11 +118,6 @@ def unembedding_gram(weight: torch.Tensor, chunk_rows: int = 4096) -> torch.Tens
 _PHI_MAX = 60.0
 
 
-def _row_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """[rows] <a[i], b[i]>: a batched GEMV, no [rows, V] product temporary (as vecdot makes)."""
-    return torch.bmm(a.unsqueeze(1), b.unsqueeze(2)).view(-1)
-
-
 def _phi(x: torch.Tensor) -> torch.Tensor:
     """e^x - 1 - x (>= 0, ~x^2/2 near 0), in place on a float32 temporary."""
     return torch.expm1(x).sub_(x)
@@ -239,13 +234,13 @@ class SpliceMetrics:
             p, mass = clean.probs[sl], clean.mass[sl]
             delta = delta_fn(dh32[sl])  # [rows, V] float32
             d_t = delta.gather(-1, targets[sl, None]).squeeze(-1).double()
-            mean = _row_dot(p, delta).double() / mass  # E_p[delta]
+            mean = torch.linalg.vecdot(p, delta).double() / mass  # E_p[delta]
             centred = delta.sub_(mean.float()[:, None])  # delta', E_p[delta'] = 0
-            kl_rows = torch.log1p(_row_dot(p, _phi(centred)).double() / mass)
+            kl_rows = torch.log1p(torch.linalg.vecdot(p, _phi(centred)).double() / mass)
             big = centred.amax(-1) > _PHI_MAX  # e^delta' could overflow: max-shifted form
             if bool(big.any()):
                 m = centred[big].amax(-1, keepdim=True)
-                shifted = _row_dot(p[big], (centred[big] - m).exp_()).double()
+                shifted = torch.linalg.vecdot(p[big], (centred[big] - m).exp_()).double()
                 kl_rows[big] = m.squeeze(-1).double() + torch.log(shifted / mass[big])
             kl += kl_rows.sum()
             ce += (mean + kl_rows - clean.target_log_probs[sl] - d_t).sum()
