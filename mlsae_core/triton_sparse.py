@@ -57,7 +57,13 @@ def enabled_for(*tensors: torch.Tensor) -> bool:
 
 @functools.cache
 def _kernels() -> dict[str, Any]:
-    """Compile-on-first-use kernel definitions (so importing this module never needs Triton)."""
+    """The kernels, defined on first use (so importing this module never needs Triton)."""
+    return build_kernels()
+
+
+def build_kernels() -> dict[str, Any]:
+    """Define the kernels: compiled per GPU on first launch, or interpreted when
+    TRITON_INTERPRET=1 at definition time. Uncached, so tests can build both kinds."""
     found = _triton()
     if found is None:
         raise RuntimeError(
@@ -222,3 +228,44 @@ def sparse_decode(indices: torch.Tensor, values: torch.Tensor, table: torch.Tens
     through which autograd returns the gradient to the view).
     """
     return SparseDecode.apply(indices, values.to(table.dtype), table.contiguous())
+
+
+def _signature(name: str, f64: bool) -> dict[str, str]:
+    """Argument types of kernel `name` for an ahead-of-time compile."""
+    fp = "*fp64" if f64 else "*fp32"
+    if name == "decode":
+        ptrs = {"idx_ptr": "*i64", "val_ptr": fp, "tab_ptr": fp, "out_ptr": fp}
+        ints = ("K", "D", "s_t0", "s_t1")
+    elif name == "gather_dot":
+        ptrs = {"idx_ptr": "*i64", "x_ptr": fp, "tab_ptr": fp, "out_ptr": fp}
+        ints = ("K", "D", "s_x0", "s_x1", "s_t0", "s_t1")
+    else:
+        names = ("order_ptr", "start_ptr", "count_ptr", "coef_ptr", "rows_ptr", "out_ptr")
+        ptrs = dict(zip(names, ("*i64", "*i64", "*i64", fp, fp, fp), strict=True))
+        ints = ("K", "D", "s_r0", "s_r1")
+    return {**ptrs, **dict.fromkeys(ints, "i32")}
+
+
+def compile_all(arch: int = 90) -> dict[str, int]:
+    """Compile every kernel (float32 and float64) for CUDA compute capability `arch` down to a
+    cubin, without a GPU; returns {"name/f32|f64": cubin size}. A check that the kernels build
+    for a card before one is at hand. Needs TRITON_INTERPRET unset for the whole process."""
+    triton, _ = _triton() or (None, None)
+    if triton is None:
+        raise RuntimeError("Triton is not installed: pip install triton")
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # Triton 3.9 warns when unset
+    kernels = build_kernels()
+    sizes = {}
+    for name, kernel in kernels.items():
+        for f64 in (False, True):
+            constexprs: dict[str, Any] = {"F64": f64, "BLOCK_D": _BLOCK_D}
+            if name == "gather_dot":
+                constexprs["BLOCK_K"] = 32
+            sig = {**_signature(name, f64), **dict.fromkeys(constexprs, "constexpr")}
+            src = ASTSource(fn=kernel, signature=sig, constexprs=constexprs)
+            compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32))
+            sizes[f"{name}/{'f64' if f64 else 'f32'}"] = len(compiled.asm["cubin"])
+    return sizes
