@@ -110,10 +110,12 @@ COMMANDS["train"] = (_train_args, _train, "train an MLSAE (resumes from --out if
 
 
 def _add_delta_dtype_arg(p: argparse.ArgumentParser) -> None:
+    from mlsae_core.config import DELTA_DTYPE_CHOICES
+
     p.add_argument(
         "--delta_dtype",
         default="auto",
-        choices=("auto", "float32", "bfloat16"),
+        choices=DELTA_DTYPE_CHOICES,
         help="precision of the spliced-minus-clean logit GEMM behind dCE/KL: float32 is "
         "exact; bfloat16 (auto's choice where native) is several times faster and moves "
         "KL/dCE by at most ~1e-3 relative (measured: docs/performance.md)",

@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 VALID_DEVICES = ("cpu", "cuda", "auto")
+# Precision of the splice metrics' logit-difference GEMM (evaluate.resolve_delta_dtype).
+DELTA_DTYPE_CHOICES = ("auto", "float32", "bfloat16")
 
 
 class ConfigError(ValueError):

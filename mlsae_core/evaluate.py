@@ -16,6 +16,7 @@ from typing import Any, Protocol
 
 import torch
 
+from mlsae_core.config import DELTA_DTYPE_CHOICES
 from mlsae_core.metrics import (
     ReconstructionMetrics,
     SpliceMetrics,
@@ -111,7 +112,7 @@ def resolve_delta_dtype(name: str | torch.dtype, device: torch.device | str) -> 
         return torch.bfloat16 if fast_bf16(device) else torch.float32
     if key not in DELTA_DTYPES:
         raise ValueError(
-            f"delta_dtype {name!r} is not allowed: one of auto, float32, bfloat16 "
+            f"delta_dtype {name!r} is not allowed: one of {', '.join(DELTA_DTYPE_CHOICES)} "
             "(float32 is exact; bfloat16 is faster where native)"
         )
     return DELTA_DTYPES[key]

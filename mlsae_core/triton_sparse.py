@@ -38,21 +38,18 @@ def _triton() -> Any:
     return triton, tl
 
 
-def interpreting() -> bool:
-    """Triton's CPU interpreter is on: kernels accept CPU tensors (slow; for tests)."""
-    return os.environ.get("TRITON_INTERPRET", "") == "1"
-
-
 def available() -> bool:
     """Triton can be imported (it ships with CUDA builds of torch)."""
     return _triton() is not None
 
 
 def enabled_for(*tensors: torch.Tensor) -> bool:
-    """Use the kernels for these tensors: all on CUDA, Triton present, not MLSAE_TRITON=0."""
-    if os.environ.get("MLSAE_TRITON", "1").strip() == "0" or not available():
+    """Use the kernels for these tensors: all on CUDA, Triton present, not MLSAE_TRITON=0.
+
+    The device is checked first, so CPU calls never import Triton (a hot path)."""
+    if not all(t.is_cuda for t in tensors):
         return False
-    return all(t.is_cuda for t in tensors)
+    return os.environ.get("MLSAE_TRITON", "1").strip() != "0" and available()
 
 
 @functools.cache

@@ -18,7 +18,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mlsae_core.config import ConfigError, DataConfig, SAEConfig, TrainConfig, from_dict
+from mlsae_core.config import (
+    DELTA_DTYPE_CHOICES,
+    ConfigError,
+    DataConfig,
+    SAEConfig,
+    TrainConfig,
+    from_dict,
+)
 from mlsae_core.runs import model_slug
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -70,9 +77,10 @@ class EvalSettings:
                 raise ConfigError(f"eval.{name}={v!r} is not allowed: an integer >= 0")
         if not isinstance(self.prompt, str) or not self.prompt.strip():
             raise ConfigError("eval.prompt is not allowed to be empty")
-        if self.delta_dtype not in ("auto", "float32", "bfloat16"):
+        if self.delta_dtype not in DELTA_DTYPE_CHOICES:
             raise ConfigError(
-                f"eval.delta_dtype={self.delta_dtype!r} is not allowed: auto, float32 or bfloat16"
+                f"eval.delta_dtype={self.delta_dtype!r} is not allowed: one of "
+                f"{', '.join(DELTA_DTYPE_CHOICES)}"
             )
 
 

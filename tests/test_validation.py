@@ -76,3 +76,11 @@ def test_pickled_model_is_refused(tmp_path, corpus_dir, capsys):  # noqa: F811
     assert not list((tmp_path / "m").glob("*.safetensors"))
     assert main(train_args(tmp_path / "m", corpus_dir, tmp_path / "o")) == 2
     assert "safetensors only (no pickle)" in capsys.readouterr().err
+
+
+def test_sweep_eval_delta_dtype_is_checked():
+    from mlsae_pipeline.sweep import EvalSettings
+
+    assert EvalSettings(delta_dtype="float32").delta_dtype == "float32"
+    with pytest.raises(ConfigError, match="eval.delta_dtype='fp16'.*auto, float32, bfloat16"):
+        EvalSettings(delta_dtype="fp16")
