@@ -1,105 +1,71 @@
 """`mlsae`: the original code's commands (train, test, dists, examples, figures, ...) in one CLI.
 
 Flags keep the original's names (`--model_name`, `--expansion_factor`, `-k`, `--repo_id`,
-`--max_tokens`, ...). Models: a hub id, a local directory, a .gguf file, or `smollm2` (the
-offline default). Datasets: a hub id, a local file or directory, or `brown` (offline default).
+`--max_tokens`, ...) and are generated from the settings dataclasses of mlsae_core.config,
+so their defaults and help are the dataclasses'. Models: a hub id, a local directory, a .gguf
+file, or `smollm2` (the offline default). Datasets: a hub id, a local file or directory, or
+`brown` (offline default). Packages add commands through the "mlsae.commands" entry-point
+group (the pipeline adds `mlsae sweep`), so this module imports nothing of theirs.
+
+Only argparse and the torch-free config load at start-up; each command imports its work.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import sys
 from collections.abc import Callable, Sequence
+from importlib.metadata import entry_points
 from pathlib import Path
 
+from mlsae_core.config import (
+    ConfigError,
+    DataConfig,
+    EvalConfig,
+    RunSpec,
+    SAEConfig,
+    TrainConfig,
+    add_arguments,
+    from_args,
+)
+
+PLUGIN_GROUP = "mlsae.commands"
+Command = tuple[Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int], str]
 # name -> (add arguments, run, one-line help)
-COMMANDS: dict[str, tuple[Callable[[argparse.ArgumentParser], None], Callable, str]] = {}
+COMMANDS: dict[str, Command] = {}
 
 
-def _add_data_args(p: argparse.ArgumentParser, defaults_from_checkpoint: bool = False) -> None:
-    where = " (default: the one recorded in the checkpoint)" if defaults_from_checkpoint else ""
-    p.add_argument(
-        "--dataset",
-        default=None if defaults_from_checkpoint else "brown",
-        help="hub dataset id, local .txt/.jsonl/.jsonl.zst/.parquet file or directory, or "
-        f"'brown' (the offline Brown corpus){where or ' (default: brown)'}",
-    )
-    p.add_argument(
-        "--max_length",
-        type=int,
-        default=None if defaults_from_checkpoint else 2048,
-        help=f"tokens per sequence{where or ' (default: 2048)'}",
-    )
+def _repo_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--repo_id", required=True, help="checkpoint directory or hub repo id")
+
+
+def _eval_cfg(args: argparse.Namespace) -> EvalConfig:
+    return from_args(EvalConfig, args)
 
 
 # ----- train ---------------------------------------------------------------------------------
 def _train_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--model_name",
-        default="smollm2",
-        help="hub id (e.g. EleutherAI/pythia-70m-deduped), local directory, .gguf file, or "
-        "'smollm2' (the offline default)",
-    )
-    p.add_argument(
-        "--layers", type=int, nargs="+", default=None, help="layers to train on (default: all)"
-    )
-    p.add_argument("--expansion_factor", type=int, default=64, help="n_latents / d (default 64)")
-    p.add_argument("-k", type=int, default=32, help="active latents per vector (default 32)")
-    p.add_argument("--auxk", type=int, default=256, help="dead latents in the AuxK loss")
-    p.add_argument("--auxk_coef", type=float, default=1 / 32, help="AuxK loss scale")
-    p.add_argument(
-        "--dead_tokens_threshold",
-        type=int,
-        default=10_000_000,
-        help="tokens without firing after which a latent counts as dead (default 10M)",
-    )
-    p.add_argument("--no_standardize", action="store_true", help="do not standardize inputs")
-    _add_data_args(p)
-    p.add_argument("--max_tokens", type=int, default=1_000_000_000, help="token budget")
-    p.add_argument("--batch_size", type=int, default=1, help="sequences per micro-batch")
-    p.add_argument("--accumulate_grad_batches", type=int, default=64, help="micro-batches per step")
-    p.add_argument("--lr", type=float, default=1e-4, help="Adam learning rate")
-    p.add_argument("--seed", type=int, default=0, help="seed for init, data order and split")
-    p.add_argument("--test_fraction", type=float, default=0.1, help="documents held out")
-    p.add_argument("--checkpoint_every", type=int, default=100, help="steps between checkpoints")
-    p.add_argument("--device", default="auto", help="cpu, cuda or auto (default)")
+    add_arguments(p, RunSpec)
+    add_arguments(p, SAEConfig)
+    add_arguments(p, DataConfig)
+    add_arguments(p, TrainConfig)
     p.add_argument("--out", required=True, type=Path, help="checkpoint directory (resumes)")
     p.add_argument("--push_to_hub", default=None, help="also upload to this hub repo id")
 
 
 def _train(args: argparse.Namespace) -> int:
-    from mlsae_core.config import DataConfig, SAEConfig, TrainConfig
-    from mlsae_core.runs import RunSpec, train_run
+    from mlsae_core.runs import train_run
 
-    spec = RunSpec(
-        model_name=args.model_name,
-        layers=tuple(args.layers) if args.layers else None,
-        sae=SAEConfig(
-            expansion_factor=args.expansion_factor,
-            k=args.k,
-            auxk=args.auxk if args.auxk > 0 else None,
-            auxk_coef=args.auxk_coef,
-            dead_tokens_threshold=args.dead_tokens_threshold,
-            standardize=not args.no_standardize,
-        ),
-        data=DataConfig(
-            dataset=args.dataset,
-            max_length=args.max_length,
-            batch_size=args.batch_size,
-            max_tokens=args.max_tokens,
-            test_fraction=args.test_fraction,
-        ),
-        train=TrainConfig(
-            lr=args.lr,
-            accumulate_grad_batches=args.accumulate_grad_batches,
-            seed=args.seed,
-            checkpoint_every=args.checkpoint_every,
-            device=args.device,
-        ),
+    spec = from_args(
+        RunSpec,
+        args,
+        sae=from_args(SAEConfig, args),
+        data=from_args(DataConfig, args),
+        train=from_args(TrainConfig, args),
     )
     sae = train_run(spec, args.out)
-    logging.getLogger("mlsae").info("saved %s", args.out)
     if args.push_to_hub:
         sae.push_to_hub(args.push_to_hub)
     print(f"trained MLSAE saved to {args.out}")
@@ -109,86 +75,28 @@ def _train(args: argparse.Namespace) -> int:
 COMMANDS["train"] = (_train_args, _train, "train an MLSAE (resumes from --out if interrupted)")
 
 
-def _add_delta_dtype_arg(p: argparse.ArgumentParser) -> None:
-    from mlsae_core.config import DELTA_DTYPE_CHOICES
+# ----- test and the analyses (one evaluation pass) ---------------------------------------------
+EVAL_FLAGS = ("max_tokens", "splice_max_tokens", "batch_size", "delta_dtype", "device")
 
-    p.add_argument(
-        "--delta_dtype",
-        default="auto",
-        choices=DELTA_DTYPE_CHOICES,
-        help="precision of the spliced-minus-clean logit GEMM behind dCE/KL: float32 is "
-        "exact; bfloat16 (auto's choice where native) is several times faster and moves "
-        "KL/dCE by at most ~1e-3 relative (measured: docs/performance.md)",
+
+def _eval_args(p: argparse.ArgumentParser, eval_fields: Sequence[str]) -> None:
+    _repo_arg(p)
+    add_arguments(
+        p, DataConfig, only=("dataset", "max_length"), from_checkpoint=("dataset", "max_length")
     )
-
-
-# ----- test ----------------------------------------------------------------------------------
-def _test_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--repo_id", required=True, help="checkpoint directory or hub repo id")
-    _add_data_args(p, defaults_from_checkpoint=True)
-    p.add_argument("--max_tokens", type=int, default=100_000, help="test tokens (default 100k)")
-    p.add_argument("--batch_size", type=int, default=4, help="sequences per batch")
-    p.add_argument("--device", default="cpu", help="cpu or cuda")
-    _add_delta_dtype_arg(p)
+    add_arguments(p, EvalConfig, only=eval_fields)
     p.add_argument(
         "--out",
         type=Path,
         default=None,
-        help="CSV path (a Parquet file is written beside it); default: <repo_id>/test_metrics.csv",
+        help="output directory (default: the checkpoint directory, where mlsae explore looks)",
     )
-
-
-def _test(args: argparse.Namespace) -> int:
-    from mlsae_core.runs import partition_values, test_run, write_metrics
-
-    rows, sae = test_run(
-        args.repo_id,
-        dataset=args.dataset,
-        max_tokens=args.max_tokens,
-        max_length=args.max_length,
-        batch_size=args.batch_size,
-        device=args.device,
-        delta_dtype=args.delta_dtype,
-    )
-    out = args.out or Path(args.repo_id) / "test_metrics.csv"
-    csv_path, pq_path = write_metrics(rows, partition_values(sae), out)
-    _print_rows(rows, ("layer", "mse", "fvu", "l0", "dead", "dce", "kl", "loss_recovered"))
-    print(f"wrote {csv_path} and {pq_path}")
-    return 0
-
-
-COMMANDS["test"] = (_test_args, _test, "evaluate a trained MLSAE: MSE, FVU, L0, dCE, KL, ...")
 
 
 def _print_rows(rows: Sequence[dict], cols: Sequence[str]) -> None:
-    def fmt(v: object) -> str:
-        return f"{v:.4g}" if isinstance(v, float) else str(v)
+    from mlsae_core.textable import format_records
 
-    widths = [max(len(c), *(len(fmt(r[c])) for r in rows)) for c in cols]
-    print("  ".join(c.rjust(w) for c, w in zip(cols, widths, strict=True)))
-    for r in rows:
-        print("  ".join(fmt(r[c]).rjust(w) for c, w in zip(cols, widths, strict=True)))
-
-
-# ----- analyses (one evaluation pass) -----------------------------------------------------------
-def _analysis_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--repo_id", required=True, help="checkpoint directory or hub repo id")
-    _add_data_args(p, defaults_from_checkpoint=True)
-    p.add_argument("--max_tokens", type=int, default=100_000, help="held-out tokens to read")
-    p.add_argument("--batch_size", type=int, default=4, help="sequences per batch")
-    p.add_argument("--n_examples", type=int, default=32, help="examples per (latent, layer)")
-    p.add_argument("--n_context", type=int, default=4, help="context tokens each side")
-    p.add_argument(
-        "--splice_max_tokens",
-        type=int,
-        default=None,
-        help="with metrics: splice only the first N tokens (the costly part; default: all)",
-    )
-    p.add_argument("--device", default="cpu", help="cpu or cuda")
-    _add_delta_dtype_arg(p)
-    p.add_argument(
-        "--out", type=Path, default=None, help="output directory (default: beside the checkpoint)"
-    )
+    print(format_records(rows, cols, max_rows=len(rows)))
 
 
 def _run_analyses(args: argparse.Namespace, analyses: tuple[str, ...]) -> int:
@@ -196,45 +104,47 @@ def _run_analyses(args: argparse.Namespace, analyses: tuple[str, ...]) -> int:
 
     out = analyse_checkpoint(
         args.repo_id,
-        out_dir=args.out,
+        _eval_cfg(args),
         analyses=analyses,
+        out_dir=args.out,
         dataset=args.dataset,
-        max_tokens=args.max_tokens,
         max_length=args.max_length,
-        batch_size=args.batch_size,
-        splice_max_tokens=args.splice_max_tokens,
-        n_examples=args.n_examples,
-        n_context=args.n_context,
-        device=args.device,
-        delta_dtype=args.delta_dtype,
     )
-    if out.dists is not None:
-        summary = out.dists.summary()
+    result = out.result
+    if result.dists is not None:
+        summary = result.dists.summary()
         print("layer_std over live latents: " + ", ".join(
             f"{k}={summary[k]:.4g}" for k in ("mean", "std", "sem", "mean_rel") if k in summary
         ))  # fmt: skip
-    if out.variance is not None:
-        v = out.variance.summary()
+    if result.variance is not None:
+        v = result.variance.summary()
         print(f"token vs aggregate layer variance: ratio={v.get('ratio', float('nan')):.4g}")
-    if out.metrics_rows:
-        _print_rows(out.metrics_rows[-1:], ("layer", "mse", "fvu", "l0", "dead", "dce", "kl"))
+    if result.metrics_rows:
+        rows = result.metrics_rows if analyses == ("metrics",) else result.metrics_rows[-1:]
+        _print_rows(rows, ("layer", "mse", "fvu", "l0", "dead", "dce", "kl", "loss_recovered"))
     for path in sorted(out.paths.values()):
         print(f"wrote {path}")
     return 0
 
 
+COMMANDS["test"] = (
+    lambda p: _eval_args(p, EVAL_FLAGS),
+    lambda a: _run_analyses(a, ("metrics",)),
+    "evaluate a trained MLSAE: MSE, FVU, L0, dCE, KL, ... (test_metrics.csv and .parquet)",
+)
+_ANALYSIS_FLAGS = (*EVAL_FLAGS, "n_examples", "n_context")
 COMMANDS["analyse"] = (
-    _analysis_args,
+    lambda p: _eval_args(p, _ANALYSIS_FLAGS),
     lambda a: _run_analyses(a, ("metrics", "dists", "variance", "examples")),
     "metrics, layer distributions, layer variance and examples in ONE pass",
 )
 COMMANDS["dists"] = (
-    _analysis_args,
+    lambda p: _eval_args(p, _ANALYSIS_FLAGS),
     lambda a: _run_analyses(a, ("dists", "variance")),
     "latent activation distributions over layers (+ token vs aggregate variance)",
 )
 COMMANDS["examples"] = (
-    _analysis_args,
+    lambda p: _eval_args(p, _ANALYSIS_FLAGS),
     lambda a: _run_analyses(a, ("examples",)),
     "max-activating examples for every (latent, layer)",
 )
@@ -250,15 +160,9 @@ def _figures_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--repo_id", nargs="+", default=[], help="checkpoint directories (all but resid_cos_sim)"
     )
-    p.add_argument("--model_name", default="smollm2", help="model (resid_cos_sim)")
-    p.add_argument("--dataset", default="brown", help="dataset (resid_cos_sim)")
-    p.add_argument("--max_length", type=int, default=256, help="tokens per sequence")
-    p.add_argument("--max_tokens", type=int, default=20_000, help="tokens (resid_cos_sim)")
-    p.add_argument(
-        "--prompt",
-        default="When Mary and John went to the store, John gave a drink to",
-        help="prompt (prompt_heatmaps)",
-    )
+    add_arguments(p, RunSpec, only=("model_name",))
+    add_arguments(p, DataConfig, only=("dataset", "max_length"))
+    add_arguments(p, EvalConfig, only=("resid_tokens", "prompt", "batch_size", "device"))
     p.add_argument("--out", type=Path, default=Path("figures"), help="output directory")
 
 
@@ -277,13 +181,32 @@ COMMANDS["figures"] = (
 )
 
 
+# ----- query ------------------------------------------------------------------------------------
+def _query_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("sql", help='SQL over the views of results.duckdb, e.g. "SELECT * FROM mmcs"')
+    p.add_argument("--db", default=None, help="default: $MLSAE_DATA_DIR/results.duckdb")
+    p.add_argument("--max_rows", type=int, default=50, help="rows to print (default 50)")
+
+
+def _query(args: argparse.Namespace) -> int:
+    from mlsae_core.query import run_query
+    from mlsae_core.textable import format_table
+
+    columns, rows = run_query(args.sql, args.db)
+    print(format_table(columns, rows, args.max_rows))
+    return 0
+
+
+COMMANDS["query"] = (_query_args, _query, "run SQL on $MLSAE_DATA_DIR/results.duckdb")
+
+
 # ----- setup helpers -------------------------------------------------------------------------
 def _fetch_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dest", type=Path, default=None, help="default: $MLSAE_DATA_DIR/sources")
 
 
 def _fetch_brown(args: argparse.Namespace) -> int:
-    from mlsae_core.data import fetch_brown
+    from mlsae_core.brown import fetch_brown
 
     print(f"Brown corpus at {fetch_brown(args.dest)}")
     return 0
@@ -293,11 +216,11 @@ COMMANDS["fetch-brown"] = (_fetch_args, _fetch_brown, "download the Brown corpus
 
 
 def _prepare_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model_name", default="smollm2", help="model to convert/cache")
+    add_arguments(p, RunSpec, only=("model_name",))
 
 
 def _prepare(args: argparse.Namespace) -> int:
-    from mlsae_core.data import fetch_brown
+    from mlsae_core.brown import fetch_brown
     from mlsae_core.transformer import resolve_model_path
 
     print(f"model at {resolve_model_path(args.model_name)}")
@@ -332,78 +255,94 @@ COMMANDS["explore"] = (
 )
 
 
-# ----- pipeline (Dagster): handlers live in mlsae_pipeline.commands -----------------------------
-def _sweep_args(p: argparse.ArgumentParser) -> None:
-    from mlsae_pipeline.commands import sweep_args
-
-    sweep_args(p)
-
-
-def _sweep(args: argparse.Namespace) -> int:
-    from mlsae_pipeline.commands import sweep
-
-    return sweep(args)
-
-
-COMMANDS["sweep"] = (
-    _sweep_args,
-    _sweep,
-    "materialize every asset of every partition of the sweep (MLSAE_SWEEP) through Dagster",
-)
-
-
-def _query_args(p: argparse.ArgumentParser) -> None:
-    from mlsae_pipeline.commands import query_args
-
-    query_args(p)
-
-
-def _query(args: argparse.Namespace) -> int:
-    from mlsae_pipeline.commands import query
-
-    return query(args)
-
-
-COMMANDS["query"] = (
-    _query_args,
-    _query,
-    "run SQL on $MLSAE_DATA_DIR/results.duckdb, print a table",
-)
-
-
 # ----- entry point ---------------------------------------------------------------------------
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="mlsae",
-        description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
+def plugin_commands() -> dict[str, Command]:
+    """Commands other installed packages register under the "mlsae.commands" group."""
+    found: dict[str, Command] = {}
+    for ep in entry_points(group=PLUGIN_GROUP):
+        if ep.name not in COMMANDS:
+            found[ep.name] = ep
+    return found
+
+
+def _load_plugin(name: str, ep: object) -> Command:
+    if isinstance(ep, tuple):
+        return ep
+    command = ep.load()  # type: ignore[attr-defined]
+    if not (isinstance(command, tuple) and len(command) == 3):
+        raise TypeError(f"entry point {name!r} of {PLUGIN_GROUP} is not (add_args, run, help)")
+    return command
+
+
+def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Command]]:
+    parser = argparse.ArgumentParser(prog="mlsae", description=__doc__.split("\n\n")[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name, (add_args, _, help_text) in COMMANDS.items():
+    commands = dict(COMMANDS)
+    for name, ep in plugin_commands().items():
+        commands[name] = _load_plugin(name, ep)
+    for name, (add_args, _, help_text) in commands.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
         add_args(p)
-    return parser
+    return parser, commands
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from mlsae_core.config import ConfigError
-
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    parser, commands = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # argparse has printed its one-line usage error (or --help)
+        return int(exc.code or 0)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    _, run, _ = COMMANDS[args.command]
+    _, run, _ = commands[args.command]
     try:
         return int(run(args) or 0)
-    except (ConfigError, ValueError, FileNotFoundError) as exc:
-        # Bad input: a clear message, not a traceback (use -v for the traceback).
+    except KeyboardInterrupt:
         if args.verbose:
             raise
-        print(f"mlsae {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+        hint = " (run the same command again to resume)" if args.command == "train" else ""
+        print(f"mlsae {args.command}: interrupted{hint}", file=sys.stderr)
+        return 130
+    except Exception as exc:
+        # A clear one-line message, not a traceback (use -v for the traceback).
+        if args.verbose:
+            raise
+        message, code = failure_message(exc)
+        if message is None:
+            raise
+        print(f"mlsae {args.command}: error: {message}", file=sys.stderr)
+        return code
+
+
+DISK_HINTS = {
+    errno.ENOSPC: "no space left on the device; free some space and run the command again "
+    "(an interrupted training run resumes)",
+    errno.EDQUOT: "disk quota exceeded; free some space and run the command again",
+    errno.EACCES: "permission denied; choose a directory you can write (e.g. --out)",
+    errno.EROFS: "the file system is read-only; choose a writable directory (e.g. --out)",
+}
+
+
+def failure_message(exc: BaseException) -> tuple[str | None, int]:
+    """(one-line message, exit code) for failures a user can fix; (None, 1) for bugs."""
+    from mlsae_core.lock import OutputLocked
+
+    if isinstance(exc, OSError) and exc.errno in DISK_HINTS:
+        where = f"{exc.filename}: " if exc.filename else ""
+        return f"{where}{DISK_HINTS[exc.errno]}", 1
+    text = str(exc)
+    if "No space left on device" in text:  # e.g. safetensors' own error type
+        return DISK_HINTS[errno.ENOSPC], 1
+    if isinstance(exc, ConfigError | ValueError | FileNotFoundError):
+        return text, 2  # bad input
+    if isinstance(exc, OutputLocked):
+        return text, 1
+    if type(exc).__name__ == "TrainingDiverged":
+        return text, 1
+    return None, 1
 
 
 if __name__ == "__main__":

@@ -16,14 +16,15 @@ from typing import Any, Protocol
 
 import torch
 
-from mlsae_core.config import DELTA_DTYPE_CHOICES
+from mlsae_core.config import DELTA_DTYPE_CHOICES, EvalConfig
 from mlsae_core.metrics import (
     ReconstructionMetrics,
     SpliceMetrics,
     metrics_rows,
     unembedding_gram,
 )
-from mlsae_core.sae import MLSAE, TopK, autocast
+from mlsae_core.precision import autocast
+from mlsae_core.sae import MLSAE, TopK
 
 logger = logging.getLogger(__name__)
 
@@ -131,7 +132,7 @@ def evaluate(
     collectors: Iterable[Collector] = (),
     progress: bool = True,
     splice_max_tokens: int | None = None,
-    delta_dtype: str | torch.dtype = "auto",
+    delta_dtype: str | torch.dtype = EvalConfig.delta_dtype,
 ) -> EvalResult:
     """Evaluate `sae` on chunk rows `tokens` [n, P] (masks: counted positions), in order.
 
@@ -172,7 +173,7 @@ def evaluate(
             clean = None
             acts = transformer.activations(toks, layers)
         x = acts[:, mask].float().to(device)  # [L, N, d]
-        # Mixed precision (sae.mixed_precision) covers only the SAE's TopK selection here:
+        # Mixed precision (precision.mixed_precision) covers only the SAE's TopK selection here:
         # the transformer keeps its precision, as clean and spliced passes must match.
         with autocast(device):
             out = sae(x)

@@ -1,8 +1,10 @@
 """`mlsae figures NAME`: the original's figure scripts, over checkpoints analysed beforehand.
 
-Multi-checkpoint figures read the tables `mlsae analyse`/`mlsae dists` wrote beside each
-checkpoint (running the missing analysis when a table is absent), so a figure never costs a
-second pass over the model.
+Multi-checkpoint figures read the tables `mlsae analyse`/`mlsae dists` wrote into each run
+directory (running the missing analysis when a table is absent), so a figure never costs a
+second pass over the model. The cross-config tables (test_summary, dists_layer_std, mmcs) are
+built by `analysis.summaries`, the same functions as the pipeline's summary assets; the
+reference's CSVs are derived from those tables.
 """
 
 from __future__ import annotations
@@ -12,26 +14,38 @@ import logging
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from mlsae_core import atomic, figures
+from mlsae_core.analyse import analyse_checkpoint
+from mlsae_core.analysis import geometry, summaries, tables
+from mlsae_core.analysis.dists import DistsResult
+from mlsae_core.analysis.prompts import prompt_heatmap
+from mlsae_core.analysis.tables import DISTS_META_KEY, dists_from_layer_table
+from mlsae_core.config import DataConfig, EvalConfig, resolve_device
+from mlsae_core.identity import model_slug, resolve_layers, run_slug
+from mlsae_core.layout import RunLayout
+from mlsae_core.runs import partition_values, transformer_split
+from mlsae_core.sae import MLSAE
+from mlsae_core.transformer import Transformer
+
 logger = logging.getLogger(__name__)
 
 
-def load_dists(checkpoint: str | Path) -> Any:
+def load_dists(checkpoint: str | Path) -> DistsResult:
     """The DistsResult saved in latent_layer_dists.parquet (computed if missing or too old)."""
-    import pyarrow.parquet as pq
-
-    from mlsae_core.analyse import FILES, analyse_checkpoint
-    from mlsae_core.analysis.tables import DISTS_META_KEY, dists_from_layer_table
-
-    checkpoint = Path(checkpoint)
-    long_path = checkpoint / FILES["layer_dists"]
-    if long_path.exists():
-        table = pq.read_table(long_path)
+    run = RunLayout(Path(checkpoint))
+    path = run.table("latent_layer_dists")
+    if path.exists():
+        table = pq.read_table(path)
         if DISTS_META_KEY in (table.schema.metadata or {}):
             return dists_from_layer_table(table)
-        logger.info("%s predates the dists metadata: recomputing", long_path)
+        logger.info("%s predates the dists metadata: recomputing", path)
     else:
         logger.info("%s has no layer distributions yet: computing them", checkpoint)
-    return analyse_checkpoint(checkpoint, analyses=("dists",), figures=False).dists
+    out = analyse_checkpoint(checkpoint, EvalConfig(), analyses=("dists",), write_figures=False)
+    return out.result.dists
 
 
 def _need_repos(args: argparse.Namespace) -> list[Path]:
@@ -40,37 +54,58 @@ def _need_repos(args: argparse.Namespace) -> list[Path]:
     return [Path(r) for r in args.repo_id]
 
 
-def _label(sae_or_dir: Any) -> tuple[dict[str, Any], str]:
-    from mlsae_core.runs import partition_values
-    from mlsae_core.sae import MLSAE
-
+def _label(sae_or_dir: MLSAE | Path) -> tuple[dict[str, Any], str]:
     sae = sae_or_dir if not isinstance(sae_or_dir, Path) else MLSAE.from_pretrained(sae_or_dir)
     part = partition_values(sae)
-    slug = f"{part['model']}-x{part['expansion_factor']}-k{part['k']}-L{part['layers']}"
-    return part, slug.replace(",", "_")
+    return part, run_slug(part)
+
+
+# ----- the cross-config tables (the pipeline's summary assets compute the same) -------------
+def test_metrics_of(repos: list[Path]) -> pa.Table:
+    """Every run's test_metrics table, concatenated."""
+    parts = []
+    for repo in repos:
+        path = RunLayout(repo).table("test_metrics")
+        if not path.exists():
+            raise ValueError(f"{path} is missing: run `mlsae test --repo_id {repo}` first")
+        parts.append(pq.read_table(path))
+    return pa.concat_tables(parts)
+
+
+test_metrics_of.__test__ = False  # not a pytest test
+
+
+def dists_layer_std_of(repos: list[Path]) -> pa.Table:
+    """summaries.dists_layer_std over the runs' layer distributions."""
+    rows = [tables.dists_summary_table(load_dists(r), _label(r)[0]) for r in repos]
+    return summaries.dists_layer_std(pa.concat_tables(rows))
+
+
+def mmcs_of(repos: list[Path]) -> pa.Table:
+    """summaries.mmcs over the runs' decoders."""
+    return summaries.mmcs([summaries.run_decoder(r) for r in repos])
+
+
+def _write_table(path: Path, table: pa.Table) -> Path:
+    atomic.write_parquet(path, table)
+    return path
 
 
 def run_figure(args: argparse.Namespace) -> list[Path]:
     """Dispatch on args.name; returns every file written."""
-    from mlsae_core import atomic, figures
-    from mlsae_core.analysis import geometry, tables
-
     out: Path = args.out
     written: list[Path] = []
     if args.name == "resid_cos_sim":
-        from mlsae_core.config import DataConfig
-        from mlsae_core.runs import corpus_split, model_slug
-        from mlsae_core.transformer import Transformer
-
-        transformer = Transformer.load(args.model_name)
+        transformer = Transformer.load(args.model_name, device=resolve_device(args.device))
         data = DataConfig(dataset=args.dataset, max_length=args.max_length)
-        chunks = corpus_split(transformer, data, 0, "test", args.max_tokens)
-        source = geometry.transformer_batches(transformer, chunks.tokens, chunks.mask())
+        chunks = transformer_split(transformer, data, 0, "test", args.resid_tokens)
+        source = geometry.transformer_batches(
+            transformer, chunks.tokens, chunks.mask(), batch_size=args.batch_size
+        )
         result = geometry.resid_cos_sim(source)
         slug = model_slug(args.model_name)
-        path = out / f"resid_cos_sim_{slug}.parquet"
-        atomic.write_parquet(path, tables.resid_cos_sim_table(result, {"model": slug}))
-        written.append(path)
+        table = tables.resid_cos_sim_table(result, {"model": slug})
+        written.append(_write_table(out / f"resid_cos_sim_{slug}.parquet", table))
         written += figures.resid_cos_sim_figure(result, out / f"resid_cos_sim_{slug}", title=slug)
         return written
 
@@ -80,38 +115,19 @@ def run_figure(args: argparse.Namespace) -> list[Path]:
             _, slug = _label(repo)
             written += figures.dists_heatmap(load_dists(repo), out / f"dists_heatmap_{slug}", slug)
     elif args.name == "dists_layer_std":
-        rows = []
-        for repo in repos:
-            part, _ = _label(repo)
-            rows.append(
-                tables.dists_layer_std_row(
-                    part["model"], part["expansion_factor"], part["k"], load_dists(repo)
-                )
-            )
+        table = dists_layer_std_of(repos)
+        written.append(_write_table(out / "dists_layer_std.parquet", table))
         path = out / "dists_layer_std.csv"
-        tables.write_dists_layer_std_csv(path, rows)
+        tables.write_dists_layer_std_csv(path, summaries.dists_layer_std_csv_rows(table))
         written.append(path)
     elif args.name == "mmcs":
-        from mlsae_core.sae import MLSAE
-
-        rows = []
-        for repo in repos:
-            sae = MLSAE.from_pretrained(repo)
-            part, _ = _label(sae)
-            summary = geometry.mmcs(sae.decoder.weight.detach())
-            rows.append(
-                tables.mmcs_row(part["model"], part["expansion_factor"], part["k"], summary)
-            )
+        table = mmcs_of(repos)
+        written.append(_write_table(out / "mmcs.parquet", table))
         path = out / "mmcs.csv"
-        tables.write_mmcs_csv(path, rows)
+        tables.write_mmcs_csv(path, summaries.mmcs_csv_rows(table))
         written.append(path)
     elif args.name == "prompt_heatmaps":
-        from mlsae_core.analysis.prompts import prompt_heatmap
-        from mlsae_core.runs import resolve_layers
-        from mlsae_core.sae import MLSAE
-        from mlsae_core.transformer import Transformer
-
-        loaded: dict[str, Any] = {}
+        loaded: dict[str, Transformer] = {}
         for repo in repos:
             sae = MLSAE.from_pretrained(repo)
             name = sae.metadata["model_name"]
@@ -121,32 +137,18 @@ def run_figure(args: argparse.Namespace) -> list[Path]:
             _, slug = _label(sae)
             written += figures.prompt_heatmap_figure(heat, out / f"prompt_heatmap_{slug}")
     elif args.name == "test_summary":
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-
-        from mlsae_core.analyse import FILES
-
-        parts = []
+        metrics = test_metrics_of(repos)
+        table = summaries.test_summary(metrics)
+        written.append(_write_table(out / "test_summary.parquet", table))
+        # the reference's CSVs also give each config's dictionary size
+        n_latents = {}
         for repo in repos:
-            path = repo / FILES["metrics"]
-            if not path.exists():
-                raise ValueError(f"{path} is missing: run `mlsae test --repo_id {repo}` first")
-            parts.append(pq.read_table(path))
-        table = pa.concat_tables(parts)
-        path = out / "test_summary.parquet"
-        atomic.write_parquet(path, table)
-        written.append(path)
-        from mlsae_core.sae import read_checkpoint_config
-
-        rows = []
-        for repo, part in zip(repos, parts, strict=True):
-            n_latents = read_checkpoint_config(repo)["n_latents"]
-            rows += [{**r, "n_latents": n_latents} for r in part.to_pylist()]
+            sae = MLSAE.from_pretrained(repo)
+            n_latents[run_slug(partition_values(sae))] = sae.n_latents
+        rows = [{**r, "n_latents": n_latents[run_slug(r)]} for r in metrics.to_pylist()]
         written += tables.write_reference_test_csvs(rows, out)
         written += figures.summary_figures(table, out)
     elif args.name == "decoder_sim":
-        from mlsae_core.sae import MLSAE
-
         for repo in repos:
             sae = MLSAE.from_pretrained(repo)
             dists = load_dists(repo)

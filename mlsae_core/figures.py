@@ -1,4 +1,4 @@
-"""Matplotlib renderers for the analyses: PNG for the UI, PDF for papers (SPEC section 5).
+"""Matplotlib renderers for the analyses: PNG for the UI, PDF for papers (docs/method.md §5).
 
 Every renderer takes an output path stem (`.../dists_heatmap`; a .png/.pdf suffix is dropped),
 writes `<stem>.png` and `<stem>.pdf` atomically (temporary file, then rename) and returns the
@@ -169,6 +169,23 @@ def resid_cos_sim_figure(
     ax2.set_ylabel("‖x‖ (mean ± std, log scale)")
     if title:
         fig.suptitle(title)
+    return save_figure(fig, path)
+
+
+def training_curve_figure(
+    history: Sequence[Mapping[str, Any]], path: str | PathLike[str], title: str | None = None
+) -> list[Path]:
+    """Training FVU and dead fraction against training tokens (rows of history.parquet)."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=FIGSIZE)
+    xs = [r["tokens"] for r in history]
+    ax.plot(xs, [r["fvu"] for r in history], marker="o", ms=2, label="FVU (train)")
+    ax.plot(xs, [r["dead_fraction"] for r in history], ls="--", label="dead fraction")
+    ax.set_xlabel("training tokens")
+    ax.set_ylabel("value")
+    if title:
+        ax.set_title(title)
+    ax.legend(fontsize=7)
     return save_figure(fig, path)
 
 

@@ -1,4 +1,4 @@
-"""Streaming per-layer metrics (SPEC section 4), exact over any batch split.
+"""Streaming per-layer metrics (docs/method.md §4), exact over any batch split.
 
 Every metric is a ratio of sums accumulated in float64, so streaming over batches gives the
 same number as one pass over all tokens (not a mean of per-batch ratios).
@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+
+from mlsae_core.config import SAEConfig
 
 METRIC_COLUMNS = (
     "mse",
@@ -36,7 +38,7 @@ class ReconstructionMetrics:
     n_layers: int
     n_latents: int
     d: int
-    dead_threshold: float = 1e-3
+    dead_threshold: float = SAEConfig.dead_threshold
     n_tokens: int = 0
     sq_err: torch.Tensor = field(init=False)  # [L] sum ||r - x||^2
     x_sum: torch.Tensor = field(init=False)  # [L, d] sum x
@@ -77,9 +79,14 @@ class ReconstructionMetrics:
             getattr(self, name).add_(getattr(other, name))
         self.fired |= other.fired
 
+    def variance(self) -> torch.Tensor:
+        """[L] sum ||x - xbar_l||^2, FVU's denominator (callers that must tell "no variance",
+        e.g. the explorer's one-prompt metrics, compare it with x_sq)."""
+        return self.x_sq - self.x_sum.pow(2).sum(-1) / max(self.n_tokens, 1)
+
     def compute(self) -> dict[str, list[float]]:
         n = max(self.n_tokens, 1)
-        var = self.x_sq - self.x_sum.pow(2).sum(-1) / n  # sum ||x - xbar_l||^2
+        var = self.variance()
         return {
             "mse": (self.sq_err / (n * self.d)).tolist(),
             "fvu": (self.sq_err / var.clamp_min(1e-300)).tolist(),

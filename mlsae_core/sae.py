@@ -1,88 +1,29 @@
-"""The multi-layer sparse autoencoder (SPEC section 3): one TopK dictionary for every layer.
+"""The multi-layer sparse autoencoder (docs/method.md §3): one TopK dictionary for every layer.
 
 Inputs are residual-stream vectors from any number of layers, `[n_layers, *tokens, d]` or
 flattened `[N, d]`; every vector is an independent example for the same dictionary. The
 public names follow the original code (`MLSAE`, `TopK`, `AutoencoderOutput`, `encode`,
 `decode`, `forward`, `from_pretrained`) so its users feel at home.
+
+The checkpoint format lives in `mlsae_core.checkpoint`, the losses in `mlsae_core.losses`,
+mixed precision in `mlsae_core.precision`; `save_pretrained`, `from_pretrained` and
+`push_to_hub` stay here as thin methods for the reference's API.
 """
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
-import json
-import logging
-import os
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
 from torch import nn
 
-from mlsae_core import atomic
+from mlsae_core.config import SAEConfig
 from mlsae_core.sparse import gathered_preacts, selected_preacts, sparse_decode
 
-logger = logging.getLogger(__name__)
-
-WEIGHTS_NAME = "model.safetensors"
-EMBEDDED_CONFIG_KEY = "mlsae_config"
-CONFIG_NAME = "config.json"
 STD_EPS = 1e-5
 # Rows of pre-activations computed at once: bounds the dense [rows, n_latents] buffer.
 ENCODE_CHUNK_ELEMENTS = 1 << 26
-
-
-# ----- mixed precision ---------------------------------------------------------------------
-_AUTOCAST: contextvars.ContextVar[torch.dtype | None] = contextvars.ContextVar(
-    "mlsae_autocast", default=None
-)
-_AUTOCAST_NAMES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16}
-
-
-@contextlib.contextmanager
-def mixed_precision(dtype: torch.dtype | str | None = torch.bfloat16) -> Iterator[None]:
-    """Inside this block `train()` and `evaluate()` run the transformer and the encoder GEMM
-    under `torch.autocast(dtype)` (bf16 by default; None turns it off).
-
-    The TopK *selection* then uses low-precision pre-activations, but the k selected values,
-    the decode, the losses, the weights and the optimiser stay float32. Meant for CUDA; on
-    CPU it is honoured as well (CPU autocast) so the same code path can be tested anywhere.
-    The environment variable MLSAE_AUTOCAST=bf16 has the same effect for the CLI.
-    """
-    if isinstance(dtype, str):
-        dtype = _AUTOCAST_NAMES[dtype.lower()]
-    token = _AUTOCAST.set(dtype)
-    try:
-        yield
-    finally:
-        _AUTOCAST.reset(token)
-
-
-def autocast_dtype() -> torch.dtype | None:
-    """The mixed-precision dtype in force: `mixed_precision(...)`, else $MLSAE_AUTOCAST."""
-    dtype = _AUTOCAST.get()
-    if dtype is None:
-        env = os.environ.get("MLSAE_AUTOCAST", "").strip().lower()
-        if env and env not in ("0", "off", "none", "fp32", "float32"):
-            if env not in _AUTOCAST_NAMES:
-                raise ValueError(
-                    f"MLSAE_AUTOCAST={env!r} is not allowed: one of {sorted(_AUTOCAST_NAMES)}"
-                )
-            dtype = _AUTOCAST_NAMES[env]
-    return dtype
-
-
-def autocast(device: torch.device | str) -> contextlib.AbstractContextManager:
-    """torch.autocast for `device` when mixed precision is on, else a no-op."""
-    dtype = autocast_dtype()
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=torch.device(device).type, dtype=dtype)
-
-
-class CheckpointError(ValueError):
-    """A checkpoint is missing, corrupt, or disagrees with its config or with the caller."""
 
 
 class TopK(NamedTuple):
@@ -144,7 +85,8 @@ class MLSAE(nn.Module):
 
     encoder.weight [n_latents, n_inputs]; decoder.weight [n_inputs, n_latents] with unit-norm
     columns, stored so that `decoder.weight.t()` is contiguous (the sparse decode gathers
-    its rows); pre_encoder_bias [n_inputs].
+    its rows); pre_encoder_bias [n_inputs]. The optional settings default to `SAEConfig`'s,
+    the one place those defaults are written.
     """
 
     def __init__(
@@ -152,10 +94,10 @@ class MLSAE(nn.Module):
         n_inputs: int,
         n_latents: int,
         k: int,
-        auxk: int | None = 256,
-        dead_tokens_threshold: int = 10_000_000,
-        dead_threshold: float = 1e-3,
-        standardize: bool = True,
+        auxk: int | None = SAEConfig.auxk,
+        dead_tokens_threshold: int = SAEConfig.dead_tokens_threshold,
+        dead_threshold: float = SAEConfig.dead_threshold,
+        standardize: bool = SAEConfig.standardize,
         metadata: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
@@ -175,13 +117,29 @@ class MLSAE(nn.Module):
         self.encoder = nn.Linear(n_inputs, n_latents, bias=False)
         self.decoder = nn.Linear(n_latents, n_inputs, bias=False)
         self.pre_encoder_bias = nn.Parameter(torch.zeros(n_inputs))
-        # Tokens seen since each latent last fired (counted in tokens, SPEC section 3.6).
+        # Tokens seen since each latent last fired (counted in tokens, docs/method.md §3.6).
         self.register_buffer(
             "tokens_since_fired", torch.zeros(n_latents, dtype=torch.long), persistent=False
         )
         with torch.no_grad():
             self.decoder.weight = nn.Parameter(self.encoder.weight.detach().clone().t())
             self.normalize_decoder()
+
+    @classmethod
+    def from_config(
+        cls, n_inputs: int, cfg: SAEConfig, metadata: dict[str, Any] | None = None
+    ) -> MLSAE:
+        """A fresh MLSAE for `n_inputs`-dimensional inputs, shaped by `cfg` (as training does)."""
+        return cls(
+            n_inputs=n_inputs,
+            n_latents=cfg.n_latents(n_inputs),
+            k=cfg.k,
+            auxk=cfg.auxk,
+            dead_tokens_threshold=cfg.dead_tokens_threshold,
+            dead_threshold=cfg.dead_threshold,
+            standardize=cfg.standardize,
+            metadata=metadata,
+        )
 
     # ----- geometry -------------------------------------------------------------------
     @torch.no_grad()
@@ -286,7 +244,7 @@ class MLSAE(nn.Module):
         out = torch.zeros(*topk.values.shape[:-1], self.n_latents, dtype=topk.values.dtype)
         return out.scatter_(-1, topk.indices, topk.values)
 
-    # ----- persistence --------------------------------------------------------------------
+    # ----- persistence: the format is mlsae_core.checkpoint's ----------------------------
     def config_dict(self) -> dict[str, Any]:
         return {
             "n_inputs": self.n_inputs,
@@ -306,231 +264,27 @@ class MLSAE(nn.Module):
             "pre_encoder_bias": self.pre_encoder_bias.detach().float().contiguous().cpu(),
         }
 
+    # The checkpoint module imports this one, so these methods import it when called.
     def save_pretrained(self, directory: str | Path) -> Path:
-        """Write model.safetensors then config.json, each atomically, into `directory`.
+        """`checkpoint.save_sae(self, directory)`: weights and config.json, atomically."""
+        from mlsae_core import checkpoint
 
-        Other files in the directory (training history, resume state, analyses) are kept.
-        The config is also embedded in the weights file's header: a checkpoint whose
-        config.json disagrees with its weights (a hand edit, or a kill between the two renames)
-        is refused by the loader instead of being used with the wrong settings.
-        """
-        from safetensors.torch import save_file
-
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        config = self.config_dict()
-        meta = {"format": "pt", EMBEDDED_CONFIG_KEY: json.dumps(config)}
-        with atomic.atomic_path(directory / WEIGHTS_NAME) as tmp:
-            save_file(self.weights_dict(), str(tmp), metadata=meta)
-        atomic.write_json(directory / CONFIG_NAME, config)
-        return directory
+        return checkpoint.save_sae(self, directory)
 
     @classmethod
     def from_pretrained(
-        cls, path_or_repo_id: str | Path, device: str | torch.device = "cpu", **expect: Any
+        cls,
+        path_or_repo_id: str | Path,
+        device: str | torch.device = "cpu",
+        **expect: Any,
     ) -> MLSAE:
-        """Load a checkpoint directory (or a hub repo id, for online users).
+        """`checkpoint.load_sae`: a checkpoint directory or hub repo id; `expect` are musts."""
+        from mlsae_core import checkpoint
 
-        Keyword arguments (e.g. n_inputs=576, k=32) are expectations: a checkpoint that
-        disagrees is refused rather than silently used.
-        """
-        directory = resolve_checkpoint(path_or_repo_id)
-        config = read_checkpoint_config(directory)
-        for key, want in expect.items():
-            if config.get(key) != want:
-                raise CheckpointError(
-                    f"checkpoint {directory} has {key}={config.get(key)!r} but {want!r} was "
-                    "expected; pick the checkpoint trained for this setting"
-                )
-        known = {
-            "n_inputs",
-            "n_latents",
-            "k",
-            "auxk",
-            "dead_threshold",
-            "dead_tokens_threshold",
-            "standardize",
-        }
-        metadata = {k: v for k, v in config.items() if k not in known}
-        sae = cls(
-            n_inputs=int(config["n_inputs"]),
-            n_latents=int(config["n_latents"]),
-            k=int(config["k"]),
-            auxk=config.get("auxk", 256),
-            dead_tokens_threshold=int(config.get("dead_tokens_threshold", 10_000_000)),
-            dead_threshold=float(config.get("dead_threshold", 1e-3)),
-            standardize=bool(config.get("standardize", True)),
-            metadata=metadata,
-        )
-        sae.load_weights(read_checkpoint_weights(directory))
-        return sae.to(device)
-
-    @torch.no_grad()
-    def load_weights(self, tensors: dict[str, torch.Tensor]) -> None:
-        """Copy tensors in, refusing missing/extra names or wrong shapes by name."""
-        want = {
-            "encoder.weight": (self.n_latents, self.n_inputs),
-            "decoder.weight": (self.n_inputs, self.n_latents),
-            "pre_encoder_bias": (self.n_inputs,),
-        }
-        missing = sorted(set(want) - set(tensors))
-        extra = sorted(set(tensors) - set(want))
-        if missing or extra:
-            raise CheckpointError(
-                f"checkpoint tensors do not match an MLSAE: missing {missing}, unexpected {extra}"
-            )
-        for name, shape in want.items():
-            t = tensors[name]
-            if tuple(t.shape) != shape:
-                raise CheckpointError(
-                    f"checkpoint tensor {name} has shape {tuple(t.shape)} but the config "
-                    f"(n_inputs={self.n_inputs}, n_latents={self.n_latents}) needs {shape}"
-                )
-            if not torch.isfinite(t).all():
-                raise CheckpointError(f"checkpoint tensor {name} contains NaN or Inf")
-        self.encoder.weight.copy_(tensors["encoder.weight"])
-        self.decoder.weight.copy_(tensors["decoder.weight"])
-        self.pre_encoder_bias.copy_(tensors["pre_encoder_bias"])
+        return checkpoint.load_sae(path_or_repo_id, device, **expect)
 
     def push_to_hub(self, repo_id: str, private: bool = False, token: str | None = None) -> str:
-        """Upload the checkpoint directory to the HF Hub (online users only)."""
-        import tempfile
+        """`checkpoint.push_to_hub(self, ...)`: upload to the HF Hub (online users only)."""
+        from mlsae_core import checkpoint
 
-        from huggingface_hub import HfApi
-
-        api = HfApi(token=token)
-        api.create_repo(repo_id, private=private, exist_ok=True)
-        with tempfile.TemporaryDirectory() as tmp:
-            self.save_pretrained(Path(tmp) / "ckpt")
-            api.upload_folder(repo_id=repo_id, folder_path=str(Path(tmp) / "ckpt"))
-        return repo_id
-
-
-def resolve_checkpoint(path_or_repo_id: str | Path) -> Path:
-    """A local checkpoint directory, or a hub snapshot (downloaded for online users)."""
-    path = Path(path_or_repo_id)
-    if path.exists():
-        if not path.is_dir():
-            raise CheckpointError(f"{path} is a file; pass the checkpoint directory holding it")
-        return path
-    looks_local = (
-        str(path_or_repo_id).startswith((".", "/", "~")) or str(path_or_repo_id).count("/") > 1
-    )
-    if looks_local:
-        raise CheckpointError(f"checkpoint directory {path} does not exist")
-    try:
-        from huggingface_hub import snapshot_download
-
-        return Path(snapshot_download(str(path_or_repo_id)))
-    except Exception as exc:  # noqa: BLE001 - any hub failure means the same to the user
-        raise CheckpointError(
-            f"{path_or_repo_id!r} is not a local directory and could not be fetched from the "
-            f"hub ({type(exc).__name__}: {exc}); pass the path of a trained checkpoint"
-        ) from exc
-
-
-def read_checkpoint_config(directory: Path) -> dict[str, Any]:
-    cfg_path = directory / CONFIG_NAME
-    embedded = _embedded_config(directory / WEIGHTS_NAME)
-    if embedded is not None:
-        if cfg_path.exists():
-            try:
-                on_disk = json.loads(cfg_path.read_text())
-            except json.JSONDecodeError:
-                on_disk = None
-            if on_disk != embedded:
-                keys = sorted(
-                    k
-                    for k in set(embedded) | set(on_disk or {})
-                    if (on_disk or {}).get(k) != embedded.get(k)
-                )
-                raise CheckpointError(
-                    f"{cfg_path} disagrees with the config saved inside {WEIGHTS_NAME} on "
-                    f"{keys} (edited by hand, or a save was interrupted between the two "
-                    "files); restore config.json, or save the checkpoint again"
-                )
-        config = embedded
-    elif not cfg_path.exists():
-        raise CheckpointError(f"{cfg_path} is missing: not an MLSAE checkpoint directory")
-    else:
-        try:
-            config = json.loads(cfg_path.read_text())
-        except json.JSONDecodeError as exc:
-            raise CheckpointError(f"{cfg_path} is not valid JSON: {exc}") from exc
-    if "dead_tokens_threshold" not in config and "dead_steps_threshold" in config:
-        # The reference counted steps; keep its number as tokens-per-step is unknown here.
-        config["dead_tokens_threshold"] = config.pop("dead_steps_threshold")
-    missing = [key for key in ("n_inputs", "n_latents", "k") if key not in config]
-    if missing:
-        raise CheckpointError(f"{cfg_path} lacks required keys {missing}")
-    for key in ("n_inputs", "n_latents", "k"):
-        if not isinstance(config[key], int) or config[key] < 1:
-            raise CheckpointError(f"{cfg_path}: {key}={config[key]!r} must be a positive integer")
-    return config
-
-
-def _embedded_config(weights: Path) -> dict[str, Any] | None:
-    """The config saved in the safetensors header by save_pretrained, if any (None if unreadable:
-    the weights loader then reports the corruption)."""
-    if not weights.exists():
-        return None
-    try:
-        from safetensors import safe_open
-
-        with safe_open(str(weights), framework="pt") as f:
-            text = (f.metadata() or {}).get(EMBEDDED_CONFIG_KEY)
-        return json.loads(text) if text else None
-    except Exception:  # noqa: BLE001 - corrupt headers are reported by read_checkpoint_weights
-        return None
-
-
-def read_checkpoint_weights(directory: Path) -> dict[str, torch.Tensor]:
-    """Read model.safetensors; a truncated or tampered file gives a clear error."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    weights = directory / WEIGHTS_NAME
-    if not weights.exists():
-        raise CheckpointError(f"{weights} is missing (only safetensors checkpoints are loaded)")
-    try:
-        return load_file(str(weights))
-    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
-        raise CheckpointError(
-            f"{weights} is corrupt or truncated ({exc}); re-train or re-download it"
-        ) from exc
-
-
-# ----- losses ------------------------------------------------------------------------------
-def fvu_per_layer(x: torch.Tensor, recons: torch.Tensor) -> torch.Tensor:
-    """[n_layers] sum||r - x||^2 / sum||x - xbar_l||^2 over the tokens of each layer.
-
-    x, recons: [n_layers, *tokens, d].
-    """
-    x2 = x.reshape(x.shape[0], -1, x.shape[-1])
-    r2 = recons.reshape_as(x2)
-    err = (r2 - x2).pow(2).sum(dim=(1, 2))
-    var = (x2 - x2.mean(dim=1, keepdim=True)).pow(2).sum(dim=(1, 2))
-    return err / var.clamp_min(1e-12)
-
-
-def auxk_loss(inputs: torch.Tensor, out: AutoencoderOutput) -> torch.Tensor:
-    """||e - e_aux||^2 / ||e - mean(e)||^2, e the main error in standardized space; 0 if none dead."""
-    if out.auxk_recons is None:
-        return inputs.new_zeros(())
-    if out.stats is not None:
-        x_hat = (inputs - out.stats.mean) / (out.stats.std + STD_EPS)
-        r_hat = (out.recons - out.stats.mean) / out.stats.std.clamp_min(1e-12)
-    else:
-        x_hat, r_hat = inputs, out.recons
-    e = (x_hat - r_hat).detach().reshape(-1, inputs.shape[-1])
-    e_aux = out.auxk_recons.reshape_as(e)
-    denom = (e - e.mean(dim=0, keepdim=True)).pow(2).sum()
-    loss = (e - e_aux).pow(2).sum() / denom.clamp_min(1e-12)
-    return torch.nan_to_num(loss, nan=0.0)
-
-
-def total_loss(x: torch.Tensor, out: AutoencoderOutput, auxk_coef: float):
-    """(total, main FVU averaged over layers, aux) for x: [n_layers, *tokens, d]."""
-    main = fvu_per_layer(x, out.recons).mean()
-    aux = auxk_loss(x, out)
-    return main + auxk_coef * aux, main, aux
+        return checkpoint.push_to_hub(self, repo_id, private=private, token=token)

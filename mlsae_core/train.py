@@ -7,6 +7,7 @@ Resuming from any checkpoint ends with the same weights as an uninterrupted run.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -20,8 +21,12 @@ from typing import Any, Protocol
 import torch
 
 from mlsae_core import atomic
+from mlsae_core.checkpoint import load_weights
 from mlsae_core.config import SAEConfig, TrainConfig, resolve_device
-from mlsae_core.sae import MLSAE, autocast, total_loss
+from mlsae_core.lock import output_lock
+from mlsae_core.losses import total_loss
+from mlsae_core.precision import autocast
+from mlsae_core.sae import MLSAE
 
 logger = logging.getLogger(__name__)
 
@@ -142,9 +147,14 @@ def _broadcast_params(sae: MLSAE) -> None:
 
 # ----- checkpoint state ---------------------------------------------------------------------
 def _save_state(
-    directory: Path, sae: MLSAE, opt: torch.optim.Optimizer, state: dict[str, Any]
+    directory: Path,
+    sae: MLSAE,
+    opt: torch.optim.Optimizer,
+    state: dict[str, Any],
+    history: list[dict[str, Any]],
 ) -> None:
-    """weights + optimiser tensors (safetensors) + JSON scalars, as one atomic directory."""
+    """weights + optimiser tensors + JSON scalars + the history up to this step, committed as
+    one atomic directory: a resume never loses or duplicates training-curve rows."""
     from safetensors.torch import save_file
 
     opt_sd = opt.state_dict()
@@ -159,6 +169,7 @@ def _save_state(
         save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
         meta = {**state, "param_groups": opt_sd["param_groups"]}
         (tmp / "state.json").write_text(json.dumps(meta, indent=2) + "\n")
+        _write_history(tmp / HISTORY_NAME, history)
 
 
 def _load_state(directory: Path, sae: MLSAE, opt: torch.optim.Optimizer) -> dict[str, Any]:
@@ -167,7 +178,7 @@ def _load_state(directory: Path, sae: MLSAE, opt: torch.optim.Optimizer) -> dict
     meta = json.loads((directory / "state.json").read_text())
     tensors = load_file(str(directory / "model.safetensors"))
     sae.tokens_since_fired.copy_(tensors.pop("tokens_since_fired"))
-    sae.load_weights(tensors)
+    load_weights(sae, tensors)
     opt_tensors = load_file(str(directory / "optimizer.safetensors"))
     opt_state: dict[int, dict[str, torch.Tensor]] = {}
     for name, value in opt_tensors.items():
@@ -212,6 +223,16 @@ def read_history(out_dir: str | Path) -> list[dict[str, Any]]:
     return pq.read_table(path).to_pylist() if path.exists() else []
 
 
+def _differences(saved: Any, now: Any, prefix: str = "") -> list[str]:
+    """'sae.k: 4 -> 8' for every leaf where two nested settings dicts differ."""
+    if isinstance(saved, dict) and isinstance(now, dict):
+        out: list[str] = []
+        for key in sorted(set(saved) | set(now)):
+            out += _differences(saved.get(key), now.get(key), f"{prefix}{key}.")
+        return out
+    return [] if saved == now else [f"{prefix[:-1]}: {saved!r} -> {now!r}"]
+
+
 # ----- the loop -----------------------------------------------------------------------------
 def train(
     source: ActivationSource,
@@ -232,10 +253,41 @@ def train(
     max_tokens: token budget (chunk positions, special ones included, as the reference).
     stop_after_steps: stop early (to test resume); the run continues on the next call.
     """
-    from tqdm.auto import tqdm
-
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    rank, _ = dist_info()
+    # one writer per output directory (rank 0 holds it for the whole process group)
+    with output_lock(out_dir) if rank == 0 else contextlib.nullcontext():
+        return _train(
+            source,
+            masks,
+            sae_cfg,
+            train_cfg,
+            out_dir,
+            batch_size,
+            max_tokens,
+            metadata,
+            progress,
+            stop_after_steps,
+            on_step,
+        )
+
+
+def _train(
+    source: ActivationSource,
+    masks: torch.Tensor,
+    sae_cfg: SAEConfig,
+    train_cfg: TrainConfig,
+    out_dir: Path,
+    batch_size: int,
+    max_tokens: int,
+    metadata: dict[str, Any] | None,
+    progress: bool,
+    stop_after_steps: int | None,
+    on_step: Callable[[dict[str, Any]], None] | None,
+) -> MLSAE:
+    from tqdm.auto import tqdm
+
     rank, world = dist_info()
     if rank == 0:
         atomic.remove_stale_temporaries(out_dir)  # litter from a run killed mid-write
@@ -249,23 +301,19 @@ def train(
     n_latents = sae_cfg.n_latents(source.d_model)
     run_config = {
         "sae": {**sae_cfg.__dict__},
-        "train": {k: v for k, v in train_cfg.__dict__.items() if k not in ("checkpoint_every",)},
+        # what decides the weights; checkpoint_every and nproc_per_node (world_size is) do not
+        "train": {
+            k: v
+            for k, v in train_cfg.__dict__.items()
+            if k not in ("checkpoint_every", "nproc_per_node")
+        },
         "batch_size": batch_size,
         "max_length": pos,
         "max_tokens": max_tokens,
         "world_size": world,
         "n_chunks": n_chunks,
     }
-    sae = MLSAE(
-        n_inputs=source.d_model,
-        n_latents=n_latents,
-        k=sae_cfg.k,
-        auxk=sae_cfg.auxk,
-        dead_tokens_threshold=sae_cfg.dead_tokens_threshold,
-        dead_threshold=sae_cfg.dead_threshold,
-        standardize=sae_cfg.standardize,
-        metadata=metadata,
-    ).to(device)
+    sae = MLSAE.from_config(source.d_model, sae_cfg, metadata=metadata).to(device)
     opt = make_optimizer(sae, train_cfg.lr, train_cfg.eps)
     order = RowOrder(n_chunks, train_cfg.seed)
 
@@ -275,14 +323,17 @@ def train(
     step, history = 0, []
     if (state_dir / "state.json").exists():
         saved = json.loads((state_dir / "state.json").read_text())["run_config"]
-        if saved != json.loads(json.dumps(run_config)):
+        changed = _differences(saved, json.loads(json.dumps(run_config)))
+        if changed:
             raise ValueError(
-                f"{out_dir} holds a run with different settings ({saved}); "
-                "use another --out directory or delete it to start over"
+                f"{out_dir} holds a run with other settings ({'; '.join(changed)}); rerun with "
+                "the same settings to resume, or use another --out directory"
             )
         meta = _load_state(state_dir, sae, opt)
         step = int(meta["step"])
-        history = [r for r in read_history(out_dir) if r["step"] < step]
+        # the history committed with this state (older checkpoints kept it beside the state)
+        source_dir = state_dir if (state_dir / HISTORY_NAME).exists() else out_dir
+        history = [r for r in read_history(source_dir) if r["step"] < step]
         logger.info("resuming %s at step %d/%d", out_dir, step, total_steps)
         if meta.get("done") and step >= total_steps:
             return MLSAE.from_pretrained(out_dir, device=device)
@@ -291,8 +342,9 @@ def train(
     def checkpoint(done: bool = False) -> None:
         if rank != 0:
             return
-        _save_state(state_dir, sae, opt, {"step": step, "run_config": run_config, "done": done})
-        _write_history(out_dir / HISTORY_NAME, history)
+        state = {"step": step, "run_config": run_config, "done": done}
+        _save_state(state_dir, sae, opt, state, history)
+        _write_history(out_dir / HISTORY_NAME, history)  # the user-facing copy
 
     bar = tqdm(
         total=total_steps * tokens_per_step,

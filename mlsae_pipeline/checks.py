@@ -3,7 +3,8 @@ every live latent, layer distributions summing to 1.
 
 The logic is plain functions over pyarrow tables returning `CheckOutcome`s, so the tests can
 plant a NaN and see a check fail without running a model. Per-config checks run inside the
-evaluation step (`check_specs` of the multi-asset: the data is in memory there); checks on
+evaluation step (`check_specs` of the multi-asset: the tables are in memory there,
+`evaluation_checks`); checks on
 the cross-config tables are standalone `@asset_check`s that read the Parquet files.
 """
 
@@ -138,3 +139,20 @@ def max_examples_checks(examples: Any, dists: Any) -> list[CheckOutcome]:
         ),
         no_nan(examples, ("activation",), name="examples_no_nan"),
     ]
+
+
+def evaluation_checks(
+    tables: dict[str, Any], bounds: CheckBounds, spliced: bool
+) -> dict[str, list[CheckOutcome]]:
+    """Every per-config check, on the tables of one evaluation pass (by asset)."""
+    import torch
+
+    from mlsae_core.analysis.tables import dists_from_layer_table
+
+    dists = dists_from_layer_table(tables["latent_layer_dists"])
+    p_sums = torch.nan_to_num(dists.p, nan=0.0).sum(0).numpy()
+    return {
+        "test_metrics": test_metrics_checks(tables["test_metrics"], bounds, spliced),
+        "latent_dists": latent_dists_checks(tables["latent_dists"], p_sums),
+        "max_examples": max_examples_checks(tables["max_examples"], tables["latent_dists"]),
+    }

@@ -1,4 +1,4 @@
-"""`mlsae sweep` and `mlsae query`: the CLI side of the pipeline (registered in mlsae_core.cli).
+"""`mlsae sweep`: the CLI side of the pipeline (an "mlsae.commands" entry point of the core CLI).
 
 `mlsae sweep` materializes every asset of every partition of the current sweep THROUGH
 Dagster, stage by stage (per model; per (model x SAE config); the cross-config tables), as
@@ -44,17 +44,31 @@ def ensure_dagster_home() -> Path:
     return Path(home)
 
 
-def sweep_stages(defs_module: Any, sweep: Any) -> list[tuple[str, tuple[str, ...], str | None]]:
-    from mlsae_pipeline.partitions import config_key
+def sweep_stages(defs: Any) -> list[tuple[str, list[Any], str | None]]:
+    """(label, asset keys, partition key) per run, derived from the definitions' partitions:
+    each model's model-partitioned assets, then each config's config-partitioned assets,
+    then the unpartitioned (cross-config) assets."""
+    import dagster as dg
 
-    stages: list[tuple[str, tuple[str, ...], str | None]] = []
-    for model in sweep.model_keys:
-        stages.append((f"model {model}", defs_module.MODEL_ASSETS, model))
-    for model in sweep.model_keys:
-        for point in sweep.points:
-            key = config_key(model, point.key)
-            stages.append((f"config {key}", defs_module.CONFIG_ASSETS, key))
-    stages.append(("cross-config tables", defs_module.SUMMARY_ASSETS, None))
+    graph = defs.resolve_asset_graph()
+    kinds: dict[str, tuple[Any, list[Any]]] = {}
+    for key in graph.toposorted_asset_keys:
+        pdef = graph.get(key).partitions_def
+        kind = (
+            "cross-config"
+            if pdef is None
+            else "config"
+            if isinstance(pdef, dg.MultiPartitionsDefinition)
+            else "model"
+        )
+        kinds.setdefault(kind, (pdef, []))[1].append(key)
+    stages: list[tuple[str, list[Any], str | None]] = []
+    for kind in ("model", "config"):
+        if kind in kinds:
+            pdef, keys = kinds[kind]
+            stages += [(f"{kind} {p}", keys, str(p)) for p in pdef.get_partition_keys()]
+    if "cross-config" in kinds:
+        stages.append(("cross-config tables", kinds["cross-config"][1], None))
     return stages
 
 
@@ -78,7 +92,7 @@ def run_sweep(
         instance = dg.DagsterInstance.get()
     assets = [*defs.assets, *(defs.asset_checks or [])]
     resources = dict(defs.resources)
-    stages = sweep_stages(d, sw)
+    stages = sweep_stages(defs)
     report(
         f"sweep {sw.name} ({sw.path}): {len(sw.models)} model(s) x {len(sw.points)} SAE "
         f"config(s) -> {len(stages)} runs; storage {resources['storage'].root}"
@@ -86,11 +100,12 @@ def run_sweep(
     rows: list[dict[str, Any]] = []
     t_all = time.perf_counter()
     for i, (label, selection, partition) in enumerate(stages, start=1):
-        report(f"[{i}/{len(stages)}] {label}: {', '.join(selection)} ...")
+        names = ", ".join(k.to_user_string() for k in selection)
+        report(f"[{i}/{len(stages)}] {label}: {names} ...")
         t0 = time.perf_counter()
         result = dg.materialize(
             assets,
-            selection=list(selection),
+            selection=selection,
             partition_key=partition,
             instance=instance,
             resources=resources,
@@ -137,54 +152,10 @@ def sweep(args: argparse.Namespace) -> int:
     return 0
 
 
-# ----- query ----------------------------------------------------------------------------------
-def query_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("sql", help='SQL over the views of results.duckdb, e.g. "SELECT * FROM mmcs"')
-    p.add_argument("--db", default=None, help="default: $MLSAE_DATA_DIR/results.duckdb")
-    p.add_argument("--max_rows", type=int, default=50, help="rows to print (default 50)")
-
-
-def format_table(columns: list[str], rows: list[tuple], max_rows: int = 50) -> str:
-    def fmt(v: Any) -> str:
-        if isinstance(v, float):
-            return f"{v:.4g}"
-        if isinstance(v, list):
-            return "[" + ", ".join(fmt(x) for x in v[:6]) + (", …]" if len(v) > 6 else "]")
-        return "NULL" if v is None else str(v)
-
-    cells = [[fmt(v) for v in r] for r in rows[:max_rows]]
-    widths = [min(40, max([len(c), *(len(r[i]) for r in cells)])) for i, c in enumerate(columns)]
-    lines = ["  ".join(c[:w].rjust(w) for c, w in zip(columns, widths, strict=True))]
-    lines.append("  ".join("-" * w for w in widths))
-    for r in cells:
-        lines.append("  ".join(v[:w].rjust(w) for v, w in zip(r, widths, strict=True)))
-    if len(rows) > max_rows:
-        lines.append(f"… {len(rows) - max_rows} more rows")
-    return "\n".join(lines)
-
-
-def run_query(sql: str, db: str | Path | None = None) -> tuple[list[str], list[tuple]]:
-    import duckdb
-
-    from mlsae_pipeline.resources import default_data_dir
-
-    path = Path(db) if db else Path(default_data_dir()) / "results.duckdb"
-    if not path.exists():
-        raise FileNotFoundError(
-            f"{path} does not exist: run `mlsae sweep` (or materialize results_db) first"
-        )
-    con = duckdb.connect(str(path), read_only=True)
-    try:
-        cur = con.execute(sql)
-        columns = [d[0] for d in cur.description or []]
-        return columns, cur.fetchall()
-    except duckdb.Error as exc:
-        raise ValueError(f"query failed: {exc}") from exc
-    finally:
-        con.close()
-
-
-def query(args: argparse.Namespace) -> int:
-    columns, rows = run_query(args.sql, args.db)
-    print(format_table(columns, rows, args.max_rows))
-    return 0
+# The `mlsae sweep` command, registered with the core CLI through the "mlsae.commands" entry
+# point group (pyproject.toml), so the core never imports the pipeline.
+SWEEP_COMMAND = (
+    sweep_args,
+    sweep,
+    "materialize every asset of every partition of the sweep (MLSAE_SWEEP) through Dagster",
+)

@@ -29,23 +29,6 @@ from mlsae_pipeline.sweep import Sweep, load_sweep
 # Output(data_version=...) is "beta" but is how assets report content-based data versions.
 warnings.filterwarnings("ignore", message=".*data_version.*", category=dg.BetaWarning)
 
-MODEL_ASSETS = ("transformer", "corpus", "resid_cos_sim")
-CONFIG_ASSETS = (
-    "mlsae",
-    "test_metrics",
-    "latent_dists",
-    "max_examples",
-    "dists_heatmap",
-    "prompt_heatmap",
-)
-SUMMARY_ASSETS = (
-    "test_summary",
-    "dists_layer_std",
-    "mmcs",
-    "single_layer_comparison",
-    "results_db",
-)
-
 
 def build_definitions(
     sweep: Sweep | str | Path | None = None,
@@ -64,17 +47,17 @@ def build_definitions(
     ]
     model_job = dg.define_asset_job(
         "model_assets",
-        selection=dg.AssetSelection.assets(*MODEL_ASSETS),
+        selection=dg.AssetSelection.groups("models"),
         description="Per model: base transformer, tokenized corpus, residual cosine similarity.",
     )
     config_job = dg.define_asset_job(
         "config_assets",
-        selection=dg.AssetSelection.assets(*CONFIG_ASSETS),
+        selection=dg.AssetSelection.groups("training", "evaluation", "figures"),
         description="Per (model x SAE config): train, evaluate (one pass), figures.",
     )
     summary_job = dg.define_asset_job(
         "summary_tables",
-        selection=dg.AssetSelection.assets(*SUMMARY_ASSETS),
+        selection=dg.AssetSelection.groups("summary"),
         description="Cross-config tables, summary figures and the DuckDB results file.",
     )
     refresh = dg.ScheduleDefinition(

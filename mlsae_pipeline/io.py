@@ -1,10 +1,13 @@
-"""An IO manager for table assets: `pyarrow.Table` <-> Parquet under the storage root.
+"""An IO manager for table assets: `pyarrow.Table` <-> Parquet, where `mlsae_core.layout` says.
 
-Partitioned assets get one file per partition (`tables/<asset>/<model>__<sae>.parquet`),
-unpartitioned ones a single file (`tables/<asset>.parquet`); every row carries its
-partition values as columns, so one `read_parquet` glob concatenates them (the DuckDB views
-of `results_db`). Writes are atomic. Loading a partitioned input for an unpartitioned
-asset concatenates the partitions that exist (missing ones are logged and skipped).
+A table asset's file is named after the asset, so the pipeline and `mlsae analyse` write the
+same files: config-partitioned tables go into their run directory
+(`saes/<model>/<sae>/<asset>.parquet`), model-partitioned ones to
+`tables/<asset>/<model>.parquet`, unpartitioned (cross-config) ones to `tables/<asset>.parquet`.
+Every row carries its partition values as columns, so one `read_parquet` glob concatenates
+them (the DuckDB views of `results_db`). Writes are atomic. Loading a partitioned input for
+an unpartitioned asset concatenates the partitions that exist (missing ones are logged and
+skipped).
 """
 
 import logging
@@ -14,6 +17,8 @@ from typing import Any
 import dagster as dg
 
 from mlsae_core import atomic
+from mlsae_core.layout import StorageLayout
+from mlsae_pipeline.partitions import split_config_key
 from mlsae_pipeline.resources import Storage
 
 logger = logging.getLogger(__name__)
@@ -51,6 +56,16 @@ def table_metadata(table: Any, path: Path) -> dict[str, Any]:
     }
 
 
+def table_path(layout: StorageLayout, asset: str, partition: str | None) -> Path:
+    """Where table asset `asset` of `partition` lives (config keys are 'model|sae'; model
+    keys are slugs, which never hold a '|')."""
+    if partition is None:
+        return layout.table(asset)
+    if "|" in str(partition):
+        return layout.run(*split_config_key(partition)).table(asset)
+    return layout.model_table(asset, str(partition))
+
+
 def read_table(path: Path) -> Any:
     import pyarrow.parquet as pq
 
@@ -63,8 +78,7 @@ class ParquetIOManager(dg.ConfigurableIOManager):
     storage: Storage
 
     def _path(self, context: dg.OutputContext | dg.InputContext, partition: str | None) -> Path:
-        asset = context.asset_key.path[-1]
-        return self.storage.table_path(asset, partition)
+        return table_path(self.storage.layout, context.asset_key.path[-1], partition)
 
     def handle_output(self, context: dg.OutputContext, obj: Any) -> None:
         if obj is None:
@@ -105,4 +119,6 @@ class ParquetIOManager(dg.ConfigurableIOManager):
                 f"{paths[0].parent}; materialize it first (e.g. `mlsae sweep`)"
             )
         tables = [read_table(p) for p in found]
+        if len(tables) == 1:
+            return tables[0]  # as written, schema metadata included (latent_layer_dists)
         return pa.concat_tables(tables, promote_options="default")

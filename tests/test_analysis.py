@@ -1,4 +1,4 @@
-"""Analyses (SPEC section 5) against hand computations and float64 brute force."""
+"""Analyses (docs/method.md §5) against hand computations and float64 brute force."""
 
 from __future__ import annotations
 
@@ -22,8 +22,9 @@ from mlsae_core.analysis.geometry import (
     resid_cos_sim,
     transformer_batches,
 )
-from mlsae_core.analysis.prompts import DEFAULT_PROMPT, PromptHeatmap, prompt_heatmap
+from mlsae_core.analysis.prompts import PromptHeatmap, prompt_heatmap
 from mlsae_core.analysis.variance import TokenLayerVariance
+from mlsae_core.config import DEFAULT_PROMPT
 from mlsae_core.sae import MLSAE, TopK
 
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "tables.md"
@@ -441,7 +442,7 @@ def nan_equal(a: list[dict], b: list[dict]) -> bool:
 
 @pytest.fixture(scope="module")
 def tiny_setup():
-    from tests.tiny_models import BOS_ID, EOS_ID, tiny_transformer
+    from mlsae_core.tiny import BOS_ID, EOS_ID, tiny_transformer
 
     tt = tiny_transformer("llama", n_layers=3, d=32)
     torch.manual_seed(0)

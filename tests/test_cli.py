@@ -15,7 +15,7 @@ import torch
 from mlsae_core.cli import main
 from mlsae_core.metrics import METRIC_COLUMNS
 from mlsae_core.sae import MLSAE
-from tests.tiny_models import tiny_transformer
+from mlsae_core.tiny import tiny_transformer
 
 ROOT = Path(__file__).resolve().parents[1]
 WORDS = (
@@ -59,9 +59,9 @@ def test_train_then_test_writes_tidy_table(tiny_model_dir, corpus_dir, tmp_path)
     cfg = json.loads((tmp_path / "sae" / "config.json").read_text())
     assert cfg["n_inputs"] == 32 and cfg["n_latents"] == 64 and cfg["k"] == 4
     assert cfg["model_name"] == str(tiny_model_dir) and cfg["layers"] == [0, 1, 2]
-    out_csv = tmp_path / "metrics.csv"
     assert main(["test", "--repo_id", str(tmp_path / "sae"), "--max_tokens", "256",
-                 "--out", str(out_csv)]) == 0  # fmt: skip
+                 "--out", str(tmp_path / "eval")]) == 0  # fmt: skip
+    out_csv = tmp_path / "eval" / "test_metrics.csv"
     table = pq.read_table(out_csv.with_suffix(".parquet")).to_pylist()
     assert [r["layer"] for r in table] == ["0", "1", "2", "avg"]
     for col in METRIC_COLUMNS:

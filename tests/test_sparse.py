@@ -7,11 +7,13 @@ import math
 import torch
 
 from mlsae_core.evaluate import evaluate, prediction_mask
+from mlsae_core.losses import total_loss
 from mlsae_core.metrics import SpliceMetrics
-from mlsae_core.sae import MLSAE, mixed_precision, total_loss
+from mlsae_core.precision import mixed_precision
+from mlsae_core.sae import MLSAE
 from mlsae_core.sparse import gathered_preacts, sparse_outer_sum, sparse_outer_sum_plain
+from mlsae_core.tiny import tiny_transformer
 from mlsae_core.train import make_optimizer, optimizer_step
-from tests.tiny_models import tiny_transformer
 
 
 def test_sparse_outer_sum_equals_index_add_and_dense_float64():

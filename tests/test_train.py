@@ -102,7 +102,7 @@ def test_nan_stops_training_and_keeps_checkpoint(tmp_path):
 def test_changed_settings_refuse_to_resume(tmp_path):
     src = PlantedActivations()
     run(tmp_path, src, steps=2)
-    with pytest.raises(ValueError, match="different settings"):
+    with pytest.raises(ValueError, match=r"other settings \(.*sae.expansion_factor: 4 -> 2"):
         train(
             src,
             masks_for(src),

@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from mlsae_core.tiny import BOS_ID, EOS_ID, FAMILIES, PAD_ID, tiny_transformer
 from mlsae_core.transformer import (
     SUPPORTED_FAMILIES,
     CleanPass,
@@ -17,7 +18,6 @@ from mlsae_core.transformer import (
     resolve_model_path,
     smollm2_gguf_path,
 )
-from tests.tiny_models import BOS_ID, EOS_ID, FAMILIES, PAD_ID, tiny_transformer
 
 logger = logging.getLogger(__name__)
 N_LAYERS = 3

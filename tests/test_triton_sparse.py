@@ -11,7 +11,8 @@ import torch
 pytest.importorskip("triton", reason="Triton is part of the dev extra (pip install -e .[dev])")
 
 from mlsae_core import sparse, triton_sparse  # noqa: E402
-from mlsae_core.sae import MLSAE, total_loss  # noqa: E402
+from mlsae_core.losses import total_loss  # noqa: E402
+from mlsae_core.sae import MLSAE  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 

@@ -18,7 +18,7 @@ from tests.test_cli import corpus_dir, tiny_model_dir, train_args  # noqa: F401 
         (["--layers", "0", "3"], "layers=[3] is not allowed: the model has 3 layers (0..2)"),
         (["--max_length", "4096"], "max_length=4096 is not allowed"),
         (["--max_tokens", "0"], "max_tokens=0 is not allowed"),
-        (["--device", "tpu"], "device='tpu' is not allowed: one of ('cpu', 'cuda', 'auto')"),
+        (["--device", "tpu"], "argument --device: invalid choice: 'tpu'"),
         (["--lr", "-1"], "lr=-1.0 is not allowed"),
         (["--batch_size", "0"], "batch_size=0 is not allowed"),
     ],
@@ -41,7 +41,7 @@ def test_missing_or_empty_corpus(tiny_model_dir, tmp_path, capsys):  # noqa: F81
 def test_unsupported_model_family(tmp_path, corpus_dir, capsys):  # noqa: F811
     from transformers import BertConfig, BertForMaskedLM
 
-    from tests.tiny_models import tiny_tokenizer
+    from mlsae_core.tiny import tiny_tokenizer
 
     BertForMaskedLM(BertConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
                                intermediate_size=16, vocab_size=64)).save_pretrained(tmp_path / "b")  # fmt: skip
@@ -58,13 +58,14 @@ def test_config_unknown_keys_and_ranges():
         DataConfig(test_fraction=1.5)
     with pytest.raises(ConfigError, match="accumulate_grad_batches=0"):
         TrainConfig(accumulate_grad_batches=0)
-    with pytest.raises(ConfigError, match="auxk=0"):
-        SAEConfig(auxk=0)
+    with pytest.raises(ConfigError, match="auxk=-1"):
+        SAEConfig(auxk=-1)
+    assert SAEConfig(auxk=0).auxk is None  # the CLI's `--auxk 0`: no AuxK loss
 
 
 def test_pickled_model_is_refused(tmp_path, corpus_dir, capsys):  # noqa: F811
     """A model directory with only pytorch_model.bin (pickle) is never unpickled."""
-    from tests.tiny_models import tiny_transformer
+    from mlsae_core.tiny import tiny_transformer
 
     t = tiny_transformer("llama", n_layers=3, d=32)
     import torch
@@ -78,9 +79,9 @@ def test_pickled_model_is_refused(tmp_path, corpus_dir, capsys):  # noqa: F811
     assert "safetensors only (no pickle)" in capsys.readouterr().err
 
 
-def test_sweep_eval_delta_dtype_is_checked():
-    from mlsae_pipeline.sweep import EvalSettings
+def test_eval_delta_dtype_is_checked():
+    from mlsae_core.config import EvalConfig
 
-    assert EvalSettings(delta_dtype="float32").delta_dtype == "float32"
-    with pytest.raises(ConfigError, match="eval.delta_dtype='fp16'.*auto, float32, bfloat16"):
-        EvalSettings(delta_dtype="fp16")
+    assert EvalConfig(delta_dtype="float32").delta_dtype == "float32"
+    with pytest.raises(ConfigError, match="delta_dtype='fp16'.*auto, float32, bfloat16"):
+        EvalConfig(delta_dtype="fp16")

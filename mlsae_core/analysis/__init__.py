@@ -1,4 +1,4 @@
-"""Analyses of trained MLSAEs (SPEC section 5), re-exported lazily.
+"""Analyses of trained MLSAEs (docs/method.md §5), re-exported lazily.
 
 Collectors (`LayerDists`, `TokenLayerVariance`, `MaxExamples`) ride along one
 `mlsae_core.evaluate.evaluate` pass; the geometry and prompt analyses take weights or a
@@ -34,10 +34,8 @@ _EXPORTS = {
     "embedding_similarity": "geometry",
     "model_embeddings": "geometry",
     "top_cosine": "geometry",
-    "DEFAULT_PROMPT": "prompts",
     "PromptHeatmap": "prompts",
     "prompt_heatmap": "prompts",
-    "layers_label": "tables",
 }
 
 __all__ = sorted(_EXPORTS)

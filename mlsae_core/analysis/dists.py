@@ -1,4 +1,4 @@
-"""Latent distributions over layers ("dists", SPEC section 5): where does each latent fire?
+"""Latent distributions over layers ("dists", docs/method.md §5): where does each latent fire?
 
 For an SAE over layers `layers` (index l = 0..L-1 is the position in that list, the actual
 block ids are kept alongside), a latent j that fires (value > dead_threshold) at layer l on a
@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
+
+from mlsae_core.config import SAEConfig
 
 if TYPE_CHECKING:
     import numpy as np
@@ -156,7 +158,12 @@ class DistsResult:
 class LayerDists:
     """Collector for `evaluate`: accumulates counts and totals per (layer, latent)."""
 
-    def __init__(self, n_latents: int, layers: Sequence[int], dead_threshold: float = 1e-3) -> None:
+    def __init__(
+        self,
+        n_latents: int,
+        layers: Sequence[int],
+        dead_threshold: float = SAEConfig.dead_threshold,
+    ) -> None:
         self.layers = [int(x) for x in layers]
         self.n_latents = n_latents
         self.dead_threshold = dead_threshold

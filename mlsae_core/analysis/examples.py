@@ -1,4 +1,4 @@
-"""Max-activating examples for every (latent, layer), with their context (SPEC section 5).
+"""Max-activating examples for every (latent, layer), with their context (docs/method.md §5).
 
 Collection keeps a FIXED-SIZE top-`n_examples` per (layer, latent): a float32 values tensor
 and an int64 location tensor (row * seq_len + pos), both [L, n_latents, n_examples]. Each
@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from mlsae_core.config import EvalConfig, SAEConfig
 from mlsae_core.sae import TopK
 
 if TYPE_CHECKING:
@@ -138,9 +139,9 @@ class MaxExamples:
         self,
         n_latents: int,
         layers: Sequence[int],
-        n_examples: int = 32,
-        n_context: int = 4,
-        dead_threshold: float = 1e-3,
+        n_examples: int = EvalConfig.n_examples,
+        n_context: int = EvalConfig.n_context,
+        dead_threshold: float = SAEConfig.dead_threshold,
         device: str | torch.device = "cpu",
     ) -> None:
         """`device` holds the state and does the merging (a GPU makes the sorts cheap)."""

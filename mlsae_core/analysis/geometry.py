@@ -1,4 +1,4 @@
-"""Geometry of the residual stream and of SAE dictionaries (SPEC section 5).
+"""Geometry of the residual stream and of SAE dictionaries (docs/method.md §5).
 
 - Residual cosine similarity between adjacent layers, after removing each layer's mean
   (two passes over any source of [L, N, d] activation batches), plus activation norms.
@@ -249,7 +249,7 @@ def embedding_similarity(
 ) -> EmbeddingSim:
     """Decoder columns vs input and output embeddings.
 
-    The SAE works on standardized residuals (SPEC 3.1): per-vector centring removes the
+    The SAE works on standardized residuals (docs/method.md §3.1): per-vector centring removes the
     all-ones direction, which cosine similarity is only mildly sensitive to; we compare raw
     directions as the paper does.
     """

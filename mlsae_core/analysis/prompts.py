@@ -1,4 +1,4 @@
-"""Prompt heatmap (SPEC section 5): at which layers do a prompt's latents fire?
+"""Prompt heatmap (docs/method.md §5): at which layers do a prompt's latents fire?
 
 For one prompt: encode every layer's residual stream, sum (or max) each latent's activation
 over the prompt's tokens per layer, drop latents whose largest per-layer value is below the
@@ -14,11 +14,10 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from mlsae_core.analysis.examples import token_strings
+from mlsae_core.config import DEFAULT_PROMPT, SAEConfig
 
 if TYPE_CHECKING:
     from mlsae_core.sae import MLSAE
-
-DEFAULT_PROMPT = "When Mary and John went to the store, John gave a drink to"
 
 
 @dataclass
@@ -38,12 +37,12 @@ def prompt_heatmap(
     sae: MLSAE,
     layers: Sequence[int],
     prompt: str = DEFAULT_PROMPT,
-    threshold: float = 1e-3,
+    threshold: float = SAEConfig.dead_threshold,
     reduce: str = "sum",
 ) -> PromptHeatmap:
     """[layers x latents] distribution of each latent's activation on `prompt`.
 
-    reduce="sum" follows the SPEC; "max" is the reference's figure (max over tokens).
+    reduce="sum" follows docs/method.md §5; "max" is the reference's figure (max over tokens).
     """
     if reduce not in ("sum", "max"):
         raise ValueError(f"reduce must be 'sum' or 'max', got {reduce!r}")

@@ -1,9 +1,9 @@
 """Analysis results -> `pyarrow.Table`s with explicit schemas, and the reference's CSVs.
 
-Every table starts with the partition columns it is keyed by (model, expansion_factor, k,
-layers; model-level tables such as resid_cos_sim need only `model`), repeated on every row,
-so Parquet files from many configs concatenate into one DuckDB view. Columns are documented
-in docs/tables.md (one place); keep the two in step.
+Every table starts with the partition columns it is keyed by (`mlsae_core.identity`: model,
+expansion_factor, k, layers; model-level tables such as resid_cos_sim need only `model`),
+repeated on every row, so Parquet files from many configs concatenate into one DuckDB view.
+Columns are documented in docs/tables.md (one place); keep the two in step.
 """
 
 from __future__ import annotations
@@ -19,7 +19,12 @@ from typing import TYPE_CHECKING, Any
 import pyarrow as pa
 
 from mlsae_core import atomic
-from mlsae_core.runs import layers_label  # noqa: F401 - re-exported: the partition value
+from mlsae_core.identity import (  # layers_label re-exported: the partition value
+    MODEL_COLUMNS,
+    PARTITION_COLUMNS,
+    layers_label,  # noqa: F401
+    partition_fields,
+)
 
 if TYPE_CHECKING:
     from mlsae_core.analysis.dists import DistsResult
@@ -28,14 +33,6 @@ if TYPE_CHECKING:
     from mlsae_core.analysis.prompts import PromptHeatmap
     from mlsae_core.analysis.variance import VarianceResult
 
-PARTITION_FIELDS: tuple[pa.Field, ...] = (
-    pa.field("model", pa.string(), nullable=False),
-    pa.field("expansion_factor", pa.int32(), nullable=False),
-    pa.field("k", pa.int32(), nullable=False),
-    pa.field("layers", pa.string(), nullable=False),
-)
-SAE_PARTITION = tuple(f.name for f in PARTITION_FIELDS)
-MODEL_PARTITION = ("model",)
 STAT_NAMES = ("mean", "var", "std", "sem")
 
 DISTS_LAYER_STD_CSV_COLUMNS = (
@@ -49,26 +46,14 @@ DISTS_LAYER_STD_CSV_COLUMNS = (
 MMCS_CSV_COLUMNS = ("model_name", "expansion_factor", "k", *STAT_NAMES)
 
 
-def _partition_fields(partition: Mapping[str, Any], required: Sequence[str]) -> list[pa.Field]:
-    known = {f.name: f for f in PARTITION_FIELDS}
-    unknown = sorted(set(partition) - set(known))
-    missing = [name for name in required if name not in partition]
-    if unknown or missing:
-        raise ValueError(
-            f"partition {dict(partition)} has unknown keys {unknown} / lacks {missing}; "
-            f"expected keys from {list(known)}"
-        )
-    return [f for f in PARTITION_FIELDS if f.name in partition]
-
-
 def _table(
     partition: Mapping[str, Any],
     fields: Sequence[pa.Field],
     columns: Mapping[str, Any],
-    required: Sequence[str] = SAE_PARTITION,
+    required: Sequence[str] = PARTITION_COLUMNS,
 ) -> pa.Table:
     """Build a table: partition columns (repeated) then `columns`, under an explicit schema."""
-    part_fields = _partition_fields(partition, required)
+    part_fields = partition_fields(partition, required)
     arrays: list[pa.Array] = [pa.array(columns[f.name], type=f.type) for f in fields]
     n = len(arrays[0]) if arrays else 0
     part_arrays = [pa.repeat(pa.scalar(partition[f.name], type=f.type), n) for f in part_fields]
@@ -346,7 +331,7 @@ def resid_cos_sim_table(result: ResidCosSim, partition: Mapping[str, Any]) -> pa
     for s in STAT_NAMES:
         cols[f"cos_{s}"] = [*_f64(result.cos[s]), None]
         cols[f"norm_{s}"] = _f64(result.norm[s])
-    return _table(partition, RESID_COS_SIM_FIELDS, cols, required=MODEL_PARTITION)
+    return _table(partition, RESID_COS_SIM_FIELDS, cols, required=MODEL_COLUMNS)
 
 
 MMCS_FIELDS = (

@@ -30,6 +30,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from mlsae_core.config import SAEConfig
+
 if TYPE_CHECKING:
     from mlsae_core.evaluate import EvalBatch
 
@@ -88,7 +90,12 @@ class TokenLayerVariance:
     memory is O(L*N*k + n_latents), never [N, n_latents].
     """
 
-    def __init__(self, n_latents: int, layers: Sequence[int], dead_threshold: float = 1e-3) -> None:
+    def __init__(
+        self,
+        n_latents: int,
+        layers: Sequence[int],
+        dead_threshold: float = SAEConfig.dead_threshold,
+    ) -> None:
         self.layers = [int(x) for x in layers]
         self.n_latents = n_latents
         self.dead_threshold = dead_threshold

@@ -1,16 +1,27 @@
 """The interactive explorer: a small web app over one MLSAE and its transformer.
 
-`mlsae explore --repo_id DIR` serves it (`server.run`). The compute lives in `service`
-(`Explorer`: prompt analysis with a bounded LRU cache, splices, steering), the HTTP layer in
-`server` (`create_app`, a FastAPI app with a JSON API and the static page), and the page
-itself (vanilla HTML/JS/CSS, no CDN) in `mlsae_core/explorer_static/`.
+`mlsae explore --repo_id DIR` serves it (`server.run`). One concept per module:
+
+    options    ExplorerSettings (every setting and limit, defined once) and the CLI flags
+    cache      ByteLRU, the entry- and byte-bounded LRU cache
+    examples   ExamplesStore: the run directory's max_examples table, indexed in memory
+    prompt     the one analysis of a prompt (forward, MLSAE, metrics.ReconstructionMetrics)
+    steering   the residual-stream edit that steers a latent
+    service    Explorer, the façade the HTTP layer calls (validation, caches, views)
+    server     the FastAPI app (JSON API + the static page) and `mlsae explore`
+    wire       JSON-safe numbers and the error of a bad request parameter
+
+The page itself (vanilla HTML/JS/CSS, no CDN) is in `mlsae_core/explorer_static/`.
+
+The names below load lazily: `options` is imported to build `mlsae`'s parser, and that
+must not pull in torch or FastAPI.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["create_app", "Explorer"]
+__all__ = ["create_app", "Explorer", "ExplorerSettings"]
 
 
 def __getattr__(name: str) -> Any:
@@ -22,4 +33,8 @@ def __getattr__(name: str) -> Any:
         from mlsae_core.explorer.service import Explorer
 
         return Explorer
+    if name == "ExplorerSettings":
+        from mlsae_core.explorer.options import ExplorerSettings
+
+        return ExplorerSettings
     raise AttributeError(f"module 'mlsae_core.explorer' has no attribute {name!r}")

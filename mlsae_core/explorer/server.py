@@ -22,8 +22,10 @@ import argparse
 import logging
 from importlib import resources
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
+import pyarrow as pa
+import uvicorn
 from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse
@@ -31,18 +33,24 @@ from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from mlsae_core.explorer.service import (
-    STEER_MODES,
-    ExamplesStore,
-    Explorer,
-    ExplorerInputError,
-    Limits,
-)
+from mlsae_core.checkpoint import load_sae, resolve_checkpoint
+from mlsae_core.config import ConfigError, from_args, resolve_device
+from mlsae_core.explorer.examples import ExamplesStore, examples_path, load_examples
+from mlsae_core.explorer.options import ExplorerSettings, find_checkpoints
+from mlsae_core.explorer.service import Explorer
+from mlsae_core.explorer.steering import STEER_MODES, SteerMode
+from mlsae_core.explorer.wire import ExplorerInputError
+from mlsae_core.layout import StorageLayout, data_root
+from mlsae_core.sae import MLSAE
+from mlsae_core.transformer import Transformer
 
 logger = logging.getLogger(__name__)
 
 MAX_BODY_BYTES = 64 * 1024
-HARD_MAX_CHARS = 20_000  # pydantic's cap; the configured limit (Limits) is checked after
+# Pydantic's caps, so a body is refused before any work; the explorer then checks the
+# configured limits (ExplorerSettings), whose defaults these are.
+HARD_MAX_CHARS = 20_000
+_DEFAULTS = ExplorerSettings()
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
@@ -91,7 +99,7 @@ class ActivationsIn(_Body):
 
 class HistogramsIn(_Body):
     prompt: Prompt
-    bins: int = Field(default=20, ge=1, le=100)
+    bins: int = Field(default=20, ge=1, le=_DEFAULTS.max_bins)
     position: Position | None = None
 
 
@@ -102,17 +110,17 @@ class LogitsIn(_Body):
     latent: Latent | None = Field(default=None, description="latent to steer (null: no steering)")
     factor: float = Field(
         default=2.0,
-        ge=-1000.0,
-        le=1000.0,
+        ge=-_DEFAULTS.max_factor,
+        le=_DEFAULTS.max_factor,
         allow_inf_nan=False,
         description="steering factor (see mode)",
     )
-    mode: Literal["scale", "add"] = Field(
+    mode: SteerMode = Field(
         default="scale",
         description="scale: set the latent's value to factor x its value; add: add factor x "
         "its activation scale (docs/explorer.md)",
     )
-    top_k: int = Field(default=10, ge=1, le=50)
+    top_k: int = Field(default=10, ge=1, le=_DEFAULTS.max_top_k)
 
 
 # ----- errors ----------------------------------------------------------------------------------
@@ -203,10 +211,10 @@ class _BodyLimit:
 
 # ----- the app -------------------------------------------------------------------------------
 def create_app(
-    sae: Any,
-    transformer: Any,
-    examples_table: Any = None,
-    limits: Limits | None = None,
+    sae: MLSAE,
+    transformer: Transformer,
+    examples_table: ExamplesStore | pa.Table | None = None,
+    settings: ExplorerSettings | None = None,
     repo_id: str = "DIR",
     examples_message: str | None = None,
 ) -> FastAPI:
@@ -221,7 +229,7 @@ def create_app(
         sae,
         transformer,
         examples=examples_table,
-        limits=limits,
+        settings=settings,
         repo_id=repo_id,
         examples_message=examples_message,
     )
@@ -266,10 +274,6 @@ def create_app(
 
     @app.post("/api/logits", summary="top predictions: clean, reconstruction, steered")
     def logits(body: LogitsIn) -> dict[str, Any]:
-        if abs(body.factor) > ex.limits.max_factor:
-            raise ExplorerInputError(
-                f"factor={body.factor} is not allowed: |factor| <= {ex.limits.max_factor}"
-            )
         return ex.logits_view(
             body.prompt,
             body.position,
@@ -295,46 +299,43 @@ def create_app(
 
 
 # ----- loading a checkpoint and the CLI ------------------------------------------------------
-def load_app(
-    repo_id: str,
-    model_name: str | None = None,
-    device: str = "cpu",
-    limits: Limits | None = None,
-    examples_path: str | Path | None = None,
-) -> FastAPI:
+def _moved_model(name: str, directory: Path) -> str:
+    """A pipeline checkpoint's model directory after its storage root was copied elsewhere:
+    the recorded path if it still exists, else `<root>/models/<its name>` or
+    `<root>/models/<model>` of the root that holds the checkpoint."""
+    looks_like_path = str(name).startswith(("/", ".", "~"))
+    found = StorageLayout.containing(directory)
+    if not looks_like_path or Path(name).expanduser().exists() or found is None:
+        return name
+    layout, model, _ = found
+    for moved in (layout.model_dir(Path(name).name), layout.model_dir(model)):
+        if (moved / "config.json").is_file():
+            logger.info("model %s is gone; using %s", name, moved)
+            return str(moved)
+    return name
+
+
+def load_app(repo_id: str, settings: ExplorerSettings | None = None) -> FastAPI:
     """Load the MLSAE, its transformer and the examples beside the checkpoint, once.
 
-    The transformer is the checkpoint's `model_name` (or `model_name` here); a pipeline
-    checkpoint whose recorded model directory has moved (the storage root was copied
-    elsewhere) falls back to `<root>/models/<its name>` or `<root>/models/<model>`. Examples: `examples_path`, else `examples_candidates`.
+    The transformer is the checkpoint's `model_name` (or `settings.model_name`), found in
+    the storage root when it has moved (`_moved_model`). Examples: `settings.examples`, else
+    the run directory's `max_examples.parquet`.
     """
-    from mlsae_core.config import ConfigError
-    from mlsae_core.explorer.service import load_examples, pipeline_layout
-    from mlsae_core.sae import MLSAE, resolve_checkpoint
-    from mlsae_core.transformer import Transformer
-
+    settings = settings or ExplorerSettings()
+    device = resolve_device(settings.device)
     directory = resolve_checkpoint(repo_id)
-    sae = MLSAE.from_pretrained(directory, device=device)
-    name = model_name or sae.metadata.get("model_name")
+    sae = load_sae(directory, device=device)
+    name = settings.model_name or sae.metadata.get("model_name")
     if not name:
         raise ConfigError(
             f"{repo_id}: config.json does not say which model it was trained on (model_name); "
             "pass --model_name"
         )
-    layout = pipeline_layout(directory)
-    looks_like_path = str(name).startswith(("/", ".", "~"))
-    if looks_like_path and not Path(name).expanduser().exists() and layout is not None:
-        models = layout[0] / "models"
-        for moved in (models / Path(name).name, models / layout[1]):
-            if (moved / "config.json").is_file():
-                logger.info("model %s is gone; using %s", name, moved)
-                name = str(moved)
-                break
+    name = _moved_model(str(name), directory)
     logger.info("loading transformer %s", name)
-    transformer = Transformer.load(str(name), device=device)
-    examples, message = load_examples(
-        directory, repo_id, Path(examples_path) if examples_path else None
-    )
+    transformer = Transformer.load(name, device=device)
+    examples, message = load_examples(directory, repo_id, settings.examples)
     if examples is None:
         logger.info("%s", message)
     else:
@@ -343,48 +344,37 @@ def load_app(
         sae,
         transformer,
         examples_table=examples,
-        limits=limits,
+        settings=settings,
         repo_id=repo_id,
         examples_message=message,
     )
 
 
+def list_checkpoints(root: Path) -> None:
+    """`mlsae explore --list`: each checkpoint under `root` and whether it has examples."""
+    found = find_checkpoints(root)
+    if not found:
+        print(f"no trained checkpoints under {root}")
+    for d in found:
+        print(f"{d}    examples: {'yes' if examples_path(d).is_file() else 'no'}")
+
+
 def run(args: argparse.Namespace) -> int:
-    from mlsae_core import paths
-    from mlsae_core.explorer.options import find_checkpoints
-
+    """`mlsae explore`: list the checkpoints, or serve one (blocks until Ctrl-C)."""
     if args.list:
-        root = args.root or paths.data_dir()
-        found = find_checkpoints(root)
-        if not found:
-            print(f"no trained checkpoints under {root}")
-        from mlsae_core.explorer.service import examples_candidates
-
-        for d in found:
-            has = any(p.is_file() for p in examples_candidates(d))
-            print(f"{d}    examples: {'yes' if has else 'no'}")
+        list_checkpoints(args.root or data_root())
         return 0
     if not args.repo_id:
         raise ValueError("--repo_id is required (or --list to see the trained checkpoints)")
-    for name in ("max_prompt_tokens", "max_prompt_chars", "cache_entries", "cache_mb"):
-        if getattr(args, name) < 1:
-            raise ValueError(f"--{name}={getattr(args, name)} is not allowed: must be >= 1")
-    if not 0 < args.port < 65536:
-        raise ValueError(f"--port={args.port} is not allowed: 1..65535")
-    limits = Limits(
-        max_prompt_tokens=args.max_prompt_tokens,
-        max_prompt_chars=args.max_prompt_chars,
-        cache_entries=args.cache_entries,
-        cache_bytes=args.cache_mb * 2**20,
-    )
-    app = load_app(args.repo_id, args.model_name, args.device, limits, args.examples)
-    if args.host not in LOOPBACK:
-        logger.warning("binding to %s: the explorer is reachable from other machines", args.host)
-    import uvicorn
-
-    print(f"MLSAE explorer on http://{args.host}:{args.port}/  (Ctrl-C to stop)")
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    settings = from_args(ExplorerSettings, args)  # refuses a bad setting before loading
+    app = load_app(args.repo_id, settings)
+    if settings.host not in LOOPBACK:
+        logger.warning(
+            "binding to %s: the explorer is reachable from other machines", settings.host
+        )
+    print(f"MLSAE explorer on http://{settings.host}:{settings.port}/  (Ctrl-C to stop)")
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level="warning")
     return 0
 
 
-__all__ = ["create_app", "load_app", "run", "STEER_MODES"]
+__all__ = ["create_app", "list_checkpoints", "load_app", "run", "STEER_MODES"]

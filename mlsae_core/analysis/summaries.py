@@ -1,0 +1,163 @@
+"""Tables over many runs: test_summary, dists_layer_std, mmcs, single_layer_comparison.
+
+Tables in, tables out. The pipeline's summary assets and `mlsae figures` call these same
+functions, so a cross-config number means one thing on both paths; the reference's CSVs are
+derived from the tables they return (`*_csv_rows`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import torch
+
+from mlsae_core.analysis import geometry
+from mlsae_core.analysis.tables import STAT_NAMES, mmcs_table
+from mlsae_core.identity import PARTITION_COLUMNS, PARTITION_FIELDS, is_single_layer, partition_of
+from mlsae_core.sae import MLSAE
+
+# Metrics of single_layer_comparison: the MLSAE's value at a layer next to the baseline's.
+COMPARE_METRICS = ("mse", "fvu", "l0", "dead", "dce", "kl", "loss_recovered")
+_REL_NAMES = tuple(f"{s}_rel" for s in STAT_NAMES)
+
+
+def n_layers_of(label: str) -> int:
+    """Layers named by a layers label: '0-3' -> 4, '0,5,10' -> 3, '7' -> 1."""
+    if "-" in label:
+        lo, hi = label.split("-")
+        return int(hi) - int(lo) + 1
+    return len(label.split(","))
+
+
+def _sorted(table: pa.Table, *extra: str) -> pa.Table:
+    return table.sort_by([(c, "ascending") for c in (*PARTITION_COLUMNS, *extra)])
+
+
+# ----- test_summary ------------------------------------------------------------------------
+def test_summary(test_metrics: pa.Table) -> pa.Table:
+    """One row per config: its `avg` test-metrics row, with n_layers after the partition."""
+    avg = test_metrics.filter(pc.equal(test_metrics.column("layer"), "avg")).drop(["layer"])
+    labels = avg.column("layers").to_pylist()
+    avg = avg.add_column(4, "n_layers", pa.array([n_layers_of(x) for x in labels], pa.int64()))
+    return _sorted(avg)
+
+
+test_summary.__test__ = False  # a table builder, not a pytest test
+
+
+# ----- dists_layer_std ---------------------------------------------------------------------
+DISTS_LAYER_STD_COLUMNS = (
+    *PARTITION_COLUMNS,
+    "n_layers",
+    "n_latents",
+    "n_live",
+    *STAT_NAMES,
+    *_REL_NAMES,
+)
+
+
+def dists_layer_std(dists_summary: pa.Table) -> pa.Table:
+    """The paper's layer_std table: every run's `dists_summary` row (analysis.dists.describe
+    of live latents' layer_std, and of layer_std / n_layers), one row per config."""
+    return _sorted(dists_summary.select(list(DISTS_LAYER_STD_COLUMNS)))
+
+
+def dists_layer_std_csv_rows(table: pa.Table) -> list[dict[str, Any]]:
+    """Rows of the reference's dists_layer_std.csv (tables.write_dists_layer_std_csv)."""
+    return [
+        {
+            "model_name": r["model"],
+            "n_layers": r["n_layers"],
+            "expansion_factor": r["expansion_factor"],
+            "k": r["k"],
+            **{s: r[s] for s in (*STAT_NAMES, *_REL_NAMES)},
+        }
+        for r in table.to_pylist()
+    ]
+
+
+# ----- mmcs --------------------------------------------------------------------------------
+def run_decoder(directory: str | Path) -> tuple[dict[str, Any], torch.Tensor]:
+    """(partition columns, decoder [d, n_latents]) of a checkpoint directory."""
+    sae = MLSAE.from_pretrained(directory)
+    part = partition_of(sae.metadata, sae.n_latents, sae.n_inputs, sae.k)
+    return part, sae.decoder.weight.detach()
+
+
+def _same_dictionary_size(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
+    return all(a[c] == b[c] for c in ("model", "expansion_factor", "k"))
+
+
+def mmcs(decoders: Sequence[tuple[Mapping[str, Any], torch.Tensor]]) -> pa.Table:
+    """MMCS of every dictionary within itself (reference 'self') and, for each MLSAE, against
+    every single-layer SAE of the same model, expansion factor and k ('layers=<l>')."""
+    if not decoders:
+        raise ValueError("mmcs needs at least one (partition, decoder) pair")
+    out = []
+    for part, dec in decoders:
+        out.append(mmcs_table(geometry.mmcs(dec), part, "self"))
+        if is_single_layer(part["layers"]):
+            continue
+        for other_part, other in decoders:
+            if _same_dictionary_size(part, other_part) and is_single_layer(other_part["layers"]):
+                ref = f"layers={other_part['layers']}"
+                out.append(mmcs_table(geometry.mmcs(dec, other), part, ref))
+    return _sorted(pa.concat_tables(out), "reference")
+
+
+def mmcs_csv_rows(table: pa.Table) -> list[dict[str, Any]]:
+    """Rows of the reference's mmcs.csv: the 'self' rows (tables.write_mmcs_csv)."""
+    return [
+        {
+            "model_name": r["model"],
+            "expansion_factor": r["expansion_factor"],
+            "k": r["k"],
+            **{s: r[s] for s in STAT_NAMES},
+        }
+        for r in table.to_pylist()
+        if r["reference"] == "self"
+    ]
+
+
+# ----- single_layer_comparison -------------------------------------------------------------
+SINGLE_LAYER_COMPARISON_SCHEMA = pa.schema(
+    [
+        *PARTITION_FIELDS,
+        pa.field("layer", pa.int32()),
+        *[
+            pa.field(f"{who}_{m}", pa.float64())
+            for m in COMPARE_METRICS
+            for who in ("mlsae", "single")
+        ],
+        pa.field("fvu_ratio", pa.float64()),
+    ]
+)
+
+
+def single_layer_comparison(test_metrics: pa.Table) -> pa.Table:
+    """At each layer l with a single-layer SAE (same model, expansion factor, k), the MLSAE's
+    test metrics at l next to the baseline's, and fvu_ratio = mlsae_fvu / single_fvu."""
+    by_cfg: dict[tuple, dict[str, dict[str, Any]]] = {}
+    for r in test_metrics.to_pylist():
+        by_cfg.setdefault(tuple(r[c] for c in PARTITION_COLUMNS), {})[r["layer"]] = r
+    rows = []
+    for key, layer_rows in sorted(by_cfg.items()):
+        if is_single_layer(key[3]):
+            continue
+        for skey, srows in sorted(by_cfg.items()):
+            if skey[:3] != key[:3] or not is_single_layer(skey[3]) or skey[3] not in layer_rows:
+                continue
+            m, s = layer_rows[skey[3]], srows[skey[3]]
+            row: dict[str, Any] = dict(zip(PARTITION_COLUMNS, key, strict=True))
+            row["layer"] = int(skey[3])
+            for metric in COMPARE_METRICS:
+                row[f"mlsae_{metric}"] = m[metric]
+                row[f"single_{metric}"] = s[metric]
+            row["fvu_ratio"] = m["fvu"] / s["fvu"] if s["fvu"] else math.nan
+            rows.append(row)
+    return pa.Table.from_pylist(rows, schema=SINGLE_LAYER_COMPARISON_SCHEMA)

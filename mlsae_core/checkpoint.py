@@ -1,0 +1,211 @@
+"""The MLSAE checkpoint format: a directory holding model.safetensors and config.json.
+
+The config is also embedded in the weights file's header, so a config.json that disagrees
+with its weights (a hand edit, or a kill between the two renames) is refused instead of used
+with the wrong settings. Hub repo ids resolve to a downloaded snapshot of such a directory.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
+
+from mlsae_core import atomic
+from mlsae_core.sae import MLSAE
+
+WEIGHTS_NAME = "model.safetensors"
+EMBEDDED_CONFIG_KEY = "mlsae_config"
+CONFIG_NAME = "config.json"
+
+_REQUIRED = ("n_inputs", "n_latents", "k")
+# Optional settings and how each is read; absent ones take MLSAE's (= SAEConfig's) defaults.
+_OPTIONAL: dict[str, Callable[[Any], Any]] = {
+    "auxk": lambda value: value,
+    "dead_threshold": float,
+    "dead_tokens_threshold": int,
+    "standardize": bool,
+}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is missing, corrupt, or disagrees with its config or with the caller."""
+
+
+def save_sae(sae: MLSAE, directory: str | Path) -> Path:
+    """Write model.safetensors then config.json, each atomically, into `directory`.
+
+    Other files in the directory (training history, resume state, analyses) are kept.
+    """
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    config = sae.config_dict()
+    meta = {"format": "pt", EMBEDDED_CONFIG_KEY: json.dumps(config)}
+    with atomic.atomic_path(directory / WEIGHTS_NAME) as tmp:
+        save_file(sae.weights_dict(), str(tmp), metadata=meta)
+    atomic.write_json(directory / CONFIG_NAME, config)
+    return directory
+
+
+def load_sae(
+    path_or_repo_id: str | Path, device: str | torch.device = "cpu", **expect: Any
+) -> MLSAE:
+    """Load a checkpoint directory (or a hub repo id, for online users).
+
+    Keyword arguments (e.g. n_inputs=576, k=32) are expectations: a checkpoint that
+    disagrees is refused rather than silently used.
+    """
+    directory = resolve_checkpoint(path_or_repo_id)
+    config = read_checkpoint_config(directory)
+    for key, want in expect.items():
+        if config.get(key) != want:
+            raise CheckpointError(
+                f"checkpoint {directory} has {key}={config.get(key)!r} but {want!r} was "
+                "expected; pick the checkpoint trained for this setting"
+            )
+    known = {*_REQUIRED, *_OPTIONAL}
+    sae = MLSAE(
+        n_inputs=int(config["n_inputs"]),
+        n_latents=int(config["n_latents"]),
+        k=int(config["k"]),
+        metadata={k: v for k, v in config.items() if k not in known},
+        **{key: read(config[key]) for key, read in _OPTIONAL.items() if key in config},
+    )
+    load_weights(sae, read_checkpoint_weights(directory))
+    return sae.to(device)
+
+
+@torch.no_grad()
+def load_weights(sae: MLSAE, tensors: dict[str, torch.Tensor]) -> None:
+    """Copy tensors into `sae`, refusing missing/extra names or wrong shapes by name."""
+    want = {
+        "encoder.weight": (sae.n_latents, sae.n_inputs),
+        "decoder.weight": (sae.n_inputs, sae.n_latents),
+        "pre_encoder_bias": (sae.n_inputs,),
+    }
+    missing = sorted(set(want) - set(tensors))
+    extra = sorted(set(tensors) - set(want))
+    if missing or extra:
+        raise CheckpointError(
+            f"checkpoint tensors do not match an MLSAE: missing {missing}, unexpected {extra}"
+        )
+    for name, shape in want.items():
+        t = tensors[name]
+        if tuple(t.shape) != shape:
+            raise CheckpointError(
+                f"checkpoint tensor {name} has shape {tuple(t.shape)} but the config "
+                f"(n_inputs={sae.n_inputs}, n_latents={sae.n_latents}) needs {shape}"
+            )
+        if not torch.isfinite(t).all():
+            raise CheckpointError(f"checkpoint tensor {name} contains NaN or Inf")
+    sae.encoder.weight.copy_(tensors["encoder.weight"])
+    sae.decoder.weight.copy_(tensors["decoder.weight"])
+    sae.pre_encoder_bias.copy_(tensors["pre_encoder_bias"])
+
+
+def push_to_hub(sae: MLSAE, repo_id: str, private: bool = False, token: str | None = None) -> str:
+    """Upload the checkpoint directory to the HF Hub (online users only)."""
+    from huggingface_hub import HfApi  # optional: only hub users pay for the import
+
+    api = HfApi(token=token)
+    api.create_repo(repo_id, private=private, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        save_sae(sae, Path(tmp) / "ckpt")
+        api.upload_folder(repo_id=repo_id, folder_path=str(Path(tmp) / "ckpt"))
+    return repo_id
+
+
+def resolve_checkpoint(path_or_repo_id: str | Path) -> Path:
+    """A local checkpoint directory, or a hub snapshot (downloaded for online users)."""
+    path = Path(path_or_repo_id)
+    if path.exists():
+        if not path.is_dir():
+            raise CheckpointError(f"{path} is a file; pass the checkpoint directory holding it")
+        return path
+    looks_local = (
+        str(path_or_repo_id).startswith((".", "/", "~")) or str(path_or_repo_id).count("/") > 1
+    )
+    if looks_local:
+        raise CheckpointError(f"checkpoint directory {path} does not exist")
+    try:
+        from huggingface_hub import snapshot_download  # optional, as in push_to_hub
+
+        return Path(snapshot_download(str(path_or_repo_id)))
+    except Exception as exc:  # noqa: BLE001 - any hub failure means the same to the user
+        raise CheckpointError(
+            f"{path_or_repo_id!r} is not a local directory and could not be fetched from the "
+            f"hub ({type(exc).__name__}: {exc}); pass the path of a trained checkpoint"
+        ) from exc
+
+
+def read_checkpoint_config(directory: Path) -> dict[str, Any]:
+    """The checkpoint's config, checked against the copy embedded in its weights."""
+    cfg_path = directory / CONFIG_NAME
+    embedded = _embedded_config(directory / WEIGHTS_NAME)
+    if embedded is not None:
+        if cfg_path.exists():
+            try:
+                on_disk = json.loads(cfg_path.read_text())
+            except json.JSONDecodeError:
+                on_disk = None
+            if on_disk != embedded:
+                keys = sorted(
+                    k
+                    for k in set(embedded) | set(on_disk or {})
+                    if (on_disk or {}).get(k) != embedded.get(k)
+                )
+                raise CheckpointError(
+                    f"{cfg_path} disagrees with the config saved inside {WEIGHTS_NAME} on "
+                    f"{keys} (edited by hand, or a save was interrupted between the two "
+                    "files); restore config.json, or save the checkpoint again"
+                )
+        config = embedded
+    elif not cfg_path.exists():
+        raise CheckpointError(f"{cfg_path} is missing: not an MLSAE checkpoint directory")
+    else:
+        try:
+            config = json.loads(cfg_path.read_text())
+        except json.JSONDecodeError as exc:
+            raise CheckpointError(f"{cfg_path} is not valid JSON: {exc}") from exc
+    if "dead_tokens_threshold" not in config and "dead_steps_threshold" in config:
+        # The reference counted steps; keep its number as tokens-per-step is unknown here.
+        config["dead_tokens_threshold"] = config.pop("dead_steps_threshold")
+    missing = [key for key in _REQUIRED if key not in config]
+    if missing:
+        raise CheckpointError(f"{cfg_path} lacks required keys {missing}")
+    for key in _REQUIRED:
+        if not isinstance(config[key], int) or config[key] < 1:
+            raise CheckpointError(f"{cfg_path}: {key}={config[key]!r} must be a positive integer")
+    return config
+
+
+def _embedded_config(weights: Path) -> dict[str, Any] | None:
+    """The config saved in the safetensors header by save_sae, if any (None if unreadable:
+    the weights loader then reports the corruption)."""
+    if not weights.exists():
+        return None
+    try:
+        with safe_open(str(weights), framework="pt") as f:
+            text = (f.metadata() or {}).get(EMBEDDED_CONFIG_KEY)
+        return json.loads(text) if text else None
+    except Exception:  # noqa: BLE001 - corrupt headers are reported by read_checkpoint_weights
+        return None
+
+
+def read_checkpoint_weights(directory: Path) -> dict[str, torch.Tensor]:
+    """Read model.safetensors; a truncated or tampered file gives a clear error."""
+    weights = directory / WEIGHTS_NAME
+    if not weights.exists():
+        raise CheckpointError(f"{weights} is missing (only safetensors checkpoints are loaded)")
+    try:
+        return load_file(str(weights))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise CheckpointError(
+            f"{weights} is corrupt or truncated ({exc}); re-train or re-download it"
+        ) from exc

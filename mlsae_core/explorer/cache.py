@@ -1,0 +1,86 @@
+"""A thread-safe LRU cache bounded by entries and by bytes, for the explorer's analyses.
+
+Bounded both ways so that neither many small prompts nor a few long ones can grow the
+server's memory without limit.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from collections.abc import Hashable
+from typing import Any
+
+import torch
+
+
+class ByteLRU:
+    """LRU mapping whose total size (as reported by the caller) stays under `max_bytes`."""
+
+    def __init__(self, max_entries: int, max_bytes: int) -> None:
+        if max_entries < 1 or max_bytes < 1:
+            raise ValueError("cache limits must be >= 1")
+        self.max_entries = max_entries
+        self.max_bytes = max_bytes
+        self._data: OrderedDict[Hashable, tuple[Any, int]] = OrderedDict()
+        self._bytes = 0
+        self._lock = threading.Lock()
+        self.hits = 0
+        self.misses = 0
+
+    def get(self, key: Hashable, count: bool = True) -> Any | None:
+        """The value, or None; `count=False` for a re-check that must not skew the stats."""
+        with self._lock:
+            item = self._data.get(key)
+            if item is None:
+                self.misses += count
+                return None
+            self._data.move_to_end(key)
+            self.hits += count
+            return item[0]
+
+    def put(self, key: Hashable, value: Any, nbytes: int) -> None:
+        """Insert (an item larger than the whole budget is simply not kept)."""
+        with self._lock:
+            old = self._data.pop(key, None)
+            if old is not None:
+                self._bytes -= old[1]
+            if nbytes > self.max_bytes:
+                return
+            self._data[key] = (value, nbytes)
+            self._bytes += nbytes
+            while len(self._data) > self.max_entries or self._bytes > self.max_bytes:
+                _, (_, size) = self._data.popitem(last=False)
+                self._bytes -= size
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+    @property
+    def nbytes(self) -> int:
+        return self._bytes
+
+    def stats(self) -> dict[str, int]:
+        with self._lock:
+            return {
+                "entries": len(self._data),
+                "bytes": self._bytes,
+                "max_entries": self.max_entries,
+                "max_bytes": self.max_bytes,
+                "hits": self.hits,
+                "misses": self.misses,
+            }
+
+
+def tensor_bytes(obj: Any) -> int:
+    """Bytes held by the tensors in obj (nested dicts/lists/tuples), plus a small overhead."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, list | tuple):
+        return sum(tensor_bytes(v) for v in obj)
+    return 64
+
+
+__all__ = ["ByteLRU", "tensor_bytes"]

@@ -1,0 +1,108 @@
+"""What identifies a run everywhere: its model key, SAE key and the partition columns.
+
+Every table carries the same four partition columns (model, expansion_factor, k, layers) with
+the same types, so Parquet files from many runs concatenate into one DuckDB view; the
+pipeline's partition keys (`smollm2|x2-k16-Lall`) are built from the same names.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import pyarrow as pa
+
+from mlsae_core.config import ConfigError
+
+PARTITION_FIELDS: tuple[pa.Field, ...] = (
+    pa.field("model", pa.string(), nullable=False),
+    pa.field("expansion_factor", pa.int32(), nullable=False),
+    pa.field("k", pa.int32(), nullable=False),
+    pa.field("layers", pa.string(), nullable=False),
+)
+PARTITION_COLUMNS = tuple(f.name for f in PARTITION_FIELDS)
+MODEL_COLUMNS = ("model",)
+
+
+def model_slug(name: str) -> str:
+    """A file-name-safe short name: 'EleutherAI/pythia-70m-deduped' -> 'pythia-70m-deduped'."""
+    base = str(name).rstrip("/").split("/")[-1]
+    if base.endswith(".gguf"):
+        base = base[: -len(".gguf")]
+    return "".join(c if c.isalnum() or c in "-_." else "-" for c in base) or "model"
+
+
+def resolve_layers(layers: Sequence[int] | None, n_layers: int) -> list[int]:
+    """None -> all layers; otherwise validated, sorted, de-duplicated."""
+    if layers is None or len(layers) == 0:
+        return list(range(n_layers))
+    out = sorted({int(x) for x in layers})
+    bad = [x for x in out if not 0 <= x < n_layers]
+    if bad:
+        raise ConfigError(
+            f"layers={bad} is not allowed: the model has {n_layers} layers (0..{n_layers - 1})"
+        )
+    return out
+
+
+def layers_label(layers: Sequence[int]) -> str:
+    """'0-29' for a contiguous range, '3' for one layer, '0,5,10' otherwise."""
+    layers = [int(x) for x in layers]
+    if not layers:
+        raise ValueError("layers must not be empty")
+    if len(layers) == 1:
+        return str(layers[0])
+    if layers == list(range(layers[0], layers[-1] + 1)):
+        return f"{layers[0]}-{layers[-1]}"
+    return ",".join(map(str, layers))
+
+
+def is_single_layer(label: str) -> bool:
+    """A layers label naming one layer: a single-layer SAE, the paper's baseline."""
+    return label.isdigit()
+
+
+def sae_key(expansion_factor: int, k: int, layers: Sequence[int] | None) -> str:
+    """The pipeline's SAE partition key: 'x2-k16-Lall', 'x2-k16-L9', 'x2-k16-L0_5'."""
+    label = "all" if layers is None else "_".join(map(str, layers))
+    return f"x{expansion_factor}-k{k}-L{label}"
+
+
+def partition(model: str, expansion_factor: int, k: int, layers: Sequence[int]) -> dict[str, Any]:
+    """The partition columns of one run, typed as every table stores them."""
+    return {
+        "model": model,
+        "expansion_factor": int(expansion_factor),
+        "k": int(k),
+        "layers": layers_label(layers),
+    }
+
+
+def partition_of(metadata: Mapping[str, Any], n_latents: int, n_inputs: int, k: int) -> dict:
+    """The partition columns of a checkpoint, from its config.json metadata."""
+    layers = metadata.get("layers") or list(range(int(metadata.get("n_model_layers", 1))))
+    return partition(
+        model_slug(str(metadata.get("model_name", "unknown"))),
+        int(metadata.get("expansion_factor", n_latents // n_inputs)),
+        k,
+        layers,
+    )
+
+
+def run_slug(part: Mapping[str, Any]) -> str:
+    """'smollm2-x2-k16-L0-29': a file-name-safe name for a run's figures."""
+    label = str(part["layers"]).replace(",", "_")
+    return f"{part['model']}-x{part['expansion_factor']}-k{part['k']}-L{label}"
+
+
+def partition_fields(part: Mapping[str, Any], required: Sequence[str]) -> list[pa.Field]:
+    """The typed fields for `part`'s keys, refusing unknown or missing ones by name."""
+    known = {f.name: f for f in PARTITION_FIELDS}
+    unknown = sorted(set(part) - set(known))
+    missing = [name for name in required if name not in part]
+    if unknown or missing:
+        raise ValueError(
+            f"partition {dict(part)} has unknown keys {unknown} / lacks {missing}; "
+            f"expected keys from {list(known)}"
+        )
+    return [f for f in PARTITION_FIELDS if f.name in part]
