@@ -196,7 +196,13 @@ class ActivationCache:
         out_dir = Path(out_dir)
         shards = []
         with atomic_dir(out_dir) as tmp:
-            bar = tqdm(total=n_rows * pos, unit="tok", unit_scale=True, disable=not progress)
+            bar = tqdm(
+                total=n_rows * pos,
+                unit="tok",
+                unit_scale=True,
+                disable=not progress,
+                desc=f"activation cache {out_dir.name}",
+            )
             for i, start in enumerate(range(0, n_rows, shard_rows)):
                 stop = min(start + shard_rows, n_rows)
                 name = f"shard_{i:05d}.npy"

@@ -126,8 +126,11 @@ def resolve_model_path(name: str, models_dir: Path | None = None, snapshot: bool
     "EleutherAI/pythia-70m-deduped"), or with `snapshot` its files downloaded once into
     `models_dir/<slug>` (the pipeline: every step then loads from the shared storage root).
     """
+    from transformers.utils import logging as hf_logging
+
     from mlsae_core import tiny
 
+    hf_logging.disable_progress_bar()  # conversions take seconds; no bar per shard
     models_dir = models_dir or StorageLayout.from_env().models_dir
     if name.lower() == SMOLLM2:
         out = models_dir / SMOLLM2_DIR_NAME
@@ -323,6 +326,9 @@ class Transformer:
         `device` may be "auto" (CUDA when available).
         """
         from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # a local load takes a second; no bar per load
 
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"

@@ -9,6 +9,7 @@ in-process runs recorded in the Dagster instance at $DAGSTER_HOME, so they show 
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 import time
@@ -34,42 +35,63 @@ def sweep_args(p: argparse.ArgumentParser) -> None:
     )
 
 
+# The instance settings the project starts with (written only where none exist): run
+# monitoring, so a run whose process was killed is marked failed instead of staying STARTED;
+# telemetry off, so the first run prints no banner (delete the line to opt in).
+DAGSTER_YAML = """\
+run_monitoring:
+  enabled: true
+  poll_interval_seconds: 30
+  start_timeout_seconds: 300
+  max_resume_run_attempts: 0
+telemetry:
+  enabled: false
+"""
+
+
 def ensure_dagster_home() -> Path:
-    """$DAGSTER_HOME, or ./.dagster_home (created) so runs are recorded for the UI."""
+    """$DAGSTER_HOME, or ./.dagster_home (created, with dagster.yaml) so runs show in the UI."""
     home = os.environ.get("DAGSTER_HOME")
     if not home:
         home = str(Path.cwd() / ".dagster_home")
         os.environ["DAGSTER_HOME"] = home
     Path(home).mkdir(parents=True, exist_ok=True)
+    settings = Path(home) / "dagster.yaml"
+    if not settings.exists():
+        settings.write_text(DAGSTER_YAML)
     return Path(home)
 
 
-def sweep_stages(defs: Any) -> list[tuple[str, list[Any], str | None]]:
-    """(label, asset keys, partition key) per run, derived from the definitions' partitions:
-    each model's model-partitioned assets, then each config's config-partitioned assets,
-    then the unpartitioned (cross-config) assets."""
-    import dagster as dg
-
-    graph = defs.resolve_asset_graph()
-    kinds: dict[str, tuple[Any, list[Any]]] = {}
-    for key in graph.toposorted_asset_keys:
-        pdef = graph.get(key).partitions_def
-        kind = (
-            "cross-config"
-            if pdef is None
-            else "config"
-            if isinstance(pdef, dg.MultiPartitionsDefinition)
-            else "model"
-        )
-        kinds.setdefault(kind, (pdef, []))[1].append(key)
-    stages: list[tuple[str, list[Any], str | None]] = []
-    for kind in ("model", "config"):
-        if kind in kinds:
-            pdef, keys = kinds[kind]
-            stages += [(f"{kind} {p}", keys, str(p)) for p in pdef.get_partition_keys()]
-    if "cross-config" in kinds:
-        stages.append(("cross-config tables", kinds["cross-config"][1], None))
+def sweep_stages(defs: Any) -> list[tuple[str, str, str | None]]:
+    """(label, job name, partition key) per run, derived from the definitions' jobs: every
+    partition of each partitioned job (per model, then per config), then each unpartitioned
+    job once (the cross-config tables)."""
+    stages: list[tuple[str, str, str | None]] = []
+    for job in defs.jobs:
+        if job.name.startswith("__"):
+            continue
+        resolved = defs.resolve_job_def(job.name)
+        pdef = resolved.partitions_def
+        keys = [None] if pdef is None else pdef.get_partition_keys()
+        stages += [(job.name if k is None else f"{job.name} {k}", job.name, k) for k in keys]
     return stages
+
+
+def run_tags(sweep_name: str, job: str, partition: str | None) -> dict[str, str]:
+    """Tags that make the Runs page readable: which sweep, stage, model and config."""
+    tags = {"mlsae/sweep": sweep_name, "mlsae/stage": job}
+    if partition is not None:
+        model, _, config = partition.partition("|")
+        tags["mlsae/model"] = model
+        if config:
+            tags["mlsae/config"] = config
+    return tags
+
+
+def quiet_run_config(verbose: bool) -> dict[str, Any]:
+    """Dagster's console logger at WARNING (INFO with -v); the event log keeps everything."""
+    level = "INFO" if verbose else "WARNING"
+    return {"loggers": {"console": {"config": {"log_level": level}}}}
 
 
 def run_sweep(
@@ -78,39 +100,38 @@ def run_sweep(
     instance: Any = None,
     keep_going: bool = False,
     report: Callable[[str], None] = print,
+    verbose: bool = False,
 ) -> list[dict[str, Any]]:
-    """Materialize the whole graph for every partition of `sweep`; returns one row per stage."""
+    """Materialize the whole graph for every partition of `sweep`, one named job run per
+    stage (model_assets <model>, config_assets <model|config>, summary_tables); returns one
+    row per run. Every config is checked against its model's shape before anything runs."""
     import dagster as dg
 
     from mlsae_pipeline import definitions as d
-    from mlsae_pipeline.sweep import Sweep, load_sweep
+    from mlsae_pipeline.sweep import Sweep, load_sweep, validate_against_models
 
     sw = sweep if isinstance(sweep, Sweep) else load_sweep(sweep)
     defs = d.build_definitions(sw, data_dir, executor=dg.in_process_executor)
+    layout = defs.resources["storage"].layout
+    validate_against_models(sw, layout.models_dir)  # before any compute
     if instance is None:
         ensure_dagster_home()
         instance = dg.DagsterInstance.get()
-    assets = [*defs.assets, *(defs.asset_checks or [])]
-    resources = dict(defs.resources)
     stages = sweep_stages(defs)
     report(
         f"sweep {sw.name} ({sw.path}): {len(sw.models)} model(s) x {len(sw.points)} SAE "
-        f"config(s) -> {len(stages)} runs; storage {resources['storage'].root}"
+        f"config(s) -> {len(stages)} runs; storage {layout.root}"
     )
     rows: list[dict[str, Any]] = []
     t_all = time.perf_counter()
-    for i, (label, selection, partition) in enumerate(stages, start=1):
-        names = ", ".join(k.to_user_string() for k in selection)
-        report(f"[{i}/{len(stages)}] {label}: {names} ...")
+    for i, (label, job_name, partition) in enumerate(stages, start=1):
         t0 = time.perf_counter()
-        result = dg.materialize(
-            assets,
-            selection=selection,
+        result = defs.resolve_job_def(job_name).execute_in_process(
             partition_key=partition,
             instance=instance,
-            resources=resources,
             raise_on_error=not keep_going,
-            tags={"mlsae/sweep": sw.name},
+            tags=run_tags(sw.name, job_name, partition),
+            run_config=quiet_run_config(verbose),
         )
         dt = time.perf_counter() - t0
         skipped = [
@@ -120,13 +141,15 @@ def run_sweep(
         ]
         failed_checks = [e.check_name for e in result.get_asset_check_evaluations() if not e.passed]
         status = "ok" if result.success else "FAILED"
-        note = f" (unchanged, skipped: {', '.join(skipped)})" if skipped else ""
+        note = f" (unchanged: {len(skipped)} skipped)" if skipped else ""
         if failed_checks:
             note += f" [failed checks: {', '.join(failed_checks)}]"
         report(f"[{i}/{len(stages)}] {label}: {status} in {dt:.1f}s{note}  run {result.run_id[:8]}")
         rows.append(
             {
                 "stage": label,
+                "job": job_name,
+                "partition": partition,
                 "success": result.success,
                 "seconds": dt,
                 "run_id": result.run_id,
@@ -141,7 +164,13 @@ def run_sweep(
 def sweep(args: argparse.Namespace) -> int:
     if args.data_dir:
         os.environ["MLSAE_DATA_DIR"] = str(Path(args.data_dir).resolve())
-    rows = run_sweep(args.sweep, args.data_dir, keep_going=args.keep_going)
+    os.environ.setdefault("MLSAE_PROGRESS", "1")  # progress bars for the long steps
+    verbose = bool(getattr(args, "verbose", False))
+    if not verbose:
+        for name in ("alembic", "dagster"):  # instance migrations, code-server chatter
+            logging.getLogger(name).setLevel(logging.WARNING)
+        logging.getLogger().setLevel(logging.WARNING)
+    rows = run_sweep(args.sweep, args.data_dir, keep_going=args.keep_going, verbose=verbose)
     failed = [r["stage"] for r in rows if not r["success"]]
     if failed:
         print(f"mlsae sweep: {len(failed)} stage(s) failed: {', '.join(failed)}", file=sys.stderr)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import json
 import math
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -97,6 +98,12 @@ def load_chunks(layout: StorageLayout, model: str, split: str) -> TokenChunks:
 
 
 # ----- training ------------------------------------------------------------------------------
+def terminal_progress() -> bool:
+    """Progress bars on the terminal: `mlsae sweep` turns them on (MLSAE_PROGRESS=1); in the
+    UI's runs the event log has the progress lines instead."""
+    return os.environ.get("MLSAE_PROGRESS") == "1"
+
+
 def train_sae(
     spec: RunSpec,
     out_dir: Path,
@@ -121,7 +128,9 @@ def train_sae(
     if cache_dir is not None:
         from mlsae_core.cache import ActivationCache
 
-        cache = ActivationCache.open_or_build(cache_dir, transformer, chunks.tokens, progress=False)
+        cache = ActivationCache.open_or_build(
+            cache_dir, transformer, chunks.tokens, progress=terminal_progress()
+        )
         source = cache.select(layers)
     sae = train_run(
         spec,
@@ -185,7 +194,7 @@ def evaluate(
     t0 = time.perf_counter()
     tr, sae, layers, part = _run_setup(layout, sw, model, point)
     test = load_chunks(layout, model, "test")
-    result = one_pass(tr, sae, test, layers, sw.eval, progress=False)
+    result = one_pass(tr, sae, test, layers, sw.eval, progress=terminal_progress())
     out = analysis_tables(result, part, test)
     avg = next(r for r in result.metrics_rows if r["layer"] == "avg")
     dtype = str(resolve_delta_dtype(sw.eval.delta_dtype, tr.device)).removeprefix("torch.")

@@ -28,4 +28,7 @@ cat >>.venv/bin/activate <<ACT
 export DAGSTER_HOME=\${DAGSTER_HOME:-$PWD/.dagster_home}
 mkdir -p "\$DAGSTER_HOME"
 ACT
+# The Dagster instance's settings (run monitoring; no first-run banner), where none exist yet.
+DAGSTER_HOME=${DAGSTER_HOME:-$PWD/.dagster_home} .venv/bin/python -c \
+    "from mlsae_pipeline.commands import ensure_dagster_home; ensure_dagster_home()"
 echo "setup done: activate with 'source .venv/bin/activate'"

@@ -169,16 +169,23 @@ def test_definitions_assets_groups_kinds_partitions(tmp_path):
     assert mlsae.automation_condition is not None and mlsae.code_version
     assert defs.resolve_schedule_def("nightly_summary_refresh")
     assert defs.resolve_sensor_def("mlsae_automation")
-    # `mlsae sweep`'s stages come from the definitions' partitions: every asset in one stage
+    # `mlsae sweep`'s stages come from the definitions' jobs: every partition of each job
     from mlsae_pipeline.commands import sweep_stages
 
     stages = sweep_stages(defs)
     assert [label for label, _, _ in stages] == [
-        "model tiny-llama",
-        *(f"config tiny-llama|x2-k{k}-L{layers}" for k in (4, 8) for layers in ("all", "1")),
-        "cross-config tables",
+        "model_assets tiny-llama",
+        *(
+            f"config_assets tiny-llama|x2-k{k}-L{layers}"
+            for k in (4, 8)
+            for layers in ("all", "1")
+        ),
+        "summary_tables",
     ]
-    named = [{k.to_user_string() for k in keys} for _, keys, _ in stages]
+    named = [
+        {k.to_user_string() for k in defs.resolve_job_def(job).asset_layer.selected_asset_keys}
+        for _, job, _ in stages
+    ]
     assert named[0] == {"transformer", "corpus", "resid_cos_sim"}
     assert named[-1] == {"test_summary", "dists_layer_std", "mmcs", "single_layer_comparison",
                          "results_db"}  # fmt: skip
@@ -242,7 +249,7 @@ def test_shipped_sweeps_are_valid():
 # ----- the materialized graph -------------------------------------------------------------------
 def test_whole_graph_materializes(smoke):
     rows = smoke["rows"]
-    assert [r["stage"] for r in rows][0] == "model tiny-llama"
+    assert [r["stage"] for r in rows][0] == "model_assets tiny-llama"
     assert len(rows) == 1 + 4 + 1
     assert all(r["success"] for r in rows), rows
     assert not any(r["failed_checks"] for r in rows), rows

@@ -132,7 +132,13 @@ def build_config_assets(parts: SweepPartitions) -> list[Any]:
                 # several configs of one model share one transformer pass (activation cache)
                 shared = layout.cache_dir(model) if len(sw.points) > 1 else None
                 meta = runtime.train_sae(
-                    spec, run.directory, chunks, layout.root, _log_progress(context), False, shared
+                    spec,
+                    run.directory,
+                    chunks,
+                    layout.root,
+                    _log_progress(context),
+                    runtime.terminal_progress(),
+                    shared,
                 )
             runtime.training_curve(layout, model, sae_key)
             return None, meta
