@@ -1,11 +1,11 @@
 """Benchmark suite: `python -m mlsae_core.bench [--quick] [--only NAME] [--json [PATH]]`.
 
 Run as a script, never as timed tests. Every measurement runs in its OWN subprocess, so the
-peak RSS (`ru_maxrss`) printed is that measurement's. The shared baseline script (the
-original code's compute pattern, `--baseline`, default ../shared/bench/baseline_mlsae.py
-from the project root) runs in the same process tree on the same model directory (random
-Pythia-70m-shaped weights saved once with `save_pretrained`), the same batch shape and the
-same thread count, and each pair reports ours / baseline.
+peak RSS (`ru_maxrss`) printed is that measurement's. The baseline, `mlsae_core.bench_baseline`
+(the original research code's compute pattern, in the package; `--baseline PATH` runs another
+script with the same flags instead), runs in the same process tree on the same model directory
+(random Pythia-70m-shaped weights from `mlsae_core.tiny`, saved once), the same batch shape and
+the same thread count, and each pair reports ours / baseline.
 
 Measurements (tokens/s = chunk positions per second, median of --reps after --warmup):
   train/<cfg>     one training step: activations + SAE forward/backward + Adam (train.py's step)
@@ -35,25 +35,17 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_BASELINE = ROOT.parent / "shared" / "bench" / "baseline_mlsae.py"
+BASELINE_MODULE = "mlsae_core.bench_baseline"
+# `mlsae_core.tiny.tiny_model("gpt_neox", ...)` arguments for the benchmark's two model shapes.
 PYTHIA_70M_SHAPE = dict(
-    hidden_size=512,
-    num_hidden_layers=6,
+    n_layers=6,
+    d=512,
+    vocab=50304,
+    max_positions=2048,
     num_attention_heads=8,
     intermediate_size=2048,
-    vocab_size=50304,
-    rotary_pct=0.25,
-    max_position_embeddings=2048,
 )
-TINY_SHAPE = dict(
-    hidden_size=32,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    intermediate_size=64,
-    vocab_size=512,
-    rotary_pct=0.25,
-    max_position_embeddings=128,
-)
+TINY_SHAPE = dict(n_layers=2, d=32, vocab=512, max_positions=128)
 # Pythia-architecture pairs with the baseline: (name, kind, expansion factor, k, baseline mode)
 PAIRS = (
     ("train/x16-k32", "train", 16, 32, "train"),
@@ -131,8 +123,11 @@ def _collectors(tr: Any, sae: Any, layers: list[int]) -> tuple[list[Any], str | 
 def worker(spec: dict[str, Any]) -> dict[str, Any]:
     import torch
 
+    from mlsae_core.config import SAEConfig
     from mlsae_core.evaluate import evaluate, resolve_delta_dtype
-    from mlsae_core.sae import MLSAE, autocast, total_loss
+    from mlsae_core.losses import total_loss
+    from mlsae_core.precision import autocast
+    from mlsae_core.sae import MLSAE
     from mlsae_core.train import LiveActivations, make_optimizer, optimizer_step
 
     torch.set_num_threads(spec["threads"])
@@ -143,7 +138,8 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
     layers = list(range(tr.n_layers))
     torch.manual_seed(0)
     d = tr.d_model
-    sae = MLSAE(d, d * spec["expansion_factor"], spec["k"], auxk=256).to(device)
+    sae_cfg = SAEConfig(expansion_factor=spec["expansion_factor"], k=spec["k"])
+    sae = MLSAE.from_config(d, sae_cfg).to(device)
     opt = make_optimizer(sae, 1e-4, 6.25e-10)
     source = LiveActivations(tr, tokens, layers)
     rows = torch.arange(tokens.shape[0])
@@ -251,21 +247,23 @@ def cmd_threads(cmd: list[str]) -> int:
 
 
 def make_model_dir(out: Path, shape: dict[str, Any]) -> Path:
-    """A GPT-NeoX model with the given shape and seed-0 random weights, saved to `out`."""
-    import torch
-    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+    """A GPT-NeoX model with the given shape and seed-0 random weights, saved to `out`.
 
-    torch.manual_seed(0)
-    cfg = GPTNeoXConfig(**shape, bos_token_id=0, eos_token_id=0)
-    GPTNeoXForCausalLM(cfg).save_pretrained(out)
+    Pythia's rotary fraction and token ids (bos = eos = 0, no pad), no tokenizer: the
+    benchmark feeds random ids and both sides load the directory with `from_pretrained`.
+    """
+    from mlsae_core.tiny import tiny_model
+
+    ids = dict(bos_token_id=0, eos_token_id=0, pad_token_id=None)
+    tiny_model("gpt_neox", **shape, seed=0, rotary_pct=0.25, **ids).save_pretrained(out)
     return out
 
 
 def _smollm2_available() -> bool:
-    from mlsae_core import paths
+    from mlsae_core.layout import StorageLayout
     from mlsae_core.transformer import SMOLLM2_DIR_NAME
 
-    return (paths.models_dir() / SMOLLM2_DIR_NAME / "config.json").is_file()
+    return (StorageLayout.from_env().models_dir / SMOLLM2_DIR_NAME / "config.json").is_file()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -281,7 +279,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--max-length", type=int, default=256)
     p.add_argument("--json", nargs="?", const="-", default=None, help="JSON lines to PATH/stdout")
-    p.add_argument("--baseline", type=Path, default=DEFAULT_BASELINE)
+    p.add_argument(
+        "--baseline", type=Path, default=None,
+        help=f"a baseline script with {BASELINE_MODULE}'s flags (default: that module)",
+    )  # fmt: skip
     p.add_argument("--no-baseline", action="store_true", help="skip the baseline runs")
     p.add_argument("--no-smollm2", action="store_true")
     p.add_argument("--tiny", action="store_true", help="a tiny model (smoke tests only)")
@@ -324,6 +325,10 @@ def main(argv: list[str] | None = None) -> int:
         shape = dict(batch_size=a.batch_size, max_length=a.max_length)
         model_label = "tiny-gpt-neox" if a.tiny else "pythia-70m-arch (random weights)"
         me = [sys.executable, "-m", "mlsae_core.bench", "--threads", str(a.threads), "--worker"]
+        if a.baseline is None:
+            base_cmd = [sys.executable, "-m", BASELINE_MODULE]
+        else:
+            base_cmd = [sys.executable, str(a.baseline)]
         for name, kind, ef, k, mode in PAIRS:
             if not wanted(name):
                 continue
@@ -332,12 +337,12 @@ def main(argv: list[str] | None = None) -> int:
             )
             rec = {"name": name, "config": {**spec, "model": model_label}}
             cmd = [
-                sys.executable, str(a.baseline), "--model", str(model_dir), "--mode", mode,
+                *base_cmd, "--model", str(model_dir), "--mode", mode,
                 "--expansion-factor", str(ef), "-k", str(k), "--batch-size",
                 str(a.batch_size), "--max-length", str(a.max_length), "--reps",
                 str(a.reps), "--warmup", str(a.warmup), "--threads", str(a.threads),
             ]  # fmt: skip
-            run_base = not a.no_baseline and a.baseline.is_file()
+            run_base = not a.no_baseline and (a.baseline is None or a.baseline.is_file())
             if not a.no_baseline and not run_base:
                 rec["baseline_note"] = f"baseline script {a.baseline} not found"
             ours, base = [], []

@@ -21,6 +21,7 @@ def build_model_assets(parts: SweepPartitions) -> list[Any]:
         partitions_def=parts.models,
         kinds={"huggingface", "pytorch"},
         code_version=CODE_VERSIONS["transformer"],
+        automation_condition=eager(),  # a model added to the sweep is requested by the sensor
         description=(
             "The base causal LM as a local safetensors directory: the offline SmolLM2 converted "
             "once from its GGUF, a hub snapshot (e.g. EleutherAI/pythia-70m-deduped), a local "
