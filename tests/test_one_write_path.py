@@ -13,17 +13,12 @@ import os
 
 import pytest
 
+from mlsae_core.analyse import TABLES_OF
+
 MODEL = "tiny-llama"
 MLSAE_KEY, SINGLE_KEY = "x2-k4-Lall", "x2-k4-L1"
-PASS_TABLES = (
-    "test_metrics",
-    "latent_dists",
-    "latent_layer_dists",
-    "dists_summary",
-    "layer_variance",
-    "latent_variance",
-    "max_examples",
-)
+# every table of one evaluation pass (the prompt heatmap is a separate asset)
+PASS_TABLES = tuple(name for names in TABLES_OF.values() for name in names)
 
 
 @pytest.fixture(scope="module")

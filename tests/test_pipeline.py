@@ -20,6 +20,8 @@ from pathlib import Path
 
 import pytest
 
+from mlsae_core.layout import RUN_TABLES
+
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
@@ -44,16 +46,6 @@ ASSET_KEYS = {
     "results_db",
 }
 # Per-run tables live in the run directories (saes/<model>/<sae>/<name>.parquet).
-RUN_TABLES = (
-    "test_metrics",
-    "latent_dists",
-    "latent_layer_dists",
-    "dists_summary",
-    "layer_variance",
-    "latent_variance",
-    "max_examples",
-    "prompt_heatmap",
-)
 TABLES = (
     *RUN_TABLES,
     "resid_cos_sim",
@@ -175,11 +167,7 @@ def test_definitions_assets_groups_kinds_partitions(tmp_path):
     stages = sweep_stages(defs)
     assert [label for label, _, _ in stages] == [
         "model_assets tiny-llama",
-        *(
-            f"config_assets tiny-llama|x2-k{k}-L{layers}"
-            for k in (4, 8)
-            for layers in ("all", "1")
-        ),
+        *(f"config_assets tiny-llama|x2-k{k}-L{layers}" for k in (4, 8) for layers in ("all", "1")),
         "summary_tables",
     ]
     named = [
