@@ -37,12 +37,25 @@ def _owner(path: Path) -> str:
     )
 
 
+_HELD: dict[Path, int] = {}  # lock files this process holds -> nesting depth
+
+
 @contextlib.contextmanager
 def output_lock(directory: str | os.PathLike[str]) -> Iterator[Path]:
-    """Hold the lock of `directory` for the body; refuse at once if someone else holds it."""
+    """Hold the lock of `directory` for the body; refuse at once if someone else holds it.
+
+    Re-entrant within a process (a run locks its directory before loading the model, and the
+    training loop inside it locks the same directory again)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    path = directory / LOCK_NAME
+    path = (directory / LOCK_NAME).resolve()
+    if path in _HELD:
+        _HELD[path] += 1
+        try:
+            yield path
+        finally:
+            _HELD[path] -= 1
+        return
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         try:
@@ -60,6 +73,10 @@ def output_lock(directory: str | os.PathLike[str]) -> Iterator[Path]:
         }
         os.ftruncate(fd, 0)
         os.pwrite(fd, (json.dumps(info) + "\n").encode(), 0)
-        yield path
+        _HELD[path] = 1
+        try:
+            yield path
+        finally:
+            del _HELD[path]
     finally:
         os.close(fd)  # releases the flock

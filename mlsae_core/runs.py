@@ -7,7 +7,9 @@ split of the same corpus without being told.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import random
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -37,6 +39,7 @@ from mlsae_core.documents import (
 )
 from mlsae_core.identity import PARTITION_FIELDS, partition_of, resolve_layers
 from mlsae_core.layout import StorageLayout
+from mlsae_core.lock import output_lock
 from mlsae_core.metrics import METRIC_COLUMNS
 from mlsae_core.sae import MLSAE
 from mlsae_core.train import ActivationSource, LiveActivations, train
@@ -164,6 +167,24 @@ def train_run(
     by default activations are computed live by the transformer.
     """
     device = resolve_device(spec.train.device)  # before loading anything
+    # one writer per output directory, taken before any compute
+    rank = int(os.environ.get("RANK", "0"))
+    with output_lock(out_dir) if rank == 0 else contextlib.nullcontext():
+        return _train_run(
+            spec, out_dir, device, transformer, source, train_chunks, progress, on_step
+        )
+
+
+def _train_run(
+    spec: RunSpec,
+    out_dir: str | Path,
+    device: str,
+    transformer: Transformer | None,
+    source: ActivationSource | None,
+    train_chunks: TokenChunks | None,
+    progress: bool,
+    on_step: Callable[[dict[str, Any]], None] | None,
+) -> MLSAE:
     if transformer is None:
         transformer = Transformer.load(spec.model_name, device=device)
     shape = ModelShape(transformer.name, transformer.n_layers, transformer.d_model,

@@ -372,6 +372,14 @@ def _train(
             x = acts[:, mask].float()  # [L, N, d]
             if x.shape[1] == 0:
                 continue
+            if not bool(torch.isfinite(x).all()):  # the inputs, not the optimiser, are at fault
+                bad = [int(i) for i in (~torch.isfinite(x)).flatten(1).any(1).nonzero()]
+                raise TrainingDiverged(
+                    f"step {step}: the model's activations are NaN/Inf (at {len(bad)} of "
+                    f"{x.shape[0]} layers, layer index {bad[:8]}); check the model's weights or "
+                    f"dtype (load it in float32) and the data. The last good checkpoint is kept "
+                    f"in {state_dir}"
+                )
             if step == 0 and a == 0 and steps_this_call == 0:
                 sae.init_pre_encoder_bias(x)
                 _broadcast_params(sae)
@@ -394,8 +402,8 @@ def _train(
         loss_value = float(sums[0])
         if not math.isfinite(loss_value):
             raise TrainingDiverged(
-                f"step {step}: loss is {loss_value}; likely causes: a learning rate too high "
-                f"(lr={train_cfg.lr}) or non-finite activations from the model (try float32). "
+                f"step {step}: loss is {loss_value} with finite inputs; likely cause: a learning "
+                f"rate too high (lr={train_cfg.lr}): rerun with a smaller --lr and another --out. "
                 f"The last good checkpoint is kept in {state_dir}"
             )
         optimizer_step(sae, opt)

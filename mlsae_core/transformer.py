@@ -339,6 +339,15 @@ class Transformer:
                 path, dtype=dtype, trust_remote_code=False, use_safetensors=True
             )
             tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+        except ValueError as exc:
+            if "Unrecognized configuration class" not in str(exc):
+                raise
+            kind = str(exc).split("Unrecognized configuration class", 1)[1].split(" for ")[0]
+            raise UnsupportedModelError(
+                f"{name!r} is not a decoder-only causal LM (its config is{kind.rstrip('.')}); "
+                "mlsae needs one whose decoder blocks it can locate: "
+                f"{'; '.join(SUPPORTED_FAMILIES.values())}"
+            ) from None
         except OSError as exc:
             raise ValueError(
                 f"could not load {name!r} as a causal LM with safetensors weights ({exc}); "

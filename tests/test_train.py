@@ -94,7 +94,7 @@ def test_nan_stops_training_and_keeps_checkpoint(tmp_path):
     src = PlantedActivations()
     run(tmp_path, src, steps=2)  # checkpoint at step 2
     src.acts[:, :, 3] = float("nan")
-    with pytest.raises(TrainingDiverged, match=r"step \d+: loss is nan"):
+    with pytest.raises(TrainingDiverged, match=r"step \d+: the model's activations are NaN"):
         run(tmp_path, src)
     assert (tmp_path / "training_state" / "state.json").exists()
 

@@ -1,0 +1,243 @@
+"""Failures a user can meet: one writer per output, outputs that move together, validation
+before compute, and one-line messages (interrupts, full disks, divergence, other models)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from mlsae_core import train as train_mod
+from mlsae_core.cli import main
+from mlsae_core.config import ConfigError, SAEConfig, TrainConfig
+from mlsae_core.lock import output_lock
+from mlsae_core.train import HISTORY_NAME, TrainingDiverged, read_history, train
+from tests.test_cli import corpus_dir, tiny_model_dir, train_args  # noqa: F401 - fixtures
+from tests.test_train import PlantedActivations, masks_for
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _train(out: Path, src: PlantedActivations, lr: float = 3e-3, steps: int | None = None):
+    return train(
+        src,
+        masks_for(src),
+        SAEConfig(expansion_factor=4, k=4, auxk=8, dead_tokens_threshold=40),
+        TrainConfig(lr=lr, accumulate_grad_batches=2, checkpoint_every=2, device="cpu"),
+        out,
+        batch_size=2,
+        max_tokens=2 * 8 * 2 * 12,  # 12 steps
+        progress=False,
+        stop_after_steps=steps,
+    )
+
+
+# ----- one writer per output directory -----------------------------------------------------
+def _hold_lock(out: Path) -> subprocess.Popen:
+    """Another process that holds the lock of `out` until killed."""
+    code = (
+        "import time\nfrom mlsae_core.lock import output_lock\n"
+        f"with output_lock({str(out)!r}):\n    print('held', flush=True)\n    time.sleep(120)\n"
+    )
+    holder = subprocess.Popen(
+        [sys.executable, "-c", code], cwd=ROOT, stdout=subprocess.PIPE, text=True
+    )
+    assert holder.stdout.readline().strip() == "held"
+    return holder
+
+
+def test_second_writer_is_refused_naming_the_first(tiny_model_dir, corpus_dir, tmp_path, capsys):  # noqa: F811
+    out = tmp_path / "run"
+    holder = _hold_lock(out)
+    try:
+        assert main(train_args(tiny_model_dir, corpus_dir, out)) == 1
+    finally:
+        holder.kill()
+        holder.wait()
+    err = capsys.readouterr().err.strip()
+    assert f"is being written by pid {holder.pid}" in err, err
+    assert len(err.splitlines()) == 1 and not (out / "config.json").exists()
+    assert main(train_args(tiny_model_dir, corpus_dir, out)) == 0  # a dead holder: trains
+
+
+@pytest.mark.slow
+def test_two_concurrent_trainings_leave_one_result_and_one_refusal(
+    tiny_model_dir,  # noqa: F811
+    corpus_dir,  # noqa: F811
+    tmp_path,
+):
+    out = tmp_path / "run"
+    args = [a for a in train_args(tiny_model_dir, corpus_dir, out) if a != "train"]
+    slow = ["--max_tokens", "40960"]  # long enough that the second starts while the first runs
+    cmd = [sys.executable, "-m", "mlsae_core.cli", "train", *args, *slow]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    first = subprocess.Popen(cmd, cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not (out / ".mlsae.lock").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.5)
+    second = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    first_err = first.communicate(timeout=600)[1]
+    assert first.returncode == 0, first_err[-2000:]
+    assert second.returncode == 1, second.stderr[-2000:]
+    assert f"is being written by pid {first.pid}" in second.stderr
+    assert (out / "config.json").exists()
+
+
+# ----- training outputs move together -------------------------------------------------------
+def test_kill_between_checkpoint_and_history_keeps_every_row(tmp_path, monkeypatch):
+    src = PlantedActivations()
+    reference = read_history_of(_train(tmp_path / "ref", src), tmp_path / "ref")
+
+    real = train_mod._write_history
+    calls = {"n": 0}
+
+    def dies_after_the_state_commit(path: Path, rows):
+        real(path, rows)
+        if path.name == HISTORY_NAME and path.parent.name != train_mod.STATE_DIR:
+            calls["n"] += 1
+            if calls["n"] == 2:  # the second checkpoint's user-facing copy: "killed" here
+                raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_mod, "_write_history", dies_after_the_state_commit)
+    victim = tmp_path / "victim"
+    with pytest.raises(KeyboardInterrupt):
+        _train(victim, src)
+    monkeypatch.setattr(train_mod, "_write_history", real)
+    _train(victim, src)  # resume
+    got = read_history(victim)
+    assert [r["step"] for r in got] == list(range(12))
+    keep = ("step", "tokens", "loss", "fvu", "auxk_loss", "dead_fraction", "l0")
+    assert [{k: r[k] for k in keep} for r in got] == [{k: r[k] for k in keep} for r in reference]
+
+
+def read_history_of(_sae, out: Path):
+    return read_history(out)
+
+
+# ----- validation before compute ---------------------------------------------------------------
+def test_bad_k_in_the_third_config_fails_before_the_first_trains(tmp_path):
+    import dagster as dg
+    import yaml
+
+    from mlsae_pipeline.commands import run_sweep
+    from mlsae_pipeline.sweep import SWEEPS_DIR
+
+    raw = yaml.safe_load((SWEEPS_DIR / "smoke.yaml").read_text())
+    raw["grid"].update(k=[4, 8, 100], layers=["all"])
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    instance = dg.DagsterInstance.ephemeral()
+    data = tmp_path / "data"
+    with pytest.raises(ConfigError, match=r"config tiny-llama\|x2-k100-Lall: k=100 is not allowed"):
+        run_sweep(str(path), data, instance=instance, report=lambda s: None)
+    assert not instance.get_runs() and not (data / "saes").exists()
+
+
+def test_missing_model_path_is_named(corpus_dir, tmp_path, capsys):  # noqa: F811
+    assert main(train_args(tmp_path / "no" / "such" / "model", corpus_dir, tmp_path / "o")) == 2
+    err = capsys.readouterr().err
+    assert "no such model directory" in err and "Repo id" not in err, err
+
+
+# ----- one-line failures ---------------------------------------------------------------------
+def test_nan_activations_are_named_not_blamed_on_the_learning_rate(tmp_path):
+    src = PlantedActivations()
+    _train(tmp_path, src, steps=2)
+    src.acts[:, :, 3] = float("nan")
+    with pytest.raises(TrainingDiverged, match=r"activations are NaN/Inf") as err:
+        _train(tmp_path, src)
+    assert "learning rate" not in str(err.value)
+
+
+def test_divergence_from_the_learning_rate_says_so(tmp_path):
+    with pytest.raises(TrainingDiverged, match=r"learning rate too high \(lr=1e\+30\)"):
+        _train(tmp_path, PlantedActivations(), lr=1e30)
+
+
+def test_an_encoder_decoder_model_gets_one_short_line(tmp_path, corpus_dir, capsys):  # noqa: F811
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    from mlsae_core.tiny import tiny_tokenizer
+
+    cfg = T5Config(d_model=16, d_ff=32, num_layers=1, num_heads=2, d_kv=8, vocab_size=64)
+    T5ForConditionalGeneration(cfg).save_pretrained(tmp_path / "t5")
+    tiny_tokenizer().save_pretrained(tmp_path / "t5")
+    assert main(train_args(tmp_path / "t5", corpus_dir, tmp_path / "o")) == 2
+    err = capsys.readouterr().err.strip()
+    assert "is not a decoder-only causal LM" in err and "T5Config" in err, err
+    assert len(err) < 400 and len(err.splitlines()) == 1, err
+
+
+@pytest.mark.slow
+def test_ctrl_c_prints_one_line_and_the_rerun_resumes(tiny_model_dir, corpus_dir, tmp_path):  # noqa: F811
+    out = tmp_path / "run"
+    args = [a for a in train_args(tiny_model_dir, corpus_dir, out) if a != "train"]
+    cmd = [sys.executable, "-m", "mlsae_core.cli", "train", *args, "--max_tokens", "40960"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)
+    state = out / "training_state" / "state.json"
+    deadline = time.monotonic() + 120
+    while not state.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    err = proc.communicate(timeout=120)[1]
+    assert proc.returncode == 130, err[-2000:]
+    assert "Traceback" not in err
+    assert "interrupted (run the same command again to resume)" in err
+    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0 and (out / "config.json").exists(), done.stderr[-2000:]
+    assert "resuming" in done.stderr
+
+
+@pytest.mark.slow
+def test_full_disk_fails_in_one_line_and_resumes_after_space_is_freed(
+    tiny_model_dir,  # noqa: F811
+    corpus_dir,  # noqa: F811
+    tmp_path,
+):
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mnt)], capture_output=True
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
+    try:
+        filler = mnt / "filler"
+        with open(filler, "wb") as f:  # leave almost nothing free
+            try:
+                while True:
+                    f.write(b"\0" * 65536)
+            except OSError:
+                pass
+        out = mnt / "run"
+        cmd = [sys.executable, "-m", "mlsae_core.cli", *train_args(tiny_model_dir, corpus_dir, out)]
+        full = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+        assert full.returncode == 1, full.stderr[-2000:]
+        last = full.stderr.strip().splitlines()[-1]
+        assert "no space left on the device; free some space" in last, full.stderr[-2000:]
+        assert "Traceback" not in full.stderr
+        filler.unlink()
+        again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+        assert again.returncode == 0, again.stderr[-2000:]
+        assert (out / "config.json").exists()
+    finally:
+        subprocess.run(["umount", str(mnt)], capture_output=True)
+        shutil.rmtree(mnt, ignore_errors=True)
+
+
+def test_lock_released_by_a_dead_process_is_taken(tmp_path):
+    """A lock left by a killed run is stale by construction (flock dies with its process)."""
+    out = tmp_path / "run"
+    holder = _hold_lock(out)
+    holder.kill()
+    holder.wait()
+    with output_lock(out):
+        assert (out / ".mlsae.lock").exists()
