@@ -122,6 +122,17 @@ def transformer_split(
     )
 
 
+def train_token_budget(spec: RunSpec, world_size: int | None = None) -> int:
+    """Training tokens to tokenize: the budget rounded up to whole optimiser steps, so a run
+    reads fresh chunks to its last step (no cycling inside the budget), and a run extended
+    with a larger budget reads the same chunks first."""
+    world = world_size or int(os.environ.get("WORLD_SIZE", "1"))
+    per_step = (
+        spec.data.batch_size * spec.data.max_length * spec.train.accumulate_grad_batches * world
+    )
+    return -(-spec.data.max_tokens // per_step) * per_step
+
+
 def check_spec(spec: RunSpec, shape: ModelShape) -> list[int]:
     """Everything checkable once the model's shape is known, before any compute: the layers,
     k against the number of latents, max_length against the context. Returns the layers."""
@@ -192,7 +203,7 @@ def _train_run(
     layers = check_spec(spec, shape)  # before tokenizing or training
     if train_chunks is None:
         train_chunks = transformer_split(
-            transformer, spec.data, spec.train.seed, "train", spec.data.max_tokens
+            transformer, spec.data, spec.train.seed, "train", train_token_budget(spec)
         )
     if source is None:
         source = LiveActivations(transformer, train_chunks.tokens, layers)

@@ -69,7 +69,10 @@ class LiveActivations:
 
 
 class RowOrder:
-    """Chunk rows in a seeded random order, a fresh permutation per epoch (pure function)."""
+    """The order chunk rows are trained in: the corpus order in the first epoch (a local
+    corpus's documents are already shuffled with the seed), a fresh seeded permutation in each
+    later one. The first epoch being a prefix of any longer one is what makes extending a run
+    with a larger budget equal to one longer run."""
 
     def __init__(self, n_rows: int, seed: int) -> None:
         if n_rows < 1:
@@ -78,6 +81,8 @@ class RowOrder:
         self._perms: dict[int, torch.Tensor] = {}
 
     def _perm(self, epoch: int) -> torch.Tensor:
+        if epoch == 0:
+            return torch.arange(self.n_rows)
         if epoch not in self._perms:
             gen = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
             self._perms = {epoch: torch.randperm(self.n_rows, generator=gen)}
@@ -223,6 +228,17 @@ def read_history(out_dir: str | Path) -> list[dict[str, Any]]:
     return pq.read_table(path).to_pylist() if path.exists() else []
 
 
+def _is_extension(saved: dict[str, Any], now: dict[str, Any]) -> bool:
+    """Only a larger token budget (and so as many chunks or more): the run continues, and
+    ends where one run with the larger budget would (RowOrder's first epoch is a prefix)."""
+    differ = {k for k in set(saved) | set(now) if saved.get(k) != now.get(k)}
+    return (
+        differ <= {"max_tokens", "n_chunks"}
+        and now["max_tokens"] > saved["max_tokens"]
+        and now["n_chunks"] >= saved["n_chunks"]
+    )
+
+
 def _differences(saved: Any, now: Any, prefix: str = "") -> list[str]:
     """'sae.k: 4 -> 8' for every leaf where two nested settings dicts differ."""
     if isinstance(saved, dict) and isinstance(now, dict):
@@ -323,11 +339,17 @@ def _train(
     step, history = 0, []
     if (state_dir / "state.json").exists():
         saved = json.loads((state_dir / "state.json").read_text())["run_config"]
-        changed = _differences(saved, json.loads(json.dumps(run_config)))
-        if changed:
+        now = json.loads(json.dumps(run_config))
+        changed = _differences(saved, now)
+        if changed and not _is_extension(saved, now):
             raise ValueError(
                 f"{out_dir} holds a run with other settings ({'; '.join(changed)}); rerun with "
-                "the same settings to resume, or use another --out directory"
+                "the same settings to resume (or only a larger --max_tokens to extend it), or "
+                "use another --out directory"
+            )
+        if changed:
+            logger.info(
+                "extending %s from %d to %d tokens", out_dir, saved["max_tokens"], max_tokens
             )
         meta = _load_state(state_dir, sae, opt)
         step = int(meta["step"])

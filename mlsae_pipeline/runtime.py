@@ -72,14 +72,19 @@ def build_corpus(layout: StorageLayout, sw: Sweep, model: str) -> dict[str, Any]
     """Tokenize the train/test split for one model and save both as TokenChunks files."""
     from transformers import AutoTokenizer
 
-    from mlsae_core.runs import corpus_split
+    from mlsae_core.runs import corpus_split, train_token_budget
     from mlsae_core.transformer import model_context_length
 
     path = model_path(layout, sw.model_name(model))
     tokenizer = AutoTokenizer.from_pretrained(str(path))
     context = model_context_length(path)
     meta: dict[str, Any] = {"dataset": sw.data.dataset, "max_length": sw.data.max_length}
-    for split, budget in (("train", sw.data.max_tokens), ("test", test_tokens(sw))):
+    # the largest training budget any config of the sweep reads (runs.train_token_budget)
+    train_tokens = max(
+        train_token_budget(sw.run_spec(p, sw.model_name(model)), sw.train.nproc_per_node)
+        for p in sw.points
+    )
+    for split, budget in (("train", train_tokens), ("test", test_tokens(sw))):
         chunks = corpus_split(sw.data, sw.train.seed, split, budget, tokenizer, context)
         out = layout.corpus_path(model, split)
         out.parent.mkdir(parents=True, exist_ok=True)

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from mlsae_core import train as train_mod
 from mlsae_core.cli import main
@@ -241,3 +242,37 @@ def test_lock_released_by_a_dead_process_is_taken(tmp_path):
     holder.wait()
     with output_lock(out):
         assert (out / ".mlsae.lock").exists()
+
+
+# ----- extending a run -------------------------------------------------------------------------
+def test_a_larger_budget_extends_a_finished_run_to_one_longer_run(
+    tiny_model_dir,  # noqa: F811
+    corpus_dir,  # noqa: F811
+    tmp_path,
+    capsys,
+):
+    from mlsae_core.sae import MLSAE
+
+    def budget(out: Path, tokens: int) -> list[str]:
+        args = train_args(tiny_model_dir, corpus_dir, out)
+        i = args.index("--max_tokens")
+        return [*args[: i + 1], str(tokens), *args[i + 2 :]]
+
+    assert main(budget(tmp_path / "short", 512)) == 0  # 4 steps, finished
+    assert main(budget(tmp_path / "short", 1024)) == 0  # extended to 8 steps
+    assert main(budget(tmp_path / "long", 1024)) == 0  # one run of 8 steps
+    a, b = MLSAE.from_pretrained(tmp_path / "short"), MLSAE.from_pretrained(tmp_path / "long")
+    for (name, x), y in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
+        assert torch.equal(x, y), name
+    assert a.metadata["max_tokens"] == 1024
+    keep = ("step", "tokens", "loss", "fvu", "dead_fraction", "l0")
+    ha, hb = read_history(tmp_path / "short"), read_history(tmp_path / "long")
+    assert [{k: r[k] for k in keep} for r in ha] == [{k: r[k] for k in keep} for r in hb]
+    assert len(ha) == 8
+    capsys.readouterr()
+    # anything else, or a smaller budget, is refused naming the fields that differ
+    assert main(budget(tmp_path / "short", 512)) == 2
+    assert "max_tokens: 1024 -> 512" in capsys.readouterr().err
+    assert main([*budget(tmp_path / "short", 2048), "--lr", "1e-3"]) == 2
+    err = capsys.readouterr().err
+    assert "train.lr: 0.003 -> 0.001" in err and "max_tokens: 1024 -> 2048" in err, err
