@@ -35,6 +35,7 @@ class CheckOutcome:
             check_name=self.name,
             passed=bool(self.passed),
             severity=dg.AssetCheckSeverity.ERROR,
+            description=self.description,  # the reason, shown beside the check in the UI
             metadata={"detail": self.description, **self.metadata},
         )
 
