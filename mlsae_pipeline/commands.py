@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import socket
 import sys
 import time
 from collections.abc import Callable
@@ -78,14 +79,48 @@ def sweep_stages(defs: Any) -> list[tuple[str, str, str | None]]:
 
 
 def run_tags(sweep_name: str, job: str, partition: str | None) -> dict[str, str]:
-    """Tags that make the Runs page readable: which sweep, stage, model and config."""
-    tags = {"mlsae/sweep": sweep_name, "mlsae/stage": job}
+    """Tags that make the Runs page readable (sweep, stage, model, config) and name the
+    process that runs it, so a run whose process died can be marked failed."""
+    tags = {
+        "mlsae/sweep": sweep_name,
+        "mlsae/stage": job,
+        "mlsae/pid": str(os.getpid()),
+        "mlsae/host": socket.gethostname(),
+    }
     if partition is not None:
         model, _, config = partition.partition("|")
         tags["mlsae/model"] = model
         if config:
             tags["mlsae/config"] = config
     return tags
+
+
+def fail_dead_runs(instance: Any, report: Callable[[str], None] = print) -> list[str]:
+    """Mark failed the runs of earlier `mlsae sweep`s that are still STARTED although their
+    process is gone (killed mid-step), so the UI tells the truth. Dagster's run monitoring
+    cannot see in-process runs; the pid and host tags of run_tags can."""
+    import dagster as dg
+
+    host, failed = socket.gethostname(), []
+    for run in instance.get_runs(filters=dg.RunsFilter(statuses=[dg.DagsterRunStatus.STARTED])):
+        pid = run.tags.get("mlsae/pid")
+        if not pid or run.tags.get("mlsae/host") != host or _alive(int(pid)):
+            continue
+        instance.report_run_failed(run, f"its process (pid {pid} on {host}) is gone")
+        failed.append(run.run_id)
+    if failed:
+        report(f"marked {len(failed)} run(s) of a killed sweep as failed: {', '.join(failed)}")
+    return failed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def quiet_run_config(verbose: bool) -> dict[str, Any]:
@@ -117,6 +152,7 @@ def run_sweep(
     if instance is None:
         ensure_dagster_home()
         instance = dg.DagsterInstance.get()
+    fail_dead_runs(instance, report)
     stages = sweep_stages(defs)
     report(
         f"sweep {sw.name} ({sw.path}): {len(sw.models)} model(s) x {len(sw.points)} SAE "

@@ -276,3 +276,34 @@ def test_a_larger_budget_extends_a_finished_run_to_one_longer_run(
     assert main([*budget(tmp_path / "short", 2048), "--lr", "1e-3"]) == 2
     err = capsys.readouterr().err
     assert "train.lr: 0.003 -> 0.001" in err and "max_tokens: 1024 -> 2048" in err, err
+
+
+@pytest.mark.slow
+def test_a_sweep_killed_mid_run_is_marked_failed_by_the_next(tmp_path):
+    import dagster as dg
+
+    from mlsae_pipeline.commands import fail_dead_runs
+
+    home, data = tmp_path / "dagster_home", tmp_path / "data"
+    home.mkdir()
+    env = {**os.environ, "DAGSTER_HOME": str(home), "MLSAE_SWEEP": "smoke"}
+    env["MLSAE_DATA_DIR"] = str(data)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mlsae_core.cli", "sweep"],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    instance = dg.DagsterInstance.from_config(str(home))
+    started = dg.RunsFilter(statuses=[dg.DagsterRunStatus.STARTED])
+    deadline = time.monotonic() + 180
+    while not instance.get_runs(filters=started) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    proc.kill()
+    proc.wait()
+    runs = instance.get_runs(filters=started)
+    assert runs, "no run was in progress when the sweep was killed"
+    assert fail_dead_runs(instance, report=lambda s: None) == [r.run_id for r in runs]
+    status = instance.get_run_by_id(runs[0].run_id).status
+    assert status == dg.DagsterRunStatus.FAILURE
