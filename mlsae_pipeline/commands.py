@@ -95,34 +95,6 @@ def run_tags(sweep_name: str, job: str, partition: str | None) -> dict[str, str]
     return tags
 
 
-def fail_dead_runs(instance: Any, report: Callable[[str], None] = print) -> list[str]:
-    """Mark failed the runs of earlier `mlsae sweep`s that are still STARTED although their
-    process is gone (killed mid-step), so the UI tells the truth. Dagster's run monitoring
-    cannot see in-process runs; the pid and host tags of run_tags can."""
-    import dagster as dg
-
-    host, failed = socket.gethostname(), []
-    for run in instance.get_runs(filters=dg.RunsFilter(statuses=[dg.DagsterRunStatus.STARTED])):
-        pid = run.tags.get("mlsae/pid")
-        if not pid or run.tags.get("mlsae/host") != host or _alive(int(pid)):
-            continue
-        instance.report_run_failed(run, f"its process (pid {pid} on {host}) is gone")
-        failed.append(run.run_id)
-    if failed:
-        report(f"marked {len(failed)} run(s) of a killed sweep as failed: {', '.join(failed)}")
-    return failed
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def quiet_run_config(verbose: bool) -> dict[str, Any]:
     """Dagster's console logger at WARNING (INFO with -v); the event log keeps everything."""
     level = "INFO" if verbose else "WARNING"
@@ -152,6 +124,8 @@ def run_sweep(
     if instance is None:
         ensure_dagster_home()
         instance = dg.DagsterInstance.get()
+    from mlsae_pipeline.run_health import fail_dead_runs
+
     fail_dead_runs(instance, report)
     stages = sweep_stages(defs)
     report(

@@ -24,6 +24,7 @@ from mlsae_pipeline.assets.summary import TABLE_ASSETS, build_summary_assets, bu
 from mlsae_pipeline.io import ParquetIOManager
 from mlsae_pipeline.partitions import sweep_partitions
 from mlsae_pipeline.resources import Storage, SweepResource, default_data_dir, executor_from_env
+from mlsae_pipeline.run_health import dead_run_monitor
 from mlsae_pipeline.sweep import Sweep, load_sweep
 
 # Output(data_version=...) is "beta" but is how assets report content-based data versions.
@@ -80,7 +81,7 @@ def build_definitions(
         asset_checks=build_summary_checks(),
         jobs=[model_job, config_job, summary_job],
         schedules=[refresh],
-        sensors=[automation],
+        sensors=[automation, dead_run_monitor],
         resources={
             "storage": storage,
             "sweep": SweepResource(path=str(sweep.path)),

@@ -282,7 +282,7 @@ def test_a_larger_budget_extends_a_finished_run_to_one_longer_run(
 def test_a_sweep_killed_mid_run_is_marked_failed_by_the_next(tmp_path):
     import dagster as dg
 
-    from mlsae_pipeline.commands import fail_dead_runs
+    from mlsae_pipeline.run_health import fail_dead_runs
 
     home, data = tmp_path / "dagster_home", tmp_path / "data"
     home.mkdir()
@@ -307,3 +307,29 @@ def test_a_sweep_killed_mid_run_is_marked_failed_by_the_next(tmp_path):
     assert fail_dead_runs(instance, report=lambda s: None) == [r.run_id for r in runs]
     status = instance.get_run_by_id(runs[0].run_id).status
     assert status == dg.DagsterRunStatus.FAILURE
+
+    # A run launched by `dagster` itself (as the UI's daemon does) and killed: the sensor
+    # dead_run_monitor finds its process through the RUN_START event's pid.
+    from mlsae_pipeline.run_health import dead_run_monitor
+
+    cmd = ["dagster", "asset", "materialize", "-m", "mlsae_pipeline.definitions", "--select",
+           "transformer,corpus", "--partition", "tiny-llama"]  # fmt: skip
+    exe = Path(sys.executable).with_name("dagster")
+    proc = subprocess.Popen(
+        [str(exe), *cmd[1:]],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 180
+    while not instance.get_runs(filters=started) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    proc.kill()
+    proc.wait()
+    runs = instance.get_runs(filters=started)
+    if not runs:
+        pytest.skip("the materialization finished before it could be killed")
+    result = dead_run_monitor(dg.build_sensor_context(instance=instance))
+    assert "marked 1 dead run(s) failed" in str(result.skip_message)
+    assert instance.get_run_by_id(runs[0].run_id).status == dg.DagsterRunStatus.FAILURE
