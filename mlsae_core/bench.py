@@ -18,6 +18,13 @@ Measurements (tokens/s = chunk positions per second, median of --reps after --wa
 SmolLM2 (30 layers, d=576) runs the same lines on fewer tokens, when its converted copy exists.
 With --device cuda our lines run on the GPU (timed after torch.cuda.synchronize, with the
 GPU's peak allocation as peak_gpu_mb) and the CPU-only baseline is not run.
+
+Roofline: the run first times a GEMM per dtype its lines use (`peak/<dtype>`: float32, and
+bfloat16 where evaluate()'s delta_dtype "auto" resolves to it), with the same thread count, so
+every line can say what fraction of this machine's peak it reaches *now* (a loaded machine
+lowers both). Each line carries `flops_per_token` from `line_flops` (the cost model, documented
+there and in docs/performance.md), `achieved_gflops` and `peak_fraction` against the peak of its
+`peak_dtype`; the baseline's side of a pair is scored with the same cost model.
 """
 
 from __future__ import annotations
@@ -31,6 +38,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -66,6 +74,93 @@ SMOL = (
     ("smollm2/analysis/x16-k32", "analysis", 16, 32),
     ("smollm2/extract", "extract", 16, 32),
 )
+
+
+# Line kinds whose splice GEMM follows evaluate()'s delta_dtype="auto" (eval-exact is float32).
+AUTO_DELTA_KINDS = ("eval", "analysis")
+CUDA_PEAK_SHAPE = (8192, 8192, 8192)  # a GPU needs a large GEMM to approach its peak
+
+
+def line_flops(
+    kind: str,
+    block_params: Sequence[int],
+    d: int,
+    n_latents: int,
+    k: int,
+    vocab: int,
+    layers: Sequence[int],
+    delta_dtype: str = "float32",
+) -> dict[str, int]:
+    """FLOPs per token position of one line, by GEMM dtype: the work the algorithm must do.
+
+    A roofline needs a FLOP count independent of how fast the code is, so this counts
+    multiply-adds (2 FLOPs each) of the GEMM-shaped work and nothing elementwise:
+      transformer forward  2 * (non-embedding params of blocks 0..last needed); the final norm,
+                           attention scores and the embedding lookup are not counted
+      SAE encoder          2*d*n per vector per layer (the dense GEMM the TopK selects from;
+                           the TopK itself is comparisons, 0 FLOPs)
+      sparse decode        2*k*d per vector per layer (k gathered decoder rows)
+      SAE backward         6*k*d per vector per layer: decoder weight grad, latent value grad and
+                           encoder weight grad are each k-sparse (2*k*d); the input needs no
+                           grad. Not 2x the forward: a dense backward (the baseline's) is waste
+      unembedding          2*d*vocab per token, per use
+    train:    transformer up to max(layers) + per layer SAE forward + backward
+    sae-step: the SAE part of train only
+    extract:  the transformer part of train only
+    eval/analysis/eval-exact: the clean pass (every block + one float32 unembedding), the SAE
+              encode + decode per layer, and per spliced layer l the blocks after l rerun plus
+              one unembedding of the state difference in `delta_dtype`
+    The Adam update (per step, not per token), losses, AuxK (dead latents only) and the
+    collectors' bookkeeping are not counted. Tokens are all batch positions, as tokens_per_s.
+    """
+    layers = list(layers)
+    n_sae = len(layers)
+    encode = 2 * d * n_latents + 2 * k * d
+    train_sae = n_sae * (encode + 6 * k * d)
+    upto = 2 * sum(block_params[: max(layers) + 1])
+    if kind == "train":
+        return {"float32": upto + train_sae}
+    if kind == "sae-step":
+        return {"float32": train_sae}
+    if kind == "extract":
+        return {"float32": upto}
+    if kind in ("eval", "eval-exact", "analysis"):
+        unembed = 2 * d * vocab
+        reruns = sum(2 * sum(block_params[layer + 1 :]) for layer in layers)
+        fp32 = 2 * sum(block_params) + unembed + n_sae * encode + reruns
+        out = {"float32": fp32}
+        out[delta_dtype] = out.get(delta_dtype, 0) + n_sae * unembed
+        return out
+    raise ValueError(f"unknown measurement kind {kind!r}")
+
+
+def _sig(x: float) -> float:
+    return float(f"{x:.4g}")
+
+
+def roofline(rec: dict[str, Any], peaks: dict[str, float]) -> dict[str, Any]:
+    """Add achieved_gflops / peak_fraction (and the baseline's) to a line with a cost.
+
+    peak_dtype is the dtype whose FLOPs would take longest at its measured peak, i.e. the one
+    that bounds the line (on a CPU with native bf16 the float32 part of eval, not the bf16
+    splice GEMMs that have more FLOPs but run ~5x faster).
+    """
+    by = rec.get("flops_by_dtype")
+    if not by or not rec.get("tokens_per_s"):
+        return rec
+    have = [dt for dt in by if peaks.get(dt)]
+    fpt = rec["flops_per_token"]
+    rec["achieved_gflops"] = _sig(fpt * rec["tokens_per_s"] / 1e9)
+    if not have:
+        rec["peak_note"] = f"no peak measured for {sorted(by)}"
+        return rec
+    dt = max(have, key=lambda t: by[t] / peaks[t])
+    rec["peak_dtype"] = dt
+    rec["peak_fraction"] = _sig(rec["achieved_gflops"] / peaks[dt])
+    if rec.get("baseline_tokens_per_s"):
+        rec["baseline_achieved_gflops"] = _sig(fpt * rec["baseline_tokens_per_s"] / 1e9)
+        rec["baseline_peak_fraction"] = _sig(rec["baseline_achieved_gflops"] / peaks[dt])
+    return rec
 
 
 def peak_rss_mb() -> float:
@@ -120,7 +215,49 @@ def _collectors(tr: Any, sae: Any, layers: list[int]) -> tuple[list[Any], str | 
     return out, None
 
 
+def peak_worker(spec: dict[str, Any]) -> dict[str, Any]:
+    """Best-of-reps GFLOP/s of one [m x k] @ [k x n] GEMM in `spec["dtype"]` ("auto": the
+    dtype evaluate()'s delta_dtype="auto" resolves to here) at the suite's thread count."""
+    import torch
+
+    from mlsae_core.evaluate import resolve_delta_dtype
+
+    torch.set_num_threads(spec["threads"])
+    device = torch.device(spec.get("device", "cpu"))
+    if spec["dtype"] == "auto":
+        dtype = resolve_delta_dtype("auto", device)
+    else:
+        dtype = getattr(torch, spec["dtype"])
+    m, kk, n = spec["shape"]
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(m, kk, generator=g).to(device=device, dtype=dtype)
+    b = torch.randn(kk, n, generator=g).to(device=device, dtype=dtype)
+    c = torch.empty(m, n, device=device, dtype=dtype)
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    torch.mm(a, b, out=c)
+    sync()
+    times = []
+    for _ in range(spec["reps"]):
+        t0 = time.perf_counter()
+        torch.mm(a, b, out=c)
+        sync()
+        times.append(time.perf_counter() - t0)
+    return {
+        "dtype": str(dtype).removeprefix("torch."),
+        "gflops": round(2 * m * kk * n / min(times) / 1e9, 1),
+        "shape": [m, kk, n],
+        "peak_rss_mb": peak_rss_mb(),
+        "times_s": [round(t, 5) for t in times],
+    }
+
+
 def worker(spec: dict[str, Any]) -> dict[str, Any]:
+    if spec["kind"] == "peak":
+        return peak_worker(spec)
     import torch
 
     from mlsae_core.config import SAEConfig
@@ -145,6 +282,7 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
     rows = torch.arange(tokens.shape[0])
     note = None
     kind = spec["kind"]
+    delta_name = "float32"
 
     def sae_step(x: torch.Tensor) -> None:
         with autocast(device):
@@ -173,7 +311,8 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
             if note is not None:
                 return {"skipped": True, "note": note}
         delta = "float32" if kind == "eval-exact" else "auto"
-        note = f"delta_dtype={resolve_delta_dtype(delta, device)}".replace("torch.", "")
+        delta_name = str(resolve_delta_dtype(delta, device)).removeprefix("torch.")
+        note = f"delta_dtype={delta_name}"
 
         def step() -> None:
             evaluate(
@@ -203,10 +342,16 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
         sync()
         times.append(time.perf_counter() - t0)
     n_tokens = tokens.numel()
+    block_params = [sum(p.numel() for p in block.parameters()) for block in tr.blocks]
+    flops = line_flops(
+        kind, block_params, d, sae.n_latents, spec["k"], tr.vocab_size, layers, delta_name
+    )
     out = {
         "tokens_per_s": round(n_tokens / statistics.median(times), 1),
         "peak_rss_mb": peak_rss_mb(),
         "times_s": [round(t, 4) for t in times],
+        "flops_per_token": sum(flops.values()),
+        "flops_by_dtype": flops,
     }
     if cuda:
         out["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
@@ -306,7 +451,10 @@ def main(argv: list[str] | None = None) -> int:
     if a.json and a.json != "-":
         json_out = open(a.json, "w")  # noqa: SIM115 - kept open while results stream in
 
+    peaks: dict[str, float] = {}  # dtype -> GFLOP/s, measured first in this run
+
     def emit(rec: dict[str, Any]) -> None:
+        roofline(rec, peaks)
         results.append(rec)
         line = json.dumps(rec)
         if json_out is not None:
@@ -325,6 +473,28 @@ def main(argv: list[str] | None = None) -> int:
         shape = dict(batch_size=a.batch_size, max_length=a.max_length)
         model_label = "tiny-gpt-neox" if a.tiny else "pythia-70m-arch (random weights)"
         me = [sys.executable, "-m", "mlsae_core.bench", "--threads", str(a.threads), "--worker"]
+        # The peaks first, each in its own worker like every line: float32 always, and the
+        # dtype of delta_dtype="auto" when a line that uses it is selected.
+        with_smol = not a.no_smollm2 and not a.tiny
+        lines = [(n, kd) for n, kd, *_ in (*PAIRS, *SOLO, *(SMOL if with_smol else ()))]
+        peak_dtypes = ["float32"]
+        if any(wanted(n) and kd in AUTO_DELTA_KINDS for n, kd in lines):
+            peak_dtypes.append("auto")
+        d_model = (TINY_SHAPE if a.tiny else PYTHIA_70M_SHAPE)["d"]
+        # CPU: the x16 encoder GEMM at the bench's batch, [tokens x d] @ [d x 16d].
+        peak_shape = (
+            CUDA_PEAK_SHAPE
+            if a.device != "cpu"
+            else (a.batch_size * a.max_length, d_model, 16 * d_model)
+        )
+        for dt in peak_dtypes:
+            spec = dict(base_spec, kind="peak", dtype=dt, shape=peak_shape, reps=max(3, a.reps))
+            r = _run([*me, json.dumps(spec)])
+            if "error" not in r and r["dtype"] in peaks:
+                continue  # "auto" resolved to float32 here: already measured
+            if "error" not in r:
+                peaks[r["dtype"]] = r["gflops"]
+            emit({"name": f"peak/{r.get('dtype', dt)}", "config": spec, **r})
         if a.baseline is None:
             base_cmd = [sys.executable, "-m", BASELINE_MODULE]
         else:
@@ -402,6 +572,12 @@ def _format(rec: dict[str, Any]) -> str:
         return f"{rec['name']:<28} skipped: {rec.get('note')}"
     if "error" in rec:
         return f"{rec['name']:<28} ERROR {rec['error'][-300:]}"
+    if "gflops" in rec:
+        m, k, n = rec["shape"]
+        return (
+            f"{rec['name']:<28} {rec['gflops']:>9.1f} GFLOP/s  [{m}x{k} @ {k}x{n} GEMM, "
+            f"best of {len(rec['times_s'])}]"
+        )
     s = f"{rec['name']:<28} {rec['tokens_per_s']:>9.1f} tok/s  peak {rec['peak_rss_mb']:>7.1f} MB"
     if "peak_gpu_mb" in rec:
         s += f" (GPU {rec['peak_gpu_mb']:.1f} MB)"
@@ -410,6 +586,15 @@ def _format(rec: dict[str, Any]) -> str:
             f" | baseline {rec['baseline_tokens_per_s']:>7.1f} tok/s {rec['baseline_peak_rss_mb']:>7.1f} MB"
             f" | ratio {rec.get('ratio', float('nan')):.2f}x"
         )
+    if "achieved_gflops" in rec:
+        s += f" | {rec['flops_per_token'] / 1e6:.4g} MFLOP/tok {rec['achieved_gflops']:.4g} GFLOP/s"
+        if "peak_fraction" in rec:
+            s += f" = {rec['peak_fraction']:.1%} of {rec['peak_dtype']} peak"
+        if "baseline_achieved_gflops" in rec:
+            s += (
+                f" (baseline {rec['baseline_achieved_gflops']:.4g} GFLOP/s"
+                f" = {rec['baseline_peak_fraction']:.1%})"
+            )
     if rec.get("note"):
         s += f"  [{rec['note']}]"
     return s

@@ -10,30 +10,100 @@ import json
 import subprocess
 import sys
 
-from mlsae_core.bench import main
+import pytest
+
+from mlsae_core.bench import line_flops, main
+
+
+def _close(a: float, b: float) -> bool:
+    """Equal within the 4 significant digits the roofline fields are rounded to."""
+    return abs(a - b) <= 1e-3 * abs(b)
 
 
 def test_bench_json_fields(tmp_path):
+    import torch
+
+    from mlsae_core.evaluate import resolve_delta_dtype
+
     out = tmp_path / "bench.jsonl"
     args = ["--tiny", "--reps", "1", "--warmup", "0", "--json", str(out)]
     args += ["--only", "train/x16-k32", "--only", "extract", "--only", "sae-step/x16"]
-    args += ["--only", "eval-exact"]
+    args += ["--only", "eval-exact", "--only", "eval/x16"]
     assert main(args) == 0
     recs = [json.loads(line) for line in out.read_text().splitlines()]
+    bf16 = resolve_delta_dtype("auto", "cpu") == torch.bfloat16
+    peak_names = ["peak/float32"] + (["peak/bfloat16"] if bf16 else [])
     assert [r["name"] for r in recs] == [
+        *peak_names,
         "train/x16-k32",
+        "eval/x16-k32",
         "eval-exact/x16-k32",
         "sae-step/x16-k32",
         "extract/pythia70m-arch",
     ]
-    for r in recs:
+    peaks = {r["dtype"]: r["gflops"] for r in recs[: len(peak_names)]}
+    assert all(g > 0 for g in peaks.values()) and list(peaks) == [n[5:] for n in peak_names]
+    lines = {r["name"]: r for r in recs[len(peak_names) :]}
+    for r in lines.values():
         assert r["tokens_per_s"] > 0 and r["peak_rss_mb"] > 0
         assert r["config"]["expansion_factor"] == 16 and r["config"]["k"] == 32
-    assert recs[1]["note"] == "delta_dtype=float32"  # the exact path, as named
-    pair = recs[0]
-    assert "baseline_error" not in pair and "baseline_note" not in pair, pair
-    assert pair["baseline_tokens_per_s"] > 0 and pair["baseline_peak_rss_mb"] > 0
-    assert abs(pair["ratio"] - pair["tokens_per_s"] / pair["baseline_tokens_per_s"]) < 0.01
+        # The roofline: cost > 0, achieved = cost * rate, fraction of the named dtype's peak.
+        assert r["flops_per_token"] > 0
+        assert r["flops_per_token"] == sum(r["flops_by_dtype"].values())
+        assert _close(r["achieved_gflops"], r["flops_per_token"] * r["tokens_per_s"] / 1e9)
+        assert r["peak_dtype"] in peaks and r["peak_fraction"] > 0
+        assert _close(r["peak_fraction"], r["achieved_gflops"] / peaks[r["peak_dtype"]])
+    assert lines["eval-exact/x16-k32"]["note"] == "delta_dtype=float32"  # the exact path
+    assert set(lines["eval-exact/x16-k32"]["flops_by_dtype"]) == {"float32"}
+    # eval and eval-exact do the same work, split by dtype as the splice GEMM runs.
+    ev = lines["eval/x16-k32"]
+    assert ev["flops_per_token"] == lines["eval-exact/x16-k32"]["flops_per_token"]
+    assert set(ev["flops_by_dtype"]) == ({"float32", "bfloat16"} if bf16 else {"float32"})
+    for name in ("train/x16-k32", "eval/x16-k32"):
+        pair = lines[name]
+        assert "baseline_error" not in pair and "baseline_note" not in pair, pair
+        assert pair["baseline_tokens_per_s"] > 0 and pair["baseline_peak_rss_mb"] > 0
+        assert abs(pair["ratio"] - pair["tokens_per_s"] / pair["baseline_tokens_per_s"]) < 0.01
+        base_rate = pair["baseline_tokens_per_s"]
+        assert _close(pair["baseline_achieved_gflops"], pair["flops_per_token"] * base_rate / 1e9)
+        assert pair["baseline_peak_fraction"] > 0
+
+
+def test_line_flops_hand_count():
+    """The cost model against a count by hand: 3 blocks of 10/20/30 params, d 4, n 16, k 2,
+    vocab 8, SAE on layers 0 and 2."""
+    blocks, d, n, k, vocab, layers = [10, 20, 30], 4, 16, 2, 8, [0, 2]
+    # per vector per layer: encoder 2*4*16 = 128, decode 2*2*4 = 16, sparse backward 6*2*4 = 48
+    sae_train = 2 * (128 + 16 + 48)  # 384
+    assert line_flops("sae-step", blocks, d, n, k, vocab, layers) == {"float32": sae_train}
+    assert line_flops("extract", blocks, d, n, k, vocab, layers) == {"float32": 2 * 60}
+    assert line_flops("extract", blocks, d, n, k, vocab, [0, 1]) == {"float32": 2 * 30}
+    assert line_flops("train", blocks, d, n, k, vocab, layers) == {"float32": 120 + sae_train}
+    assert line_flops("train", blocks, d, n, k, vocab, [1]) == {"float32": 60 + 192}
+    # eval: clean pass 120 + clean unembedding 2*4*8 = 64 + encode 2*(128+16) = 288
+    # + rerun after layer 0: 2*(20+30) = 100 (after layer 2: nothing) + 2 splice unembeddings 128
+    exact = line_flops("eval-exact", blocks, d, n, k, vocab, layers)
+    assert exact == {"float32": 120 + 64 + 288 + 100 + 128}
+    bf = line_flops("eval", blocks, d, n, k, vocab, layers, "bfloat16")
+    assert bf == {"float32": 120 + 64 + 288 + 100, "bfloat16": 128}
+    assert line_flops("analysis", blocks, d, n, k, vocab, layers, "bfloat16") == bf
+    with pytest.raises(ValueError):
+        line_flops("nope", blocks, d, n, k, vocab, layers)
+
+
+def test_line_flops_pythia_shape():
+    """The bench model's blocks count as a GPT-NeoX block should (12 d^2 + 13 d params: QKV,
+    output, 4x MLP with biases, two LayerNorms), so the docs' per-token figures hold."""
+    from mlsae_core.bench import PYTHIA_70M_SHAPE
+    from mlsae_core.tiny import tiny_model
+
+    d, n_layers, vocab = 512, 6, 50304
+    block = 12 * d * d + 13 * d
+    model = tiny_model("gpt_neox", **PYTHIA_70M_SHAPE, seed=0, rotary_pct=0.25)
+    blocks = [sum(p.numel() for p in b.parameters()) for b in model.gpt_neox.layers]
+    assert blocks == [block] * n_layers
+    train = line_flops("train", blocks, d, 16 * d, 32, vocab, range(n_layers))["float32"]
+    assert train == 2 * 6 * block + 6 * (2 * d * 16 * d + 8 * 32 * d)
 
 
 def test_baseline_eval_runs(tmp_path):
