@@ -89,7 +89,7 @@ def line_flops(
     k: int,
     vocab: int,
     layers: Sequence[int],
-    delta_dtype: str = "float32",
+    splice_dtype: str = "float32",
 ) -> dict[str, int]:
     """FLOPs per token position of one line, by GEMM dtype: the work the algorithm must do.
 
@@ -109,7 +109,7 @@ def line_flops(
     extract:  the transformer part of train only
     eval/analysis/eval-exact: the clean pass (every block + one float32 unembedding), the SAE
               encode + decode per layer, and per spliced layer l the blocks after l rerun plus
-              one unembedding of the state difference in `delta_dtype`
+              one unembedding of the state difference in `splice_dtype`
     The Adam update (per step, not per token), losses, AuxK (dead latents only) and the
     collectors' bookkeeping are not counted. Tokens are all batch positions, as tokens_per_s.
     """
@@ -129,7 +129,7 @@ def line_flops(
         reruns = sum(2 * sum(block_params[layer + 1 :]) for layer in layers)
         fp32 = 2 * sum(block_params) + unembed + n_sae * encode + reruns
         out = {"float32": fp32}
-        out[delta_dtype] = out.get(delta_dtype, 0) + n_sae * unembed
+        out[splice_dtype] = out.get(splice_dtype, 0) + n_sae * unembed
         return out
     raise ValueError(f"unknown measurement kind {kind!r}")
 

@@ -12,6 +12,14 @@ is given against the manifest and refuses a mismatch with a message naming the f
 reader implements `train.ActivationSource` (`n_layers`, `d_model`, `__call__(rows)`), so
 `train()` uses it unchanged. Values equal the live activations up to float16 rounding
 (relative error <= 2^-11); a value beyond float16's range (65504) is refused at build time.
+
+Integrity: the manifest records each shard's size and sha256 (and a sha256 of itself), and
+`open` checks them before anything is read, so `open_or_build` rebuilds a cache with a
+truncated or modified shard instead of training on it (`CacheCorruptError` names the
+file). Hashing runs on threads (hashlib releases the GIL) and once per process: a shard that
+was verified, and whose size, mtime and inode have not changed since, is not hashed again by
+the same process (only trusted when its mtime was more than `STAT_TRUST_S` older than the
+verification, so any later write changes the mtime). Costs: docs/pipeline.md (Re-runs).
 """
 
 from __future__ import annotations
@@ -19,25 +27,37 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
+import time
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from mlsae_core.atomic import atomic_dir
+from mlsae_core.atomic import atomic_dir, sha256_file
 
 logger = logging.getLogger(__name__)
 
 MANIFEST_NAME = "manifest.json"
 FORMAT = "mlsae-activation-cache"
-VERSION = 1
+VERSION = 2  # 2: shard sizes and sha256 in the manifest (v1 caches are rebuilt)
 FP16_MAX = 65504.0
+STAT_TRUST_S = 2.0  # >> the file system's timestamp granularity
+HASH_THREADS = min(8, os.cpu_count() or 1)
+
+# shard path -> (size, mtime_ns, inode, sha256) of shards this process has hashed
+_verified: dict[str, tuple[int, int, int, str]] = {}
 
 
 class CacheMismatchError(ValueError):
     """The cache was built from another model, other tokens or other layers (or is broken)."""
+
+
+class CacheCorruptError(CacheMismatchError):
+    """A file of the cache does not match the manifest: truncated or modified since written."""
 
 
 def tokens_digest(tokens: torch.Tensor) -> str:
@@ -74,8 +94,19 @@ class ActivationCache:
         for i, entry in enumerate(manifest["shards"]):
             path = self.directory / entry["file"]
             if not path.is_file():
-                raise CacheMismatchError(f"cache shard {path} is missing; rebuild the cache")
-            arr = np.load(path, mmap_mode="r")
+                raise CacheCorruptError(f"cache shard {path} is missing; rebuild the cache")
+            size = path.stat().st_size
+            if "bytes" in entry and size != entry["bytes"]:
+                raise CacheCorruptError(
+                    f"cache shard {path} has {size} bytes, the manifest says {entry['bytes']} "
+                    "(truncated or overwritten); rebuild the cache"
+                )
+            try:
+                arr = np.load(path, mmap_mode="r")
+            except (OSError, ValueError) as exc:
+                raise CacheCorruptError(
+                    f"cache shard {path} is unreadable ({exc}); rebuild the cache"
+                ) from exc
             want = (self.n_layers, entry["rows"], self.pos, self.d_model)
             if arr.shape != want or arr.dtype != np.float16:
                 raise CacheMismatchError(
@@ -126,7 +157,8 @@ class ActivationCache:
         try:
             return cls.open(directory, transformer=transformer, tokens=tokens, layers=layers)
         except CacheMismatchError as exc:
-            logger.info("building the activation cache %s (%s)", directory, exc)
+            log = logger.warning if isinstance(exc, CacheCorruptError) else logger.info
+            log("building the activation cache %s (%s)", directory, exc)
             return cls.build(transformer, tokens, layers, directory, **build_kw)
 
     # ----- open / build -------------------------------------------------------------------
@@ -138,8 +170,10 @@ class ActivationCache:
         tokens: torch.Tensor | None = None,
         layers: Sequence[int] | None = None,
         check_weights: bool = True,
+        verify: bool = True,
     ) -> ActivationCache:
-        """Open a cache, checking it against whatever of model/tokens/layers is given."""
+        """Open a cache, checking it against whatever of model/tokens/layers is given, and
+        (`verify`) every shard against its sha256 in the manifest."""
         directory = Path(directory)
         path = directory / MANIFEST_NAME
         if not path.is_file():
@@ -147,11 +181,20 @@ class ActivationCache:
                 f"{path} is missing: {directory} is not a finished activation cache "
                 "(build it with ActivationCache.build)"
             )
-        manifest = json.loads(path.read_text())
+        try:
+            manifest = json.loads(path.read_text())
+        except (OSError, ValueError) as exc:
+            raise CacheCorruptError(f"{path} is unreadable ({exc}); rebuild the cache") from exc
+        if not isinstance(manifest, dict):
+            raise CacheCorruptError(f"{path} is not a cache manifest; rebuild the cache")
         if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
             raise CacheMismatchError(
                 f"{path}: format {manifest.get('format')!r} v{manifest.get('version')} is not "
                 f"{FORMAT!r} v{VERSION}; rebuild the cache"
+            )
+        if manifest.get("manifest_sha256") != _manifest_digest(manifest):
+            raise CacheCorruptError(
+                f"{path} does not match its own checksum (modified); rebuild the cache"
             )
         expected: dict[str, Any] = {}
         if transformer is not None:
@@ -171,7 +214,43 @@ class ActivationCache:
                     f"but {want!r} was asked for; build a cache for this model/data/layers "
                     "or point to the right one"
                 )
-        return cls(directory, manifest)
+        cache = cls(directory, manifest)  # sizes and shapes
+        if verify:
+            cache.verify()
+        return cache
+
+    def verify(self) -> None:
+        """Hash every shard not yet verified by this process; CacheCorruptError on a mismatch."""
+        todo = []
+        for entry in self.manifest["shards"]:
+            path = self.directory / entry["file"]
+            st = path.stat()
+            stamp = (st.st_size, st.st_mtime_ns, st.st_ino, entry["sha256"])
+            if _verified.get(str(path.resolve())) != stamp:
+                todo.append((path, entry["sha256"]))
+        if not todo:
+            return
+        t0 = time.perf_counter()
+        with ThreadPoolExecutor(min(HASH_THREADS, len(todo))) as pool:
+            digests = list(pool.map(lambda item: sha256_file(item[0]), todo))
+        now_ns = time.time_ns()
+        for (path, want), got in zip(todo, digests, strict=True):
+            if got != want:
+                raise CacheCorruptError(
+                    f"cache shard {path} does not match its sha256 in {MANIFEST_NAME} "
+                    "(modified since it was written); rebuild the cache"
+                )
+            st = path.stat()
+            if now_ns - st.st_mtime_ns > STAT_TRUST_S * 1e9:
+                _verified[str(path.resolve())] = (st.st_size, st.st_mtime_ns, st.st_ino, want)
+        n_bytes = sum(p.stat().st_size for p, _ in todo)
+        logger.info(
+            "activation cache %s: verified %d shards (%.1f MB) in %.2fs",
+            self.directory,
+            len(todo),
+            n_bytes / 1e6,
+            time.perf_counter() - t0,
+        )
 
     @classmethod
     @torch.no_grad()
@@ -224,7 +303,8 @@ class ActivationCache:
                     bar.update((b - a) * pos)
                 arr.flush()
                 del arr
-                shards.append({"file": name, "rows": stop - start})
+                size, digest = (tmp / name).stat().st_size, sha256_file(tmp / name)
+                shards.append({"file": name, "rows": stop - start, "bytes": size, "sha256": digest})
             bar.close()
             manifest = {
                 "format": FORMAT,
@@ -240,9 +320,16 @@ class ActivationCache:
                 "shard_rows": shard_rows,
                 "shards": shards,
             }
+            manifest["manifest_sha256"] = _manifest_digest(manifest)
             (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
         logger.info("activation cache %s: %d rows x %d layers", out_dir, n_rows, len(layers))
-        return cls.open(out_dir)
+        return cls.open(out_dir, verify=False)  # the shards were hashed from disk just now
+
+
+def _manifest_digest(manifest: dict[str, Any]) -> str:
+    """sha256 of the manifest's canonical JSON without this digest."""
+    rest = {k: v for k, v in manifest.items() if k != "manifest_sha256"}
+    return hashlib.sha256(json.dumps(rest, sort_keys=True).encode()).hexdigest()
 
 
 class LayerSelection:

@@ -2,12 +2,18 @@
 
 The config is also embedded in the weights file's header, so a config.json that disagrees
 with its weights (a hand edit, or a kill between the two renames) is refused instead of used
-with the wrong settings. Hub repo ids resolve to a downloaded snapshot of such a directory.
+with the wrong settings. config.json also records the sha256 of model.safetensors
+(`weights_sha256`, an extra key the reference code ignores), checked before the weights are
+parsed: a checkpoint is user data, so a mismatch is refused naming the file and the fix, never
+repaired. Checkpoints saved before checksums (and the reference's) load unverified. Hub repo
+ids resolve to a downloaded snapshot of such a directory.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -15,14 +21,18 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load as load_bytes
+from safetensors.torch import save_file
 
 from mlsae_core import atomic
 from mlsae_core.sae import MLSAE
 
+logger = logging.getLogger(__name__)
+
 WEIGHTS_NAME = "model.safetensors"
 EMBEDDED_CONFIG_KEY = "mlsae_config"
 CONFIG_NAME = "config.json"
+CHECKSUM_KEY = "weights_sha256"  # in config.json only: the weights cannot hold their own hash
 
 _REQUIRED = ("n_inputs", "n_latents", "k")
 # Optional settings and how each is read; absent ones take MLSAE's (= SAEConfig's) defaults.
@@ -49,7 +59,8 @@ def save_sae(sae: MLSAE, directory: str | Path) -> Path:
     meta = {"format": "pt", EMBEDDED_CONFIG_KEY: json.dumps(config)}
     with atomic.atomic_path(directory / WEIGHTS_NAME) as tmp:
         save_file(sae.weights_dict(), str(tmp), metadata=meta)
-    atomic.write_json(directory / CONFIG_NAME, config)
+        digest = atomic.sha256_file(tmp)
+    atomic.write_json(directory / CONFIG_NAME, {**config, CHECKSUM_KEY: digest})
     return directory
 
 
@@ -151,7 +162,7 @@ def read_checkpoint_config(directory: Path) -> dict[str, Any]:
     if embedded is not None:
         if cfg_path.exists():
             try:
-                on_disk = json.loads(cfg_path.read_text())
+                on_disk = _without_checksum(json.loads(cfg_path.read_text()))
             except json.JSONDecodeError:
                 on_disk = None
             if on_disk != embedded:
@@ -170,7 +181,7 @@ def read_checkpoint_config(directory: Path) -> dict[str, Any]:
         raise CheckpointError(f"{cfg_path} is missing: not an MLSAE checkpoint directory")
     else:
         try:
-            config = json.loads(cfg_path.read_text())
+            config = _without_checksum(json.loads(cfg_path.read_text()))
         except json.JSONDecodeError as exc:
             raise CheckpointError(f"{cfg_path} is not valid JSON: {exc}") from exc
     if "dead_tokens_threshold" not in config and "dead_steps_threshold" in config:
@@ -183,6 +194,21 @@ def read_checkpoint_config(directory: Path) -> dict[str, Any]:
         if not isinstance(config[key], int) or config[key] < 1:
             raise CheckpointError(f"{cfg_path}: {key}={config[key]!r} must be a positive integer")
     return config
+
+
+def _without_checksum(config: Any) -> Any:
+    if isinstance(config, dict):
+        return {k: v for k, v in config.items() if k != CHECKSUM_KEY}
+    return config
+
+
+def _recorded_checksum(directory: Path) -> str | None:
+    """The weights' sha256 that config.json records (None: saved before checksums)."""
+    try:
+        config = json.loads((directory / CONFIG_NAME).read_text())
+    except (OSError, ValueError):
+        return None
+    return config.get(CHECKSUM_KEY) if isinstance(config, dict) else None
 
 
 def _embedded_config(weights: Path) -> dict[str, Any] | None:
@@ -199,12 +225,24 @@ def _embedded_config(weights: Path) -> dict[str, Any] | None:
 
 
 def read_checkpoint_weights(directory: Path) -> dict[str, torch.Tensor]:
-    """Read model.safetensors; a truncated or tampered file gives a clear error."""
+    """Read model.safetensors, checked against config.json's sha256 before it is parsed; a
+    truncated or tampered file gives a one-line error naming it."""
     weights = directory / WEIGHTS_NAME
     if not weights.exists():
         raise CheckpointError(f"{weights} is missing (only safetensors checkpoints are loaded)")
+    want = _recorded_checksum(directory)
     try:
-        return load_file(str(weights))
+        data = weights.read_bytes()
+        if want is None:
+            logger.debug("%s: no %s in %s; loaded unverified", weights, CHECKSUM_KEY, CONFIG_NAME)
+        elif hashlib.sha256(data).hexdigest() != want:
+            raise CheckpointError(
+                f"{WEIGHTS_NAME} in {directory} does not match the checksum in {CONFIG_NAME} "
+                "(truncated, modified, or its save was interrupted); retrain or restore it"
+            )
+        return load_bytes(data)
+    except CheckpointError:
+        raise
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
         raise CheckpointError(
             f"{weights} is corrupt or truncated ({exc}); re-train or re-download it"

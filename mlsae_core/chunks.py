@@ -3,6 +3,10 @@
 Documents are concatenated, each followed by EOS, and the stream is cut into rows of
 `max_length`. Positions holding BOS/EOS/PAD are excluded from training and metrics
 downstream via `TokenChunks.mask()` rather than zeroed as in the reference code.
+
+`TokenChunks.save` records the safetensors file's size and sha256 in its JSON sidecar and
+`load` checks them first: token chunks are derived data, so a mismatch names the file and
+asks for a re-tokenization (the pipeline's `corpus` asset does it by itself).
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from mlsae_core.atomic import atomic_path, write_json
+from mlsae_core.atomic import atomic_path, sha256_file, write_json
 from mlsae_core.documents import DataError, Document
 
 if TYPE_CHECKING:
@@ -76,10 +80,13 @@ class TokenChunks:
                 {"tokens": self.tokens.contiguous(), "doc_index": self.doc_index.contiguous()},
                 str(tmp),
             )
+            size, digest = tmp.stat().st_size, sha256_file(tmp)
         write_json(
             _sidecar(path),
             {
                 "format": "mlsae-token-chunks-v1",
+                "bytes": size,
+                "sha256": digest,
                 "shape": list(self.tokens.shape),
                 "special_ids": sorted(self.special_ids),
                 "ids": [d.id for d in self.documents],
@@ -89,12 +96,22 @@ class TokenChunks:
 
     @classmethod
     def load(cls, path: Path) -> TokenChunks:
-        """Inverse of `save`; document texts are not stored, so they come back empty."""
+        """Inverse of `save`, checked against the sidecar's sha256 (files saved before
+        checksums have none: loaded unverified); document texts come back empty."""
         path = Path(path)
         try:
-            tensors = load_file(str(path))
             meta = json.loads(_sidecar(path).read_text(encoding="utf-8"))
-        except (OSError, ValueError) as e:
+            if "sha256" not in meta:
+                logger.debug("%s: no checksum in its sidecar (saved before checksums)", path)
+            elif path.stat().st_size != meta["bytes"] or sha256_file(path) != meta["sha256"]:
+                raise DataError(
+                    f"{path} does not match the checksum in {_sidecar(path).name} (truncated "
+                    "or modified); re-run tokenization (`mlsae sweep` rebuilds the corpus)"
+                )
+            tensors = load_file(str(path))
+        except DataError:
+            raise
+        except (OSError, ValueError, KeyError, TypeError) as e:
             raise DataError(
                 f"cannot load token chunks from {path}: {e}; re-run tokenization"
             ) from e

@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from mlsae_core import atomic, figures
 from mlsae_core.analyse import analyse_checkpoint
@@ -38,10 +37,14 @@ def load_dists(checkpoint: str | Path) -> DistsResult:
     run = RunLayout(Path(checkpoint))
     path = run.table("latent_layer_dists")
     if path.exists():
-        table = pq.read_table(path)
-        if DISTS_META_KEY in (table.schema.metadata or {}):
-            return dists_from_layer_table(table)
-        logger.info("%s predates the dists metadata: recomputing", path)
+        try:
+            table = atomic.read_parquet(path)
+        except atomic.CorruptFileError as exc:  # derived data: computed again
+            logger.warning("%s; recomputing", exc)
+        else:
+            if DISTS_META_KEY in (table.schema.metadata or {}):
+                return dists_from_layer_table(table)
+            logger.info("%s predates the dists metadata: recomputing", path)
     else:
         logger.info("%s has no layer distributions yet: computing them", checkpoint)
     out = analyse_checkpoint(checkpoint, EvalConfig(), analyses=("dists",), write_figures=False)
@@ -68,7 +71,7 @@ def test_metrics_of(repos: list[Path]) -> pa.Table:
         path = RunLayout(repo).table("test_metrics")
         if not path.exists():
             raise ValueError(f"{path} is missing: run `mlsae test --repo_id {repo}` first")
-        parts.append(pq.read_table(path))
+        parts.append(atomic.read_parquet(path))
     return pa.concat_tables(parts)
 
 

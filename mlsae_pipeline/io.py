@@ -7,7 +7,9 @@ same files: config-partitioned tables go into their run directory
 Every row carries its partition values as columns, so one `read_parquet` glob concatenates
 them (the DuckDB views of `results_db`). Writes are atomic. Loading a partitioned input for
 an unpartitioned asset concatenates the partitions that exist (missing ones are logged and
-skipped).
+skipped). Every file carries a sha256 of itself (`atomic.write_parquet`) and is checked when
+read back: a corrupt one is refused naming the file (the producing asset's `memo` rebuilds it
+on the next `mlsae sweep`), never silently skipped.
 """
 
 import logging
@@ -67,9 +69,8 @@ def table_path(layout: StorageLayout, asset: str, partition: str | None) -> Path
 
 
 def read_table(path: Path) -> Any:
-    import pyarrow.parquet as pq
-
-    return pq.read_table(path)
+    """The table at `path`, checked against its checksum (`atomic.CorruptFileError` if not)."""
+    return atomic.read_parquet(path)
 
 
 class ParquetIOManager(dg.ConfigurableIOManager):
@@ -118,7 +119,15 @@ class ParquetIOManager(dg.ConfigurableIOManager):
                 f"{context.asset_key.to_user_string()} has no materialized Parquet under "
                 f"{paths[0].parent}; materialize it first (e.g. `mlsae sweep`)"
             )
-        tables = [read_table(p) for p in found]
+        try:
+            tables = [read_table(p) for p in found]
+        except atomic.CorruptFileError as exc:
+            asset = context.asset_key.to_user_string()
+            raise atomic.CorruptFileError(
+                exc.path,
+                f"{asset}: {exc}; run `mlsae sweep` again (it rebuilds corrupt tables) or "
+                f"re-materialize {asset}",
+            ) from exc
         if len(tables) == 1:
             return tables[0]  # as written, schema metadata included (latent_layer_dists)
         return pa.concat_tables(tables, promote_options="default")

