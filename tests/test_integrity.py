@@ -9,7 +9,6 @@ pipeline tests break the smoke sweep's files and run `mlsae sweep` again.
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 from pathlib import Path
 
@@ -20,6 +19,7 @@ from mlsae_core.cache import ActivationCache, CacheMismatchError
 from mlsae_core.config import SAEConfig, TrainConfig
 from mlsae_core.tiny import tiny_transformer
 from mlsae_core.train import train
+from tests.conftest import storage_env
 
 MODEL = "tiny-llama"
 
@@ -138,22 +138,14 @@ def smoke(tmp_path_factory):
     base = tmp_path_factory.mktemp("integrity")
     data, home = base / "data", base / "dagster_home"
     home.mkdir()
-    old = {k: os.environ.get(k) for k in ("MLSAE_DATA_DIR", "DAGSTER_HOME")}
-    os.environ["MLSAE_DATA_DIR"], os.environ["DAGSTER_HOME"] = str(data), str(home)
     instance = dg.DagsterInstance.ephemeral()
 
     def sweep() -> list[dict]:
         return run_sweep("smoke", data, instance=instance, report=lambda s: None)
 
-    try:
+    with storage_env(data, home):
         assert all(r["success"] for r in sweep())
         yield {"layout": StorageLayout(data), "sweep": sweep}
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 def _recomputed(rows: list[dict]) -> set[str]:

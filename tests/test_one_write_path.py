@@ -9,11 +9,11 @@ over its checkpoints, and every table must equal the pipeline's: same schema, sa
 from __future__ import annotations
 
 import math
-import os
 
 import pytest
 
 from mlsae_core.analyse import TABLES_OF
+from tests.conftest import storage_env
 
 MODEL = "tiny-llama"
 MLSAE_KEY, SINGLE_KEY = "x2-k4-Lall", "x2-k4-L1"
@@ -37,20 +37,12 @@ def smoke(tmp_path_factory):
     sweep_file.write_text(yaml.safe_dump(raw))
     data, home = base / "data", base / "dagster_home"
     home.mkdir()
-    old = {k: os.environ.get(k) for k in ("MLSAE_DATA_DIR", "DAGSTER_HOME")}
-    os.environ["MLSAE_DATA_DIR"], os.environ["DAGSTER_HOME"] = str(data), str(home)
-    try:
+    with storage_env(data, home):
         rows = run_sweep(
             sweep_file, data, instance=dg.DagsterInstance.ephemeral(), report=lambda s: None
         )
         assert all(r["success"] for r in rows), rows
         yield {"base": base, "layout": StorageLayout(data), "sweep": load_sweep(sweep_file)}
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 def _rows(table) -> list[dict]:

@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from mlsae_core.layout import RUN_TABLES
+from tests.conftest import storage_env
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -80,9 +81,7 @@ def smoke(tmp_path_factory):
     base = tmp_path_factory.mktemp("pipeline")
     data, home = base / "data", base / "dagster_home"
     home.mkdir()
-    old = {k: os.environ.get(k) for k in ("MLSAE_DATA_DIR", "DAGSTER_HOME")}
-    os.environ["MLSAE_DATA_DIR"], os.environ["DAGSTER_HOME"] = str(data), str(home)
-    try:
+    with storage_env(data, home):
         instance = dg.DagsterInstance.get()
         t0 = time.perf_counter()
         rows = run_sweep("smoke", data, instance=instance, report=lambda s: None)
@@ -93,12 +92,6 @@ def smoke(tmp_path_factory):
             "instance": instance,
             "seconds": time.perf_counter() - t0,
         }
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 def _table(data: Path, name: str):
