@@ -7,6 +7,10 @@ with the wrong settings. config.json also records the sha256 of model.safetensor
 parsed: a checkpoint is user data, so a mismatch is refused naming the file and the fix, never
 repaired. Checkpoints saved before checksums (and the reference's) load unverified. Hub repo
 ids resolve to a downloaded snapshot of such a directory.
+
+The reference's `...-tfm` repos are read too: one model.safetensors holding the autoencoder
+under `autoencoder.*` and the transformer under `transformer.model.*`, with a config.json of
+the training module's settings (no n_inputs/n_latents: those come from the tensor shapes).
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -42,6 +47,13 @@ _OPTIONAL: dict[str, Callable[[Any], Any]] = {
     "dead_tokens_threshold": int,
     "standardize": bool,
 }
+
+# The reference's training-module checkpoints (`...-tfm` repos): prefixes in one weights file.
+TFM_AUTOENCODER = "autoencoder."
+TFM_TRANSFORMER = "transformer.model."
+TFM_LENS = "lens."
+TFM_FORMAT = "tfm"  # metadata["source_format"]: settings mapped from the training module's
+_LAYER_INDEX = re.compile(r"^transformer\.model\..*?\.(?:layers|h)\.(\d+)\.")
 
 
 class CheckpointError(ValueError):
@@ -88,7 +100,11 @@ def load_sae(
         metadata={k: v for k, v in config.items() if k not in known},
         **{key: read(config[key]) for key, read in _OPTIONAL.items() if key in config},
     )
-    load_weights(sae, read_checkpoint_weights(directory))
+    if _has_prefix(directory, TFM_AUTOENCODER):  # the file's layout, not its (copied) metadata
+        tensors = read_prefixed(directory, TFM_AUTOENCODER)
+    else:
+        tensors = read_checkpoint_weights(directory)
+    load_weights(sae, tensors)
     return sae.to(device)
 
 
@@ -179,6 +195,8 @@ def read_checkpoint_config(directory: Path) -> dict[str, Any]:
         config = embedded
     elif not cfg_path.exists():
         raise CheckpointError(f"{cfg_path} is missing: not an MLSAE checkpoint directory")
+    elif _has_prefix(directory, TFM_AUTOENCODER):
+        config = _tfm_config(directory)
     else:
         try:
             config = _without_checksum(json.loads(cfg_path.read_text()))
@@ -247,3 +265,85 @@ def read_checkpoint_weights(directory: Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(
             f"{weights} is corrupt or truncated ({exc}); re-train or re-download it"
         ) from exc
+
+
+def _tensor_names(weights: Path) -> list[str]:
+    """The tensor names in a weights file's header ([] if absent or unreadable: the weights
+    loader then reports it)."""
+    try:
+        with safe_open(str(weights), framework="pt") as f:
+            return list(f.keys())
+    except Exception:  # noqa: BLE001 - reported by the loader that needs the tensors
+        return []
+
+
+def _has_prefix(directory: Path, prefix: str) -> bool:
+    return any(n.startswith(prefix) for n in _tensor_names(directory / WEIGHTS_NAME))
+
+
+def _tfm_config(directory: Path) -> dict[str, Any]:
+    """An MLSAE config from a reference training-module checkpoint: its settings as metadata,
+    the shapes from the `autoencoder.*` tensors. Tuned-lens checkpoints are refused: their SAE
+    read the lens's outputs, which nothing here computes."""
+    cfg_path = directory / CONFIG_NAME
+    weights = directory / WEIGHTS_NAME
+    try:
+        settings = json.loads(cfg_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{cfg_path} is not valid JSON: {exc}") from exc
+    if not isinstance(settings, dict):
+        raise CheckpointError(f"{cfg_path} is not a JSON object of settings")
+    names = _tensor_names(weights)
+    if any(n.startswith(TFM_LENS) for n in names) or settings.get("tuned_lens"):
+        raise CheckpointError(
+            f"{weights} holds a tuned lens (lens.* tensors / tuned_lens=true): its MLSAE was "
+            "trained on tuned-lens outputs, and tuned-lens inputs are not supported yet"
+        )
+    try:
+        with safe_open(str(weights), framework="pt") as f:
+            shapes = {n: tuple(f.get_slice(n).get_shape()) for n in names}
+    except Exception as exc:  # noqa: BLE001 - any header failure means the same to the user
+        raise CheckpointError(f"{weights} is corrupt or truncated ({exc})") from exc
+    enc = shapes.get(TFM_AUTOENCODER + "encoder.weight")
+    dec = shapes.get(TFM_AUTOENCODER + "decoder.weight")
+    if enc is None or dec is None or len(enc) != 2 or len(dec) != 2:
+        raise CheckpointError(
+            f"{weights} has autoencoder.* tensors but no 2-d autoencoder.encoder.weight and "
+            "autoencoder.decoder.weight; not a reference training-module checkpoint"
+        )
+    config = {**settings, "n_latents": int(enc[0]), "n_inputs": int(dec[0])}
+    config["source_format"] = TFM_FORMAT
+    factor = settings.get("expansion_factor")
+    if isinstance(factor, int) and factor * config["n_inputs"] != config["n_latents"]:
+        raise CheckpointError(
+            f"{cfg_path}: expansion_factor={factor} but the autoencoder has "
+            f"{config['n_latents']} latents for {config['n_inputs']} inputs"
+        )
+    if not settings.get("layers") and "n_model_layers" not in settings:
+        # layers=None means every layer; count them from the transformer's tensor names.
+        found = {int(m.group(1)) for n in names if (m := _LAYER_INDEX.search(n))}
+        if found and any(n.startswith(TFM_TRANSFORMER) for n in names):
+            config["n_model_layers"] = max(found) + 1
+    return config
+
+
+def read_prefixed(directory: Path, prefix: str) -> dict[str, torch.Tensor]:
+    """The tensors under `prefix` in a training-module checkpoint, the prefix stripped; only
+    those are read. No checksum is recorded for these files, so they load unverified."""
+    weights = directory / WEIGHTS_NAME
+    if not weights.exists():
+        raise CheckpointError(f"{weights} is missing (only safetensors checkpoints are loaded)")
+    try:
+        with safe_open(str(weights), framework="pt") as f:
+            return {n[len(prefix) :]: f.get_tensor(n) for n in f.keys() if n.startswith(prefix)}
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise CheckpointError(
+            f"{weights} is corrupt or truncated ({exc}); re-train or re-download it"
+        ) from exc
+
+
+def tfm_transformer_state(directory: Path) -> dict[str, torch.Tensor] | None:
+    """The transformer's state dict saved in a training-module checkpoint (None if none)."""
+    if not _has_prefix(directory, TFM_TRANSFORMER):
+        return None
+    return read_prefixed(directory, TFM_TRANSFORMER)

@@ -19,7 +19,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.csv as pacsv
 
-from mlsae_core import atomic, tiny
+from mlsae_core import atomic, checkpoint, tiny
 from mlsae_core.brown import fetch_brown
 from mlsae_core.chunks import TokenChunks, tokenize_chunks
 from mlsae_core.config import (
@@ -263,24 +263,43 @@ def load_for_test(
     max_length: int | None = None,
     transformer: Transformer | None = None,
 ) -> TestSetup:
-    """Load a checkpoint, its transformer and the held-out split recorded in its config."""
+    """Load a checkpoint, its transformer and the held-out split recorded in its config.
+
+    A reference training-module checkpoint (`...-tfm`) carries its transformer's weights:
+    those are used, on `model_name`'s architecture; it records no dataset, so one is required.
+    """
     device = resolve_device(cfg.device)
     sae = MLSAE.from_pretrained(repo_id, device=device)
     meta = sae.metadata
     model_name = meta.get("model_name")
+    tfm = meta.get("source_format") == checkpoint.TFM_FORMAT
+    if tfm and not dataset and "dataset" not in meta:
+        raise ConfigError(
+            f"{repo_id} is a reference training-module checkpoint, which does not record its "
+            "dataset; pass --dataset (the corpus it was trained on, for its held-out split)"
+        )
     if transformer is None:
         if not model_name:
             raise ConfigError(
                 f"{repo_id}: config.json does not say which model it was trained on "
                 "(model_name); it was not written by mlsae train"
             )
-        transformer = Transformer.load(model_name, device=device)
+        state = None
+        if tfm:
+            state = checkpoint.tfm_transformer_state(checkpoint.resolve_checkpoint(repo_id))
+        if state is not None:
+            transformer = Transformer.from_state_dict(model_name, state, device=device)
+        else:
+            transformer = Transformer.load(model_name, device=device)
     if transformer.d_model != sae.n_inputs:
         raise ConfigError(
             f"the MLSAE expects d={sae.n_inputs} inputs but {transformer.name} has "
             f"d_model={transformer.d_model}"
         )
     layers = resolve_layers(meta.get("layers"), transformer.n_layers)
+    if tfm and not max_length and "max_length" not in meta:
+        # Unrecorded: the default, cut to what the model can read.
+        max_length = min(DataConfig.max_length, transformer.max_context)
     data = recorded_data(meta, cfg.max_tokens, dataset, max_length)
     seed = int(meta.get("split_seed", 0))
     chunks = transformer_split(transformer, data, seed, "test", cfg.max_tokens)

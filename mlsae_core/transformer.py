@@ -429,6 +429,32 @@ class Transformer:
         tt._check_reproduces_model()
         return tt
 
+    @classmethod
+    def from_state_dict(
+        cls, name: str, state: dict[str, torch.Tensor], device: str = "cpu"
+    ) -> Transformer:
+        """`name`'s architecture and tokenizer with the weights in `state`, loaded strictly
+        (a training-module checkpoint saves its own copy; `name`'s weights are never read).
+        A tied weight may be saved under one of its names only."""
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+        path = resolve_model_path(name)
+        config = AutoConfig.from_pretrained(path, trust_remote_code=False)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        names_of: dict[int, set[str]] = {}
+        for n, p in model.named_parameters(remove_duplicate=False):
+            names_of.setdefault(id(p), set()).add(n)
+        tied = {n for names in names_of.values() if names & set(state) for n in names}
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        missing = [n for n in missing if n not in tied]
+        if missing or unexpected:
+            raise ValueError(
+                f"the saved transformer does not match {name!r}'s architecture: missing "
+                f"{missing[:5]}, unexpected {unexpected[:5]} ({len(missing)}/{len(unexpected)})"
+            )
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+        return cls.from_model(model.to(device), tokenizer, name=name)
+
     def _check_reproduces_model(self, n_pos: int = 6) -> None:
         """Refuse a model whose logits our blocks + final norm + head do not reproduce.
 

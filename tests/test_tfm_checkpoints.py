@@ -1,0 +1,132 @@
+"""The reference's `...-tfm` checkpoints: one model.safetensors with `autoencoder.*` and
+`transformer.model.*` tensors, and a config.json of the training module's settings."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from mlsae_core.checkpoint import CheckpointError
+from mlsae_core.cli import main
+from mlsae_core.config import ConfigError, EvalConfig
+from mlsae_core.runs import load_for_test
+from mlsae_core.sae import MLSAE
+from mlsae_core.tiny import tiny_transformer
+
+WORDS = "the quick brown fox jumps over the lazy dog . a cat sat on the mat .".split()
+SETTINGS = {  # the original's Lightning hparams, unknown keys included
+    "layers": None,
+    "expansion_factor": 2,
+    "k": 4,
+    "auxk": 8,
+    "auxk_coef": 1 / 32,
+    "dead_tokens_threshold": 10_000_000,
+    "dead_steps_threshold": None,
+    "standardize": True,
+    "skip_special_tokens": True,
+    "lr": 1e-4,
+    "tuned_lens": False,
+}
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("model")
+    t = tiny_transformer("llama", n_layers=3, d=32)
+    t.model.save_pretrained(out)
+    t.tokenizer.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("corpus")
+    g = torch.Generator().manual_seed(0)
+    for i in range(20):
+        idx = torch.randint(0, len(WORDS), (60,), generator=g).tolist()
+        (out / f"doc{i:02d}.txt").write_text(" ".join(WORDS[j] for j in idx))
+    return out
+
+
+def write_tfm(out: Path, model_dir: Path, extra: dict | None = None) -> tuple[MLSAE, dict]:
+    """A tfm checkpoint whose transformer weights differ from model_dir's (perturbed)."""
+    torch.manual_seed(1)
+    sae = MLSAE(n_inputs=32, n_latents=64, k=4, auxk=8)
+    base = tiny_transformer("llama", n_layers=3, d=32).model.state_dict()
+    state = {k: (v + 0.05 * torch.randn_like(v)).contiguous() for k, v in base.items()}
+    tensors = {f"autoencoder.{k}": v for k, v in sae.weights_dict().items()}
+    tensors |= {f"transformer.model.{k}": v for k, v in state.items()}
+    out.mkdir(parents=True, exist_ok=True)
+    save_file({**tensors, **(extra or {})}, str(out / "model.safetensors"))
+    (out / "config.json").write_text(json.dumps({**SETTINGS, "model_name": str(model_dir)}))
+    return sae, state
+
+
+def test_from_pretrained_reads_the_autoencoder(model_dir, tmp_path):
+    sae, _ = write_tfm(tmp_path / "tfm", model_dir)
+    got = MLSAE.from_pretrained(tmp_path / "tfm")
+    assert (got.n_inputs, got.n_latents, got.k, got.auxk) == (32, 64, 4, 8)
+    assert got.standardize is True and got.dead_tokens_threshold == 10_000_000
+    for name, want in sae.weights_dict().items():
+        assert torch.equal(got.weights_dict()[name], want), name
+    assert got.metadata["model_name"] == str(model_dir)
+    assert got.metadata["n_model_layers"] == 3  # layers=None: counted from the tensors
+
+
+def test_load_for_test_uses_the_files_transformer(model_dir, corpus, tmp_path):
+    _, state = write_tfm(tmp_path / "tfm", model_dir)
+    cfg = EvalConfig(max_tokens=128, device="cpu")
+    with pytest.raises(ConfigError, match="--dataset"):
+        load_for_test(tmp_path / "tfm", cfg)
+    setup = load_for_test(tmp_path / "tfm", cfg, dataset=str(corpus))
+    got = setup.transformer.model.state_dict()
+    assert set(got) == set(state)
+    for name, want in state.items():
+        assert torch.equal(got[name], want), name
+    on_disk = tiny_transformer("llama", n_layers=3, d=32).model.state_dict()
+    assert not torch.equal(got["model.embed_tokens.weight"], on_disk["model.embed_tokens.weight"])
+    assert setup.layers == [0, 1, 2] and setup.chunks.n_tokens > 0
+
+
+def test_cli_test_on_a_tfm_checkpoint(model_dir, corpus, tmp_path):
+    write_tfm(tmp_path / "tfm", model_dir)
+    argv = ["test", "--repo_id", str(tmp_path / "tfm"), "--dataset", str(corpus)]
+    assert main([*argv, "--max_tokens", "128", "--device", "cpu"]) == 0
+    table = pq.read_table(tmp_path / "tfm" / "test_metrics.parquet").to_pylist()
+    assert table and table[0]["layers"] == "0-2" and table[0]["expansion_factor"] == 2
+
+
+def test_tuned_lens_is_refused(model_dir, tmp_path):
+    write_tfm(tmp_path / "tfm", model_dir, extra={"lens.layer_translators.0.weight": torch.eye(4)})
+    with pytest.raises(CheckpointError, match="tuned-lens inputs are not supported"):
+        MLSAE.from_pretrained(tmp_path / "tfm")
+
+
+def test_a_wrong_transformer_is_refused_by_name(model_dir, tmp_path):
+    write_tfm(tmp_path / "tfm", model_dir, extra={"transformer.model.stray": torch.zeros(2)})
+    with pytest.raises(ValueError, match="stray"):
+        load_for_test(tmp_path / "tfm", EvalConfig(max_tokens=128, device="cpu"), dataset="x")
+
+
+def test_a_tied_weight_saved_once_loads(tmp_path):
+    """safetensors keeps one name of a tied weight; the other is the same parameter."""
+    from mlsae_core.transformer import Transformer
+
+    t = tiny_transformer("gpt2", n_layers=2, d=32)
+    t.model.save_pretrained(tmp_path / "gpt2")
+    t.tokenizer.save_pretrained(tmp_path / "gpt2")
+    state = {k: v + 0.01 for k, v in t.model.state_dict().items() if k != "lm_head.weight"}
+    got = Transformer.from_state_dict(str(tmp_path / "gpt2"), state)
+    assert torch.equal(got.unembed.weight, state["transformer.wte.weight"])
+
+
+def test_a_loaded_tfm_autoencoder_saves_as_a_plain_checkpoint(model_dir, tmp_path):
+    sae, _ = write_tfm(tmp_path / "tfm", model_dir)
+    MLSAE.from_pretrained(tmp_path / "tfm").save_pretrained(tmp_path / "plain")
+    got = MLSAE.from_pretrained(tmp_path / "plain")
+    assert torch.equal(got.encoder.weight, sae.encoder.weight)
