@@ -1,9 +1,12 @@
-"""A bounded load test on loopback: 50 concurrent prompt requests against a running server.
+"""Bounded load tests on loopback: concurrent requests against a running server.
 
-uvicorn serves the app in a thread on a free 127.0.0.1 port; an httpx async client fires 50
-requests at once (40 distinct prompts, some repeated, plus heatmaps and logits). All must
-succeed, the prompt cache must stay within its entry and byte limits, and a cached prompt
-must answer in well under a second.
+* 50 at once: uvicorn serves the app in a thread on a free 127.0.0.1 port; an httpx async
+  client fires 50 requests (40 distinct prompts, some repeated, plus heatmaps and logits).
+  All must succeed, the prompt cache must stay within its entry and byte limits, and a cached
+  prompt must answer in well under a second.
+* memory: `mlsae explore` in a subprocess under 2 bursts of 200 (`explorer.burst`, the same
+  measurement docs/explorer.md reports for SmolLM2): peak RSS above idle stays under the
+  bound the server documents.
 """
 
 from __future__ import annotations
@@ -82,3 +85,50 @@ def test_fifty_concurrent_prompt_requests() -> None:
         r = httpx.post(f"{base}/api/heatmap", json={"prompt": PROMPT, "position": 2})
         assert r.status_code == 200 and time.perf_counter() - t1 < 1.0
     assert elapsed < 60
+
+
+# ----- memory under a sustained burst ---------------------------------------------------------
+BURST_REQUESTS, BURST_ROUNDS = 200, 2
+LAYERS4 = [0, 1, 2, 3]
+
+
+def wide_checkpoint(root) -> str:
+    """A tiny Llama with a wide MLSAE (8192 latents): each analysis' dense pre-activations are
+    ~17 MB, so holding many analyses at once (the old 40-thread pool) shows in RSS."""
+    from mlsae_core.sae import MLSAE
+    from mlsae_core.tiny import tiny_transformer
+
+    tf = tiny_transformer("llama", n_layers=4, d=64)
+    model_dir = root / "model"
+    tf.model.save_pretrained(model_dir, safe_serialization=True)
+    tf.tokenizer.save_pretrained(model_dir)
+    sae = MLSAE(64, 8192, 8, auxk=None, metadata={"model_name": str(model_dir), "layers": LAYERS4})
+    sae.save_pretrained(root / "ckpt")
+    return str(root / "ckpt")
+
+
+def test_memory_stays_within_the_bound_under_a_burst(tmp_path) -> None:
+    """`mlsae explore` in a subprocess, 2 bursts of 200 concurrent requests of new prompts (all
+    endpoints; the cache misses every time): peak RSS above idle stays under the bound the
+    server reports (/api/info memory.bound_bytes: caches + workers x working set + slack),
+    every request answers 200 or 503 (busy), and the accepted ones in bounded time."""
+    from mlsae_core.explorer import burst
+
+    proc, base = burst.serve(wide_checkpoint(tmp_path), ["--cache_mb", "16"])
+    try:
+        report = burst.measure(base, proc.pid, BURST_REQUESTS, BURST_ROUNDS, timeout=120)
+        r = httpx.post(f"{base}/api/prompt", json={"prompt": PROMPT})
+        assert r.status_code == 200
+    finally:
+        burst.stop(proc)
+    print(report)
+    codes = report["status_codes"]
+    assert set(codes) <= {"200", "503"}, codes
+    assert sum(codes.values()) == BURST_REQUESTS * BURST_ROUNDS
+    mem = report["memory"]
+    assert codes["200"] >= BURST_ROUNDS * (mem["workers"] + mem["max_queue"]) // 2, codes
+    assert mem["peak_in_flight"] <= mem["workers"] + mem["max_queue"]
+    bound_mib = mem["bound_bytes"] / 2**20
+    assert report["growth_peak_mib"] <= bound_mib, (report["growth_peak_mib"], bound_mib)
+    assert report["cache"]["bytes"] <= 16 * 2**20
+    assert report["latency_p95_s"] < 60

@@ -33,6 +33,7 @@ _POSITIVE_INTS = (
     "max_examples",
     "splice_cache_entries",
     "splice_cache_mb",
+    "workers",
 )
 
 
@@ -64,6 +65,12 @@ class ExplorerSettings:
     max_prompt_chars: int = setting(2000, "longest prompt in characters")
     cache_entries: int = setting(64, "prompts kept in the LRU cache")
     cache_mb: int = setting(512, "memory bound of the prompt cache, in MiB")
+    workers: int = setting(
+        2, "requests computed at once (the rest wait in order): bounds the working sets alive"
+    )
+    max_queue: int = setting(
+        64, "requests that may wait for a worker; beyond them the answer is 503 + Retry-After"
+    )
     # Bounds of the API (not flags: the page and its tests are built around them).
     max_factor: float = setting(1000.0, "largest |steering factor|", cli=False)
     max_top_k: int = setting(50, "most top tokens in a logits view", cli=False)
@@ -76,6 +83,7 @@ class ExplorerSettings:
     def __post_init__(self) -> None:
         for name in _POSITIVE_INTS:
             _require(getattr(self, name), name, lambda v: _is_int(v) and v >= 1, "an integer >= 1")
+        _require(self.max_queue, "max_queue", lambda v: _is_int(v) and v >= 0, "an integer >= 0")
         _require(self.port, "port", lambda v: _is_int(v) and 0 < v < 65536, "1..65535")
         _require(self.max_factor, "max_factor", lambda v: v > 0, "a number > 0")
         _require(self.device, "device", VALID_DEVICES.__contains__, f"one of {VALID_DEVICES}")

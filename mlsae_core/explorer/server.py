@@ -10,10 +10,13 @@ Endpoints (all JSON; described at /openapi.json):
     GET  /api/examples      max-activating examples of (latent, layer)
     POST /api/logits        top predictions at a position: clean / reconstruction / steered
 
-Every parameter is validated; bad input answers 4xx with {"detail": "<what is wrong>"},
-never a 500 or a stack trace. No request names a file: the checkpoint and the examples
-table are chosen on the command line only. The page is served at `/` and at
-`/prompt/<text>` (the URL holds the state).
+Every parameter is validated (strictly: `schemas`); bad input answers 4xx with
+{"detail": "<what is wrong>"}, never a stack trace, and every status an operation can answer
+is declared in the schema with that body (400, 413, 422, 500, 503; 405 carries `Allow`).
+Views run on the explorer's gate (`memory.Gate`: `--workers` at once, `--max_queue` waiting,
+then 503 + Retry-After), so a burst cannot hold more working sets than that. No request
+names a file: the checkpoint and the examples table are chosen on the command line only.
+The page is served at `/` and at `/prompt/<text>` (the URL holds the state).
 """
 
 from __future__ import annotations
@@ -30,15 +33,17 @@ from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
-from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from mlsae_core.checkpoint import load_sae, resolve_checkpoint
 from mlsae_core.config import ConfigError, from_args, resolve_device
+from mlsae_core.explorer import schemas as sc
 from mlsae_core.explorer.examples import ExamplesStore, examples_path, load_examples
+from mlsae_core.explorer.memory import Busy, tune_allocator
 from mlsae_core.explorer.options import ExplorerSettings, find_checkpoints
+from mlsae_core.explorer.schemas import MAX_BODY_BYTES
 from mlsae_core.explorer.service import Explorer
-from mlsae_core.explorer.steering import STEER_MODES, SteerMode
+from mlsae_core.explorer.steering import STEER_MODES
 from mlsae_core.explorer.wire import ExplorerInputError
 from mlsae_core.layout import StorageLayout, data_root
 from mlsae_core.sae import MLSAE
@@ -46,81 +51,11 @@ from mlsae_core.transformer import Transformer
 
 logger = logging.getLogger(__name__)
 
-MAX_BODY_BYTES = 64 * 1024
-# Pydantic's caps, so a body is refused before any work; the explorer then checks the
-# configured limits (ExplorerSettings), whose defaults these are.
-HARD_MAX_CHARS = 20_000
-_DEFAULTS = ExplorerSettings()
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
 def static_dir() -> Path:
     return Path(str(resources.files("mlsae_core") / "explorer_static"))
-
-
-# ----- request bodies ------------------------------------------------------------------------
-class _Body(BaseModel):
-    model_config = ConfigDict(extra="forbid", str_strip_whitespace=False)
-
-
-Prompt = Annotated[
-    str,
-    Field(
-        min_length=1,
-        max_length=HARD_MAX_CHARS,
-        description="the text to analyse (limits in /api/info)",
-    ),
-]
-Position = Annotated[int, Field(ge=0, description="token position, 0-based")]
-Layer = Annotated[int, Field(ge=0, description="block id; one of the SAE's layers")]
-Latent = Annotated[int, Field(ge=0, description="latent id, 0..n_latents-1")]
-
-
-class PromptIn(_Body):
-    prompt: Prompt
-
-
-class HeatmapIn(_Body):
-    prompt: Prompt
-    position: Position | None = Field(
-        default=None, description="token position; null sums over all tokens"
-    )
-    threshold: float = Field(
-        default=1e-3, ge=0.0, le=1e6, allow_inf_nan=False, description="minimum value shown"
-    )
-    max_latents: int | None = Field(default=None, ge=1, le=10_000)
-
-
-class ActivationsIn(_Body):
-    prompt: Prompt
-    latent: Latent
-    layer: Layer
-
-
-class HistogramsIn(_Body):
-    prompt: Prompt
-    bins: int = Field(default=20, ge=1, le=_DEFAULTS.max_bins)
-    position: Position | None = None
-
-
-class LogitsIn(_Body):
-    prompt: Prompt
-    position: Position
-    layer: Layer
-    latent: Latent | None = Field(default=None, description="latent to steer (null: no steering)")
-    factor: float = Field(
-        default=2.0,
-        ge=-_DEFAULTS.max_factor,
-        le=_DEFAULTS.max_factor,
-        allow_inf_nan=False,
-        description="steering factor (see mode)",
-    )
-    mode: SteerMode = Field(
-        default="scale",
-        description="scale: set the latent's value to factor x its value; add: add factor x "
-        "its activation scale (docs/explorer.md)",
-    )
-    top_k: int = Field(default=10, ge=1, le=_DEFAULTS.max_top_k)
 
 
 # ----- errors ----------------------------------------------------------------------------------
@@ -155,7 +90,20 @@ def _install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return JSONResponse(status_code=exc.status_code, content={"detail": str(exc.detail)})
+        # keep the exception's headers: a 405 must say which methods are allowed (Allow)
+        return JSONResponse(
+            status_code=exc.status_code,
+            content={"detail": str(exc.detail)},
+            headers=getattr(exc, "headers", None),
+        )
+
+    @app.exception_handler(Busy)
+    async def _busy(request: Request, exc: Busy) -> JSONResponse:
+        return JSONResponse(
+            status_code=503,
+            content={"detail": str(exc)},
+            headers={"Retry-After": str(exc.retry_after)},
+        )
 
     @app.exception_handler(Exception)
     async def _internal(request: Request, exc: Exception) -> JSONResponse:
@@ -244,37 +192,76 @@ def create_app(
     _install_error_handlers(app)
     ex = explorer
 
-    @app.get("/api/info", summary="model, SAE, limits, examples and cache status")
-    def info() -> dict[str, Any]:
-        return ex.info()
+    run = explorer.gate.run  # every view is computed on the gate's workers (memory.Gate)
+    common, with_params = sc.COMMON_ERRORS, sc.WITH_PARAMS_ERRORS
 
-    @app.post("/api/prompt", summary="tokens and per-layer metrics of a prompt")
-    def prompt(body: PromptIn) -> dict[str, Any]:
-        return ex.prompt_view(body.prompt)
+    @app.get(
+        "/api/info",
+        summary="model, SAE, limits, examples, cache and memory status",
+        response_model=sc.InfoOut,
+        responses=common,
+    )
+    async def info() -> dict[str, Any]:
+        return ex.info()  # cheap, so never queued: status stays readable under a burst
 
-    @app.post("/api/heatmap", summary="latents x layers at a token or summed over tokens")
-    def heatmap(body: HeatmapIn) -> dict[str, Any]:
-        return ex.heatmap(body.prompt, body.position, body.threshold, body.max_latents)
+    @app.post(
+        "/api/prompt",
+        summary="tokens and per-layer metrics of a prompt",
+        response_model=sc.PromptOut,
+        responses=with_params,
+    )
+    async def prompt(body: sc.PromptIn) -> dict[str, Any]:
+        return await run(ex.prompt_view, body.prompt)
 
-    @app.post("/api/activations", summary="one latent on every token and layer")
-    def activations(body: ActivationsIn) -> dict[str, Any]:
-        return ex.latent_activations(body.prompt, body.latent, body.layer)
+    @app.post(
+        "/api/heatmap",
+        summary="latents x layers at a token or summed over tokens",
+        response_model=sc.HeatmapOut,
+        responses=with_params,
+    )
+    async def heatmap(body: sc.HeatmapIn) -> dict[str, Any]:
+        return await run(ex.heatmap, body.prompt, body.position, body.threshold, body.max_latents)
 
-    @app.post("/api/histograms", summary="per-layer histograms of latent values")
-    def histograms(body: HistogramsIn) -> dict[str, Any]:
-        return ex.histograms(body.prompt, body.bins, body.position)
+    @app.post(
+        "/api/activations",
+        summary="one latent on every token and layer",
+        response_model=sc.ActivationsOut,
+        responses=with_params,
+    )
+    async def activations(body: sc.ActivationsIn) -> dict[str, Any]:
+        return await run(ex.latent_activations, body.prompt, body.latent, body.layer)
 
-    @app.get("/api/examples", summary="max-activating examples of a latent at a layer")
-    def examples(
+    @app.post(
+        "/api/histograms",
+        summary="per-layer histograms of latent values",
+        response_model=sc.HistogramsOut,
+        responses=with_params,
+    )
+    async def histograms(body: sc.HistogramsIn) -> dict[str, Any]:
+        return await run(ex.histograms, body.prompt, body.bins, body.position)
+
+    @app.get(
+        "/api/examples",
+        summary="max-activating examples of a latent at a layer",
+        response_model=sc.ExamplesOut,
+        responses=with_params,
+    )
+    async def examples(
         latent: Annotated[int, Query(ge=0, description="latent id")],
         layer: Annotated[int, Query(ge=0, description="block id")],
         limit: Annotated[int, Query(ge=1, le=1000)] = 32,
     ) -> dict[str, Any]:
-        return ex.examples_view(latent, layer, limit)
+        return await run(ex.examples_view, latent, layer, limit)
 
-    @app.post("/api/logits", summary="top predictions: clean, reconstruction, steered")
-    def logits(body: LogitsIn) -> dict[str, Any]:
-        return ex.logits_view(
+    @app.post(
+        "/api/logits",
+        summary="top predictions: clean, reconstruction, steered",
+        response_model=sc.LogitsOut,
+        responses=with_params,
+    )
+    async def logits(body: sc.LogitsIn) -> dict[str, Any]:
+        return await run(
+            ex.logits_view,
             body.prompt,
             body.position,
             body.layer,
@@ -367,6 +354,8 @@ def run(args: argparse.Namespace) -> int:
     if not args.repo_id:
         raise ValueError("--repo_id is required (or --list to see the trained checkpoints)")
     settings = from_args(ExplorerSettings, args)  # refuses a bad setting before loading
+    tuned = tune_allocator()  # before any thread starts (memory.py, docs/explorer.md)
+    logger.info("glibc allocator tuned: %s", tuned)
     app = load_app(args.repo_id, settings)
     if settings.host not in LOOPBACK:
         logger.warning(

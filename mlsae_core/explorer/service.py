@@ -18,6 +18,7 @@ import torch
 from mlsae_core.analysis.examples import token_strings
 from mlsae_core.explorer.cache import ByteLRU, tensor_bytes
 from mlsae_core.explorer.examples import NO_EXAMPLES_HINT, ExamplesStore
+from mlsae_core.explorer.memory import SLACK_BYTES, Gate, result_bytes, working_set_bytes
 from mlsae_core.explorer.options import ExplorerSettings
 from mlsae_core.explorer.prompt import PromptResult, analyse_prompt
 from mlsae_core.explorer.steering import (
@@ -68,7 +69,9 @@ class Explorer:
         )
         self.cache = ByteLRU(self.settings.cache_entries, self.settings.cache_bytes)
         self.splices = ByteLRU(self.settings.splice_cache_entries, self.settings.splice_cache_bytes)
-        self._compute = threading.Lock()  # one computation at a time: bounded peak memory
+        self._compute = threading.Lock()  # one model computation at a time
+        # every API request runs through the gate: `workers` at once, `max_queue` waiting
+        self.gate = Gate(self.settings.workers, self.settings.max_queue)
         self._strings: dict[int, str] = {}
         self.n_analysed = 0  # prompts analysed (cache misses that ran the model)
 
@@ -395,6 +398,26 @@ class Explorer:
         return out
 
     # ----- about ------------------------------------------------------------------------------
+    def memory_bound(self) -> dict[str, int]:
+        """Bytes above idle that RSS stays under (docs/explorer.md): the caches' real bound,
+        `workers` requests' working sets at the longest prompt, and a fixed slack."""
+        lim, tf, sae = self.settings, self.transformer, self.sae
+        p, n_layers = self.max_prompt_tokens, len(self.layers)
+        one = result_bytes(tf.n_layers, n_layers, p, tf.d_model, sae.k)
+        splice = p * tf.d_model * 4 + 256
+        caches = min(lim.cache_bytes, lim.cache_entries * one) + min(
+            lim.splice_cache_bytes, lim.splice_cache_entries * splice
+        )
+        work = working_set_bytes(
+            tf.n_layers, n_layers, p, tf.d_model, sae.k, sae.n_latents, tf.vocab_size
+        )
+        return {
+            "caches_bytes": caches,
+            "working_set_bytes": work,
+            "slack_bytes": SLACK_BYTES,
+            "bound_bytes": caches + lim.workers * work + SLACK_BYTES,
+        }
+
     def info(self) -> dict[str, Any]:
         sae, lim = self.sae, self.settings
         meta = sae.metadata
@@ -433,6 +456,7 @@ class Explorer:
             "steer_modes": list(STEER_MODES),
             "cache": {**self.cache.stats(), "prompts_analysed": self.n_analysed},
             "splice_cache": self.splices.stats(),
+            "memory": {**self.memory_bound(), **self.gate.stats()},
         }
 
 

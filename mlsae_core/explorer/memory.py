@@ -1,0 +1,173 @@
+"""The explorer's memory bound: the gate on concurrent work, the allocator, and the estimate.
+
+Why the server grew past its cache bound (docs/explorer.md, "Performance and memory"): every
+request ran in one of uvicorn's 40 threadpool threads, so a burst held up to 40 prompt
+analyses (each keeping its own result alive, evicted from the cache or not, while it waited
+for the model), and glibc gave each thread its own malloc arena (up to 8 per core), each
+keeping the freed blocks of a whole analysis (arenas return only their top to the kernel; the
+dynamic mmap threshold rises past the tensors' sizes after the first free, so they stop
+being mmap'd). The fix, and what states it:
+
+* `Gate`: at most `workers` requests are computed at once, on that many long-lived threads;
+  up to `max_queue` more wait without a thread (just their body); beyond that, 503 with
+  Retry-After;
+* `tune_allocator`: a fixed 1 MiB mmap threshold (tensors of 1 MiB and more are mmap'd and
+  given back to the kernel when freed) and at most 2 arenas (glibc only; `mlsae explore`);
+* `result_bytes` / `working_set_bytes`: the terms of the documented bound
+  (`Explorer.memory_bound`, in /api/info), which `explorer.burst` measures against.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import math
+import platform
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+# mallopt parameters (malloc.h)
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_ARENA_MAX = -1, -3, -8
+MMAP_THRESHOLD = 1 << 20
+ARENA_MAX = 2
+# Allowance for what no formula counts: Python objects, small-block fragmentation, tokenizer
+# and thread stacks. Measured (docs/explorer.md) well under this.
+SLACK_BYTES = 96 << 20
+
+
+class Busy(Exception):
+    """More requests are waiting than the queue holds; `retry_after` is in seconds."""
+
+    def __init__(self, waiting: int, retry_after: int) -> None:
+        super().__init__(
+            f"the explorer is busy ({waiting} requests waiting); retry in {retry_after} s"
+        )
+        self.retry_after = retry_after
+
+
+class Gate:
+    """At most `workers` calls run at once (on fixed threads); `max_queue` more may wait.
+
+    Fixed threads (not the threadpool's 40) bound both the working sets alive at once and the
+    malloc arenas that keep freed memory. Thread-based (no asyncio primitive), so one gate
+    serves any event loop (TestClient starts one per client).
+    """
+
+    def __init__(self, workers: int, max_queue: int) -> None:
+        if workers < 1 or max_queue < 0:
+            raise ValueError("workers must be >= 1 and max_queue >= 0")
+        self.workers, self.max_queue = workers, max_queue
+        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="explorer")
+        self._lock = threading.Lock()
+        self._admitted = 0  # running + waiting
+        self._mean_s = 0.5  # running mean of a call's duration, for Retry-After
+        self.rejected = 0
+        self.peak = 0
+
+    def _admit(self) -> None:
+        with self._lock:
+            if self._admitted >= self.workers + self.max_queue:
+                self.rejected += 1
+                waiting = self._admitted - self.workers
+                wait = self._mean_s * (waiting + 1) / self.workers
+                raise Busy(waiting, max(1, math.ceil(wait)))
+            self._admitted += 1
+            self.peak = max(self.peak, self._admitted)
+
+    def _timed(self, fn: Callable[..., T], *args: Any) -> T:
+        t0 = time.perf_counter()
+        try:
+            return fn(*args)
+        finally:
+            dt = time.perf_counter() - t0
+            with self._lock:
+                self._mean_s = 0.9 * self._mean_s + 0.1 * dt
+
+    def _release(self, _: Future | None) -> None:
+        with self._lock:
+            self._admitted -= 1
+
+    async def run(self, fn: Callable[..., T], *args: Any) -> T:
+        """fn(*args) on a worker thread; raises `Busy` when the queue is full.
+
+        The slot is released when the call ends, not when the client goes away, so a
+        disconnected burst cannot start more work than the bound.
+        """
+        self._admit()
+        try:
+            future = self._pool.submit(self._timed, fn, *args)
+        except BaseException:
+            self._release(None)
+            raise
+        future.add_done_callback(self._release)
+        return await asyncio.wrap_future(future)
+
+    def stats(self) -> dict[str, int]:
+        with self._lock:
+            return {
+                "workers": self.workers,
+                "max_queue": self.max_queue,
+                "in_flight": self._admitted,
+                "peak_in_flight": self.peak,
+                "rejected": self.rejected,
+            }
+
+
+def _libc() -> ctypes.CDLL | None:
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return None
+    try:
+        return ctypes.CDLL("libc.so.6")
+    except OSError:
+        return None
+
+
+def tune_allocator() -> bool:
+    """glibc: fixed 1 MiB mmap threshold, 2 arenas; False (nothing done) elsewhere.
+
+    Process-wide, so only `mlsae explore` calls it, before its threads start.
+    """
+    libc = _libc()
+    if libc is None:
+        return False
+    ok = libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD) == 1
+    ok &= libc.mallopt(M_TRIM_THRESHOLD, 2 * MMAP_THRESHOLD) == 1
+    ok &= libc.mallopt(M_ARENA_MAX, ARENA_MAX) == 1
+    return bool(ok)
+
+
+def result_bytes(n_model_layers: int, n_sae_layers: int, p: int, d: int, k: int) -> int:
+    """Bytes of one cached prompt analysis (`PromptResult.nbytes`) of `p` tokens."""
+    hidden = n_model_layers * p * d * 4
+    recons = n_sae_layers * p * d * 4
+    topk = n_sae_layers * p * k * (4 + 8)
+    return hidden + recons + topk + n_sae_layers * p * 4 + 64 * p + 4096
+
+
+def working_set_bytes(
+    n_model_layers: int, n_sae_layers: int, p: int, d: int, k: int, n_latents: int, vocab: int
+) -> int:
+    """Peak bytes one request adds besides the caches: its result (held while it is used,
+    cached or evicted) and the analysis' transients: the SAE's inputs, their standardized copy
+    and its reconstruction [L, P, d], the dense pre-activations [L, P, n] twice (matmul out,
+    ReLU), the model's per-block activations, and a view's [L, n] float64 and [V] logits."""
+    result = result_bytes(n_model_layers, n_sae_layers, p, d, k)
+    sae = 3 * n_sae_layers * p * d * 4 + 2 * n_sae_layers * p * n_latents * 4
+    blocks = 16 * p * d * 4
+    views = 3 * n_sae_layers * n_latents * 8 + 4 * vocab * 8
+    return result + sae + blocks + views
+
+
+__all__ = [
+    "Busy",
+    "Gate",
+    "SLACK_BYTES",
+    "result_bytes",
+    "tune_allocator",
+    "working_set_bytes",
+]
