@@ -145,8 +145,14 @@ def validate_against_models(sweep: Sweep, models_dir: Path | None = None) -> Non
     """Check every config of the sweep against its model's shape before anything trains
     (k vs n_latents, layers, max_length vs context); the message names the config."""
     from mlsae_core.runs import check_spec
-    from mlsae_core.transformer import model_shape
+    from mlsae_core.transformer import looks_like_path, model_shape
 
+    dataset = sweep.data.dataset
+    if looks_like_path(dataset) and not Path(dataset).expanduser().exists():
+        raise ConfigError(
+            f"sweep {sweep.path}: data.dataset={dataset!r} is not allowed: no such file or "
+            "directory; give an existing path, 'brown', 'tiny-text' or a hub dataset id"
+        )
     for key, name in sweep.models.items():
         shape = model_shape(name, models_dir)
         for point in sweep.points:

@@ -141,6 +141,23 @@ def test_bad_k_in_the_third_config_fails_before_the_first_trains(tmp_path):
     assert not instance.get_runs() and not (data / "saes").exists()
 
 
+def test_a_sweep_with_a_missing_dataset_path_fails_before_compute(tmp_path):
+    import dagster as dg
+    import yaml
+
+    from mlsae_pipeline.commands import run_sweep
+    from mlsae_pipeline.sweep import SWEEPS_DIR
+
+    raw = yaml.safe_load((SWEEPS_DIR / "smoke.yaml").read_text())
+    raw["data"]["dataset"] = str(tmp_path / "no" / "such" / "corpus")
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    instance = dg.DagsterInstance.ephemeral()
+    with pytest.raises(ConfigError, match=r"data.dataset=.*no such file or directory"):
+        run_sweep(str(path), tmp_path / "data", instance=instance, report=lambda s: None)
+    assert not instance.get_runs()
+
+
 def test_missing_model_path_is_named(corpus_dir, tmp_path, capsys):  # noqa: F811
     assert main(train_args(tmp_path / "no" / "such" / "model", corpus_dir, tmp_path / "o")) == 2
     err = capsys.readouterr().err
