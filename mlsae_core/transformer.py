@@ -405,10 +405,11 @@ class Transformer:
             if "Unrecognized configuration class" not in str(exc):
                 raise
             kind = str(exc).split("Unrecognized configuration class", 1)[1].split(" for ")[0]
+            kind = kind.strip(" <>'.").rsplit(".", 1)[-1].removeprefix("class '")
             raise UnsupportedModelError(
-                f"{name!r} is not a decoder-only causal LM (its config is{kind.rstrip('.')}); "
-                "mlsae needs one whose decoder blocks it can locate: "
-                f"{'; '.join(SUPPORTED_FAMILIES.values())}"
+                f"{name!r} is not a decoder-only causal LM (its config is {kind}); mlsae needs "
+                "one, e.g. GPT-NeoX/Pythia, GPT-2, Llama, Qwen2, Mistral, Gemma, Phi-3, OLMo-2 "
+                "(README: Tested model families)"
             ) from None
         except OSError as exc:
             raise ValueError(

@@ -9,7 +9,7 @@ import torch
 
 from mlsae_core.config import DataConfig, SAEConfig, TrainConfig
 from mlsae_core.evaluate import evaluate
-from mlsae_core.runs import corpus_split
+from mlsae_core.runs import transformer_split
 from mlsae_core.train import read_history, train
 
 pytestmark = pytest.mark.integration
@@ -36,7 +36,7 @@ def smollm2():
 
 def test_smollm2_all_layers_trains_and_evaluates(smollm2, tmp_path):
     data = DataConfig(dataset="brown", max_length=64, max_tokens=2048)
-    chunks = corpus_split(smollm2, data, seed=0, which="train", max_tokens=2048)
+    chunks = transformer_split(smollm2, data, seed=0, which="train", max_tokens=2048)
     assert chunks.tokens.shape == (32, 64)
     acts = torch.cat([smollm2.activations(chunks.tokens[s : s + 8]) for s in range(0, 32, 8)], 1)
     assert acts.shape == (30, 32, 64, 576)
@@ -55,7 +55,7 @@ def test_smollm2_all_layers_trains_and_evaluates(smollm2, tmp_path):
     first, last = hist[0]["fvu"], hist[-1]["fvu"]
     assert last < 0.6 * first, (first, last)
 
-    test = corpus_split(smollm2, data, seed=0, which="test", max_tokens=128)
+    test = transformer_split(smollm2, data, seed=0, which="test", max_tokens=128)
     result = evaluate(smollm2, sae, test.tokens, test.mask(), list(range(30)), batch_size=2,
                       progress=False)  # fmt: skip
     rows = result.rows
