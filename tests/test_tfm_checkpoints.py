@@ -17,8 +17,8 @@ from mlsae_core.config import ConfigError, EvalConfig
 from mlsae_core.runs import load_for_test
 from mlsae_core.sae import MLSAE
 from mlsae_core.tiny import tiny_transformer
+from tests.test_cli import corpus_dir, tiny_model_dir  # noqa: F401 - fixtures
 
-WORDS = "the quick brown fox jumps over the lazy dog . a cat sat on the mat .".split()
 SETTINGS = {  # the original's Lightning hparams, unknown keys included
     "layers": None,
     "expansion_factor": 2,
@@ -35,22 +35,13 @@ SETTINGS = {  # the original's Lightning hparams, unknown keys included
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("model")
-    t = tiny_transformer("llama", n_layers=3, d=32)
-    t.model.save_pretrained(out)
-    t.tokenizer.save_pretrained(out)
-    return out
+def model_dir(tiny_model_dir: Path) -> Path:  # noqa: F811 - test_cli's tiny Llama directory
+    return tiny_model_dir
 
 
 @pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("corpus")
-    g = torch.Generator().manual_seed(0)
-    for i in range(20):
-        idx = torch.randint(0, len(WORDS), (60,), generator=g).tolist()
-        (out / f"doc{i:02d}.txt").write_text(" ".join(WORDS[j] for j in idx))
-    return out
+def corpus(corpus_dir: Path) -> Path:  # noqa: F811 - test_cli's 40 small documents
+    return corpus_dir
 
 
 def write_tfm(out: Path, model_dir: Path, extra: dict | None = None) -> tuple[MLSAE, dict]:
