@@ -21,7 +21,7 @@ from typing import Any, Protocol
 import torch
 
 from mlsae_core import atomic
-from mlsae_core.checkpoint import load_weights
+from mlsae_core.checkpoint import CheckpointError, load_weights
 from mlsae_core.config import SAEConfig, TrainConfig, resolve_device
 from mlsae_core.lock import output_lock
 from mlsae_core.losses import total_loss
@@ -31,6 +31,7 @@ from mlsae_core.sae import MLSAE
 logger = logging.getLogger(__name__)
 
 STATE_DIR = "training_state"
+STATE_TENSOR_FILES = ("model.safetensors", "optimizer.safetensors")
 HISTORY_NAME = "history.parquet"
 
 
@@ -172,7 +173,8 @@ def _save_state(
         tensors["tokens_since_fired"] = sae.tokens_since_fired.detach().cpu().contiguous()
         save_file(tensors, str(tmp / "model.safetensors"))
         save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
-        meta = {**state, "param_groups": opt_sd["param_groups"]}
+        sums = {name: atomic.sha256_file(tmp / name) for name in STATE_TENSOR_FILES}
+        meta = {**state, "param_groups": opt_sd["param_groups"], "sha256": sums}
         (tmp / "state.json").write_text(json.dumps(meta, indent=2) + "\n")
         _write_history(tmp / HISTORY_NAME, history)
 
@@ -181,6 +183,12 @@ def _load_state(directory: Path, sae: MLSAE, opt: torch.optim.Optimizer) -> dict
     from safetensors.torch import load_file
 
     meta = json.loads((directory / "state.json").read_text())
+    for name, want in meta.pop("sha256", {}).items():  # states written before have none
+        if atomic.sha256_file(directory / name) != want:
+            raise CheckpointError(
+                f"{directory / name} does not match the checksum in state.json (truncated or "
+                f"modified); delete {directory} to restart the run, or restore it"
+            )
     tensors = load_file(str(directory / "model.safetensors"))
     sae.tokens_since_fired.copy_(tensors.pop("tokens_since_fired"))
     load_weights(sae, tensors)

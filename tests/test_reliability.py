@@ -350,3 +350,16 @@ def test_a_sweep_killed_mid_run_is_marked_failed_by_the_next(tmp_path):
     result = dead_run_monitor(dg.build_sensor_context(instance=instance))
     assert "marked 1 dead run(s) failed" in str(result.skip_message)
     assert instance.get_run_by_id(runs[0].run_id).status == dg.DagsterRunStatus.FAILURE
+
+
+def test_a_corrupt_resume_state_is_refused_naming_the_file(tmp_path):
+    from mlsae_core.checkpoint import CheckpointError
+
+    src = PlantedActivations()
+    _train(tmp_path, src, steps=2)  # a resume state at step 2
+    weights = tmp_path / train_mod.STATE_DIR / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # one byte in the middle of the tensors
+    weights.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=r"training_state/model.safetensors does not match"):
+        _train(tmp_path, src)
