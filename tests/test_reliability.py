@@ -75,7 +75,7 @@ def test_two_concurrent_trainings_leave_one_result_and_one_refusal(
 ):
     out = tmp_path / "run"
     args = [a for a in train_args(tiny_model_dir, corpus_dir, out) if a != "train"]
-    slow = ["--max_tokens", "40960"]  # long enough that the second starts while the first runs
+    slow = ["--max_tokens", "163840"]  # long enough that the second starts while the first runs
     cmd = [sys.executable, "-m", "mlsae_core.cli", "train", *args, *slow]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     first = subprocess.Popen(cmd, cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)
@@ -197,15 +197,20 @@ def test_an_encoder_decoder_model_gets_one_short_line(tmp_path, corpus_dir, caps
 def test_ctrl_c_prints_one_line_and_the_rerun_resumes(tiny_model_dir, corpus_dir, tmp_path):  # noqa: F811
     out = tmp_path / "run"
     args = [a for a in train_args(tiny_model_dir, corpus_dir, out) if a != "train"]
-    cmd = [sys.executable, "-m", "mlsae_core.cli", "train", *args, "--max_tokens", "40960"]
+    # a budget long enough that the run is still going when it is interrupted, even idle
+    cmd = [sys.executable, "-m", "mlsae_core.cli", "train", *args, "--max_tokens", "163840"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)
-    state = out / "training_state" / "state.json"
-    deadline = time.monotonic() + 120
-    while not state.exists() and time.monotonic() < deadline:
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGINT)
-    err = proc.communicate(timeout=120)[1]
+    log = tmp_path / "stderr.txt"
+    with open(log, "w") as stderr:  # a file, not a pipe: the child never blocks on its output
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stderr=stderr, text=True)
+        state = out / "training_state" / "state.json"
+        deadline = time.monotonic() + 120
+        while not state.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert proc.poll() is None, "the run finished before it could be interrupted"
+        proc.send_signal(signal.SIGINT)  # Ctrl-C
+        proc.wait(timeout=120)
+    err = log.read_text()
     assert proc.returncode == 130, err[-2000:]
     assert "Traceback" not in err
     assert "interrupted (run the same command again to resume)" in err
