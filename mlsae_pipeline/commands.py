@@ -36,9 +36,10 @@ def sweep_args(p: argparse.ArgumentParser) -> None:
     )
 
 
-# The instance settings the project starts with (written only where none exist): run
-# monitoring, so a run whose process was killed is marked failed instead of staying STARTED;
-# telemetry off, so the first run prints no banner (delete the line to opt in).
+# The instance settings the project starts with (written only where none exist): Dagster's
+# run monitoring (start timeouts; killed in-process and default-launcher runs are caught by
+# mlsae_pipeline.run_health instead); telemetry off, so the first run prints no banner
+# (delete the line to opt in).
 DAGSTER_YAML = """\
 run_monitoring:
   enabled: true
