@@ -202,7 +202,17 @@ def test_ctrl_c_prints_one_line_and_the_rerun_resumes(tiny_model_dir, corpus_dir
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     log = tmp_path / "stderr.txt"
     with open(log, "w") as stderr:  # a file, not a pipe: the child never blocks on its output
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stderr=stderr, text=True)
+        # A shell's background jobs start with SIGINT ignored, and Python then installs no
+        # KeyboardInterrupt handler; a terminal's Ctrl-C reaches a foreground process with the
+        # default disposition, which is what the child gets here.
+        proc = subprocess.Popen(
+            cmd,
+            cwd=ROOT,
+            env=env,
+            stderr=stderr,
+            text=True,
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+        )
         state = out / "training_state" / "state.json"
         deadline = time.monotonic() + 120
         while not state.exists() and time.monotonic() < deadline:
