@@ -329,6 +329,7 @@ DISK_HINTS = {
 def failure_message(exc: BaseException) -> tuple[str | None, int]:
     """(one-line message, exit code) for failures a user can fix; (None, 1) for bugs."""
     from mlsae_core.lock import OutputLocked
+    from mlsae_core.train import TrainingDiverged  # loaded already when it was raised
 
     if isinstance(exc, OSError) and exc.errno in DISK_HINTS:
         where = f"{exc.filename}: " if exc.filename else ""
@@ -338,9 +339,7 @@ def failure_message(exc: BaseException) -> tuple[str | None, int]:
         return DISK_HINTS[errno.ENOSPC], 1
     if isinstance(exc, ConfigError | ValueError | FileNotFoundError):
         return text, 2  # bad input
-    if isinstance(exc, OutputLocked):
-        return text, 1
-    if type(exc).__name__ == "TrainingDiverged":
+    if isinstance(exc, OutputLocked | TrainingDiverged):
         return text, 1
     return None, 1
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import random
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -42,7 +41,7 @@ from mlsae_core.layout import StorageLayout
 from mlsae_core.lock import output_lock
 from mlsae_core.metrics import METRIC_COLUMNS
 from mlsae_core.sae import MLSAE
-from mlsae_core.train import ActivationSource, LiveActivations, train
+from mlsae_core.train import ActivationSource, LiveActivations, dist_info, train
 from mlsae_core.transformer import ModelShape, Transformer
 
 logger = logging.getLogger(__name__)
@@ -126,7 +125,7 @@ def train_token_budget(spec: RunSpec, world_size: int | None = None) -> int:
     """Training tokens to tokenize: the budget rounded up to whole optimiser steps, so a run
     reads fresh chunks to its last step (no cycling inside the budget), and a run extended
     with a larger budget reads the same chunks first."""
-    world = world_size or int(os.environ.get("WORLD_SIZE", "1"))
+    world = world_size or dist_info()[1]
     per_step = (
         spec.data.batch_size * spec.data.max_length * spec.train.accumulate_grad_batches * world
     )
@@ -179,8 +178,7 @@ def train_run(
     """
     device = resolve_device(spec.train.device)  # before loading anything
     # one writer per output directory, taken before any compute
-    rank = int(os.environ.get("RANK", "0"))
-    with output_lock(out_dir) if rank == 0 else contextlib.nullcontext():
+    with output_lock(out_dir) if dist_info()[0] == 0 else contextlib.nullcontext():
         return _train_run(
             spec, out_dir, device, transformer, source, train_chunks, progress, on_step
         )

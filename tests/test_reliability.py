@@ -94,7 +94,8 @@ def test_two_concurrent_trainings_leave_one_result_and_one_refusal(
 # ----- training outputs move together -------------------------------------------------------
 def test_kill_between_checkpoint_and_history_keeps_every_row(tmp_path, monkeypatch):
     src = PlantedActivations()
-    reference = read_history_of(_train(tmp_path / "ref", src), tmp_path / "ref")
+    _train(tmp_path / "ref", src)
+    reference = read_history(tmp_path / "ref")
 
     real = train_mod._write_history
     calls = {"n": 0}
@@ -116,10 +117,6 @@ def test_kill_between_checkpoint_and_history_keeps_every_row(tmp_path, monkeypat
     assert [r["step"] for r in got] == list(range(12))
     keep = ("step", "tokens", "loss", "fvu", "auxk_loss", "dead_fraction", "l0")
     assert [{k: r[k] for k in keep} for r in got] == [{k: r[k] for k in keep} for r in reference]
-
-
-def read_history_of(_sae, out: Path):
-    return read_history(out)
 
 
 # ----- validation before compute ---------------------------------------------------------------
