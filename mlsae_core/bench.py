@@ -15,12 +15,17 @@ Measurements (tokens/s = chunk positions per second, median of --reps after --wa
   eval-exact/<cfg> the same with delta_dtype="float32" (the exact reference path)
   analysis/<cfg>  evaluate() with the analysis collectors (LayerDists, MaxExamples) riding along
   extract/<model> activation extraction (every block output, no unembedding)
+  train-run/<cfg> with --train-run N: `train()` itself, end to end, for an N-token budget of
+                  random chunks (checkpoints, history, dead-latent counters), timed once
 SmolLM2 (30 layers, d=576) runs the same lines on fewer tokens, when its converted copy exists.
 With --device cuda our lines run on the GPU (timed after torch.cuda.synchronize, with the
 GPU's peak allocation as peak_gpu_mb) and the CPU-only baseline is not run.
 
+Precision: the train, sae-step and extract lines run in training's `--precision` (default auto:
+bfloat16 where native), as `mlsae train` does; the eval lines are float32 but for the splice GEMM.
+
 Roofline: the run first times a GEMM per dtype its lines use (`peak/<dtype>`: float32, and
-bfloat16 where evaluate()'s delta_dtype "auto" resolves to it), with the same thread count, so
+bfloat16 where "auto" or --precision resolves to it), with the same thread count, so
 every line can say what fraction of this machine's peak it reaches *now* (a loaded machine
 lowers both). Each line carries `flops_per_token` from `line_flops` (the cost model, documented
 there and in docs/performance.md), `achieved_gflops` and `peak_fraction` against the peak of its
@@ -78,6 +83,8 @@ SMOL = (
 
 # Line kinds whose splice GEMM follows evaluate()'s delta_dtype="auto" (eval-exact is float32).
 AUTO_DELTA_KINDS = ("eval", "analysis")
+# Line kinds that run in training's --precision.
+LOW_KINDS = ("train", "sae-step", "extract", "train-run")
 CUDA_PEAK_SHAPE = (8192, 8192, 8192)  # a GPU needs a large GEMM to approach its peak
 
 
@@ -90,6 +97,7 @@ def line_flops(
     vocab: int,
     layers: Sequence[int],
     splice_dtype: str = "float32",
+    train_dtype: str = "float32",
 ) -> dict[str, int]:
     """FLOPs per token position of one line, by GEMM dtype: the work the algorithm must do.
 
@@ -104,9 +112,11 @@ def line_flops(
                            encoder weight grad are each k-sparse (2*k*d); the input needs no
                            grad. Not 2x the forward: a dense backward (the baseline's) is waste
       unembedding          2*d*vocab per token, per use
-    train:    transformer up to max(layers) + per layer SAE forward + backward
+    train:    transformer up to max(layers) + per layer SAE forward + backward; under a
+              mixed `train_dtype` (--precision) the transformer and the encoder GEMM count in
+              that dtype, the sparse decode and backward in float32
     sae-step: the SAE part of train only
-    extract:  the transformer part of train only
+    extract:  the transformer part of train only (in `train_dtype`)
     eval/analysis/eval-exact: the clean pass (every block + one float32 unembedding), the SAE
               encode + decode per layer, and per spliced layer l the blocks after l rerun plus
               one unembedding of the state difference in `splice_dtype`
@@ -116,14 +126,19 @@ def line_flops(
     layers = list(layers)
     n_sae = len(layers)
     encode = 2 * d * n_latents + 2 * k * d
-    train_sae = n_sae * (encode + 6 * k * d)
     upto = 2 * sum(block_params[: max(layers) + 1])
-    if kind == "train":
-        return {"float32": upto + train_sae}
-    if kind == "sae-step":
-        return {"float32": train_sae}
-    if kind == "extract":
-        return {"float32": upto}
+    if kind == "train-run":
+        kind = "train"
+    if kind in LOW_KINDS:
+        low = {"transformer": upto if kind != "sae-step" else 0, "encoder": 0}
+        if kind != "extract":
+            low["encoder"] = n_sae * 2 * d * n_latents
+        fp32 = 0 if kind == "extract" else n_sae * (2 * k * d + 6 * k * d)
+        out: dict[str, int] = {}
+        for dtype, flops in ((train_dtype, sum(low.values())), ("float32", fp32)):
+            if flops:
+                out[dtype] = out.get(dtype, 0) + flops
+        return out
     if kind in ("eval", "eval-exact", "analysis"):
         unembed = 2 * d * vocab
         reruns = sum(2 * sum(block_params[layer + 1 :]) for layer in layers)
@@ -263,7 +278,7 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
     from mlsae_core.config import SAEConfig
     from mlsae_core.evaluate import evaluate, resolve_delta_dtype
     from mlsae_core.losses import total_loss
-    from mlsae_core.precision import autocast
+    from mlsae_core.precision import autocast, dtype_name, resolve_precision
     from mlsae_core.sae import MLSAE
     from mlsae_core.train import LiveActivations, make_optimizer, optimizer_step
 
@@ -283,9 +298,14 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
     note = None
     kind = spec["kind"]
     delta_name = "float32"
+    # train.py's mixed precision: the transformer forward and the encoder GEMM in `low`
+    low = resolve_precision(spec.get("precision", "auto"), device)
+    train_name = dtype_name(low)
+    if kind in LOW_KINDS:
+        note = f"precision={train_name}"
 
     def sae_step(x: torch.Tensor) -> None:
-        with autocast(device):
+        with autocast(device, low):
             out = sae(x)
         loss, _, _ = total_loss(x, out, 1 / 32)
         loss.backward()
@@ -295,11 +315,14 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
     if kind == "train":
 
         def step() -> None:
-            x = source(rows)[:, masks.to(device)].float().to(device)  # [L, N, d]
+            with autocast(device, low):
+                acts = source(rows)
+            x = acts[:, masks.to(device)].float().to(device)  # [L, N, d]
             sae_step(x)
 
     elif kind == "sae-step":
-        x_fixed = source(rows)[:, masks.to(device)].float().to(device)
+        with autocast(device, low):
+            x_fixed = source(rows)[:, masks.to(device)].float().to(device)
 
         def step() -> None:
             sae_step(x_fixed)
@@ -320,10 +343,14 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
                 progress=False, delta_dtype=delta,
             )  # fmt: skip
 
+    elif kind == "train-run":
+        return _train_run(spec, tr, sae_cfg, low, device)
+
     elif kind == "extract":
 
         def step() -> None:
-            tr.activations(tokens, layers)
+            with autocast(device, low):
+                tr.activations(tokens, layers)
 
     else:
         raise ValueError(f"unknown measurement kind {kind!r}")
@@ -344,8 +371,9 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
     n_tokens = tokens.numel()
     block_params = [sum(p.numel() for p in block.parameters()) for block in tr.blocks]
     flops = line_flops(
-        kind, block_params, d, sae.n_latents, spec["k"], tr.vocab_size, layers, delta_name
-    )
+        kind, block_params, d, sae.n_latents, spec["k"], tr.vocab_size, layers, delta_name,
+        train_name,
+    )  # fmt: skip
     out = {
         "tokens_per_s": round(n_tokens / statistics.median(times), 1),
         "peak_rss_mb": peak_rss_mb(),
@@ -359,6 +387,57 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
     if note is not None:
         out["note"] = note
     return out
+
+
+def _train_run(spec: dict[str, Any], tr: Any, sae_cfg: Any, low: Any, device: Any) -> dict:
+    """`train()` for spec["train_tokens"] tokens of random chunks, in a scratch directory."""
+    import torch
+
+    from mlsae_core.config import TrainConfig
+    from mlsae_core.precision import dtype_name
+    from mlsae_core.train import LiveActivations, train
+
+    budget = int(spec["train_tokens"])
+    per_micro = spec["batch_size"] * spec["max_length"]
+    n_rows = -(-budget // spec["max_length"])
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, min(tr.vocab_size, 49152), (n_rows, spec["max_length"]),
+                           generator=g)  # fmt: skip
+    masks = torch.ones_like(tokens, dtype=torch.bool)
+    for t in tr.special_token_ids:
+        masks &= tokens != t
+    layers = list(range(tr.n_layers))
+    cfg = TrainConfig(accumulate_grad_batches=1, checkpoint_every=10**9,
+                      device=device.type, precision=dtype_name(low))  # fmt: skip
+    cuda = device.type == "cuda"
+    with tempfile.TemporaryDirectory(prefix="mlsae-train-run-") as out:
+        if cuda:
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        train(LiveActivations(tr, tokens, layers), masks, sae_cfg, cfg, out,
+              batch_size=spec["batch_size"], max_tokens=budget, progress=False)  # fmt: skip
+        if cuda:
+            torch.cuda.synchronize(device)
+        seconds = time.perf_counter() - t0
+    steps = -(-budget // per_micro)
+    rate = steps * per_micro / seconds
+    block_params = [sum(p.numel() for p in block.parameters()) for block in tr.blocks]
+    flops = line_flops("train", block_params, tr.d_model, sae_cfg.n_latents(tr.d_model),
+                       sae_cfg.k, tr.vocab_size, layers, "float32", dtype_name(low))  # fmt: skip
+    out_rec = {
+        "tokens_per_s": round(rate, 1),
+        "peak_rss_mb": peak_rss_mb(),
+        "times_s": [round(seconds, 2)],
+        "train_tokens": steps * per_micro,
+        "projected_1b_tokens_min": round(1e9 / rate / 60, 1),
+        "flops_per_token": sum(flops.values()),
+        "flops_by_dtype": flops,
+        "note": f"precision={dtype_name(low)}",
+    }
+    if cuda:
+        out_rec["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+        out_rec["gpu"] = torch.cuda.get_device_name(device)
+    return out_rec
 
 
 # ----- the driver ------------------------------------------------------------------------------
@@ -434,6 +513,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--device", default="cpu", help="cpu or cuda (cuda: ours only; the baseline is CPU-only)"
     )
+    p.add_argument(
+        "--precision", default="auto", choices=("auto", "float32", "bfloat16"),
+        help="train/sae-step/extract lines: training's --precision (default: auto)",
+    )  # fmt: skip
+    p.add_argument(
+        "--train-run", type=int, default=0, metavar="N",
+        help="also time train() end to end for N tokens (line train-run/x64-k32)",
+    )  # fmt: skip
     p.add_argument("--worker", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
 
@@ -465,7 +552,9 @@ def main(argv: list[str] | None = None) -> int:
         else:
             print(_format(rec), flush=True)
 
-    base_spec = dict(threads=a.threads, reps=a.reps, warmup=a.warmup, device=a.device)
+    base_spec = dict(
+        threads=a.threads, reps=a.reps, warmup=a.warmup, device=a.device, precision=a.precision
+    )
     if a.device != "cpu":
         a.no_baseline = True
     with tempfile.TemporaryDirectory(prefix="mlsae-bench-") as tmp:
@@ -480,6 +569,9 @@ def main(argv: list[str] | None = None) -> int:
         peak_dtypes = ["float32"]
         if any(wanted(n) and kd in AUTO_DELTA_KINDS for n, kd in lines):
             peak_dtypes.append("auto")
+        low_lines = a.train_run or any(wanted(n) and kd in LOW_KINDS for n, kd in lines)
+        if a.precision != "float32" and low_lines:
+            peak_dtypes.append(a.precision)
         d_model = (TINY_SHAPE if a.tiny else PYTHIA_70M_SHAPE)["d"]
         # CPU: the x16 encoder GEMM at the bench's batch, [tokens x d] @ [d x 16d].
         peak_shape = (
@@ -540,6 +632,13 @@ def main(argv: list[str] | None = None) -> int:
             spec = dict(
                 base_spec, **shape, model=str(model_dir), kind=kind, expansion_factor=ef, k=k
             )
+            rec = {"name": name, "config": {**spec, "model": model_label}}
+            rec.update(_run([*me, json.dumps(spec)]))
+            emit(rec)
+        if a.train_run:
+            name = "train-run/x64-k32"
+            spec = dict(base_spec, **shape, model=str(model_dir), kind="train-run",
+                        expansion_factor=64, k=32, train_tokens=a.train_run)  # fmt: skip
             rec = {"name": name, "config": {**spec, "model": model_label}}
             rec.update(_run([*me, json.dumps(spec)]))
             emit(rec)

@@ -13,6 +13,13 @@ reader implements `train.ActivationSource` (`n_layers`, `d_model`, `__call__(row
 `train()` uses it unchanged. Values equal the live activations up to float16 rounding
 (relative error <= 2^-11); a value beyond float16's range (65504) is refused at build time.
 
+Precision: the forward runs in the precision of the runs it serves (`precision`, training's
+`--precision` resolved), recorded in the manifest and checked on open, so a run trained from
+the cache sees what the same run computing its activations live would see (to float16
+rounding). Storage is float16 in every case: its 11-bit significand is finer than bfloat16's
+8, so it adds less error than a bf16 forward already has, and it halves the disk and the
+read bandwidth of float32.
+
 Integrity: the manifest records each shard's size and sha256 (and a sha256 of itself), and
 `open` checks them before anything is read, so `open_or_build` rebuilds a cache with a
 truncated or modified shard instead of training on it (`CacheCorruptError` names the
@@ -38,6 +45,7 @@ import numpy as np
 import torch
 
 from mlsae_core.atomic import atomic_dir, sha256_file
+from mlsae_core.precision import autocast, dtype_name
 
 logger = logging.getLogger(__name__)
 
@@ -150,16 +158,26 @@ class ActivationCache:
 
     @classmethod
     def open_or_build(
-        cls, directory: str | Path, transformer: Any, tokens: torch.Tensor, **build_kw: Any
+        cls,
+        directory: str | Path,
+        transformer: Any,
+        tokens: torch.Tensor,
+        precision: torch.dtype = torch.float32,
+        **build_kw: Any,
     ) -> ActivationCache:
-        """Reuse the cache at `directory` if it matches (model, tokens, all layers), else build."""
+        """Reuse the cache at `directory` if it matches (model, tokens, all layers, the
+        forward's precision), else build it."""
         layers = list(range(transformer.n_layers))
         try:
-            return cls.open(directory, transformer=transformer, tokens=tokens, layers=layers)
+            return cls.open(
+                directory, transformer=transformer, tokens=tokens, layers=layers,
+                precision=precision,
+            )  # fmt: skip
         except CacheMismatchError as exc:
             log = logger.warning if isinstance(exc, CacheCorruptError) else logger.info
             log("building the activation cache %s (%s)", directory, exc)
-            return cls.build(transformer, tokens, layers, directory, **build_kw)
+            return cls.build(transformer, tokens, layers, directory, precision=precision,
+                             **build_kw)  # fmt: skip
 
     # ----- open / build -------------------------------------------------------------------
     @classmethod
@@ -171,6 +189,7 @@ class ActivationCache:
         layers: Sequence[int] | None = None,
         check_weights: bool = True,
         verify: bool = True,
+        precision: torch.dtype | None = None,
     ) -> ActivationCache:
         """Open a cache, checking it against whatever of model/tokens/layers is given, and
         (`verify`) every shard against its sha256 in the manifest."""
@@ -207,6 +226,8 @@ class ActivationCache:
             expected["tokens_sha256"] = tokens_digest(tokens)
         if layers is not None:
             expected["layers"] = [int(layer) for layer in layers]
+        if precision is not None:
+            expected["precision"] = dtype_name(precision)
         for key, want in expected.items():
             if manifest.get(key) != want:
                 raise CacheMismatchError(
@@ -263,8 +284,10 @@ class ActivationCache:
         shard_rows: int = 64,
         batch_size: int = 4,
         progress: bool = True,
+        precision: torch.dtype = torch.float32,
     ) -> ActivationCache:
-        """Run `transformer` over `tokens` [n_rows, pos] once; write shards, manifest last."""
+        """Run `transformer` over `tokens` [n_rows, pos] once (in `precision`, as training's
+        live forward would); write shards, manifest last."""
         from tqdm.auto import tqdm
 
         if shard_rows < 1 or batch_size < 1:
@@ -293,7 +316,9 @@ class ActivationCache:
                 )
                 for a in range(start, stop, batch_size):
                     b = min(a + batch_size, stop)
-                    acts = transformer.activations(tokens[a:b], layers).float()  # [L, b, P, d]
+                    with autocast(transformer.device, precision):
+                        acts = transformer.activations(tokens[a:b], layers)
+                    acts = acts.float()  # [L, b, P, d]
                     if not torch.isfinite(acts).all() or acts.abs().max() > FP16_MAX:
                         raise ValueError(
                             f"activations of rows {a}..{b} are non-finite or beyond float16's "
@@ -317,6 +342,7 @@ class ActivationCache:
                 "pos": pos,
                 "tokens_sha256": tokens_digest(tokens),
                 "dtype": "float16",
+                "precision": dtype_name(precision),
                 "shard_rows": shard_rows,
                 "shards": shards,
             }

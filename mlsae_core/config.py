@@ -19,8 +19,9 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 VALID_DEVICES = ("cpu", "cuda", "auto")
-# Precision of the splice metrics' logit-difference GEMM (evaluate.resolve_delta_dtype).
-DELTA_DTYPE_CHOICES = ("auto", "float32", "bfloat16")
+# Precisions (precision.resolve_precision): auto = bfloat16 where native, else float32.
+PRECISION_CHOICES = ("auto", "float32", "bfloat16")
+DELTA_DTYPE_CHOICES = PRECISION_CHOICES  # the splice metrics' logit-difference GEMM
 DEFAULT_PROMPT = "When Mary and John went to the store, John gave a drink to"
 
 T = TypeVar("T")
@@ -151,6 +152,14 @@ class TrainConfig:
     seed: int = setting(0, "seed for the initialisation, the data order and the split")
     checkpoint_every: int = setting(100, "optimiser steps between resume checkpoints")
     device: str = setting("auto", "cpu, cuda, or auto (cuda when available)", choices=VALID_DEVICES)
+    precision: str = setting(
+        "auto",
+        "mixed precision: bfloat16 runs the transformer forward and the encoder GEMM that "
+        "picks the TopK (weights, losses, Adam and dead-latent counters stay float32); "
+        "float32 everywhere is exact; auto is bfloat16 where the hardware has it natively "
+        "(quality measured: docs/performance.md)",
+        choices=PRECISION_CHOICES,
+    )
     nproc_per_node: int = setting(
         1,
         "processes for data-parallel training in the pipeline (torchrun); on the command line "
@@ -175,6 +184,12 @@ class TrainConfig:
             "an integer >= 1",
         )
         _check(self.device in VALID_DEVICES, "device", self.device, f"one of {VALID_DEVICES}")
+        _check(
+            self.precision in PRECISION_CHOICES,
+            "precision",
+            self.precision,
+            f"one of {', '.join(PRECISION_CHOICES)}",
+        )
         _check(
             _is_int(self.nproc_per_node) and self.nproc_per_node >= 1,
             "nproc_per_node",
@@ -410,6 +425,7 @@ def from_args(cls: type[T], args: argparse.Namespace, **overrides: Any) -> T:
 __all__ = [
     "DEFAULT_PROMPT",
     "DELTA_DTYPE_CHOICES",
+    "PRECISION_CHOICES",
     "ConfigError",
     "DataConfig",
     "EvalConfig",

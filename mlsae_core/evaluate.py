@@ -16,14 +16,14 @@ from typing import Any, Protocol
 
 import torch
 
-from mlsae_core.config import DELTA_DTYPE_CHOICES, EvalConfig
+from mlsae_core.config import EvalConfig
 from mlsae_core.metrics import (
     ReconstructionMetrics,
     SpliceMetrics,
     metrics_rows,
     unembedding_gram,
 )
-from mlsae_core.precision import autocast
+from mlsae_core.precision import resolve_precision
 from mlsae_core.sae import MLSAE, TopK
 
 logger = logging.getLogger(__name__)
@@ -89,42 +89,13 @@ def prediction_mask(mask: torch.Tensor) -> torch.Tensor:
     return pred
 
 
-DELTA_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-
-
-def fast_bf16(device: torch.device | str) -> bool:
-    """Whether bfloat16 GEMMs are native (and so faster than float32) on `device`."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    if device.type == "cpu":
-        try:  # oneDNN's check for AVX512-BF16 / AMX
-            return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-        except (AttributeError, RuntimeError):
-            return False
-    return False
-
-
 def resolve_delta_dtype(name: str | torch.dtype, device: torch.device | str) -> torch.dtype:
     """The dtype of the splice metrics' logit-difference GEMM.
 
     "auto" is bfloat16 where it is native (its error on KL/dCE is ~1e-3 relative, see
     docs/performance.md) and float32 elsewhere; "float32" is the exact reference.
     """
-    if isinstance(name, torch.dtype):
-        if name not in DELTA_DTYPES.values():
-            raise ValueError(f"delta_dtype {name} is not allowed: float32 or bfloat16")
-        return name
-    key = str(name).lower().removeprefix("torch.")
-    key = {"bf16": "bfloat16", "fp32": "float32"}.get(key, key)
-    if key == "auto":
-        return torch.bfloat16 if fast_bf16(device) else torch.float32
-    if key not in DELTA_DTYPES:
-        raise ValueError(
-            f"delta_dtype {name!r} is not allowed: one of {', '.join(DELTA_DTYPE_CHOICES)} "
-            "(float32 is exact; bfloat16 is faster where native)"
-        )
-    return DELTA_DTYPES[key]
+    return resolve_precision(name, device, "delta_dtype")
 
 
 @torch.no_grad()
@@ -184,10 +155,7 @@ def evaluate(
             clean = None
             acts = transformer.activations(toks, layers)
         x = acts[:, mask].float().to(device)  # [L, N, d]
-        # Mixed precision (precision.mixed_precision) covers only the SAE's TopK selection here:
-        # the transformer keeps its precision, as clean and spliced passes must match.
-        with autocast(device):
-            out = sae(x)
+        out = sae(x)  # float32: the evaluation is the exact reference for every precision
         recons = out.recons
         recon.update(x, recons, out.topk.values, out.topk.indices)
         b_idx, p_idx = mask.nonzero(as_tuple=True)

@@ -1,60 +1,63 @@
-"""Mixed precision as a context: which dtype the transformer and the encoder GEMM run under.
+"""Which dtype a computation runs in: the `precision` and `delta_dtype` settings, resolved.
 
-A context variable (not a global) so nested blocks and threads each see their own setting;
-`$MLSAE_AUTOCAST` gives the CLI the same switch without code.
+Both settings take "auto", "float32" or "bfloat16" (config.PRECISION_CHOICES); "auto" is
+bfloat16 where bf16 GEMMs are native (a GPU with bf16, a CPU with AVX512-BF16/AMX) and float32
+elsewhere, because only there is bf16 faster. Training precision means `torch.autocast`
+around the transformer forward and the SAE's encoder GEMM (the TopK selection); everything that
+accumulates stays float32 (docs/performance.md, "Mixed precision").
 """
 
 from __future__ import annotations
 
 import contextlib
-import contextvars
-import os
-from collections.abc import Iterator
 
 import torch
 
-_AUTOCAST: contextvars.ContextVar[torch.dtype | None] = contextvars.ContextVar(
-    "mlsae_autocast", default=None
-)
-_AUTOCAST_NAMES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+_ALIASES = {"bf16": "bfloat16", "fp32": "float32"}
 
 
-@contextlib.contextmanager
-def mixed_precision(dtype: torch.dtype | str | None = torch.bfloat16) -> Iterator[None]:
-    """Inside this block `train()` and `evaluate()` run the transformer and the encoder GEMM
-    under `torch.autocast(dtype)` (bf16 by default; None turns it off).
-
-    The TopK *selection* then uses low-precision pre-activations, but the k selected values,
-    the decode, the losses, the weights and the optimiser stay float32. Meant for CUDA; on
-    CPU it is honoured as well (CPU autocast) so the same code path can be tested anywhere.
-    The environment variable MLSAE_AUTOCAST=bf16 has the same effect for the CLI.
-    """
-    if isinstance(dtype, str):
-        dtype = _AUTOCAST_NAMES[dtype.lower()]
-    token = _AUTOCAST.set(dtype)
-    try:
-        yield
-    finally:
-        _AUTOCAST.reset(token)
+def fast_bf16(device: torch.device | str) -> bool:
+    """Whether bfloat16 GEMMs are native (and so faster than float32) on `device`."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        try:  # oneDNN's check for AVX512-BF16 / AMX
+            return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        except (AttributeError, RuntimeError):
+            return False
+    return False
 
 
-def autocast_dtype() -> torch.dtype | None:
-    """The mixed-precision dtype in force: `mixed_precision(...)`, else $MLSAE_AUTOCAST."""
-    dtype = _AUTOCAST.get()
-    if dtype is None:
-        env = os.environ.get("MLSAE_AUTOCAST", "").strip().lower()
-        if env and env not in ("0", "off", "none", "fp32", "float32"):
-            if env not in _AUTOCAST_NAMES:
-                raise ValueError(
-                    f"MLSAE_AUTOCAST={env!r} is not allowed: one of {sorted(_AUTOCAST_NAMES)}"
-                )
-            dtype = _AUTOCAST_NAMES[env]
-    return dtype
+def resolve_precision(
+    name: str | torch.dtype, device: torch.device | str, setting: str = "precision"
+) -> torch.dtype:
+    """'auto' -> bfloat16 where native on `device`, else float32; names -> dtypes."""
+    if isinstance(name, torch.dtype):
+        if name not in DTYPES.values():
+            raise ValueError(f"{setting}={name} is not allowed: float32 or bfloat16")
+        return name
+    key = str(name).lower().removeprefix("torch.")
+    key = _ALIASES.get(key, key)
+    if key == "auto":
+        return torch.bfloat16 if fast_bf16(device) else torch.float32
+    if key not in DTYPES:
+        raise ValueError(
+            f"{setting}={name!r} is not allowed: one of auto, float32, bfloat16 "
+            "(float32 is exact; bfloat16 is faster where native)"
+        )
+    return DTYPES[key]
 
 
-def autocast(device: torch.device | str) -> contextlib.AbstractContextManager[None]:
-    """torch.autocast for `device` when mixed precision is on, else a no-op."""
-    dtype = autocast_dtype()
-    if dtype is None:
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def autocast(
+    device: torch.device | str, dtype: torch.dtype
+) -> contextlib.AbstractContextManager[None]:
+    """torch.autocast(dtype) on `device` for a low precision, a no-op for float32."""
+    if dtype == torch.float32:
         return contextlib.nullcontext()
     return torch.autocast(device_type=torch.device(device).type, dtype=dtype)

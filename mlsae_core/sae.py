@@ -19,11 +19,20 @@ import torch
 from torch import nn
 
 from mlsae_core.config import SAEConfig
-from mlsae_core.sparse import gathered_preacts, selected_preacts, sparse_decode
+from mlsae_core.sparse import selected_preacts, sparse_decode
 
 STD_EPS = 1e-5
 # Rows of pre-activations computed at once: bounds the dense [rows, n_latents] buffer.
 ENCODE_CHUNK_ELEMENTS = 1 << 26
+
+
+def _autocast_dtype(device: torch.device) -> torch.dtype | None:
+    """The low precision torch.autocast is running in on `device`, or None."""
+    kind = device.type
+    if not torch.is_autocast_enabled(kind):
+        return None
+    dtype = torch.get_autocast_dtype(kind)
+    return dtype if dtype != torch.float32 else None
 
 
 class TopK(NamedTuple):
@@ -190,6 +199,9 @@ class MLSAE(nn.Module):
         top_v, top_i, aux_v, aux_i = [], [], [], []
         with torch.no_grad():
             xb_ng, w_ng = xb.detach(), weight.detach()
+            low = _autocast_dtype(x.device)
+            if low is not None:  # cast once, not once per chunk as autocast would
+                xb_ng, w_ng = xb_ng.to(low), w_ng.to(low)
             for s in range(0, xb.shape[0], rows):
                 z = xb_ng[s : s + rows] @ w_ng.t()  # [rows, n]
                 v, i = torch.topk(z, self.k, dim=-1, sorted=False)
@@ -200,10 +212,10 @@ class MLSAE(nn.Module):
                     aux_v.append(av)
                     aux_i.append(dead_idx[ai])
         indices = torch.cat(top_i)
-        top_values = torch.cat(top_v)
-        if top_values.dtype != xb.dtype:
-            # Mixed precision picked the latents; their values are recomputed at full precision.
-            top_values = gathered_preacts(xb.detach(), w_ng, indices)
+        # Under mixed precision the k values come from the low-precision GEMM too, cast up:
+        # recomputing them in float32 (a [N, k, d] gather) cost as much as the GEMM saves;
+        # the decode, the losses and every gradient are float32 (docs/performance.md).
+        top_values = torch.cat(top_v).to(xb.dtype)
         values = selected_preacts(xb, weight, indices, top_values)
         fired = torch.zeros(self.n_latents, dtype=torch.bool, device=x.device)
         fired[indices[values.detach() > self.dead_threshold]] = True
@@ -211,9 +223,7 @@ class MLSAE(nn.Module):
         auxk = None
         if n_aux:
             aux_indices = torch.cat(aux_i)
-            aux_top = torch.cat(aux_v)
-            if aux_top.dtype != xb.dtype:
-                aux_top = gathered_preacts(xb.detach(), w_ng, aux_indices)
+            aux_top = torch.cat(aux_v).to(xb.dtype)
             aux_values = selected_preacts(xb, weight, aux_indices, aux_top)
             auxk = TopK(aux_values.reshape(*lead, n_aux), aux_indices.reshape(*lead, n_aux))
         if stats is not None:

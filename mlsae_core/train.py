@@ -25,7 +25,7 @@ from mlsae_core.checkpoint import CheckpointError, load_weights
 from mlsae_core.config import SAEConfig, TrainConfig, resolve_device
 from mlsae_core.lock import output_lock
 from mlsae_core.losses import total_loss
-from mlsae_core.precision import autocast
+from mlsae_core.precision import autocast, dtype_name, resolve_precision
 from mlsae_core.sae import MLSAE
 
 logger = logging.getLogger(__name__)
@@ -330,6 +330,7 @@ def _train(
     if rank == 0:
         atomic.remove_stale_temporaries(out_dir)  # litter from a run killed mid-write
     device = torch.device(resolve_device(train_cfg.device))
+    precision = resolve_precision(train_cfg.precision, device)
     torch.manual_seed(train_cfg.seed)
 
     n_chunks, pos = masks.shape
@@ -341,9 +342,12 @@ def _train(
         "sae": {**sae_cfg.__dict__},
         # what decides the weights; checkpoint_every and nproc_per_node (world_size is) do not
         "train": {
-            k: v
-            for k, v in train_cfg.__dict__.items()
-            if k not in ("checkpoint_every", "nproc_per_node")
+            **{
+                k: v
+                for k, v in train_cfg.__dict__.items()
+                if k not in ("checkpoint_every", "nproc_per_node")
+            },
+            "precision": dtype_name(precision),  # resolved: "auto" may differ per machine
         },
         "batch_size": batch_size,
         "max_length": pos,
@@ -361,6 +365,7 @@ def _train(
     step, history = 0, []
     if (state_dir / "state.json").exists():
         saved = json.loads((state_dir / "state.json").read_text())["run_config"]
+        saved["train"].setdefault("precision", "float32")  # states from before the setting
         now = json.loads(json.dumps(run_config))
         changed = _differences(saved, now)
         if changed and not _is_extension(saved, now):
@@ -410,7 +415,7 @@ def _train(
         for a in range(accum):
             micro = (step * accum + a) * world + rank
             rows = order.rows(micro * batch_size, batch_size)
-            with autocast(device):
+            with autocast(device, precision):
                 acts = source(rows).to(device)  # [L, B, P, d]
             mask = masks[rows].to(device)  # [B, P]
             x = acts[:, mask].float()  # [L, N, d]
@@ -427,8 +432,8 @@ def _train(
             if step == 0 and a == 0 and steps_this_call == 0:
                 sae.init_pre_encoder_bias(x)
                 _broadcast_params(sae)
-            with autocast(device):
-                out = sae(x)
+            with autocast(device, precision):
+                out = sae(x)  # the encoder GEMM in `precision`; decode and losses float32
             loss, main, aux = total_loss(x, out, sae_cfg.auxk_coef)
             (loss / accum).backward()
             fired |= out.fired

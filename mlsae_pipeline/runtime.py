@@ -132,10 +132,12 @@ def train_sae(
     source = None
     if cache_dir is not None:
         from mlsae_core.cache import ActivationCache
+        from mlsae_core.precision import resolve_precision
 
         cache = ActivationCache.open_or_build(
-            cache_dir, transformer, chunks.tokens, progress=terminal_progress()
-        )
+            cache_dir, transformer, chunks.tokens, progress=terminal_progress(),
+            precision=resolve_precision(spec.train.precision, transformer.device),
+        )  # fmt: skip
         source = cache.select(layers)
     sae = train_run(
         spec,

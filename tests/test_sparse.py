@@ -9,7 +9,6 @@ import torch
 from mlsae_core.evaluate import evaluate, prediction_mask
 from mlsae_core.losses import total_loss
 from mlsae_core.metrics import SpliceMetrics
-from mlsae_core.precision import mixed_precision
 from mlsae_core.sae import MLSAE
 from mlsae_core.sparse import gathered_preacts, sparse_outer_sum, sparse_outer_sum_plain
 from mlsae_core.tiny import tiny_transformer
@@ -94,21 +93,3 @@ def test_evaluate_fast_splice_metrics_equal_plain_float64():
             tol = 1e-5 if key == "loss_recovered" else 1e-7
             assert math.isclose(a, b, rel_tol=1e-5, abs_tol=tol), (key, a, b)
     assert math.isclose(got["ce_clean"][0], want["ce_clean"][0], rel_tol=1e-6)
-
-
-def test_mixed_precision_selects_in_bf16_but_values_are_float32():
-    torch.manual_seed(0)
-    sae = MLSAE(16, 64, 4, auxk=None)
-    x = torch.randn(2, 10, 16)
-    with mixed_precision("bf16"), torch.autocast("cpu", dtype=torch.bfloat16):
-        out = sae(x)
-        loss, _, _ = total_loss(x, out, 1 / 32)
-    loss.backward()
-    assert out.topk.values.dtype == torch.float32 and out.recons.dtype == torch.float32
-    assert torch.isfinite(loss) and sae.encoder.weight.grad is not None
-    from mlsae_core.sae import standardize
-
-    xs, _ = standardize(x.reshape(-1, 16))
-    z = (xs - sae.pre_encoder_bias) @ sae.encoder.weight.t()
-    want = z.gather(1, out.topk.indices.reshape(-1, 4)).relu()
-    torch.testing.assert_close(out.topk.values.reshape(-1, 4), want.detach())
