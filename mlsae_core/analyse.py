@@ -29,6 +29,7 @@ from mlsae_core.chunks import TokenChunks
 from mlsae_core.config import EvalConfig
 from mlsae_core.evaluate import evaluate
 from mlsae_core.layout import RunLayout
+from mlsae_core.lens import TunedLens
 from mlsae_core.runs import load_for_test, metrics_table, write_metrics_csv
 from mlsae_core.sae import MLSAE
 from mlsae_core.transformer import Transformer
@@ -84,8 +85,10 @@ def one_pass(
     cfg: EvalConfig,
     analyses: Sequence[str] = ANALYSES,
     progress: bool = True,
+    lens: TunedLens | None = None,
 ) -> OnePass:
-    """Metrics and the chosen analyses from ONE evaluate() pass over `chunks`.
+    """Metrics and the chosen analyses from ONE evaluate() pass over `chunks` (through the
+    run's tuned `lens`, if it was trained with one).
 
     Without "metrics" in `analyses` nothing is spliced (the forward then stops at the last
     SAE layer).
@@ -115,6 +118,7 @@ def one_pass(
         progress=progress,
         splice_max_tokens=cfg.splice_max_tokens,
         delta_dtype=cfg.delta_dtype,
+        lens=lens,
     )
     out = OnePass(result.rows, result.n_tokens, linear_head=result.linear_head)
     if dists is not None:
@@ -123,7 +127,7 @@ def one_pass(
         out.variance = variance.result()
     if examples is not None:
         # context activations: a second, small pass over only the rows holding examples
-        encoder = sae_row_encoder(transformer, sae, chunks.tokens, layers, masks)
+        encoder = sae_row_encoder(transformer, sae, chunks.tokens, layers, masks, lens)
         out.examples = examples.result(chunks.tokens, transformer.tokenizer, encoder)
     return out
 
@@ -168,15 +172,18 @@ def analyse_checkpoint(
     transformer: Transformer | None = None,
     write_figures: bool = True,
     progress: bool = True,
+    tuned_lens: str | Path | None = None,
 ) -> AnalysisOutputs:
     """Run the chosen analyses over the held-out split in one pass; write Parquet + figures.
 
     Tables go to `out_dir` (default: the checkpoint directory, where `mlsae explore` looks).
+    `tuned_lens`: for a checkpoint trained through a lens it carries no copy of.
     """
-    setup = load_for_test(repo_id, cfg, dataset, max_length, transformer)
+    setup = load_for_test(repo_id, cfg, dataset, max_length, transformer, tuned_lens)
     result = one_pass(
-        setup.transformer, setup.sae, setup.chunks, setup.layers, cfg, analyses, progress
-    )
+        setup.transformer, setup.sae, setup.chunks, setup.layers, cfg, analyses, progress,
+        setup.lens,
+    )  # fmt: skip
     part = setup.partition
     run = RunLayout(Path(out_dir) if out_dir is not None else Path(repo_id))
     out = AnalysisOutputs(result, part, analysis_tables(result, part, setup.chunks))

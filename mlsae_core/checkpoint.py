@@ -283,8 +283,8 @@ def _has_prefix(directory: Path, prefix: str) -> bool:
 
 def _tfm_config(directory: Path) -> dict[str, Any]:
     """An MLSAE config from a reference training-module checkpoint: its settings as metadata,
-    the shapes from the `autoencoder.*` tensors. Tuned-lens checkpoints are refused: their SAE
-    read the lens's outputs, which nothing here computes."""
+    the shapes from the `autoencoder.*` tensors; `tuned_lens` is true when it holds a lens
+    (`lens.*`, read by `tfm_lens`)."""
     cfg_path = directory / CONFIG_NAME
     weights = directory / WEIGHTS_NAME
     try:
@@ -294,11 +294,6 @@ def _tfm_config(directory: Path) -> dict[str, Any]:
     if not isinstance(settings, dict):
         raise CheckpointError(f"{cfg_path} is not a JSON object of settings")
     names = _tensor_names(weights)
-    if any(n.startswith(TFM_LENS) for n in names) or settings.get("tuned_lens"):
-        raise CheckpointError(
-            f"{weights} holds a tuned lens (lens.* tensors / tuned_lens=true): its MLSAE was "
-            "trained on tuned-lens outputs, and tuned-lens inputs are not supported yet"
-        )
     try:
         with safe_open(str(weights), framework="pt") as f:
             shapes = {n: tuple(f.get_slice(n).get_shape()) for n in names}
@@ -313,6 +308,9 @@ def _tfm_config(directory: Path) -> dict[str, Any]:
         )
     config = {**settings, "n_latents": int(enc[0]), "n_inputs": int(dec[0])}
     config["source_format"] = TFM_FORMAT
+    config["tuned_lens"] = bool(settings.get("tuned_lens")) or any(
+        n.startswith(TFM_LENS) for n in names
+    )
     factor = settings.get("expansion_factor")
     if isinstance(factor, int) and factor * config["n_inputs"] != config["n_latents"]:
         raise CheckpointError(
@@ -340,6 +338,19 @@ def read_prefixed(directory: Path, prefix: str) -> dict[str, torch.Tensor]:
         raise CheckpointError(
             f"{weights} is corrupt or truncated ({exc}); re-train or re-download it"
         ) from exc
+
+
+def tfm_lens(directory: Path) -> Any:
+    """The tuned lens saved in a training-module checkpoint (`lens.layer_translators.<i>.*`,
+    translator i applied to block i's output, as the original code did), or None."""
+    if not _has_prefix(directory, TFM_LENS):
+        return None
+    from mlsae_core.lens import TunedLens
+
+    state = read_prefixed(directory, TFM_LENS)
+    return TunedLens.from_state_dict(
+        state, prefix="layer_translators.", index_offset=0, where=directory / WEIGHTS_NAME
+    )
 
 
 def tfm_transformer_state(directory: Path) -> dict[str, torch.Tensor] | None:

@@ -24,6 +24,7 @@ from mlsae_core.config import (
     ConfigError,
     DataConfig,
     EvalConfig,
+    LensConfig,
     RunSpec,
     SAEConfig,
     TrainConfig,
@@ -85,6 +86,7 @@ def _eval_args(p: argparse.ArgumentParser, eval_fields: Sequence[str]) -> None:
         p, DataConfig, only=("dataset", "max_length"), from_checkpoint=("dataset", "max_length")
     )
     add_arguments(p, EvalConfig, only=eval_fields)
+    add_arguments(p, RunSpec, only=("tuned_lens",), from_checkpoint=("tuned_lens",))
     p.add_argument(
         "--out",
         type=Path,
@@ -109,6 +111,7 @@ def _run_analyses(args: argparse.Namespace, analyses: tuple[str, ...]) -> int:
         out_dir=args.out,
         dataset=args.dataset,
         max_length=args.max_length,
+        tuned_lens=args.tuned_lens,
     )
     result = out.result
     if result.dists is not None:
@@ -198,6 +201,54 @@ def _query(args: argparse.Namespace) -> int:
 
 
 COMMANDS["query"] = (_query_args, _query, "run SQL on $MLSAE_DATA_DIR/results.duckdb")
+
+
+# ----- lens ------------------------------------------------------------------------------------
+LENS_DATA_FLAGS = ("dataset", "max_length", "test_fraction", "text_field", "split")
+
+
+def _lens_args(p: argparse.ArgumentParser) -> None:
+    sub = p.add_subparsers(dest="lens_command", required=True, metavar="ACTION")
+    help_text = (
+        "train a tuned lens on the training split of the documents, print the per-layer KL "
+        "(logit lens vs tuned lens) on held-out tokens and save both to --out"
+    )
+    t = sub.add_parser("train", help=help_text, description=help_text)
+    add_arguments(t, RunSpec, only=("model_name",))
+    add_arguments(t, DataConfig, only=LENS_DATA_FLAGS)
+    add_arguments(t, LensConfig)
+    t.add_argument(
+        "--out", required=True, type=Path, help="lens directory (lens.safetensors + config.json)"
+    )
+
+
+def _lens(args: argparse.Namespace) -> int:
+    from mlsae_core.config import resolve_device
+    from mlsae_core.lens import fit_lens
+    from mlsae_core.runs import transformer_split
+    from mlsae_core.transformer import Transformer
+
+    cfg = from_args(LensConfig, args)
+    data = DataConfig(**{name: getattr(args, name) for name in LENS_DATA_FLAGS})
+    transformer = Transformer.load(args.model_name, device=resolve_device(cfg.device))
+    train = transformer_split(transformer, data, cfg.seed, "train", cfg.max_tokens)
+    test = transformer_split(transformer, data, cfg.seed, "test", cfg.eval_tokens)
+    used = {name: getattr(data, name) for name in LENS_DATA_FLAGS}
+    lens = fit_lens(transformer, train, test, cfg,
+                    settings={"data": used, "model_name": args.model_name})  # fmt: skip
+    rows = lens.kl_table or []
+    lens.save(args.out)
+    print(f"KL(final || lens) in nats on {cfg.eval_tokens} held-out tokens at most:")
+    _print_rows(rows, ("layer", "kl_logit_lens", "kl_tuned_lens"))
+    print(f"tuned lens saved to {args.out}")
+    return 0
+
+
+COMMANDS["lens"] = (
+    _lens_args,
+    _lens,
+    "tuned lens (Belrose et al. 2023): mlsae lens train --model_name M --dataset D --out DIR",
+)
 
 
 # ----- setup helpers -------------------------------------------------------------------------

@@ -264,6 +264,62 @@ class EvalConfig:
 
 
 @dataclass(frozen=True)
+class LensConfig:
+    """Training a tuned lens (Belrose et al. 2023; mlsae_core/lens.py), sized for a CPU.
+
+    The paper's SGD (Nesterov 0.9, lr 1.0, 250 steps of 2^18 tokens) is ~10^4 x what two CPU
+    cores do in minutes: every trained (token, layer) costs a full-vocabulary head forward
+    and backward (~6 d V FLOPs). Adam reaches most of the KL reduction in ~10^2 steps of a
+    few hundred tokens, on block outputs computed once and cached in memory.
+    """
+
+    max_tokens: int = setting(
+        8192,
+        "counted training tokens whose block outputs are cached (memory: tokens * layers * d "
+        "* 4 bytes) and sampled from every step",
+    )
+    steps: int = setting(
+        32,
+        "optimiser steps (AdamW, learning rate decayed linearly to 0); the defaults make one "
+        "pass over the cached tokens (steps * batch_size = max_tokens)",
+    )
+    batch_size: int = setting(
+        256, "counted token positions per step, every trained layer seeing the same ones"
+    )
+    lr: float = setting(1e-3, "Adam learning rate at step 0")
+    weight_decay: float = setting(1e-3, "AdamW decoupled weight decay of the translators")
+    head_dtype: str = setting(
+        "auto",
+        "precision of the training head GEMM (the cost): bfloat16 is ~3x faster where bf16 is "
+        "native (auto picks it there, else float32); the target distribution and every "
+        "reported KL stay float32",
+        choices=PRECISION_CHOICES,
+    )
+    eval_tokens: int = setting(
+        1024,
+        "held-out counted tokens for the per-layer KL table (logit vs tuned lens; float32 "
+        "head, 2 full-vocabulary passes per token and layer)",
+    )
+    seed: int = setting(0, "seed of the document split and of the training-position order")
+    device: str = setting("auto", "cpu, cuda, or auto (cuda when available)", choices=VALID_DEVICES)
+
+    def __post_init__(self) -> None:
+        for name in ("max_tokens", "steps", "batch_size", "eval_tokens"):
+            v = getattr(self, name)
+            _check(_is_int(v) and v >= 1, name, v, "an integer >= 1")
+        _check(self.lr > 0, "lr", self.lr, "a number > 0")
+        _check(self.weight_decay >= 0, "weight_decay", self.weight_decay, "a number >= 0")
+        _check(
+            self.head_dtype in PRECISION_CHOICES,
+            "head_dtype",
+            self.head_dtype,
+            f"one of {', '.join(PRECISION_CHOICES)}",
+        )
+        _check(_is_int(self.seed), "seed", self.seed, "an integer")
+        _check(self.device in VALID_DEVICES, "device", self.device, f"one of {VALID_DEVICES}")
+
+
+@dataclass(frozen=True)
 class RunSpec:
     """One MLSAE to train: which model, which layers, which SAE, data and optimiser settings."""
 
@@ -273,6 +329,12 @@ class RunSpec:
         "'smollm2' (the offline default) or a tiny random model (tiny-llama)",
     )
     layers: tuple[int, ...] | None = setting(None, "layers to train on (default: all)")
+    tuned_lens: str | None = setting(
+        None,
+        "directory of a tuned lens (mlsae lens train, or the tuned-lens package's layout): "
+        "the MLSAE sees lens-transformed activations, reconstructions are mapped back "
+        "through the inverse translator before splicing (default: none, plain activations)",
+    )
     sae: SAEConfig = field(default_factory=SAEConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -328,6 +390,7 @@ def spec_from_dict(d: Mapping[str, Any]) -> RunSpec:
     return RunSpec(
         model_name=d["model_name"],
         layers=tuple(d["layers"]) if d.get("layers") is not None else None,
+        tuned_lens=d.get("tuned_lens"),
         sae=from_dict(SAEConfig, d["sae"], "sae"),
         data=from_dict(DataConfig, d["data"], "data"),
         train=from_dict(TrainConfig, d["train"], "train"),
@@ -429,6 +492,7 @@ __all__ = [
     "ConfigError",
     "DataConfig",
     "EvalConfig",
+    "LensConfig",
     "RunSpec",
     "SAEConfig",
     "TrainConfig",

@@ -12,7 +12,7 @@ import logging
 import weakref
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
@@ -25,6 +25,9 @@ from mlsae_core.metrics import (
 )
 from mlsae_core.precision import resolve_precision
 from mlsae_core.sae import MLSAE, TopK
+
+if TYPE_CHECKING:
+    from mlsae_core.lens import TunedLens
 
 logger = logging.getLogger(__name__)
 
@@ -112,6 +115,7 @@ def evaluate(
     progress: bool = True,
     splice_max_tokens: int | None = None,
     delta_dtype: str | torch.dtype = EvalConfig.delta_dtype,
+    lens: TunedLens | None = None,
 ) -> EvalResult:
     """Evaluate `sae` on chunk rows `tokens` [n, P] (masks: counted positions), in order.
 
@@ -120,6 +124,9 @@ def evaluate(
     splice metrics (one partial forward per layer: the costly part) to the first batches
     covering that many positions; reconstruction metrics and collectors still see every batch.
     delta_dtype is the precision of the spliced-minus-clean logit GEMM (resolve_delta_dtype).
+    With a tuned `lens` the SAE sees lens-transformed activations: the reconstruction metrics
+    and the collectors are in that space, and each reconstruction is mapped back through the
+    inverse translator before it is spliced, so dCE/KL compare with a plain MLSAE's.
     """
     from tqdm.auto import tqdm
 
@@ -155,6 +162,8 @@ def evaluate(
             clean = None
             acts = transformer.activations(toks, layers)
         x = acts[:, mask].float().to(device)  # [L, N, d]
+        if lens is not None:
+            x = lens.transform(x, layers)
         out = sae(x)  # float32: the evaluation is the exact reference for every precision
         recons = out.recons
         recon.update(x, recons, out.topk.values, out.topk.indices)
@@ -179,7 +188,10 @@ def evaluate(
                     if layer not in zero_lp:
                         zero_lp[layer] = transformer.zero_ablation_log_probs(clean, layer)
                     replacement = clean.hidden[layer].clone()
-                    replacement[mask] = recons[i].to(replacement.dtype).to(replacement.device)
+                    spliced = recons[i]
+                    if lens is not None:  # back to the model's own space
+                        spliced = lens.inverse(spliced[None], [layer])[0]
+                    replacement[mask] = spliced.to(replacement.dtype).to(replacement.device)
                     hidden = transformer.run_from(clean, layer, replacement)[pred]
                     if not linear:
                         _update_layer_full(

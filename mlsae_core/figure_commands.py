@@ -25,7 +25,7 @@ from mlsae_core.analysis.tables import DISTS_META_KEY, dists_from_layer_table
 from mlsae_core.config import DataConfig, EvalConfig, resolve_device
 from mlsae_core.identity import model_slug, resolve_layers, run_slug
 from mlsae_core.layout import RunLayout
-from mlsae_core.runs import partition_values, transformer_split
+from mlsae_core.runs import checkpoint_lens, partition_values, transformer_split
 from mlsae_core.sae import MLSAE
 from mlsae_core.transformer import Transformer
 
@@ -136,7 +136,8 @@ def run_figure(args: argparse.Namespace) -> list[Path]:
             name = sae.metadata["model_name"]
             transformer = loaded.setdefault(name, Transformer.load(name))
             layers = resolve_layers(sae.metadata.get("layers"), transformer.n_layers)
-            heat = prompt_heatmap(transformer, sae, layers, args.prompt)
+            lens = checkpoint_lens(repo, sae.metadata, transformer)
+            heat = prompt_heatmap(transformer, sae, layers, args.prompt, lens=lens)
             _, slug = _label(sae)
             written += figures.prompt_heatmap_figure(heat, out / f"prompt_heatmap_{slug}")
     elif args.name == "test_summary":

@@ -1,7 +1,7 @@
 """What identifies a run everywhere: its model key, SAE key and the partition columns.
 
-Every table carries the same four partition columns (model, expansion_factor, k, layers) with
-the same types, so Parquet files from many runs concatenate into one DuckDB view; the
+Every table carries the same five partition columns (model, expansion_factor, k, layers,
+tuned_lens) with the same types, so Parquet files from many runs concatenate into one DuckDB view; the
 pipeline's partition keys (`smollm2|x2-k16-Lall`) are built from the same names.
 """
 
@@ -19,6 +19,8 @@ PARTITION_FIELDS: tuple[pa.Field, ...] = (
     pa.field("expansion_factor", pa.int32(), nullable=False),
     pa.field("k", pa.int32(), nullable=False),
     pa.field("layers", pa.string(), nullable=False),
+    # trained on tuned-lens-transformed activations (docs/method.md §2, "Tuned-lens inputs")
+    pa.field("tuned_lens", pa.bool_(), nullable=False),
 )
 PARTITION_COLUMNS = tuple(f.name for f in PARTITION_FIELDS)
 MODEL_COLUMNS = ("model",)
@@ -62,19 +64,28 @@ def is_single_layer(label: str) -> bool:
     return label.isdigit()
 
 
-def sae_key(expansion_factor: int, k: int, layers: Sequence[int] | None) -> str:
-    """The pipeline's SAE partition key: 'x2-k16-Lall', 'x2-k16-L9', 'x2-k16-L0_5'."""
+LENS_SUFFIX = "-lens"
+
+
+def sae_key(
+    expansion_factor: int, k: int, layers: Sequence[int] | None, tuned_lens: bool = False
+) -> str:
+    """The pipeline's SAE partition key: 'x2-k16-Lall', 'x2-k16-L9', 'x2-k16-L0_5', and
+    'x2-k16-Lall-lens' for one trained on tuned-lens inputs."""
     label = "all" if layers is None else "_".join(map(str, layers))
-    return f"x{expansion_factor}-k{k}-L{label}"
+    return f"x{expansion_factor}-k{k}-L{label}{LENS_SUFFIX if tuned_lens else ''}"
 
 
-def partition(model: str, expansion_factor: int, k: int, layers: Sequence[int]) -> dict[str, Any]:
+def partition(
+    model: str, expansion_factor: int, k: int, layers: Sequence[int], tuned_lens: bool = False
+) -> dict[str, Any]:
     """The partition columns of one run, typed as every table stores them."""
     return {
         "model": model,
         "expansion_factor": int(expansion_factor),
         "k": int(k),
         "layers": layers_label(layers),
+        "tuned_lens": bool(tuned_lens),
     }
 
 
@@ -86,13 +97,15 @@ def partition_of(metadata: Mapping[str, Any], n_latents: int, n_inputs: int, k: 
         int(metadata.get("expansion_factor", n_latents // n_inputs)),
         k,
         layers,
+        bool(metadata.get("tuned_lens", False)),
     )
 
 
 def run_slug(part: Mapping[str, Any]) -> str:
     """'smollm2-x2-k16-L0-29': a file-name-safe name for a run's figures."""
     label = str(part["layers"]).replace(",", "_")
-    return f"{part['model']}-x{part['expansion_factor']}-k{part['k']}-L{label}"
+    lens = LENS_SUFFIX if part.get("tuned_lens") else ""
+    return f"{part['model']}-x{part['expansion_factor']}-k{part['k']}-L{label}{lens}"
 
 
 def partition_fields(part: Mapping[str, Any], required: Sequence[str]) -> list[pa.Field]:

@@ -78,6 +78,11 @@ class RunLayout:
     def metrics_csv(self) -> Path:
         return self.directory / "test_metrics.csv"
 
+    @property
+    def lens(self) -> Path:
+        """The tuned lens a run was trained through, copied in so the run is self-contained."""
+        return self.directory / "lens"
+
     def table(self, name: str) -> Path:
         if name not in RUN_TABLES:
             raise ValueError(f"{name!r} is not a per-run table; known: {', '.join(RUN_TABLES)}")
@@ -119,6 +124,10 @@ class StorageLayout:
 
     def cache_dir(self, model: str) -> Path:
         return self.root / "cache" / model
+
+    def lens_dir(self, model: str) -> Path:
+        """The model's tuned lens (the `tuned_lens` asset)."""
+        return self.root / "lenses" / model
 
     def run(self, model: str, sae: str) -> RunLayout:
         return RunLayout(self.root / "saes" / model / sae)

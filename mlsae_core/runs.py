@@ -37,7 +37,8 @@ from mlsae_core.documents import (
     split_documents,
 )
 from mlsae_core.identity import PARTITION_FIELDS, partition_of, resolve_layers
-from mlsae_core.layout import StorageLayout
+from mlsae_core.layout import RunLayout, StorageLayout
+from mlsae_core.lens import LensedActivations, TunedLens
 from mlsae_core.lock import output_lock
 from mlsae_core.metrics import METRIC_COLUMNS
 from mlsae_core.sae import MLSAE
@@ -145,8 +146,11 @@ def check_spec(spec: RunSpec, shape: ModelShape) -> list[int]:
     return layers
 
 
-def checkpoint_metadata(spec: RunSpec, layers: list[int], n_layers: int) -> dict[str, Any]:
-    """What config.json records beside the SAE's own settings: where the data came from."""
+def checkpoint_metadata(
+    spec: RunSpec, layers: list[int], n_layers: int, lens: TunedLens | None = None
+) -> dict[str, Any]:
+    """What config.json records beside the SAE's own settings: where the data came from and
+    whether it went through a tuned lens (whose copy is in the run directory)."""
     return {
         "model_name": spec.model_name,
         "layers": layers,
@@ -159,7 +163,28 @@ def checkpoint_metadata(spec: RunSpec, layers: list[int], n_layers: int) -> dict
         "test_fraction": spec.data.test_fraction,
         "split_seed": spec.train.seed,
         "auxk_coef": spec.sae.auxk_coef,
+        "tuned_lens": lens is not None,
+        "lens_fingerprint": lens.fingerprint() if lens is not None else None,
     }
+
+
+def _run_lens(spec: RunSpec, transformer: Transformer, out_dir: Path) -> TunedLens | None:
+    """The run's tuned lens, checked against the model and copied into the run directory
+    (refused when the directory already holds a run through another lens)."""
+    if not spec.tuned_lens:
+        return None
+    lens = TunedLens.load(spec.tuned_lens, transformer.n_layers, transformer.d_model)
+    copy = RunLayout(out_dir).lens
+    if (copy / "config.json").is_file():
+        held = TunedLens.load(copy)
+        if held.fingerprint() != lens.fingerprint():
+            raise ConfigError(
+                f"{out_dir} holds a run trained through another tuned lens ({copy}); rerun "
+                "with that lens to resume, or use another --out directory"
+            )
+    else:
+        lens.save(copy)
+    return lens
 
 
 def train_run(
@@ -203,9 +228,12 @@ def _train_run(
         train_chunks = transformer_split(
             transformer, spec.data, spec.train.seed, "train", train_token_budget(spec)
         )
+    lens = _run_lens(spec, transformer, Path(out_dir))
     if source is None:
         source = LiveActivations(transformer, train_chunks.tokens, layers)
-    meta = checkpoint_metadata(spec, layers, transformer.n_layers)
+    if lens is not None:
+        source = LensedActivations(source, lens, layers)
+    meta = checkpoint_metadata(spec, layers, transformer.n_layers, lens)
     return train(
         source,
         train_chunks.mask(),
@@ -217,6 +245,7 @@ def _train_run(
         metadata=meta,
         progress=progress,
         on_step=on_step,
+        inputs=meta["lens_fingerprint"],
     )
 
 
@@ -230,6 +259,7 @@ class TestSetup:
     transformer: Transformer
     layers: list[int]
     chunks: TokenChunks  # the test split
+    lens: TunedLens | None = None  # the tuned lens the MLSAE was trained through
 
     @property
     def partition(self) -> dict[str, Any]:
@@ -260,8 +290,10 @@ def load_for_test(
     dataset: str | None = None,
     max_length: int | None = None,
     transformer: Transformer | None = None,
+    tuned_lens: str | Path | None = None,
 ) -> TestSetup:
-    """Load a checkpoint, its transformer and the held-out split recorded in its config.
+    """Load a checkpoint, its transformer, its tuned lens and the held-out split recorded in
+    its config.
 
     A reference training-module checkpoint (`...-tfm`) carries its transformer's weights:
     those are used, on `model_name`'s architecture; it records no dataset, so one is required.
@@ -282,26 +314,72 @@ def load_for_test(
                 f"{repo_id}: config.json does not say which model it was trained on "
                 "(model_name); it was not written by mlsae train"
             )
-        state = None
-        if tfm:
-            state = checkpoint.tfm_transformer_state(checkpoint.resolve_checkpoint(repo_id))
-        if state is not None:
-            transformer = Transformer.from_state_dict(model_name, state, device=device)
-        else:
-            transformer = Transformer.load(model_name, device=device)
+        transformer = checkpoint_transformer(repo_id, sae, model_name, device)
     if transformer.d_model != sae.n_inputs:
         raise ConfigError(
             f"the MLSAE expects d={sae.n_inputs} inputs but {transformer.name} has "
             f"d_model={transformer.d_model}"
         )
     layers = resolve_layers(meta.get("layers"), transformer.n_layers)
+    lens = checkpoint_lens(repo_id, meta, transformer, tuned_lens)
     if tfm and not max_length and "max_length" not in meta:
         # Unrecorded: the default, cut to what the model can read.
         max_length = min(DataConfig.max_length, transformer.max_context)
     data = recorded_data(meta, cfg.max_tokens, dataset, max_length)
     seed = int(meta.get("split_seed", 0))
     chunks = transformer_split(transformer, data, seed, "test", cfg.max_tokens)
-    return TestSetup(sae, transformer, layers, chunks)
+    return TestSetup(sae, transformer, layers, chunks, lens)
+
+
+def checkpoint_transformer(
+    repo_id: str | Path, sae: MLSAE, model_name: str, device: str
+) -> Transformer:
+    """The transformer a checkpoint evaluates with: the weights inside a reference
+    training-module checkpoint (`...-tfm`) on `model_name`'s architecture, else `model_name`."""
+    if sae.metadata.get("source_format") == checkpoint.TFM_FORMAT:
+        state = checkpoint.tfm_transformer_state(checkpoint.resolve_checkpoint(repo_id))
+        if state is not None:
+            return Transformer.from_state_dict(model_name, state, device=device)
+    return Transformer.load(model_name, device=device)
+
+
+def checkpoint_lens(
+    repo_id: str | Path,
+    meta: dict[str, Any],
+    transformer: Transformer,
+    tuned_lens: str | Path | None = None,
+) -> TunedLens | None:
+    """The tuned lens a checkpoint was trained through: its own copy (`lens/`, or `lens.*` in
+    a "-tfm" file), else `tuned_lens`; a given lens must be the one it was trained with."""
+    if not meta.get("tuned_lens"):
+        if tuned_lens:
+            raise ConfigError(
+                f"{repo_id} was trained on plain activations, not through a tuned lens; "
+                "drop --tuned_lens"
+            )
+        return None
+    own: TunedLens | None = None
+    directory = checkpoint.resolve_checkpoint(repo_id)
+    if (RunLayout(directory).lens / "config.json").is_file():
+        own = TunedLens.load(RunLayout(directory).lens)
+    elif meta.get("source_format") == checkpoint.TFM_FORMAT:
+        own = checkpoint.tfm_lens(directory)
+    given = TunedLens.load(tuned_lens) if tuned_lens else None
+    want = meta.get("lens_fingerprint")
+    if given is not None and want and given.fingerprint() != want:
+        raise ConfigError(
+            f"the tuned lens {tuned_lens} is not the one {repo_id} was trained through "
+            f"(fingerprint {given.fingerprint()[:12]}, recorded {want[:12]}); drop --tuned_lens "
+            "to use the run's own copy"
+        )
+    lens = given or own
+    if lens is None:
+        raise ConfigError(
+            f"{repo_id} was trained through a tuned lens and carries no copy of it; pass "
+            "--tuned_lens DIR (the lens it was trained with)"
+        )
+    lens.check_fits(transformer, tuned_lens or repo_id)
+    return lens.to(transformer.device)
 
 
 def partition_values(sae: MLSAE) -> dict[str, Any]:

@@ -284,12 +284,15 @@ def train(
     progress: bool = True,
     stop_after_steps: int | None = None,
     on_step: Callable[[dict[str, Any]], None] | None = None,
+    inputs: str | None = None,
 ) -> MLSAE:
     """Train an MLSAE on `source` and save it to `out_dir`; resume if a checkpoint is there.
 
     masks: [n_chunks, pos] bool, True at positions that count (not BOS/EOS/PAD).
     max_tokens: token budget (chunk positions, special ones included, as the reference).
     stop_after_steps: stop early (to test resume); the run continues on the next call.
+    inputs: what transforms the activations `source` yields (a tuned lens's fingerprint),
+    recorded with the settings so a resume through another transformation is refused.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -308,6 +311,7 @@ def train(
             progress,
             stop_after_steps,
             on_step,
+            inputs,
         )
 
 
@@ -323,6 +327,7 @@ def _train(
     progress: bool,
     stop_after_steps: int | None,
     on_step: Callable[[dict[str, Any]], None] | None,
+    inputs: str | None = None,
 ) -> MLSAE:
     from tqdm.auto import tqdm
 
@@ -355,6 +360,8 @@ def _train(
         "world_size": world,
         "n_chunks": n_chunks,
     }
+    if inputs is not None:  # absent for plain activations, as in states from before
+        run_config["inputs"] = inputs
     sae = MLSAE.from_config(source.d_model, sae_cfg, metadata=metadata).to(device)
     opt = make_optimizer(sae, train_cfg.lr, train_cfg.eps)
     order = RowOrder(n_chunks, train_cfg.seed)

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from mlsae_core.atomic import atomic_dir
@@ -590,19 +591,29 @@ class Transformer:
     def logits(self, normed_hidden: torch.Tensor) -> torch.Tensor:
         """The model's own head on final-normed states: LM head plus its final transform
         (logit scale, soft-capping), in the order its ForCausalLM.forward applies them."""
-        head = self.head
         with torch.no_grad():
-            x = normed_hidden.to(device=self.device, dtype=self.dtype)
-            if head.pre_div != 1.0:
-                x = x / head.pre_div
-            z = self.unembed(x)
-            if head.post_mul != 1.0:
-                z = z * head.post_mul
-            if head.post_div != 1.0:
-                z = z / head.post_div
-            if head.softcap is not None:
-                z = torch.tanh(z / head.softcap) * head.softcap
-            return z
+            return self.head_logits(normed_hidden.to(device=self.device, dtype=self.dtype))
+
+    def head_logits(self, normed: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """`logits` with gradients (a tuned lens trains through the head) and, for a Linear
+        head, an optional GEMM dtype (the float32 product of `dtype` operands)."""
+        head = self.head
+        x = normed
+        if head.pre_div != 1.0:
+            x = x / head.pre_div
+        if dtype is not None and dtype != self.dtype and type(self.unembed) is nn.Linear:
+            w = self.unembed.weight.to(dtype)
+            b = self.unembed.bias.to(dtype) if self.unembed.bias is not None else None
+            z = F.linear(x.to(dtype), w, b).float()
+        else:
+            z = self.unembed(x.to(self.dtype))
+        if head.post_mul != 1.0:
+            z = z * head.post_mul
+        if head.post_div != 1.0:
+            z = z / head.post_div
+        if head.softcap is not None:
+            z = torch.tanh(z / head.softcap) * head.softcap
+        return z
 
     def logit_difference(
         self, dh: torch.Tensor, dtype: torch.dtype = torch.float32

@@ -102,6 +102,26 @@ def load_chunks(layout: StorageLayout, model: str, split: str) -> TokenChunks:
     return TokenChunks.load(layout.corpus_path(model, split))
 
 
+def train_model_lens(layout: StorageLayout, sw: Sweep, model: str) -> dict[str, Any]:
+    """The model's tuned lens (lens.fit_lens with the sweep's lens: settings) on its training
+    chunks, measured on its test chunks, saved to lenses/<model>/; the KL table as metadata."""
+    from mlsae_core.lens import fit_lens
+
+    tr = load_transformer(layout, sw.model_name(model), sw.lens.device)
+    train, test = load_chunks(layout, model, "train"), load_chunks(layout, model, "test")
+    lens = fit_lens(tr, train, test, sw.lens, progress=terminal_progress())
+    lens.save(layout.lens_dir(model))
+    rows = lens.kl_table or []
+    return {
+        "lens": str(layout.lens_dir(model)),
+        "kl_logit_lens_mean": sum(r["kl_logit_lens"] for r in rows) / max(1, len(rows)),
+        "kl_tuned_lens_mean": sum(r["kl_tuned_lens"] for r in rows) / max(1, len(rows)),
+        "kl_by_layer": [
+            {k: r[k] for k in ("layer", "kl_logit_lens", "kl_tuned_lens")} for r in rows
+        ],
+    }
+
+
 # ----- training ------------------------------------------------------------------------------
 def terminal_progress() -> bool:
     """Progress bars on the terminal: `mlsae sweep` turns them on (MLSAE_PROGRESS=1); in the
@@ -179,13 +199,16 @@ def training_curve(layout: StorageLayout, model: str, sae_key: str) -> list[Path
 
 # ----- evaluation ----------------------------------------------------------------------------
 def _run_setup(layout: StorageLayout, sw: Sweep, model: str, point: SAEPoint) -> tuple:
+    """(transformer, MLSAE, layers, partition columns, the run's tuned lens or None)."""
+    from mlsae_core.runs import checkpoint_lens
     from mlsae_core.sae import MLSAE
 
     tr = load_transformer(layout, sw.model_name(model), sw.eval.device)
-    sae = MLSAE.from_pretrained(layout.run(model, point.key).directory, device=str(tr.device))
+    run_dir = layout.run(model, point.key).directory
+    sae = MLSAE.from_pretrained(run_dir, device=str(tr.device))
     layers = resolve_layers(point.layers, tr.n_layers)
-    part = partition(model, point.expansion_factor, point.k, layers)
-    return tr, sae, layers, part
+    part = partition(model, point.expansion_factor, point.k, layers, point.tuned_lens)
+    return tr, sae, layers, part, checkpoint_lens(run_dir, sae.metadata, tr)
 
 
 def evaluate(
@@ -199,9 +222,9 @@ def evaluate(
     from mlsae_core.evaluate import resolve_delta_dtype
 
     t0 = time.perf_counter()
-    tr, sae, layers, part = _run_setup(layout, sw, model, point)
+    tr, sae, layers, part, lens = _run_setup(layout, sw, model, point)
     test = load_chunks(layout, model, "test")
-    result = one_pass(tr, sae, test, layers, sw.eval, progress=terminal_progress())
+    result = one_pass(tr, sae, test, layers, sw.eval, progress=terminal_progress(), lens=lens)
     out = analysis_tables(result, part, test)
     avg = next(r for r in result.metrics_rows if r["layer"] == "avg")
     dtype = str(resolve_delta_dtype(sw.eval.delta_dtype, tr.device)).removeprefix("torch.")
@@ -229,8 +252,8 @@ def prompt_heatmap(
     from mlsae_core import figures
     from mlsae_core.analysis import prompts, tables
 
-    tr, sae, layers, part = _run_setup(layout, sw, model, point)
-    heat = prompts.prompt_heatmap(tr, sae, layers, prompt=sw.eval.prompt)
+    tr, sae, layers, part, lens = _run_setup(layout, sw, model, point)
+    heat = prompts.prompt_heatmap(tr, sae, layers, prompt=sw.eval.prompt, lens=lens)
     run = layout.run(model, point.key)
     figures.prompt_heatmap_figure(heat, run.figure_stem("prompt_heatmap"))
     meta = {"n_latents_active": int(heat.latents.numel()), "tokens": " ".join(heat.tokens)}

@@ -23,6 +23,7 @@ from mlsae_core.config import (
     ConfigError,
     DataConfig,
     EvalConfig,
+    LensConfig,
     RunSpec,
     SAEConfig,
     TrainConfig,
@@ -34,9 +35,16 @@ PROJECT_ROOT = Path(__file__).resolve().parents[1]
 SWEEPS_DIR = PROJECT_ROOT / "data" / "sweeps"
 DEFAULT_SWEEP = "default"
 
-_SECTIONS = {"sae": SAEConfig, "data": DataConfig, "train": TrainConfig, "eval": EvalConfig}
+_SECTIONS = {
+    "sae": SAEConfig,
+    "data": DataConfig,
+    "train": TrainConfig,
+    "eval": EvalConfig,
+    "lens": LensConfig,  # training the models' tuned lenses (when grid.tuned_lens has true)
+}
 _TOP_KEYS = {"name", "description", "models", "grid", "checks", *_SECTIONS}
-GRID_KEYS = ("expansion_factor", "k", "layers")  # swept: every combination is a partition
+# swept: every combination is a partition
+GRID_KEYS = ("expansion_factor", "k", "layers", "tuned_lens")
 # Keys of the earlier sweep format, and where they live now (for a message that says so).
 _MOVED = {
     "expansion_factors": "grid.expansion_factor",
@@ -78,10 +86,11 @@ class SAEPoint:
     expansion_factor: int
     k: int
     layers: tuple[int, ...] | None  # None = every layer of the model
+    tuned_lens: bool = False  # trained on the model's tuned-lens-transformed activations
 
     @property
     def key(self) -> str:
-        return sae_key(self.expansion_factor, self.k, self.layers)
+        return sae_key(self.expansion_factor, self.k, self.layers, self.tuned_lens)
 
     @property
     def single_layer(self) -> bool:
@@ -100,6 +109,7 @@ class Sweep:
     data: DataConfig
     train: TrainConfig
     eval: EvalConfig = field(default_factory=EvalConfig)
+    lens: LensConfig = field(default_factory=LensConfig)
     checks: CheckBounds = field(default_factory=CheckBounds)
     raw: dict[str, Any] = field(default_factory=dict)
 
@@ -110,6 +120,11 @@ class Sweep:
     @property
     def sae_keys(self) -> list[str]:
         return [p.key for p in self.points]
+
+    @property
+    def wants_lens(self) -> bool:
+        """Whether any config trains through a tuned lens (so the models need one)."""
+        return any(p.tuned_lens for p in self.points)
 
     def point(self, key: str) -> SAEPoint:
         for p in self.points:
@@ -130,11 +145,16 @@ class Sweep:
     def sae_config(self, point: SAEPoint) -> SAEConfig:
         return dataclasses.replace(self.sae, expansion_factor=point.expansion_factor, k=point.k)
 
-    def run_spec(self, point: SAEPoint, model_name: str) -> RunSpec:
-        """What one partition trains: `model_name` is the model as the pipeline loads it."""
+    def run_spec(
+        self, point: SAEPoint, model_name: str, lens_dir: str | os.PathLike[str] | None = None
+    ) -> RunSpec:
+        """What one partition trains: `model_name` is the model as the pipeline loads it,
+        `lens_dir` the model's tuned lens (used when the point has tuned_lens; the asset that
+        trains passes it, callers that only need shapes and budgets need not)."""
         return RunSpec(
             model_name=model_name,
             layers=point.layers,
+            tuned_lens=str(lens_dir) if point.tuned_lens and lens_dir else None,
             sae=self.sae_config(point),
             data=self.data,
             train=self.train,
@@ -174,6 +194,15 @@ def sweep_path(name_or_path: str | os.PathLike[str] | None = None) -> Path:
             f"sweep file {path} does not exist; set MLSAE_SWEEP to a YAML path or one of {known}"
         )
     return path.resolve()
+
+
+def _bool_list(value: Any, where: str) -> list[bool]:
+    values = value if isinstance(value, list) else [value]
+    if not values or not all(isinstance(v, bool) for v in values):
+        raise ConfigError(f"{where}={value!r} is not allowed: a list of true/false")
+    if len(set(values)) != len(values):
+        raise ConfigError(f"{where}={value!r} is not allowed: a value is listed twice")
+    return values
 
 
 def _int_list(value: Any, where: str) -> list[int]:
@@ -258,16 +287,18 @@ def parse_sweep(raw: Any, path: Path) -> Sweep:
     efs = _int_list(grid.get("expansion_factor", [sae.expansion_factor]), "grid.expansion_factor")
     ks = _int_list(grid.get("k", [sae.k]), "grid.k")
     layer_sets = _layer_sets(grid.get("layers", ["all"]))
+    lenses = _bool_list(grid.get("tuned_lens", [False]), "grid.tuned_lens")
     points = []
-    for ef, k, layers in itertools.product(efs, ks, layer_sets):
+    for ef, k, layers, lens in itertools.product(efs, ks, layer_sets, lenses):
         from_dict(SAEConfig, {**sections["sae"], "expansion_factor": ef, "k": k}, where=where)
-        points.append(SAEPoint(ef, k, layers))
+        points.append(SAEPoint(ef, k, layers, lens))
     keys = [p.key for p in points]
     if len(set(keys)) != len(keys):
         raise ConfigError(f"{where} lists the same SAE config twice: {keys}")
     data = from_dict(DataConfig, sections["data"], where=f"data: of {where}")
     train = from_dict(TrainConfig, sections["train"], where=f"train: of {where}")
     ev = from_dict(EvalConfig, sections["eval"], where=f"eval: of {where}")
+    lens_cfg = from_dict(LensConfig, sections["lens"], where=f"lens: of {where}")
     checks = from_dict(CheckBounds, dict(raw.get("checks") or {}), where=f"checks: of {where}")
     return Sweep(
         path=path,
@@ -278,6 +309,7 @@ def parse_sweep(raw: Any, path: Path) -> Sweep:
         data=data,
         train=train,
         eval=ev,
+        lens=lens_cfg,
         checks=checks,
         raw=raw,
     )

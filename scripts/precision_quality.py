@@ -50,8 +50,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--models", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    p.add_argument("--max_tokens", type=int, default=65_536, help="training tokens per run")
-    p.add_argument("--eval_tokens", type=int, default=8_192, help="held-out tokens")
+    p.add_argument("--max_tokens", type=int, default=32_768, help="training tokens per run")
+    p.add_argument("--eval_tokens", type=int, default=4_096, help="held-out tokens (FVU)")
+    p.add_argument("--splice_tokens", type=int, default=1_024, help="of those, with dCE")
     p.add_argument("--max_length", type=int, default=256)
     a = p.parse_args(argv)
     data = DataConfig(dataset="brown", max_length=a.max_length, batch_size=4,
@@ -79,7 +80,8 @@ def main(argv: list[str] | None = None) -> int:
                     )  # fmt: skip
                     train_s = time.perf_counter() - t0
                     res = evaluate(tr, sae, test.tokens, test.mask(), layers, batch_size=4,
-                                   progress=False, delta_dtype="float32")  # fmt: skip
+                                   progress=False, delta_dtype="float32",
+                                   splice_max_tokens=a.splice_tokens)  # fmt: skip
                     avg = next(r for r in res.rows if r["layer"] == "avg")
                     row = dict(model=model, seed=seed, precision=precision, fvu=avg["fvu"],
                                dce=avg["dce"], train_fvu=read_history(out)[-1]["fvu"],

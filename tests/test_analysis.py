@@ -28,7 +28,7 @@ from mlsae_core.config import DEFAULT_PROMPT
 from mlsae_core.sae import MLSAE, TopK
 
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "tables.md"
-PART = {"model": "tiny", "expansion_factor": 2, "k": 2, "layers": "2,3,5"}
+PART = {"model": "tiny", "expansion_factor": 2, "k": 2, "layers": "2,3,5", "tuned_lens": False}
 
 
 # ----- planted data ----------------------------------------------------------------------------
@@ -504,7 +504,8 @@ def test_one_pass_equals_separate_passes_and_brute_force(tiny_setup) -> None:
     assert {res.example(m)["pos"] for m in range(len(res))} & {0, 1, 2, n_tok - 1}
 
     # tables: documented columns, partition values on every row
-    part = {"model": "tiny", "expansion_factor": 1, "k": 4, "layers": tables.layers_label(layers)}
+    part = {"model": "tiny", "expansion_factor": 1, "k": 4, "layers": tables.layers_label(layers),
+            "tuned_lens": False}  # fmt: skip
     t = tables.max_examples_table(res, part)
     assert t.num_rows == len(res)
     assert set(t.column("layers").to_pylist()) == {"0-2"}

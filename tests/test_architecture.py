@@ -169,7 +169,8 @@ def test_every_key_of_the_shipped_sweeps_maps_to_a_field():
             unknown = set(raw.get(name) or {}) - {f.name for f in dataclasses.fields(cls)}
             assert not unknown, f"{path.name}: {name}.{sorted(unknown)} map to no field"
         assert set(raw.get("grid") or {}) <= set(GRID_KEYS)
-        assert set(GRID_KEYS) <= {f.name for f in dataclasses.fields(SAEConfig)} | {"layers"}
+    run_fields = {"layers", "tuned_lens"}  # RunSpec fields swept per point
+    assert set(GRID_KEYS) <= {f.name for f in dataclasses.fields(SAEConfig)} | run_fields
 
 
 # Settings whose default must live in mlsae_core/config.py only (no literal default elsewhere).

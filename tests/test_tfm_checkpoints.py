@@ -11,7 +11,6 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from mlsae_core.checkpoint import CheckpointError
 from mlsae_core.cli import main
 from mlsae_core.config import ConfigError, EvalConfig
 from mlsae_core.runs import load_for_test
@@ -92,10 +91,28 @@ def test_cli_test_on_a_tfm_checkpoint(model_dir, corpus, tmp_path):
     assert table and table[0]["layers"] == "0-2" and table[0]["expansion_factor"] == 2
 
 
-def test_tuned_lens_is_refused(model_dir, tmp_path):
-    write_tfm(tmp_path / "tfm", model_dir, extra={"lens.layer_translators.0.weight": torch.eye(4)})
-    with pytest.raises(CheckpointError, match="tuned-lens inputs are not supported"):
-        MLSAE.from_pretrained(tmp_path / "tfm")
+def test_a_tuned_lens_checkpoint_loads_its_lens(model_dir, corpus, tmp_path):
+    """The original applied lens.layer_translators.<l> to block l's output (index offset 0)."""
+    g = torch.Generator().manual_seed(3)
+    lens = {}
+    for i in range(3):
+        lens[f"lens.layer_translators.{i}.weight"] = 0.05 * torch.randn(32, 32, generator=g)
+        lens[f"lens.layer_translators.{i}.bias"] = 0.05 * torch.randn(32, generator=g)
+    lens["lens.unembed.unembedding.weight"] = torch.zeros(2, 32)  # other lens.* tensors: ignored
+    write_tfm(tmp_path / "tfm", model_dir, extra=lens)
+    cfg = json.loads((tmp_path / "tfm" / "config.json").read_text())
+    (tmp_path / "tfm" / "config.json").write_text(json.dumps({**cfg, "tuned_lens": True}))
+    assert MLSAE.from_pretrained(tmp_path / "tfm").metadata["tuned_lens"] is True
+    setup = load_for_test(tmp_path / "tfm", EvalConfig(max_tokens=128, device="cpu"),
+                          dataset=str(corpus))  # fmt: skip
+    assert setup.lens is not None
+    for i in range(3):
+        assert torch.equal(setup.lens.weight[i], lens[f"lens.layer_translators.{i}.weight"])
+        assert torch.equal(setup.lens.bias[i], lens[f"lens.layer_translators.{i}.bias"])
+    argv = ["test", "--repo_id", str(tmp_path / "tfm"), "--dataset", str(corpus)]
+    assert main([*argv, "--max_tokens", "128", "--device", "cpu"]) == 0
+    table = pq.read_table(tmp_path / "tfm" / "test_metrics.parquet").to_pylist()
+    assert table and all(r["tuned_lens"] for r in table)
 
 
 def test_a_wrong_transformer_is_refused_by_name(model_dir, tmp_path):
@@ -121,3 +138,26 @@ def test_a_loaded_tfm_autoencoder_saves_as_a_plain_checkpoint(model_dir, tmp_pat
     MLSAE.from_pretrained(tmp_path / "tfm").save_pretrained(tmp_path / "plain")
     got = MLSAE.from_pretrained(tmp_path / "plain")
     assert torch.equal(got.encoder.weight, sae.encoder.weight)
+
+
+def test_explore_uses_the_files_transformer_and_lens(model_dir, tmp_path):
+    from fastapi.testclient import TestClient
+
+    from mlsae_core.explorer.server import load_app
+
+    g = torch.Generator().manual_seed(4)
+    lens = {
+        f"lens.layer_translators.{i}.weight": 0.05 * torch.randn(32, 32, generator=g)
+        for i in range(3)
+    }
+    _, state = write_tfm(tmp_path / "tfm", model_dir, extra=lens)
+    app = load_app(str(tmp_path / "tfm"))
+    explorer = app.state.explorer
+    got = explorer.transformer.model.state_dict()
+    assert all(torch.equal(got[name], want) for name, want in state.items())
+    assert explorer.lens is not None
+    assert torch.equal(explorer.lens.weight[1], lens["lens.layer_translators.1.weight"])
+    with TestClient(app) as c:
+        assert c.get("/api/info").json()["sae"]["tuned_lens"] is True
+        prompt = "the quick brown fox jumps over the lazy dog"
+        assert c.post("/api/prompt", json={"prompt": prompt}).status_code == 200

@@ -56,8 +56,10 @@ def sae_row_encoder(
     tokens: torch.Tensor,
     layers: Sequence[int],
     masks: torch.Tensor | None = None,
+    lens: Any = None,
 ) -> RowEncoder:
-    """A `RowEncoder` running the transformer and the SAE on chunk rows of `tokens` [R, P].
+    """A `RowEncoder` running the transformer (through the run's tuned `lens`, if any) and the
+    SAE on chunk rows of `tokens` [R, P].
 
     Positions where `masks` is False (BOS/EOS/PAD, excluded from evaluation) get value 0.
     """
@@ -68,6 +70,8 @@ def sae_row_encoder(
     def encode(rows: torch.Tensor) -> TopK:
         toks = tokens[rows].to(transformer.device)  # [B, P]
         acts = transformer.activations(toks, layers).float().to(device)  # [L, B, P, d]
+        if lens is not None:
+            acts = lens.transform(acts, layers)
         topk = sae(acts).topk  # [L, B, P, k]
         values = topk.values
         if masks is not None:

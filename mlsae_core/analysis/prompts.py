@@ -39,8 +39,10 @@ def prompt_heatmap(
     prompt: str = DEFAULT_PROMPT,
     threshold: float = SAEConfig.dead_threshold,
     reduce: str = "sum",
+    lens: Any = None,
 ) -> PromptHeatmap:
-    """[layers x latents] distribution of each latent's activation on `prompt`.
+    """[layers x latents] distribution of each latent's activation on `prompt` (through the
+    run's tuned `lens`, if it was trained with one).
 
     reduce="sum" follows docs/method.md §5; "max" is the reference's figure (max over tokens).
     """
@@ -56,6 +58,8 @@ def prompt_heatmap(
     keep = ~torch.isin(tokens[0], special)  # [P]
     device = next(sae.parameters()).device
     acts = transformer.activations(tokens, layers)[:, 0, keep].float().to(device)  # [L, P', d]
+    if lens is not None:
+        acts = lens.transform(acts, layers)
     topk = sae(acts).topk
     values = topk.values.double().cpu().flatten(1)  # [L, P'*k]
     indices = topk.indices.cpu().flatten(1)

@@ -43,7 +43,8 @@ def test_summary(test_metrics: pa.Table) -> pa.Table:
     """One row per config: its `avg` test-metrics row, with n_layers after the partition."""
     avg = test_metrics.filter(pc.equal(test_metrics.column("layer"), "avg")).drop(["layer"])
     labels = avg.column("layers").to_pylist()
-    avg = avg.add_column(4, "n_layers", pa.array([n_layers_of(x) for x in labels], pa.int64()))
+    n_layers = pa.array([n_layers_of(x) for x in labels], pa.int64())
+    avg = avg.add_column(len(PARTITION_COLUMNS), "n_layers", n_layers)
     return _sorted(avg)
 
 
@@ -89,13 +90,18 @@ def run_decoder(directory: str | Path) -> tuple[dict[str, Any], torch.Tensor]:
     return part, sae.decoder.weight.detach()
 
 
+# What a single-layer baseline shares with the MLSAE it is compared with (all but the layers).
+_SAME_CONFIG = tuple(c for c in PARTITION_COLUMNS if c != "layers")
+
+
 def _same_dictionary_size(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
-    return all(a[c] == b[c] for c in ("model", "expansion_factor", "k"))
+    return all(a.get(c, False) == b.get(c, False) for c in _SAME_CONFIG)
 
 
 def mmcs(decoders: Sequence[tuple[Mapping[str, Any], torch.Tensor]]) -> pa.Table:
     """MMCS of every dictionary within itself (reference 'self') and, for each MLSAE, against
-    every single-layer SAE of the same model, expansion factor and k ('layers=<l>')."""
+    every single-layer SAE of the same model, expansion factor, k and inputs (plain or
+    tuned-lens) ('layers=<l>')."""
     if not decoders:
         raise ValueError("mmcs needs at least one (partition, decoder) pair")
     out = []
@@ -140,21 +146,29 @@ SINGLE_LAYER_COMPARISON_SCHEMA = pa.schema(
 
 
 def single_layer_comparison(test_metrics: pa.Table) -> pa.Table:
-    """At each layer l with a single-layer SAE (same model, expansion factor, k), the MLSAE's
-    test metrics at l next to the baseline's, and fvu_ratio = mlsae_fvu / single_fvu."""
+    """At each layer l with a single-layer SAE (same model, expansion factor, k and inputs),
+    the MLSAE's test metrics at l next to the baseline's, and fvu_ratio = mlsae_fvu /
+    single_fvu."""
     by_cfg: dict[tuple, dict[str, dict[str, Any]]] = {}
     for r in test_metrics.to_pylist():
         by_cfg.setdefault(tuple(r[c] for c in PARTITION_COLUMNS), {})[r["layer"]] = r
     rows = []
     for key, layer_rows in sorted(by_cfg.items()):
-        if is_single_layer(key[3]):
+        part = dict(zip(PARTITION_COLUMNS, key, strict=True))
+        if is_single_layer(part["layers"]):
             continue
         for skey, srows in sorted(by_cfg.items()):
-            if skey[:3] != key[:3] or not is_single_layer(skey[3]) or skey[3] not in layer_rows:
+            single = dict(zip(PARTITION_COLUMNS, skey, strict=True))
+            layer = single["layers"]
+            if not (
+                _same_dictionary_size(part, single)
+                and is_single_layer(layer)
+                and layer in layer_rows
+            ):
                 continue
-            m, s = layer_rows[skey[3]], srows[skey[3]]
-            row: dict[str, Any] = dict(zip(PARTITION_COLUMNS, key, strict=True))
-            row["layer"] = int(skey[3])
+            m, s = layer_rows[layer], srows[layer]
+            row: dict[str, Any] = dict(part)
+            row["layer"] = int(layer)
             for metric in COMPARE_METRICS:
                 row[f"mlsae_{metric}"] = m[metric]
                 row[f"single_{metric}"] = s[metric]

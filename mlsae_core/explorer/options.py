@@ -55,6 +55,9 @@ class ExplorerSettings:
     host: str = setting("127.0.0.1", "bind address (loopback only unless you say otherwise)")
     port: int = setting(8000, "port")
     model_name: str | None = setting(None, "transformer to load")
+    tuned_lens: str | None = setting(
+        None, "the tuned lens the MLSAE was trained through, for a checkpoint without its copy"
+    )
     examples: Path | None = setting(
         None, "max_examples Parquet to read instead of <repo_id>/max_examples.parquet"
     )

@@ -37,7 +37,7 @@ class PromptResult:
     clean: CleanPass  # hidden [n_model_layers, 1, P, d] + block kwargs
     values: torch.Tensor  # [L, P, k] float32 ReLU'd top-k values (0 at special positions)
     indices: torch.Tensor  # [L, P, k] int64
-    recons: torch.Tensor  # [L, P, d] the SAE's reconstruction in input space
+    recons: torch.Tensor  # [L, P, d] the SAE's reconstruction, in the model's own space
     scale: torch.Tensor  # [L, P] standardization std (1 without standardization)
     metrics: list[dict[str, Any]]
     nbytes: int = 0
@@ -83,13 +83,18 @@ def analyse_prompt(
     prompt: str,
     ids: list[int],
     tokens: list[str],
+    lens: Any = None,
 ) -> PromptResult:
-    """Run the model once on `ids` and the MLSAE on each of `layers` (block ids)."""
+    """Run the model once on `ids` and the MLSAE on each of `layers` (block ids), through
+    the run's tuned `lens` if it was trained with one (metrics in the lens's space, the
+    reconstruction mapped back for splicing)."""
     device = next(sae.parameters()).device
     batch = torch.tensor([ids], dtype=torch.long)  # [1, P]
     special = torch.tensor([i in transformer.special_token_ids for i in ids])  # [P]
     clean = transformer.clean_pass(batch, with_logits=False)
     x = clean.hidden[layers, 0].to(device)  # [L, P, d]
+    if lens is not None:
+        x = lens.transform(x, layers)
     out = sae(x)
     keep = (~special).to(device)[None, :, None]  # [1, P, 1]
     values = torch.where(keep, out.topk.values, 0.0).float().cpu()  # [L, P, k]
@@ -102,6 +107,8 @@ def analyse_prompt(
     metrics = prompt_metrics(
         layers, x.cpu(), recons, values, indices, special, sae.n_latents, sae.dead_threshold
     )
+    if lens is not None:
+        recons = lens.inverse(recons.to(device), layers).cpu()
     result = PromptResult(
         prompt=prompt,
         ids=ids,

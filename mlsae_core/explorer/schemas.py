@@ -279,6 +279,10 @@ class SAEInfo(_Out):
     dead_threshold: float
     layers: list[int]
     dataset: Any = Field(description="from the checkpoint's config (null when not recorded)")
+    tuned_lens: bool = Field(
+        description="trained on tuned-lens inputs: latents are of the lens-transformed "
+        "activations, reconstructions and steering are mapped back through its inverse"
+    )
 
 
 class ExamplesInfo(_Out):

@@ -46,6 +46,8 @@ from mlsae_core.explorer.service import Explorer
 from mlsae_core.explorer.steering import STEER_MODES
 from mlsae_core.explorer.wire import ExplorerInputError
 from mlsae_core.layout import StorageLayout, data_root
+from mlsae_core.lens import TunedLens
+from mlsae_core.runs import checkpoint_lens, checkpoint_transformer
 from mlsae_core.sae import MLSAE
 from mlsae_core.transformer import Transformer
 
@@ -165,8 +167,9 @@ def create_app(
     settings: ExplorerSettings | None = None,
     repo_id: str = "DIR",
     examples_message: str | None = None,
+    lens: TunedLens | None = None,
 ) -> FastAPI:
-    """Build the explorer app for an MLSAE and its transformer.
+    """Build the explorer app for an MLSAE, its transformer (and its tuned lens, if any).
 
     examples_table: an `ExamplesStore`, a pyarrow Table with the max_examples schema
     (docs/tables.md), or None (the page then says how to compute them).
@@ -180,6 +183,7 @@ def create_app(
         settings=settings,
         repo_id=repo_id,
         examples_message=examples_message,
+        lens=lens,
     )
     app = FastAPI(
         title="MLSAE explorer",
@@ -321,7 +325,8 @@ def load_app(repo_id: str, settings: ExplorerSettings | None = None) -> FastAPI:
         )
     name = _moved_model(str(name), directory)
     logger.info("loading transformer %s", name)
-    transformer = Transformer.load(name, device=device)
+    transformer = checkpoint_transformer(directory, sae, name, device)
+    lens = checkpoint_lens(repo_id, sae.metadata, transformer, settings.tuned_lens)
     examples, message = load_examples(directory, repo_id, settings.examples)
     if examples is None:
         logger.info("%s", message)
@@ -334,6 +339,7 @@ def load_app(repo_id: str, settings: ExplorerSettings | None = None) -> FastAPI:
         settings=settings,
         repo_id=repo_id,
         examples_message=message,
+        lens=lens,
     )
 
 

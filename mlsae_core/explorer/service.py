@@ -28,6 +28,7 @@ from mlsae_core.explorer.steering import (
     steered_residual,
 )
 from mlsae_core.explorer.wire import ExplorerInputError, finite
+from mlsae_core.lens import TunedLens
 from mlsae_core.sae import MLSAE
 from mlsae_core.transformer import Transformer
 
@@ -43,6 +44,7 @@ class Explorer:
         settings: ExplorerSettings | None = None,
         repo_id: str = "DIR",
         examples_message: str | None = None,
+        lens: TunedLens | None = None,
     ) -> None:
         if transformer.d_model != sae.n_inputs:
             raise ValueError(
@@ -51,6 +53,7 @@ class Explorer:
             )
         self.sae = sae.eval()
         self.transformer = transformer
+        self.lens = lens  # the tuned lens the MLSAE was trained through, if any
         self.examples = examples
         self.settings = settings or ExplorerSettings()
         self.repo_id = repo_id
@@ -133,8 +136,9 @@ class Explorer:
             if hit is not None:
                 return hit
             result = analyse_prompt(
-                self.transformer, self.sae, self.layers, prompt, ids, self.strings(ids)
-            )
+                self.transformer, self.sae, self.layers, prompt, ids, self.strings(ids),
+                self.lens,
+            )  # fmt: skip
             self.n_analysed += 1
             self.cache.put(prompt, result, result.nbytes)
             return result
@@ -316,7 +320,10 @@ class Explorer:
         if mode == "add":
             a, source = self.steering_scale(r, latent, layer)
             info.update(scale=a, scale_source=source)
-        column = self.sae.decoder.weight[:, latent].detach().float().cpu()  # [d]
+        column = self.sae.decoder.weight[:, latent].detach().float()  # [d]
+        if self.lens is not None:  # a direction in the lens's space -> the model's
+            column = self.lens.inverse_direction(column, layer)
+        column = column.cpu()
         li = self.layer_index[layer]
         repl = steered_residual(r, layer, li, latent, column, factor, mode, a)
         x = r.clean.hidden[layer, 0]  # [P, d]
@@ -438,6 +445,7 @@ class Explorer:
                 "dead_threshold": sae.dead_threshold,
                 "layers": self.layers,
                 "dataset": meta.get("dataset"),
+                "tuned_lens": self.lens is not None,
             },
             "examples": {
                 "available": self.examples is not None,

@@ -8,14 +8,15 @@ CODE_VERSIONS = {
     "transformer": "2",  # 2: mlsae_core.transformer.resolve_model_path
     "corpus": "2",  # 2: runs.corpus_split resolves the dataset
     "resid_cos_sim": "1",
-    "mlsae": "3",  # 3: the checkpoint records the sweep's model name, not its directory
-    "evaluation": "3",  # 3: every table of analyse.analysis_tables, in the run directory
+    "tuned_lens": "1",
+    "mlsae": "4",  # 4: --precision (auto: bf16 where native); tuned-lens inputs
+    "evaluation": "4",  # 4: the tuned_lens partition column in every table
     "dists_heatmap": "2",  # 2: analyse.write_run_figures (layer_mean_hist)
-    "prompt_heatmap": "2",  # 2: the table through the IO manager
-    "test_summary": "1",
-    "dists_layer_std": "2",  # 2: from dists_summary (analysis.dists.describe)
-    "mmcs": "1",
-    "single_layer_comparison": "2",  # 2: int32 expansion_factor/k (mlsae_core.identity)
+    "prompt_heatmap": "3",  # 3: the tuned_lens partition column
+    "test_summary": "2",  # 2: the tuned_lens partition column
+    "dists_layer_std": "3",  # 3: the tuned_lens partition column
+    "mmcs": "2",  # 2: the tuned_lens partition column
+    "single_layer_comparison": "3",  # 3: the tuned_lens partition column
     "results_db": "2",  # 2: per-run views glob the run directories
 }
 

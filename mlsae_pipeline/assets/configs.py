@@ -91,6 +91,7 @@ def build_config_assets(parts: SweepPartitions) -> list[Any]:
         deps=[
             dg.AssetDep("transformer", partition_mapping=model_dep),
             dg.AssetDep("corpus", partition_mapping=model_dep),
+            dg.AssetDep("tuned_lens", partition_mapping=model_dep),
         ],
         kinds={"pytorch", "safetensors"},
         code_version=CODE_VERSIONS["mlsae"],
@@ -116,7 +117,8 @@ def build_config_assets(parts: SweepPartitions) -> list[Any]:
         layout, part, sw = storage.layout, context.partition_key, sweep.load()
         model, sae_key = split_config_key(part)
         run = layout.run(model, sae_key)
-        spec = sw.run_spec(sw.point(sae_key), sw.model_name(model))
+        point = sw.point(sae_key)
+        spec = sw.run_spec(point, sw.model_name(model), layout.lens_dir(model))
 
         def train() -> tuple[None, dict[str, Any]]:
             if read_record(layout, "mlsae", part) is not None and run.directory.exists():
@@ -147,7 +149,11 @@ def build_config_assets(parts: SweepPartitions) -> list[Any]:
             layout,
             "mlsae",
             part,
-            [spec_to_dict(spec), upstream(layout, "corpus", model)],
+            [
+                spec_to_dict(spec),
+                upstream(layout, "corpus", model),
+                upstream(layout, "tuned_lens", model) if point.tuned_lens else None,
+            ],
             [run.weights, run.config, run.figure("training_curve")],
             train,
         )

@@ -74,6 +74,40 @@ def build_model_assets(parts: SweepPartitions) -> list[Any]:
         return m.result()
 
     @dg.asset(
+        name="tuned_lens",
+        group_name=GROUP,
+        partitions_def=parts.models,
+        deps=["transformer", "corpus"],
+        kinds={"pytorch", "safetensors"},
+        code_version=CODE_VERSIONS["tuned_lens"],
+        automation_condition=eager(),
+        description=(
+            "The model's tuned lens (one affine translator per layer, trained on the training "
+            "chunks to match the final next-token distribution; settings: the sweep's lens: "
+            "section) in lenses/<model>/, for the configs with grid.tuned_lens true. Metadata: "
+            "per-layer KL to the final distribution, logit lens vs tuned lens, on test chunks. "
+            "A sweep with no such config trains nothing here."
+        ),
+    )
+    def tuned_lens(context: dg.AssetExecutionContext, storage: Storage, sweep: SweepResource):
+        from mlsae_pipeline import runtime
+
+        layout, key, sw = storage.layout, context.partition_key, sweep.load()
+        if not sw.wants_lens:
+            return dg.MaterializeResult(
+                metadata={"trained": False, "why": "no config of the sweep has tuned_lens"}
+            )
+        m = memo(
+            layout,
+            "tuned_lens",
+            key,
+            [dataclasses.asdict(sw.lens), upstream(layout, "corpus", key)],
+            [layout.lens_dir(key) / "lens.safetensors", layout.lens_dir(key) / "config.json"],
+            lambda: (None, runtime.train_model_lens(layout, sw, key)),
+        )
+        return m.result()
+
+    @dg.asset(
         name="resid_cos_sim",
         group_name=GROUP,
         partitions_def=parts.models,
@@ -108,4 +142,4 @@ def build_model_assets(parts: SweepPartitions) -> list[Any]:
         )
         return m.output(plot=dg.MetadataValue.md(runtime.inline_png(png, "resid_cos_sim")))
 
-    return [transformer, corpus, resid_cos_sim]
+    return [transformer, corpus, tuned_lens, resid_cos_sim]
