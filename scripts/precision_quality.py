@@ -84,13 +84,14 @@ def main(argv: list[str] | None = None) -> int:
                                    splice_max_tokens=a.splice_tokens)  # fmt: skip
                     avg = next(r for r in res.rows if r["layer"] == "avg")
                     row = dict(model=model, seed=seed, precision=precision, fvu=avg["fvu"],
-                               dce=avg["dce"], train_fvu=read_history(out)[-1]["fvu"],
+                               dce=avg["dce"], kl=avg["kl"], ce_clean=avg["ce_clean"],
+                               train_fvu=read_history(out)[-1]["fvu"],
                                train_s=round(train_s, 1))  # fmt: skip
                     rows.append(row)
                     print(row, flush=True)
     print("\n| model | x, k | seed | FVU float32 | FVU bfloat16 | gap | dCE float32 | "
-          "dCE bfloat16 | gap | train s fp32 / bf16 |")  # fmt: skip
-    print("|---|---|---|---|---|---|---|---|---|---|")
+          "dCE bfloat16 | gap | KL float32 | KL bfloat16 | gap | train s fp32 / bf16 |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     gaps: dict[str, list[float]] = {}
     for model in a.models:
         for seed in a.seeds:
@@ -98,10 +99,12 @@ def main(argv: list[str] | None = None) -> int:
                          (model, seed, pr)) for pr in ("float32", "bfloat16"))  # fmt: skip
             g_fvu = (b["fvu"] - f["fvu"]) / f["fvu"]
             g_dce = (b["dce"] - f["dce"]) / f["dce"]
-            gaps.setdefault(model, []).extend([abs(g_fvu), abs(g_dce)])
+            g_kl = (b["kl"] - f["kl"]) / f["kl"]
+            gaps.setdefault(model, []).extend([abs(g_fvu), abs(g_dce), abs(g_kl)])
             ef, k = SETTINGS[model]
             print(f"| {model} | x{ef} k{k} | {seed} | {f['fvu']:.4f} | {b['fvu']:.4f} | "
                   f"{g_fvu:+.2%} | {f['dce']:.4f} | {b['dce']:.4f} | {g_dce:+.2%} | "
+                  f"{f['kl']:.5f} | {b['kl']:.5f} | {g_kl:+.2%} | "
                   f"{f['train_s']} / {b['train_s']} |")  # fmt: skip
     for model, g in gaps.items():
         print(f"{model}: largest |gap| {max(g):.2%}, median {statistics.median(g):.2%}")
