@@ -2,7 +2,7 @@
 # The prepared GPU check (docs/performance.md, "GPU path"): run once from the repo root on a
 # machine with a CUDA GPU whose python3 already has torch (CUDA), transformers, triton and
 # pytest. Installs nothing. Writes to ${OUT:-gpu-results}/: gpu.txt, tests.log, bench.log,
-# bench-b4.jsonl, bench-b32x2048.jsonl. About 6 minutes; run it with a timeout of 8.
+# bench-b4.jsonl, bench-b32x2048.jsonl. Its steps are capped at 150 + 90 + 180 s; run it with a timeout of 8 min.
 #   1. the CUDA tests (tests/test_cuda.py), the Triton kernels against the torch path
 #      (tests/test_triton_sparse.py), the float64 oracle tests of the fast paths and the
 #      mixed-precision tests;
