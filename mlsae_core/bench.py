@@ -400,12 +400,7 @@ def _train_run(spec: dict[str, Any], tr: Any, sae_cfg: Any, low: Any, device: An
     budget = int(spec["train_tokens"])
     per_micro = spec["batch_size"] * spec["max_length"]
     n_rows = -(-budget // spec["max_length"])
-    g = torch.Generator().manual_seed(0)
-    tokens = torch.randint(0, min(tr.vocab_size, 49152), (n_rows, spec["max_length"]),
-                           generator=g)  # fmt: skip
-    masks = torch.ones_like(tokens, dtype=torch.bool)
-    for t in tr.special_token_ids:
-        masks &= tokens != t
+    tokens, masks = _tokens(tr, {**spec, "batch_size": n_rows})  # the lines' random chunks
     layers = list(range(tr.n_layers))
     cfg = TrainConfig(accumulate_grad_batches=1, checkpoint_every=10**9,
                       device=device.type, precision=dtype_name(low))  # fmt: skip
