@@ -4,11 +4,9 @@ Everything the project persists (checkpoints, Parquet tables, figures, DuckDB fi
 through these helpers: write to a temporary sibling, fsync, then `os.replace` into place.
 
 Atomic writes do not protect a file after it is written (a disk error, a stray `dd`, a
-truncating copy), so what is read back is checked against a sha256 recorded at write time:
-`sha256_file` for files whose manifest or sidecar records it, and Parquet tables carry theirs
-inside the file (`write_parquet` / `read_parquet`; tables are derived data, so one without a
-checksum is refused too and gets rebuilt). A mismatch raises `CorruptFileError`, which names
-the file.
+truncating copy), so every artefact directory keeps one manifest of its files' sizes and
+sha256s (`record`, written last) and what is read back goes through `verify` first. A
+missing, unrecorded or mismatching file raises `CorruptFileError`, which names the file.
 """
 
 from __future__ import annotations
@@ -24,8 +22,6 @@ from pathlib import Path
 from typing import Any
 
 # The key of the whole-file sha256 in a Parquet footer's key-value metadata (see write_parquet).
-PARQUET_CHECKSUM_KEY = "mlsae.sha256"
-_PLACEHOLDER = b"0" * 64  # as long as a sha256 hex digest
 _HASH_CHUNK = 4 << 20
 
 
@@ -116,105 +112,105 @@ def atomic_dir(path: str | os.PathLike[str]) -> Iterator[Path]:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+# ----- the one integrity rule -----------------------------------------------------------------
+# Every artefact directory (checkpoint, training state, token chunks, activation cache, lens,
+# run tables) holds one manifest of its files' sizes and sha256s, written last; `verify` checks
+# files against it on read. One rule, one function: nothing else in the project hashes files.
+MANIFEST_NAME = "manifest.json"
+
+
+def _file_entry(path: Path) -> dict[str, Any]:
+    return {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
+
+
+@contextlib.contextmanager
+def _manifest_lock(directory: Path) -> Iterator[None]:
+    """Serialise read-modify-write of one manifest (two assets may write one run directory)."""
+    import fcntl
+
+    with open(directory / f".{MANIFEST_NAME}.lock", "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def read_manifest(directory: str | os.PathLike[str]) -> dict[str, dict[str, Any]]:
+    """name -> {bytes, sha256} of the files recorded in `directory` ({} when none are)."""
+    path = Path(directory) / MANIFEST_NAME
+    if not path.exists():
+        return {}
+    try:
+        files = json.loads(path.read_text())["files"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise CorruptFileError(path, f"{path} is not a readable manifest ({exc})") from exc
+    return files
+
+
+def record(directory: str | os.PathLike[str], names: Any, forget: Any = ()) -> None:
+    """Record the sizes and sha256s of the files `names` (just written into `directory`) in its
+    manifest, and drop `forget`; the manifest is rewritten atomically, after the files."""
+    directory = Path(directory)
+    with _manifest_lock(directory):
+        files = read_manifest(directory)
+        for name in forget:
+            files.pop(name, None)
+        for name in names:
+            files[name] = _file_entry(directory / name)
+        write_json(directory / MANIFEST_NAME, {"files": files})
+
+
+def verify(directory: str | os.PathLike[str], names: Any = None) -> None:
+    """Raise CorruptFileError, naming the file, unless each of `names` (default: every file the
+    manifest records) is in `directory`'s manifest with the same size and sha256."""
+    directory = Path(directory)
+    files = read_manifest(directory)
+    for name in files if names is None else names:
+        path = directory / name
+        want = files.get(name)
+        if want is None:
+            raise CorruptFileError(
+                path,
+                f"{path} is not recorded in {directory / MANIFEST_NAME} (written by another "
+                "tool, or its write was interrupted): rebuild or re-download it",
+            )
+        if not path.is_file():
+            raise CorruptFileError(path, f"{path} is missing (recorded in its manifest)")
+        if path.stat().st_size != want["bytes"] or sha256_file(path) != want["sha256"]:
+            raise CorruptFileError(
+                path,
+                f"{path} does not match the sha256 in its manifest (truncated or modified "
+                "after it was written): rebuild or re-download it",
+            )
+
+
 def write_parquet(path: str | os.PathLike[str], table: Any) -> None:
-    """Write a `pyarrow.Table` atomically, with a sha256 of the whole file in its footer.
-
-    Page checksums (CRC32) only cover data pages; on a small table most bytes are the footer
-    (schema, statistics), so the file carries a sha256 of all its bytes: written as a
-    placeholder in the footer's key-value metadata, then replaced by the digest of the file
-    with the placeholder in place. `read_parquet` undoes the replacement to check it. The
-    key is not part of the Arrow schema, so readers (pyarrow, DuckDB) never see it.
-    Explicit schemas are the caller's job.
-    """
-    import pyarrow as pa
+    """Write a `pyarrow.Table` atomically (page checksums on) and record it in its directory's
+    manifest. Explicit schemas are the caller's job."""
     import pyarrow.parquet as pq
 
-    sink = pa.BufferOutputStream()
-    with pq.ParquetWriter(sink, table.schema, write_page_checksum=True) as writer:
-        writer.write_table(table)
-        writer.add_key_value_metadata({PARQUET_CHECKSUM_KEY: _PLACEHOLDER.decode()})
-    data = bytearray(sink.getvalue().to_pybytes())
-    at = _footer_find(data, _PLACEHOLDER)
-    if at < 0:
-        raise RuntimeError(f"the Parquet writer dropped {PARQUET_CHECKSUM_KEY}; cannot checksum")
-    data[at : at + len(_PLACEHOLDER)] = hashlib.sha256(data).hexdigest().encode()
-    write_bytes(path, data)
-
-
-def _footer_find(data: bytes | bytearray, value: bytes) -> int:
-    """Offset of the last `value` inside a Parquet file's footer (-1: not there)."""
-    footer = int.from_bytes(data[-8:-4], "little")
-    return data.rfind(value, max(4, len(data) - 8 - footer), len(data) - 8)
-
-
-def _verified_parquet_bytes(path: Path) -> bytes:
-    """The file's bytes, once they match the checksum in its footer.
-
-    A file without one is refused too: it was written before checksums or by another writer,
-    or the corruption hit the checksum's own key, and the tables read this way are derived
-    data that can be rebuilt."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise CorruptFileError(path, f"cannot read {path}: {exc}") from exc
-    if len(data) < 12 or data[:4] != b"PAR1" or data[-4:] != b"PAR1":
-        raise CorruptFileError(path, f"{path} is not a whole Parquet file (truncated?)")
-    try:
-        kv = pq.read_metadata(pa.BufferReader(data)).metadata or {}
-    except Exception as exc:  # noqa: BLE001 - any parse failure of the footer means the same
-        raise CorruptFileError(
-            path, f"{path} has an unreadable Parquet footer ({_line(exc)})"
-        ) from exc
-    recorded = kv.get(PARQUET_CHECKSUM_KEY.encode())
-    if recorded is None:
-        raise CorruptFileError(
-            path,
-            f"{path} has no {PARQUET_CHECKSUM_KEY} in its footer (written before checksums, "
-            "by another writer, or modified)",
-        )
-    at = _footer_find(data, recorded)
-    check = bytearray(data)
-    if len(recorded) == len(_PLACEHOLDER) and at >= 0:
-        check[at : at + len(recorded)] = _PLACEHOLDER
-    if hashlib.sha256(check).hexdigest().encode() != recorded:
-        raise CorruptFileError(
-            path,
-            f"{path} does not match the sha256 in its footer (truncated or modified after it "
-            "was written)",
-        )
-    return data
-
-
-def verify_parquet(path: str | os.PathLike[str]) -> None:
-    """Raise CorruptFileError unless `path` matches its checksum (one read, no decoding)."""
-    _verified_parquet_bytes(Path(path))
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp, write_page_checksum=True)
+    record(path.parent, [path.name])
 
 
 def read_parquet(path: str | os.PathLike[str], columns: list[str] | None = None) -> Any:
-    """`pyarrow.parquet.read_table` of a file checked against its checksum first; a corrupt
-    or truncated file raises CorruptFileError naming it."""
-    path = Path(path)
-    return _decode(path, _verified_parquet_bytes(path), columns)
-
-
-def _line(exc: BaseException) -> str:
-    """pyarrow's message on one line (they can end in newlines)."""
-    return " ".join(str(exc).split())
-
-
-def _decode(path: Path, data: bytes, columns: list[str] | None = None) -> Any:
+    """`pyarrow.parquet.read_table` of a file `verify` accepts; a missing, corrupt or
+    unrecorded file raises CorruptFileError naming it."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    path = Path(path)
+    verify(path.parent, [path.name])
     try:
         return pq.read_table(
-            pa.BufferReader(data), columns=columns, page_checksum_verification=True
+            pa.BufferReader(path.read_bytes()), columns=columns, page_checksum_verification=True
         )
     except Exception as exc:  # noqa: BLE001 - pyarrow raises OSError, ArrowInvalid, ...
-        raise CorruptFileError(path, f"{path} cannot be decoded ({_line(exc)})") from exc
+        msg = " ".join(str(exc).split())
+        raise CorruptFileError(path, f"{path} cannot be decoded ({msg})") from exc
 
 
 def remove_stale_temporaries(directory: str | os.PathLike[str]) -> list[Path]:

@@ -230,24 +230,11 @@ def _write_history(path: Path, rows: list[dict[str, Any]]) -> None:
 
 
 def read_history(out_dir: str | Path) -> list[dict[str, Any]]:
-    """The training curve, checked against its checksum (atomic.read_parquet); a curve written
-    before checksums existed is read as it is, so older runs still resume."""
-    import pyarrow.parquet as pq
-
+    """The training curve, verified against its directory's manifest ([] before any)."""
     path = Path(out_dir) / HISTORY_NAME
     if not path.exists():
         return []
-    try:
-        return atomic.read_parquet(path).to_pylist()
-    except atomic.CorruptFileError:
-        try:
-            keys = pq.read_metadata(path).metadata or {}
-        except Exception:  # noqa: BLE001 - unreadable: the checksum error is the message
-            keys = None
-        if keys is None or atomic.PARQUET_CHECKSUM_KEY.encode() in keys:
-            raise
-        logger.debug("%s predates checksums; read unverified", path)
-        return pq.read_table(path).to_pylist()
+    return atomic.read_parquet(path).to_pylist()
 
 
 def _is_extension(saved: dict[str, Any], now: dict[str, Any]) -> bool:

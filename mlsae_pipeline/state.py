@@ -197,7 +197,7 @@ def _damaged(layout: StorageLayout, rec: dict, outputs: list[Path]) -> str | Non
             return f"{path} is missing"
         if path.suffix == ".parquet":
             try:
-                atomic.verify_parquet(path)
+                atomic.verify(path.parent, [path.name])
             except atomic.CorruptFileError as exc:
                 return str(exc)
             continue
