@@ -135,17 +135,7 @@ def evaluate(
     sae.eval()
     device = next(sae.parameters()).device
     recon = ReconstructionMetrics(len(layers), sae.n_latents, sae.n_inputs, sae.dead_threshold)
-    spl = SpliceMetrics(len(layers)) if splice else None
-    zero_lp: dict[int, torch.Tensor] = {}
-    gram: torch.Tensor | None = None
-    dtype = resolve_delta_dtype(delta_dtype, transformer.device)
-    # The shortcut holds only for a head affine in the final-normed state; otherwise every
-    # spliced logit goes through the model's own head (exact, slower, float64 sums).
-    linear = bool(getattr(transformer, "linear_head", True))
-
-    def delta_fn(dh: torch.Tensor) -> torch.Tensor:
-        return transformer.logit_difference(dh, dtype)
-
+    splicer = _Splicer(transformer, layers, delta_dtype, lens) if splice else None
     n_rows, pos = tokens.shape
     if max_tokens is not None:
         n_rows = min(n_rows, max(1, -(-max_tokens // pos)))
@@ -165,54 +155,74 @@ def evaluate(
         if lens is not None:
             x = lens.transform(x, layers)
         out = sae(x)  # float32: the evaluation is the exact reference for every precision
-        recons = out.recons
-        recon.update(x, recons, out.topk.values, out.topk.indices)
+        recon.update(x, out.recons, out.topk.values, out.topk.indices)
         b_idx, p_idx = mask.nonzero(as_tuple=True)
-        batch = EvalBatch(rows, toks, mask, layers, x, out.topk, recons, b_idx, p_idx)
+        batch = EvalBatch(rows, toks, mask, layers, x, out.topk, out.recons, b_idx, p_idx)
         for c in collectors:
             c.update(batch)
-        if spl is not None and clean is not None:
-            pred = prediction_mask(mask)
-            targets = toks[:, 1:][pred[:, :-1]]
-            if targets.numel():
-                if gram is None:
-                    gram = _gram(transformer)
-                final = transformer.final_norm(clean.hidden[-1])[pred]  # [M, d]
-                if linear:
-                    ref = spl.update_clean_chunked(
-                        transformer.logits, final, targets, LOGIT_CHUNK_ROWS
-                    )
-                else:
-                    ref = _update_clean_full(spl, transformer, final, targets)
-                for i, layer in enumerate(layers):
-                    if layer not in zero_lp:
-                        zero_lp[layer] = transformer.zero_ablation_log_probs(clean, layer)
-                    replacement = clean.hidden[layer].clone()
-                    spliced = recons[i]
-                    if lens is not None:  # back to the model's own space
-                        spliced = lens.inverse(spliced[None], [layer])[0]
-                    replacement[mask] = spliced.to(replacement.dtype).to(replacement.device)
-                    hidden = transformer.run_from(clean, layer, replacement)[pred]
-                    if not linear:
-                        _update_layer_full(
-                            spl, transformer, i, ref, hidden, targets, zero_lp[layer]
-                        )
-                        continue
-                    spl.update_layer_chunked(
-                        i,
-                        ref,
-                        delta_fn,
-                        hidden,
-                        targets,
-                        zero_lp[layer],
-                        gram,
-                        LOGIT_CHUNK_ROWS,
-                    )
-                del ref
+        if splicer is not None and clean is not None:
+            splicer.update(clean, toks, mask, out.recons)
         bar.update(len(rows) * pos)
     bar.close()
+    spl = splicer.metrics if splicer is not None else None
     rows = metrics_rows(layers, recon, spl)
-    return EvalResult(rows, recon, spl, recon.n_tokens, linear if spl is not None else None)
+    linear = splicer.linear if splicer is not None else None
+    return EvalResult(rows, recon, spl, recon.n_tokens, linear)
+
+
+class _Splicer:
+    """The splice metrics of one evaluation: each layer's reconstruction spliced into the
+    clean pass, the rest of the model run, CE/KL against the clean and zero-ablated logits."""
+
+    def __init__(
+        self, transformer: Any, layers: list[int], delta_dtype: Any, lens: TunedLens | None
+    ) -> None:
+        self.transformer, self.layers, self.lens = transformer, layers, lens
+        self.metrics = SpliceMetrics(len(layers))
+        self.zero_lp: dict[int, torch.Tensor] = {}
+        self.gram: torch.Tensor | None = None
+        self.dtype = resolve_delta_dtype(delta_dtype, transformer.device)
+        # The shortcut holds only for a head affine in the final-normed state; otherwise every
+        # spliced logit goes through the model's own head (exact, slower, float64 sums).
+        self.linear = bool(getattr(transformer, "linear_head", True))
+
+    def update(
+        self, clean: Any, toks: torch.Tensor, mask: torch.Tensor, recons: torch.Tensor
+    ) -> None:
+        tr, spl = self.transformer, self.metrics
+        pred = prediction_mask(mask)
+        targets = toks[:, 1:][pred[:, :-1]]
+        if not targets.numel():
+            return
+        if self.gram is None:
+            self.gram = _gram(tr)
+        final = tr.final_norm(clean.hidden[-1])[pred]  # [M, d]
+        if self.linear:
+            ref = spl.update_clean_chunked(tr.logits, final, targets, LOGIT_CHUNK_ROWS)
+        else:
+            ref = _update_clean_full(spl, tr, final, targets)
+        for i, layer in enumerate(self.layers):
+            if layer not in self.zero_lp:
+                self.zero_lp[layer] = tr.zero_ablation_log_probs(clean, layer)
+            replacement = clean.hidden[layer].clone()
+            spliced = recons[i]
+            if self.lens is not None:  # back to the model's own space
+                spliced = self.lens.inverse(spliced[None], [layer])[0]
+            replacement[mask] = spliced.to(replacement.dtype).to(replacement.device)
+            hidden = tr.run_from(clean, layer, replacement)[pred]
+            if not self.linear:
+                _update_layer_full(spl, tr, i, ref, hidden, targets, self.zero_lp[layer])
+                continue
+            spl.update_layer_chunked(
+                i,
+                ref,
+                lambda dh: tr.logit_difference(dh, self.dtype),
+                hidden,
+                targets,
+                self.zero_lp[layer],
+                self.gram,
+                LOGIT_CHUNK_ROWS,
+            )
 
 
 def _update_clean_full(
