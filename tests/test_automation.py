@@ -24,6 +24,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.tiny import write_smoke_inputs
+
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = ROOT / "data" / "sweeps" / "smoke.yaml"
 
@@ -99,6 +101,7 @@ def project(tmp_path_factory):
     base = tmp_path_factory.mktemp("automation")
     sweep, data = base / "sweep.yaml", base / "data"
     _write_sweep(sweep, k=[4])
+    write_smoke_inputs(data, ("tiny-llama", "tiny-llama-L2"))  # L2: the model added later
     instance = dg.DagsterInstance.ephemeral()
     rows = run_sweep(sweep, data, instance=instance, report=lambda s: None)
     assert all(r["success"] for r in rows), rows
