@@ -252,10 +252,8 @@ def _train_run(
 
 
 @dataclass
-class TestSetup:
+class EvalSetup:
     """A checkpoint ready to evaluate: the SAE, its transformer, layers and held-out chunks."""
-
-    __test__ = False  # not a pytest class
 
     sae: MLSAE
     transformer: Transformer
@@ -293,7 +291,7 @@ def load_for_test(
     max_length: int | None = None,
     transformer: Transformer | None = None,
     tuned_lens: str | Path | None = None,
-) -> TestSetup:
+) -> EvalSetup:
     """Load a checkpoint, its transformer, its tuned lens and the held-out split recorded in
     its config.
 
@@ -330,7 +328,7 @@ def load_for_test(
     data = recorded_data(meta, cfg.max_tokens, dataset, max_length)
     seed = int(meta.get("split_seed", 0))
     chunks = transformer_split(transformer, data, seed, "test", cfg.max_tokens)
-    return TestSetup(sae, transformer, layers, chunks, lens)
+    return EvalSetup(sae, transformer, layers, chunks, lens)
 
 
 def checkpoint_transformer(
@@ -410,7 +408,7 @@ def write_metrics_csv(table: pa.Table, out_csv: str | Path) -> Path:
 
 
 __all__ = [
-    "TestSetup",
+    "EvalSetup",
     "check_spec",
     "corpus_split",
     "load_for_test",
