@@ -22,7 +22,7 @@ import re
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -30,7 +30,9 @@ from safetensors.torch import load as load_bytes
 from safetensors.torch import save_file
 
 from mlsae_core import atomic
-from mlsae_core.sae import MLSAE
+
+if TYPE_CHECKING:  # the model builds itself from `read_sae` (MLSAE.from_pretrained)
+    from mlsae_core.sae import MLSAE
 
 logger = logging.getLogger(__name__)
 
@@ -76,10 +78,11 @@ def save_sae(sae: MLSAE, directory: str | Path) -> Path:
     return directory
 
 
-def load_sae(
-    path_or_repo_id: str | Path, device: str | torch.device = "cpu", **expect: Any
-) -> MLSAE:
-    """Load a checkpoint directory (or a hub repo id, for online users).
+def read_sae(
+    path_or_repo_id: str | Path, **expect: Any
+) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """A checkpoint directory's (or a hub repo id's) MLSAE constructor arguments and tensors;
+    `MLSAE.from_pretrained` builds the model from them, so this module needs no model class.
 
     Keyword arguments (e.g. n_inputs=576, k=32) are expectations: a checkpoint that
     disagrees is refused rather than silently used.
@@ -93,7 +96,7 @@ def load_sae(
                 "expected; pick the checkpoint trained for this setting"
             )
     known = {*_REQUIRED, *_OPTIONAL}
-    sae = MLSAE(
+    kwargs = dict(
         n_inputs=int(config["n_inputs"]),
         n_latents=int(config["n_latents"]),
         k=int(config["k"]),
@@ -104,8 +107,7 @@ def load_sae(
         tensors = read_prefixed(directory, TFM_AUTOENCODER)
     else:
         tensors = read_checkpoint_weights(directory)
-    load_weights(sae, tensors)
-    return sae.to(device)
+    return kwargs, tensors
 
 
 @torch.no_grad()

@@ -105,7 +105,8 @@ class DataConfig:
     dataset: str = setting(
         "brown",
         "hub dataset id (e.g. monology/pile-uncopyrighted), local .txt/.jsonl/.jsonl.zst/"
-        ".parquet file or directory, 'brown' (the offline Brown corpus) or 'tiny-text'",
+        ".parquet file or directory, 'brown' (the offline Brown corpus) or a source's name "
+        "under the storage root's sources/",
     )
     max_length: int = setting(2048, "tokens per sequence")
     batch_size: int = setting(1, "sequences per training micro-batch")
@@ -326,7 +327,7 @@ class RunSpec:
     model_name: str = setting(
         "smollm2",
         "hub id (e.g. EleutherAI/pythia-70m-deduped), local model directory, .gguf file, "
-        "'smollm2' (the offline default) or a tiny random model (tiny-llama)",
+        "'smollm2' (the offline default) or a model's name under the storage root's models/",
     )
     layers: tuple[int, ...] | None = setting(None, "layers to train on (default: all)")
     tuned_lens: str | None = setting(

@@ -1,5 +1,6 @@
-"""Text sources as documents: local files (.txt, .jsonl, .jsonl.zst, .parquet), the dataset
-hub and the Brown corpus, and the train/test split by document.
+"""Text sources as documents: local files (.txt, .jsonl, .jsonl.zst, .parquet) and the dataset
+hub, and the train/test split by document. The Brown corpus (`brown.py`) builds on this
+module, and `runs` picks it by the name 'brown'.
 
 Every document keeps a stable id, so the split and the examples shown later can name it.
 """
@@ -167,11 +168,7 @@ def hub_documents(
 def load_documents(
     dataset: str, text_field: str = "text", split: str = "train"
 ) -> Iterator[Document]:
-    """Pick the source: 'brown', an existing local path, or else a hub dataset id."""
-    if dataset == "brown":
-        from mlsae_core.brown import brown_documents  # brown imports this module
-
-        return iter(brown_documents())
+    """Pick the source: an existing local path, or else a hub dataset id."""
     if Path(dataset).expanduser().exists():
         return local_documents(Path(dataset).expanduser(), text_field=text_field)
     return hub_documents(dataset, split=split, text_field=text_field)

@@ -64,7 +64,7 @@ def _label(sae_or_dir: MLSAE | Path) -> tuple[dict[str, Any], str]:
 
 
 # ----- the cross-config tables (the pipeline's summary assets compute the same) -------------
-def test_metrics_of(repos: list[Path]) -> pa.Table:
+def concat_test_metrics(repos: list[Path]) -> pa.Table:
     """Every run's test_metrics table, concatenated."""
     parts = []
     for repo in repos:
@@ -73,9 +73,6 @@ def test_metrics_of(repos: list[Path]) -> pa.Table:
             raise ValueError(f"{path} is missing: run `mlsae test --repo_id {repo}` first")
         parts.append(atomic.read_parquet(path))
     return pa.concat_tables(parts)
-
-
-test_metrics_of.__test__ = False  # not a pytest test
 
 
 def dists_layer_std_of(repos: list[Path]) -> pa.Table:
@@ -141,8 +138,8 @@ def run_figure(args: argparse.Namespace) -> list[Path]:
             _, slug = _label(sae)
             written += figures.prompt_heatmap_figure(heat, out / f"prompt_heatmap_{slug}")
     elif args.name == "test_summary":
-        metrics = test_metrics_of(repos)
-        table = summaries.test_summary(metrics)
+        metrics = concat_test_metrics(repos)
+        table = summaries.summarize_test_metrics(metrics)
         written.append(_write_table(out / "test_summary.parquet", table))
         # the reference's CSVs also give each config's dictionary size
         n_latents = {}

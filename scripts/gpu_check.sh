@@ -24,9 +24,9 @@ py=${PYTHON:-python3}
 timeout 150 $py -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_triton_sparse.py \
   tests/test_sparse.py tests/test_logit_difference.py tests/test_precision.py 2>&1 | tee "$out/tests.log"
 tests_rc=${PIPESTATUS[0]}
-timeout 90 $py -m mlsae_core.bench --device cuda --no-smollm2 --threads 8 --batch-size 4 \
+timeout 90 $py -m benchmarks.bench --device cuda --no-smollm2 --threads 8 --batch-size 4 \
   --json "$out/bench-b4.jsonl" 2>&1 | tee -a "$out/bench.log"
-timeout 180 $py -m mlsae_core.bench --device cuda --no-smollm2 --threads 8 --batch-size 32 \
+timeout 180 $py -m benchmarks.bench --device cuda --no-smollm2 --threads 8 --batch-size 32 \
   --max-length 2048 --only x64 --reps 3 --train-run 20000000 \
   --json "$out/bench-b32x2048.jsonl" 2>&1 | tee -a "$out/bench.log"
 exit "$tests_rc"

@@ -1,6 +1,6 @@
 """float32 vs bfloat16 training at equal token budgets: final FVU and dCE over seeds.
 
-    python scripts/precision_quality.py [--seeds 0 1 2] [--max_tokens 65536] [--models smollm2 pythia]
+    python -m scripts.precision_quality [--seeds 0 1 2] [--max_tokens 65536] [--models smollm2 pythia]
 
 For each model and seed, one MLSAE is trained per precision with `mlsae_core.train.train` on
 the Brown corpus's training documents (the same chunks, order and initialisation for a seed:
@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from mlsae_core.bench import PYTHIA_70M_SHAPE, make_model_dir
+from benchmarks.bench import PYTHIA_70M_SHAPE, make_model_dir
 from mlsae_core.config import DataConfig, SAEConfig, TrainConfig
 from mlsae_core.evaluate import evaluate
 from mlsae_core.runs import corpus_split

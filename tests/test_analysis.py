@@ -442,7 +442,7 @@ def nan_equal(a: list[dict], b: list[dict]) -> bool:
 
 @pytest.fixture(scope="module")
 def tiny_setup():
-    from mlsae_core.tiny import BOS_ID, EOS_ID, tiny_transformer
+    from tests.tiny import BOS_ID, EOS_ID, tiny_transformer
 
     tt = tiny_transformer("llama", n_layers=3, d=32)
     torch.manual_seed(0)

@@ -31,6 +31,115 @@ def _imports(path: Path) -> list[str]:
     return names
 
 
+# ----- no import cycles ----------------------------------------------------------------------------
+def _module_name(path: Path) -> str:
+    return ".".join(path.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__")
+
+
+def _runtime_imports(path: Path, package: str, modules: set[str]) -> set[str]:
+    """Which of `modules` a file imports at run time, at any depth (function-local imports
+    included; `if TYPE_CHECKING:` blocks excluded). `from a import b` names the module `a.b`
+    when there is one, else `a`."""
+    out: set[str] = set()
+
+    def visit(node: ast.AST) -> None:
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            for child in node.orelse:
+                visit(child)
+            return
+        if isinstance(node, ast.Import):
+            out.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:  # relative: from the file's package upwards
+                parts = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join([*parts, *([base] if base else [])])
+            for alias in node.names:
+                sub = f"{base}.{alias.name}"
+                out.add(sub if sub in modules else base)
+        for child in ast.iter_child_nodes(node):
+            visit(child)
+
+    visit(ast.parse(path.read_text(encoding="utf-8")))
+    return out & modules
+
+
+def _import_graph() -> dict[str, set[str]]:
+    files = [p for pkg in ("mlsae_core", "mlsae_pipeline") for p in (ROOT / pkg).rglob("*.py")]
+    paths = {_module_name(p): p for p in files}
+    graph = {}
+    for name, path in paths.items():
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        graph[name] = _runtime_imports(path, package, set(paths)) - {name}
+    return graph
+
+
+def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """One cycle per strongly connected component with more than one module (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    found: list[list[str]] = []
+
+    def connect(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        for w in sorted(graph[v]):
+            if w not in index:
+                connect(w)
+                low[v] = min(low[v], low[w])
+            elif w in stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while not component or component[-1] != v:
+                component.append(stack.pop())
+            if len(component) > 1:
+                found.append(_cycle_through(v, set(component), graph))
+
+    for v in sorted(graph):
+        if v not in index:
+            connect(v)
+    return found
+
+
+def _cycle_through(start: str, members: set[str], graph: dict[str, set[str]]) -> list[str]:
+    """The shortest path start -> ... -> start inside one component (breadth first)."""
+    paths = {start: [start]}
+    queue = [start]
+    while queue:
+        v = queue.pop(0)
+        for w in sorted(graph[v] & members):
+            if w == start:
+                return [*paths[v], start]
+            if w not in paths:
+                paths[w] = [*paths[v], w]
+                queue.append(w)
+    raise AssertionError(f"{start} is in a component without a cycle through it")
+
+
+def test_the_cycle_finder_names_a_cycle(tmp_path):
+    graph = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}
+    assert _cycles(graph) == [["a", "b", "c", "a"]]
+    assert _cycles({"a": {"b"}, "b": set()}) == []
+    probe = tmp_path / "probe.py"
+    probe.write_text(
+        "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    import x.y\n"
+        "def f():\n    from . import z\n    from .w import v\n    import p.r\n"
+    )
+    modules = {"x.y", "p.q", "p.q.z", "p.q.w", "p.r"}
+    assert _runtime_imports(probe, "p.q", modules) == {"p.q.z", "p.q.w", "p.r"}
+
+
+def test_no_import_cycles():
+    """mlsae_core and mlsae_pipeline import each other's modules without a cycle, counting
+    imports inside functions too (a function-local import must not hide one)."""
+    graph = _import_graph()
+    assert "mlsae_core.transformer" in graph and "mlsae_pipeline.definitions" in graph
+    cycles = [" -> ".join(c) for c in _cycles(graph)]
+    assert not cycles, "import cycles: " + "; ".join(cycles)
+
+
 # ----- one direction: pipeline -> core -----------------------------------------------------------
 def test_core_never_imports_the_pipeline_or_dagster():
     offenders = [

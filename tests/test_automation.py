@@ -24,6 +24,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.tiny import write_smoke_inputs
+
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = ROOT / "data" / "sweeps" / "smoke.yaml"
 
@@ -99,10 +101,13 @@ def project(tmp_path_factory):
     base = tmp_path_factory.mktemp("automation")
     sweep, data = base / "sweep.yaml", base / "data"
     _write_sweep(sweep, k=[4])
+    write_smoke_inputs(data, ("tiny-llama", "tiny-llama-L2"))  # L2: the model added later
     instance = dg.DagsterInstance.ephemeral()
-    rows = run_sweep(sweep, data, instance=instance, report=lambda s: None)
-    assert all(r["success"] for r in rows), rows
-    return {"sweep": sweep, "data": data, "instance": instance}
+    with pytest.MonkeyPatch.context() as mp:  # the sources are named under this storage root
+        mp.setenv("MLSAE_DATA_DIR", str(data))
+        rows = run_sweep(sweep, data, instance=instance, report=lambda s: None)
+        assert all(r["success"] for r in rows), rows
+        yield {"sweep": sweep, "data": data, "instance": instance}
 
 
 def test_sensor_targets_every_asset_and_every_asset_is_eager(project) -> None:

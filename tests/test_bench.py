@@ -1,6 +1,6 @@
 """Smoke test of the benchmark machinery on a tiny model (no timing assertions).
 
-The baseline is the package's own `mlsae_core.bench_baseline`, so the pair must be complete
+The baseline is the repo's own `benchmarks.bench_baseline`, so the pair must be complete
 on a fresh checkout with nothing beside it.
 """
 
@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-from mlsae_core.bench import line_flops, main
+from benchmarks.bench import line_flops, main
 
 
 def _close(a: float, b: float) -> bool:
@@ -94,8 +94,8 @@ def test_line_flops_hand_count():
 def test_line_flops_pythia_shape():
     """The bench model's blocks count as a GPT-NeoX block should (12 d^2 + 13 d params: QKV,
     output, 4x MLP with biases, two LayerNorms), so the docs' per-token figures hold."""
-    from mlsae_core.bench import PYTHIA_70M_SHAPE
-    from mlsae_core.tiny import tiny_model
+    from benchmarks.bench import PYTHIA_70M_SHAPE
+    from tests.tiny import tiny_model
 
     d, n_layers, vocab = 512, 6, 50304
     block = 12 * d * d + 13 * d
@@ -108,11 +108,11 @@ def test_line_flops_pythia_shape():
 
 def test_baseline_eval_runs(tmp_path):
     """The stand-in's eval mode (splices every layer to full logits) runs as the bench runs it:
-    `python -m mlsae_core.bench_baseline` in its own process (it sets threads and the seed)."""
-    from mlsae_core.bench import ROOT, TINY_SHAPE, make_model_dir
+    `python -m benchmarks.bench_baseline` in its own process (it sets threads and the seed)."""
+    from benchmarks.bench import ROOT, TINY_SHAPE, make_model_dir
 
     model = make_model_dir(tmp_path / "model", TINY_SHAPE)
-    cmd = [sys.executable, "-m", "mlsae_core.bench_baseline", "--model", str(model)]
+    cmd = [sys.executable, "-m", "benchmarks.bench_baseline", "--model", str(model)]
     cmd += ["--mode", "eval", "--batch-size", "1", "--max-length", "16", "--reps", "1"]
     cmd += ["--warmup", "0", "--threads", "1"]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=True)

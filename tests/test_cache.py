@@ -10,8 +10,8 @@ import torch
 
 from mlsae_core.cache import ActivationCache, CacheMismatchError
 from mlsae_core.config import SAEConfig, TrainConfig
-from mlsae_core.tiny import tiny_transformer
 from mlsae_core.train import LiveActivations, read_history, train
+from tests.tiny import tiny_transformer
 
 
 @pytest.fixture(scope="module")
@@ -93,7 +93,7 @@ def test_mismatched_cache_refused(tt, tokens, tmp_path):
 def test_layer_selection_and_open_or_build(tmp_path):
     """A single-layer baseline reads its layer from the shared cache; reuse needs a match."""
     from mlsae_core.cache import ActivationCache, CacheMismatchError
-    from mlsae_core.tiny import tiny_transformer
+    from tests.tiny import tiny_transformer
 
     t = tiny_transformer("llama", n_layers=3, d=32)
     tokens = torch.randint(4, 40, (6, 8), generator=torch.Generator().manual_seed(0))

@@ -15,7 +15,7 @@ import torch
 from mlsae_core.cli import main
 from mlsae_core.metrics import METRIC_COLUMNS
 from mlsae_core.sae import MLSAE
-from mlsae_core.tiny import tiny_transformer
+from tests.tiny import tiny_transformer
 
 ROOT = Path(__file__).resolve().parents[1]
 WORDS = (

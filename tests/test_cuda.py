@@ -13,8 +13,8 @@ from mlsae_core.config import SAEConfig, TrainConfig
 from mlsae_core.evaluate import evaluate
 from mlsae_core.losses import total_loss
 from mlsae_core.sae import MLSAE
-from mlsae_core.tiny import tiny_transformer
 from tests.test_train import PlantedActivations, masks_for
+from tests.tiny import tiny_transformer
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 

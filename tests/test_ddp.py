@@ -6,6 +6,8 @@ import os
 
 import pytest
 
+from tests.tiny import write_smoke_inputs
+
 
 @pytest.mark.slow
 def test_mlsae_asset_trains_with_torchrun_via_pipes(tmp_path, monkeypatch):
@@ -25,7 +27,7 @@ def test_mlsae_asset_trains_with_torchrun_via_pipes(tmp_path, monkeypatch):
     sweep_file = tmp_path / "ddp.yaml"
     sweep_file.write_text(yaml.safe_dump(raw))
     sweep = load_sweep(sweep_file)
-    data = tmp_path / "data"
+    data = write_smoke_inputs(tmp_path / "data")
     monkeypatch.setenv("MLSAE_DATA_DIR", str(data))
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     defs = build_definitions(sweep, data, executor=dg.in_process_executor)

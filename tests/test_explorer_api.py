@@ -29,7 +29,7 @@ from mlsae_core.explorer.prompt import prompt_metrics
 from mlsae_core.layout import RunLayout
 from mlsae_core.losses import fvu_per_layer
 from mlsae_core.sae import MLSAE
-from mlsae_core.tiny import tiny_transformer
+from tests.tiny import tiny_transformer
 
 LAYERS = [0, 1, 2]
 N_LATENTS, K = 64, 4

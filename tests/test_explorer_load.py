@@ -4,7 +4,7 @@
   client fires 50 requests (40 distinct prompts, some repeated, plus heatmaps and logits).
   All must succeed, the prompt cache must stay within its entry and byte limits, and a cached
   prompt must answer in well under a second.
-* memory: `mlsae explore` in a subprocess under 2 bursts of 200 (`explorer.burst`, the same
+* memory: `mlsae explore` in a subprocess under 2 bursts of 200 (`benchmarks.explorer_burst`, the same
   measurement docs/explorer.md reports for SmolLM2): peak RSS above idle stays under the
   bound the server documents.
 """
@@ -96,7 +96,7 @@ def wide_checkpoint(root) -> str:
     """A tiny Llama with a wide MLSAE (8192 latents): each analysis' dense pre-activations are
     ~17 MB, so holding many analyses at once (the old 40-thread pool) shows in RSS."""
     from mlsae_core.sae import MLSAE
-    from mlsae_core.tiny import tiny_transformer
+    from tests.tiny import tiny_transformer
 
     tf = tiny_transformer("llama", n_layers=4, d=64)
     model_dir = root / "model"
@@ -112,7 +112,7 @@ def test_memory_stays_within_the_bound_under_a_burst(tmp_path) -> None:
     endpoints; the cache misses every time): peak RSS above idle stays under the bound the
     server reports (/api/info memory.bound_bytes: caches + workers x working set + slack),
     every request answers 200 or 503 (busy), and the accepted ones in bounded time."""
-    from mlsae_core.explorer import burst
+    from benchmarks import explorer_burst as burst
 
     proc, base = burst.serve(wide_checkpoint(tmp_path), ["--cache_mb", "16"])
     try:

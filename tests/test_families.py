@@ -16,8 +16,8 @@ import torch
 
 from mlsae_core.evaluate import evaluate, prediction_mask
 from mlsae_core.sae import MLSAE
-from mlsae_core.tiny import BOS_ID, EOS_ID, PAD_ID, perturb_biases_and_norms, tiny_tokenizer
 from mlsae_core.transformer import Transformer, UnsupportedModelError
+from tests.tiny import BOS_ID, EOS_ID, PAD_ID, perturb_biases_and_norms, tiny_tokenizer
 
 L, D, V, P = 3, 32, 101, 12
 IDS = {"bos_token_id": BOS_ID, "eos_token_id": EOS_ID, "pad_token_id": PAD_ID}

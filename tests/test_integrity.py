@@ -17,9 +17,9 @@ import torch
 
 from mlsae_core.cache import ActivationCache, CacheMismatchError
 from mlsae_core.config import SAEConfig, TrainConfig
-from mlsae_core.tiny import tiny_transformer
 from mlsae_core.train import train
 from tests.conftest import storage_env
+from tests.tiny import tiny_transformer, write_smoke_inputs
 
 MODEL = "tiny-llama"
 
@@ -138,6 +138,7 @@ def smoke(tmp_path_factory):
     base = tmp_path_factory.mktemp("integrity")
     data, home = base / "data", base / "dagster_home"
     home.mkdir()
+    write_smoke_inputs(data)
     instance = dg.DagsterInstance.ephemeral()
 
     def sweep() -> list[dict]:

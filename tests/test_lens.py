@@ -18,7 +18,7 @@ from mlsae_core.lens import (
     lens_kl,
     train_lens,
 )
-from mlsae_core.tiny import tiny_transformer
+from tests.tiny import tiny_transformer, write_smoke_inputs
 
 N_LAYERS, D = 4, 32
 
@@ -196,7 +196,7 @@ def test_lens_kl_matches_an_independent_float64_computation(tt, data):
 
 
 def test_cli_lens_train(tmp_path, monkeypatch, capsys):
-    monkeypatch.setenv("MLSAE_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.setenv("MLSAE_DATA_DIR", str(write_smoke_inputs(tmp_path / "data")))
     out = tmp_path / "lens"
     args = ["lens", "train", "--model_name", "tiny-llama", "--dataset", "tiny-text",
             "--max_length", "64", "--max_tokens", "1024", "--steps", "8", "--batch_size", "128",

@@ -21,10 +21,10 @@ from mlsae_core.evaluate import evaluate, prediction_mask
 from mlsae_core.lens import LensedActivations, TunedLens
 from mlsae_core.runs import load_for_test, partition_values
 from mlsae_core.sae import MLSAE
-from mlsae_core.tiny import BOS_ID, EOS_ID, PAD_ID, tiny_transformer
 from mlsae_core.train import LiveActivations, read_history, train
 from tests.test_cli import corpus_dir, tiny_model_dir, train_args  # noqa: F401 - fixtures
 from tests.test_families import _hf_logits  # the unmodified model, a block's output hooked
+from tests.tiny import BOS_ID, EOS_ID, PAD_ID, tiny_transformer, write_smoke_inputs
 
 L, D = 3, 32
 
@@ -219,7 +219,7 @@ def test_a_sweep_with_the_tuned_lens_dimension(tmp_path):
     path.write_text(SWEEP)
     sw = load_sweep(path)
     assert sw.sae_keys == ["x2-k4-Lall", "x2-k4-Lall-lens", "x2-k4-L1", "x2-k4-L1-lens"]
-    data, home = tmp_path / "data", tmp_path / "home"
+    data, home = write_smoke_inputs(tmp_path / "data"), tmp_path / "home"
     home.mkdir()
     with storage_env(data, home):
         rows = run_sweep(sw, data, instance=dg.DagsterInstance.get(), report=lambda s: None)

@@ -14,7 +14,7 @@ import torch
 
 from mlsae_core.evaluate import evaluate, resolve_delta_dtype
 from mlsae_core.metrics import SpliceMetrics, unembedding_gram
-from mlsae_core.tiny import tiny_transformer
+from tests.tiny import tiny_transformer
 
 D, V, M = 64, 4096, 96
 

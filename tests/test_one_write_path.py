@@ -14,6 +14,7 @@ import pytest
 
 from mlsae_core.analyse import TABLES_OF
 from tests.conftest import storage_env
+from tests.tiny import write_smoke_inputs
 
 MODEL = "tiny-llama"
 MLSAE_KEY, SINGLE_KEY = "x2-k4-Lall", "x2-k4-L1"
@@ -37,6 +38,7 @@ def smoke(tmp_path_factory):
     sweep_file.write_text(yaml.safe_dump(raw))
     data, home = base / "data", base / "dagster_home"
     home.mkdir()
+    write_smoke_inputs(data)
     with storage_env(data, home):
         rows = run_sweep(
             sweep_file, data, instance=dg.DagsterInstance.ephemeral(), report=lambda s: None

@@ -22,6 +22,7 @@ import pytest
 
 from mlsae_core.layout import RUN_TABLES
 from tests.conftest import storage_env
+from tests.tiny import write_smoke_inputs
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -82,6 +83,7 @@ def smoke(tmp_path_factory):
     base = tmp_path_factory.mktemp("pipeline")
     data, home = base / "data", base / "dagster_home"
     home.mkdir()
+    write_smoke_inputs(data)
     with storage_env(data, home):
         instance = dg.DagsterInstance.get()
         t0 = time.perf_counter()

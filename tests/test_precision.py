@@ -152,7 +152,7 @@ def test_bf16_activations_and_cache_track_float32(family, tmp_path):
     is a few u/2 (measured 0.2-0.3 % on these models), bounded here by 2u ~ 0.8 %. The cache
     built in bf16 stores those values to float16 (2^-11 more)."""
     from mlsae_core.cache import ActivationCache
-    from mlsae_core.tiny import tiny_transformer
+    from tests.tiny import tiny_transformer
 
     tt = tiny_transformer(family, n_layers=3, d=32)
     g = torch.Generator().manual_seed(0)

@@ -21,6 +21,7 @@ from mlsae_core.lock import output_lock
 from mlsae_core.train import HISTORY_NAME, TrainingDiverged, read_history, train
 from tests.test_cli import corpus_dir, tiny_model_dir, train_args  # noqa: F401 - fixtures
 from tests.test_train import PlantedActivations, masks_for
+from tests.tiny import write_smoke_inputs
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -132,7 +133,7 @@ def test_bad_k_in_the_third_config_fails_before_the_first_trains(tmp_path):
     path = tmp_path / "bad.yaml"
     path.write_text(yaml.safe_dump(raw))
     instance = dg.DagsterInstance.ephemeral()
-    data = tmp_path / "data"
+    data = write_smoke_inputs(tmp_path / "data")
     with pytest.raises(ConfigError, match=r"config tiny-llama\|x2-k100-Lall: k=100 is not allowed"):
         run_sweep(str(path), data, instance=instance, report=lambda s: None)
     assert not instance.get_runs() and not (data / "saes").exists()
@@ -179,7 +180,7 @@ def test_divergence_from_the_learning_rate_says_so(tmp_path):
 def test_an_encoder_decoder_model_gets_one_short_line(tmp_path, corpus_dir, capsys):  # noqa: F811
     from transformers import T5Config, T5ForConditionalGeneration
 
-    from mlsae_core.tiny import tiny_tokenizer
+    from tests.tiny import tiny_tokenizer
 
     cfg = T5Config(d_model=16, d_ff=32, num_layers=1, num_heads=2, d_kv=8, vocab_size=64)
     T5ForConditionalGeneration(cfg).save_pretrained(tmp_path / "t5")
@@ -313,7 +314,7 @@ def test_a_sweep_killed_mid_run_is_marked_failed_by_the_next(tmp_path):
 
     from mlsae_pipeline.run_health import fail_dead_runs
 
-    home, data = tmp_path / "dagster_home", tmp_path / "data"
+    home, data = tmp_path / "dagster_home", write_smoke_inputs(tmp_path / "data")
     home.mkdir()
     env = {**os.environ, "DAGSTER_HOME": str(home), "MLSAE_SWEEP": "smoke"}
     env["MLSAE_DATA_DIR"] = str(data)

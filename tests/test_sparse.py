@@ -11,8 +11,8 @@ from mlsae_core.losses import total_loss
 from mlsae_core.metrics import SpliceMetrics
 from mlsae_core.sae import MLSAE
 from mlsae_core.sparse import gathered_preacts, sparse_outer_sum, sparse_outer_sum_plain
-from mlsae_core.tiny import tiny_transformer
 from mlsae_core.train import make_optimizer, optimizer_step
+from tests.tiny import tiny_transformer
 
 
 def test_sparse_outer_sum_equals_index_add_and_dense_float64():

@@ -15,8 +15,8 @@ from mlsae_core.cli import main
 from mlsae_core.config import ConfigError, EvalConfig
 from mlsae_core.runs import load_for_test
 from mlsae_core.sae import MLSAE
-from mlsae_core.tiny import tiny_transformer
 from tests.test_cli import corpus_dir, tiny_model_dir  # noqa: F401 - fixtures
+from tests.tiny import tiny_transformer
 
 SETTINGS = {  # the original's Lightning hparams, unknown keys included
     "layers": None,

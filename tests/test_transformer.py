@@ -9,7 +9,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mlsae_core.tiny import BOS_ID, EOS_ID, FAMILIES, PAD_ID, tiny_transformer
 from mlsae_core.transformer import (
     SUPPORTED_FAMILIES,
     CleanPass,
@@ -18,6 +17,7 @@ from mlsae_core.transformer import (
     resolve_model_path,
     smollm2_gguf_path,
 )
+from tests.tiny import BOS_ID, EOS_ID, FAMILIES, PAD_ID, tiny_transformer, write_smoke_inputs
 
 logger = logging.getLogger(__name__)
 N_LAYERS = 3
@@ -223,6 +223,22 @@ def test_load_local_directory_and_resolve(tmp_path, tokens: torch.Tensor) -> Non
     loaded = Transformer.load(str(tmp_path / "m"))
     assert loaded.family == "gpt_neox" and loaded.special_token_ids == tt.special_token_ids
     torch.testing.assert_close(loaded.activations(tokens), tt.activations(tokens), rtol=0, atol=0)
+
+
+def test_names_resolve_under_the_storage_root_only(tmp_path, monkeypatch) -> None:
+    """A bare name is a model directory under the storage root's models/ (or a source under
+    its sources/) when one is there, so it follows MLSAE_DATA_DIR; the package knows no tiny
+    names: with nothing written, `tiny-llama` is just a hub id."""
+    from mlsae_core.runs import resolve_dataset
+
+    monkeypatch.setenv("MLSAE_DATA_DIR", str(tmp_path / "root"))
+    assert resolve_model_path("tiny-llama") == "tiny-llama"
+    assert resolve_dataset("tiny-text") == "tiny-text"
+    write_smoke_inputs(tmp_path / "root")
+    root = (tmp_path / "root").resolve()
+    assert resolve_model_path("tiny-llama") == str(root / "models" / "tiny-llama")
+    assert resolve_dataset("tiny-text") == str(root / "sources" / "tiny-text")
+    assert Transformer.load("tiny-llama").n_layers == 4
 
 
 def test_smollm2_gguf_is_located_without_import() -> None:

@@ -41,7 +41,7 @@ def test_missing_or_empty_corpus(tiny_model_dir, tmp_path, capsys):  # noqa: F81
 def test_unsupported_model_family(tmp_path, corpus_dir, capsys):  # noqa: F811
     from transformers import BertConfig, BertForMaskedLM
 
-    from mlsae_core.tiny import tiny_tokenizer
+    from tests.tiny import tiny_tokenizer
 
     BertForMaskedLM(BertConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
                                intermediate_size=16, vocab_size=64)).save_pretrained(tmp_path / "b")  # fmt: skip
@@ -65,7 +65,7 @@ def test_config_unknown_keys_and_ranges():
 
 def test_pickled_model_is_refused(tmp_path, corpus_dir, capsys):  # noqa: F811
     """A model directory with only pytorch_model.bin (pickle) is never unpickled."""
-    from mlsae_core.tiny import tiny_transformer
+    from tests.tiny import tiny_transformer
 
     t = tiny_transformer("llama", n_layers=3, d=32)
     import torch

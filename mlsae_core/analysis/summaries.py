@@ -39,16 +39,13 @@ def _sorted(table: pa.Table, *extra: str) -> pa.Table:
 
 
 # ----- test_summary ------------------------------------------------------------------------
-def test_summary(test_metrics: pa.Table) -> pa.Table:
+def summarize_test_metrics(test_metrics: pa.Table) -> pa.Table:
     """One row per config: its `avg` test-metrics row, with n_layers after the partition."""
     avg = test_metrics.filter(pc.equal(test_metrics.column("layer"), "avg")).drop(["layer"])
     labels = avg.column("layers").to_pylist()
     n_layers = pa.array([n_layers_of(x) for x in labels], pa.int64())
     avg = avg.add_column(len(PARTITION_COLUMNS), "n_layers", n_layers)
     return _sorted(avg)
-
-
-test_summary.__test__ = False  # a table builder, not a pytest test
 
 
 # ----- dists_layer_std ---------------------------------------------------------------------

@@ -14,7 +14,7 @@ being mmap'd). The fix, and what states it:
 * `tune_allocator`: a fixed 1 MiB mmap threshold (tensors of 1 MiB and more are mmap'd and
   given back to the kernel when freed) and at most 2 arenas (glibc only; `mlsae explore`);
 * `result_bytes` / `working_set_bytes`: the terms of the documented bound
-  (`Explorer.memory_bound`, in /api/info), which `explorer.burst` measures against.
+  (`Explorer.memory_bound`, in /api/info), which `benchmarks/explorer_burst.py` measures against.
 """
 
 from __future__ import annotations

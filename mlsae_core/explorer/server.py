@@ -35,7 +35,7 @@ from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from mlsae_core.checkpoint import load_sae, resolve_checkpoint
+from mlsae_core.checkpoint import resolve_checkpoint
 from mlsae_core.config import ConfigError, from_args, resolve_device
 from mlsae_core.explorer import schemas as sc
 from mlsae_core.explorer.examples import ExamplesStore, examples_path, load_examples
@@ -316,7 +316,7 @@ def load_app(repo_id: str, settings: ExplorerSettings | None = None) -> FastAPI:
     settings = settings or ExplorerSettings()
     device = resolve_device(settings.device)
     directory = resolve_checkpoint(repo_id)
-    sae = load_sae(directory, device=device)
+    sae = MLSAE.from_pretrained(directory, device=device)
     name = settings.model_name or sae.metadata.get("model_name")
     if not name:
         raise ConfigError(

@@ -25,7 +25,7 @@ def build_model_assets(parts: SweepPartitions) -> list[Any]:
         description=(
             "The base causal LM as a local safetensors directory: the offline SmolLM2 converted "
             "once from its GGUF, a hub snapshot (e.g. EleutherAI/pythia-70m-deduped), a local "
-            "directory, or a tiny random model (tiny-llama) built in-process "
+            "directory, or a model directory under the storage root's models/ by name "
             "(mlsae_core.transformer.resolve_model_path). Metadata: path, layers, d_model."
         ),
     )

@@ -57,7 +57,7 @@ def build_summary_assets() -> list[Any]:
         automation_condition=eager(),
         description=(
             "One row per config (model, expansion_factor, k, layers) with the test metrics "
-            "averaged over layers (summaries.test_summary), plus figures of each metric by k "
+            "averaged over layers (summaries.summarize_test_metrics), plus figures of each metric by k "
             "and by expansion factor (figures/test_<metric>_by_{k,expansion})."
         ),
     )
@@ -70,7 +70,7 @@ def build_summary_assets() -> list[Any]:
             from mlsae_core import figures
             from mlsae_core.analysis import summaries
 
-            table = summaries.test_summary(test_metrics)
+            table = summaries.summarize_test_metrics(test_metrics)
             try:
                 written = figures.summary_figures(
                     table, storage.layout.figures_dir, metrics=("fvu", "l0", "dce")

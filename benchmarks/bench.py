@@ -1,10 +1,10 @@
-"""Benchmark suite: `python -m mlsae_core.bench [--quick] [--only NAME] [--json [PATH]]`.
+"""Benchmark suite: `python -m benchmarks.bench [--quick] [--only NAME] [--json [PATH]]`.
 
 Run as a script, never as timed tests. Every measurement runs in its OWN subprocess, so the
-peak RSS (`ru_maxrss`) printed is that measurement's. The baseline, `mlsae_core.bench_baseline`
-(the original research code's compute pattern, in the package; `--baseline PATH` runs another
+peak RSS (`ru_maxrss`) printed is that measurement's. The baseline, `benchmarks.bench_baseline`
+(the original research code's compute pattern, beside it; `--baseline PATH` runs another
 script with the same flags instead), runs in the same process tree on the same model directory
-(random Pythia-70m-shaped weights from `mlsae_core.tiny`, saved once), the same batch shape and
+(random Pythia-70m-shaped weights from `tests.tiny`, saved once), the same batch shape and
 the same thread count, and each pair reports ours / baseline.
 
 Measurements (tokens/s = chunk positions per second, median of --reps after --warmup):
@@ -48,8 +48,8 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-BASELINE_MODULE = "mlsae_core.bench_baseline"
-# `mlsae_core.tiny.tiny_model("gpt_neox", ...)` arguments for the benchmark's two model shapes.
+BASELINE_MODULE = "benchmarks.bench_baseline"
+# `tests.tiny.tiny_model("gpt_neox", ...)` arguments for the benchmark's two model shapes.
 PYTHIA_70M_SHAPE = dict(
     n_layers=6,
     d=512,
@@ -471,7 +471,7 @@ def make_model_dir(out: Path, shape: dict[str, Any]) -> Path:
     Pythia's rotary fraction and token ids (bos = eos = 0, no pad), no tokenizer: the
     benchmark feeds random ids and both sides load the directory with `from_pretrained`.
     """
-    from mlsae_core.tiny import tiny_model
+    from tests.tiny import tiny_model
 
     ids = dict(bos_token_id=0, eos_token_id=0, pad_token_id=None)
     tiny_model("gpt_neox", **shape, seed=0, rotary_pct=0.25, **ids).save_pretrained(out)
@@ -487,7 +487,7 @@ def _smollm2_available() -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
-        prog="python -m mlsae_core.bench", description=__doc__.split("\n")[0]
+        prog="python -m benchmarks.bench", description=__doc__.split("\n")[0]
     )
     p.add_argument("--quick", action="store_true", help="reps 2, warmup 1, fewer SmolLM2 tokens")
     p.add_argument("--only", action="append", default=[], help="run names containing this")
@@ -556,7 +556,7 @@ def main(argv: list[str] | None = None) -> int:
         model_dir = make_model_dir(Path(tmp) / "model", TINY_SHAPE if a.tiny else PYTHIA_70M_SHAPE)
         shape = dict(batch_size=a.batch_size, max_length=a.max_length)
         model_label = "tiny-gpt-neox" if a.tiny else "pythia-70m-arch (random weights)"
-        me = [sys.executable, "-m", "mlsae_core.bench", "--threads", str(a.threads), "--worker"]
+        me = [sys.executable, "-m", "benchmarks.bench", "--threads", str(a.threads), "--worker"]
         # The peaks first, each in its own worker like every line: float32 always, and the
         # dtype of delta_dtype="auto" when a line that uses it is selected.
         with_smol = not a.no_smollm2 and not a.tiny

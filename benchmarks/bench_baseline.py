@@ -1,6 +1,6 @@
 """The benchmark's yardstick: how the original research code spends its compute, in plain torch.
 
-`python -m mlsae_core.bench` times our training and evaluation next to this module on the same
+`python -m benchmarks.bench` times our training and evaluation next to this module on the same
 model directory, batch and thread count, and reports ours / baseline. Nothing else in the
 project imports it. It reproduces the original's cost structure, not its training results:
 
@@ -15,7 +15,7 @@ project imports it. It reproduces the original's cost structure, not its trainin
   full-vocabulary logits, then CE, KL and logit MSE.
 
 Usage (prints one JSON line with tokens_per_s and peak_rss_mb):
-  python -m mlsae_core.bench_baseline --model DIR --mode train|eval --expansion-factor 16 -k 32
+  python -m benchmarks.bench_baseline --model DIR --mode train|eval --expansion-factor 16 -k 32
       [--batch-size 4] [--max-length 256] [--reps 5] [--warmup 1] [--threads 2]
 """
 
@@ -174,7 +174,7 @@ def eval_step(model: torch.nn.Module, sae: DenseTopKSAE, tokens: torch.Tensor) -
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m mlsae_core.bench_baseline")
+    p = argparse.ArgumentParser(prog="python -m benchmarks.bench_baseline")
     p.add_argument("--model", required=True)
     p.add_argument("--mode", choices=["train", "eval"], default="train")
     p.add_argument("--expansion-factor", type=int, default=16)

@@ -1,6 +1,6 @@
 """A bounded burst measurement of the explorer: RSS and latency under many concurrent requests.
 
-`python -m mlsae_core.explorer.burst --repo_id DIR` starts `mlsae explore` in a subprocess on
+`python -m benchmarks.explorer_burst --repo_id DIR` starts `mlsae explore` in a subprocess on
 a free 127.0.0.1 port (so the RSS measured is the server's alone), waits until it answers,
 then fires `--rounds` bursts of `--requests` concurrent requests of distinct, long prompts
 (cache misses: analyses, heatmaps, histograms, logits with a new splice each) and prints one

@@ -4,9 +4,11 @@ One builder serves three users, so a tiny model means the same thing everywhere:
 
 * the tests: `tiny_transformer(family, n_layers, d)`, in memory, with biases and norm weights
   perturbed so that a bug dropping either one changes the numbers;
-* the pipeline's smoke sweep: the model name `tiny-llama` / `tiny-gpt-neox[-L4][-d32]` is
-  built by `build_tiny_model` into a model directory (`save_pretrained`) that the rest of the
-  pipeline loads like any local model, and the dataset `tiny-text` by `write_tiny_text`;
+* the smoke sweep: `python -m tests.tiny ROOT` writes `ROOT/models/tiny-llama/` (a model
+  directory, `save_pretrained`) and `ROOT/sources/tiny-text/` (synthetic documents), which the
+  sweep names like any model or source already under the storage root; the product's loaders
+  know nothing of them (`tiny-llama` / `tiny-gpt-neox[-L4][-d32]` name what `build_tiny_model`
+  builds);
 * the benchmark: `tiny_model("gpt_neox", ...)` with Pythia-70m's shape, saved once.
 
 Everything is deterministic: the weights depend only on the config and the seed, which is set
@@ -20,6 +22,7 @@ import collections
 import json
 import random
 import re
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -34,7 +37,8 @@ if TYPE_CHECKING:
 FAMILIES = ("gpt_neox", "llama", "gpt2")
 PAD_ID, BOS_ID, EOS_ID, UNK_ID = 0, 1, 2, 3
 SPECIALS = ("<pad>", "<bos>", "<eos>", "<unk>")  # ids 0..3, in this order
-TINY_TEXT = "tiny-text"  # the pipeline's synthetic dataset name
+TINY_TEXT = "tiny-text"  # the smoke sweep's synthetic source, under the storage root's sources/
+SMOKE_MODEL = "tiny-llama"  # the smoke sweep's model, under the storage root's models/
 
 # Words of the synthetic `tiny-text` documents; with "." and "," they are the sweep's vocabulary.
 WORDS = (
@@ -167,11 +171,7 @@ def tiny_transformer(
     return Transformer.from_model(model, tiny_tokenizer(), name=f"tiny-{family}")
 
 
-# ----- the pipeline's named tiny models and synthetic text -----------------------------------
-def is_tiny(name: str) -> bool:
-    return _NAME.fullmatch(name) is not None
-
-
+# ----- the smoke sweep's tiny models and synthetic text, written under a storage root -------
 def parse_tiny_name(name: str) -> tuple[str, int, int]:
     """`tiny-llama-L4-d32` -> ("llama", 4, 32); layers default to 4 and width to 32."""
     m = _NAME.fullmatch(name)
@@ -208,3 +208,22 @@ def write_tiny_text(
                     words.append(".")
             (tmp / f"doc{i:03d}.txt").write_text(" ".join(words) + "\n", encoding="utf-8")
     return out_dir
+
+
+def write_smoke_inputs(root: Path, models: Sequence[str] = (SMOKE_MODEL,)) -> Path:
+    """Write what the smoke sweep names into the storage root `root` (once; reruns keep
+    them): each tiny model under models/<name>/ and the synthetic text under sources/."""
+    root = Path(root)
+    for name in models:
+        if not (root / "models" / name / "config.json").is_file():
+            build_tiny_model(name, root / "models" / name)
+    if not (root / "sources" / TINY_TEXT).is_dir():
+        write_tiny_text(root / "sources" / TINY_TEXT)
+    return root
+
+
+if __name__ == "__main__":  # python -m tests.tiny ROOT [MODEL ...]
+    if len(sys.argv) < 2:
+        sys.exit("usage: python -m tests.tiny ROOT [tiny-llama ...]: ROOT is the storage root")
+    write_smoke_inputs(Path(sys.argv[1]), sys.argv[2:] or (SMOKE_MODEL,))
+    print(f"wrote the smoke sweep's model(s) and text under {sys.argv[1]}")
