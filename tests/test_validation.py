@@ -2,10 +2,21 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from mlsae_core.cli import main
-from mlsae_core.config import ConfigError, DataConfig, SAEConfig, TrainConfig, from_dict
+from mlsae_core.config import (
+    ConfigError,
+    DataConfig,
+    RunSpec,
+    SAEConfig,
+    TrainConfig,
+    from_dict,
+    spec_from_dict,
+    spec_to_dict,
+)
 from tests.test_cli import corpus_dir, tiny_model_dir, train_args  # noqa: F401 - fixtures
 
 
@@ -54,6 +65,10 @@ def test_unsupported_model_family(tmp_path, corpus_dir, capsys):  # noqa: F811
 def test_config_unknown_keys_and_ranges():
     with pytest.raises(ConfigError, match=r"unknown key\(s\) \['kk'\] in sweep.*allowed keys"):
         from_dict(SAEConfig, {"kk": 3}, where="sweep")
+    with pytest.raises(ConfigError, match=r"unknown key\(s\) \['kk'\] in SAEConfig"):
+        SAEConfig(kk=3)
+    with pytest.raises(ConfigError, match="k=True is not allowed: an integer"):
+        SAEConfig(k=True)  # a YAML `true` is not a count
     with pytest.raises(ConfigError, match="test_fraction=1.5"):
         DataConfig(test_fraction=1.5)
     with pytest.raises(ConfigError, match="accumulate_grad_batches=0"):
@@ -61,6 +76,21 @@ def test_config_unknown_keys_and_ranges():
     with pytest.raises(ConfigError, match="auxk=-1"):
         SAEConfig(auxk=-1)
     assert SAEConfig(auxk=0).auxk is None  # the CLI's `--auxk 0`: no AuxK loss
+    with pytest.raises(ConfigError, match="lr=0.0 is not allowed: a number > 0"):
+        dataclasses.replace(TrainConfig(), lr=0.0)  # replace re-validates
+
+
+def test_nested_settings_from_a_mapping():
+    """A RunSpec from its JSON form (sections as mappings) validates every section."""
+    spec = RunSpec(layers=[2, 0], sae=SAEConfig(k=4))
+    assert spec_from_dict(spec_to_dict(spec)) == spec and spec.layers == (2, 0)
+    bad = {**spec_to_dict(spec), "data": {"max_length": 1}}
+    with pytest.raises(
+        ConfigError, match=r"spec: data.max_length=1 is not allowed: an integer >= 2"
+    ):
+        spec_from_dict(bad)
+    with pytest.raises(ConfigError, match=r"unknown key\(s\) \['x'\] in train of spec"):
+        spec_from_dict({**spec_to_dict(spec), "train": {"x": 1}})
 
 
 def test_pickled_model_is_refused(tmp_path, corpus_dir, capsys):  # noqa: F811
