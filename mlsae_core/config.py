@@ -54,23 +54,27 @@ _KINDS = {"int_type": "an integer", "int_parsing": "an integer", "int_from_float
           "string_too_short": "a non-empty text", "string_pattern_mismatch": "a non-empty text"}  # fmt: skip
 
 
-def _allowed(err: Mapping[str, Any]) -> str:
+def _fields_at(cls: Any, path: list[str]) -> tuple[dict[str, Any], Any]:
+    """(fields of the class reached from `cls` along `path`, the last field's FieldInfo)."""
+    info = None
+    for part in path:
+        info = getattr(cls, "__pydantic_fields__", {}).get(part)
+        cls = info.annotation if info else None
+    return getattr(cls, "__pydantic_fields__", {}), info
+
+
+def _allowed(err: Mapping[str, Any], info: Any) -> str:
+    """What a field allows, in words: both bounds of a range, the choices of a Literal."""
     kind, ctx = err["type"], err.get("ctx") or {}
     if kind in _BOUNDS:
-        key, op = _BOUNDS[kind]
-        limit = ctx[key]
-        return f"{'an integer' if isinstance(limit, int) else 'a number'} {op} {limit:g}"
+        limit = ctx[_BOUNDS[kind][0]]
+        bounds = [(op, getattr(m, key)) for m in getattr(info, "metadata", [])
+                  for key, op in _BOUNDS.values() if getattr(m, key, None) is not None]  # fmt: skip
+        ranges = " and ".join(f"{op} {v:g}" for op, v in bounds or [(_BOUNDS[kind][1], limit)])
+        return f"{'an integer' if isinstance(limit, int) else 'a number'} {ranges}"
     if kind == "literal_error":
         return "one of " + ctx["expected"].replace("'", "").replace(" or ", ", ")
     return _KINDS.get(kind) or err["msg"][:1].lower() + err["msg"][1:]
-
-
-def _keys_at(cls: Any, path: list[str]) -> list[str]:
-    """The field names of the settings class reached from `cls` along `path` ([] if unknown)."""
-    for part in path:
-        fields = getattr(cls, "__pydantic_fields__", {})
-        cls = fields[part].annotation if part in fields else None
-    return list(getattr(cls, "__pydantic_fields__", {}))
 
 
 def config_error(exc: ValidationError, cls: Any, where: str = "") -> ConfigError:
@@ -87,11 +91,12 @@ def config_error(exc: ValidationError, cls: Any, where: str = "") -> ConfigError
         elif err["type"] == "missing":
             lines.append(f"{'.'.join(loc)} is missing")
         else:
-            lines.append(f"{'.'.join(loc)}={err['input']!r} is not allowed: {_allowed(err)}")
+            allowed = _allowed(err, _fields_at(cls, loc)[1])
+            lines.append(f"{'.'.join(loc)}={err['input']!r} is not allowed: {allowed}")
     lines = [f"{where}: {line}" if where else line for line in lines]
     for section, keys in unknown.items():
         place = " of ".join(p for p in (".".join(section), where or cls.__name__) if p)
-        allowed = sorted(_keys_at(cls, list(section)))
+        allowed = sorted(_fields_at(cls, list(section))[0])
         lines.append(f"unknown key(s) {sorted(keys)} in {place}; allowed keys are {allowed}")
     return ConfigError("; ".join(lines))
 
@@ -435,28 +440,3 @@ def from_args(cls: type[T], args: argparse.Namespace, **overrides: Any) -> T:
     values = {name: getattr(args, name, None) for name in cli_fields(cls)}
     values = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items() if v is not None}
     return cls(**{**values, **overrides})
-
-
-__all__ = [
-    "DEFAULT_PROMPT",
-    "DELTA_DTYPE_CHOICES",
-    "PRECISION_CHOICES",
-    "VALID_DEVICES",
-    "ConfigError",
-    "DataConfig",
-    "EvalConfig",
-    "LensConfig",
-    "RunSpec",
-    "SAEConfig",
-    "TrainConfig",
-    "add_arguments",
-    "cli_fields",
-    "config_error",
-    "from_args",
-    "from_dict",
-    "resolve_device",
-    "settings",
-    "spec_from_dict",
-    "spec_to_dict",
-    "to_dict",
-]

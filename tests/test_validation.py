@@ -69,7 +69,9 @@ def test_config_unknown_keys_and_ranges():
         SAEConfig(kk=3)
     with pytest.raises(ConfigError, match="k=True is not allowed: an integer"):
         SAEConfig(k=True)  # a YAML `true` is not a count
-    with pytest.raises(ConfigError, match="test_fraction=1.5"):
+    with pytest.raises(
+        ConfigError, match=r"test_fraction=1.5 is not allowed: a number >= 0 and < 1"
+    ):
         DataConfig(test_fraction=1.5)
     with pytest.raises(ConfigError, match="accumulate_grad_batches=0"):
         TrainConfig(accumulate_grad_batches=0)
@@ -115,3 +117,21 @@ def test_eval_delta_dtype_is_checked():
     assert EvalConfig(delta_dtype="float32").delta_dtype == "float32"
     with pytest.raises(ConfigError, match="delta_dtype='fp16'.*auto, float32, bfloat16"):
         EvalConfig(delta_dtype="fp16")
+
+
+def test_the_sweep_model_refuses_unknown_keys_by_section():
+    """The sweep file is one pydantic model of the settings classes: an unknown key is refused
+    by the model itself, named with its section and the keys that section allows."""
+    from pathlib import Path
+
+    from mlsae_pipeline.sweep import parse_sweep
+
+    base = {"models": ["tiny-llama"]}
+    with pytest.raises(ConfigError, match=r"unknown key\(s\) \['lrr'\] in train of sweep file x.yaml; "
+                       r"allowed keys are \['accumulate_grad_batches'"):  # fmt: skip
+        parse_sweep({**base, "train": {"lrr": 1}}, Path("x.yaml"))
+    with pytest.raises(ConfigError, match=r"sweep file x.yaml: checks.dead_max=2 is not allowed: "
+                       r"a number >= 0 and <= 1"):  # fmt: skip
+        parse_sweep({**base, "checks": {"dead_max": 2}}, Path("x.yaml"))
+    with pytest.raises(ConfigError, match="sweep file x.yaml: k=0 is not allowed: an integer >= 1"):
+        parse_sweep({**base, "grid": {"k": [4, 0]}}, Path("x.yaml"))  # SAEConfig's own range
