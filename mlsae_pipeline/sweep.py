@@ -134,13 +134,6 @@ class Grid(BaseModel):
     def _layer_sets(cls, value: list[Any]) -> list[tuple[int, ...] | None]:
         return [_layer_set(item) for item in value]
 
-    @field_validator("tuned_lens")
-    @classmethod
-    def _distinct(cls, value: list[bool]) -> list[bool]:
-        if len(set(value)) != len(value):
-            raise ValueError(f"grid.tuned_lens={value!r} is not allowed: a value is listed twice")
-        return value
-
 
 GRID_KEYS = tuple(Grid.model_fields)  # swept: every combination is a partition
 
