@@ -1,9 +1,13 @@
-"""Every setting of a run, defined once: SAE, data, training and evaluation dataclasses.
+"""Every setting of a run, defined once: SAE, data, training and evaluation settings.
 
-Each field carries its default and its help text; the CLI's flags are generated from these
-fields (`add_arguments`), the sweep YAML uses the same field names in sections of the same
-names, and the pipeline builds the same dataclasses, so a default cannot drift between them.
-Every check names the field, the bad value and what is allowed, before any compute starts.
+Each class is a frozen pydantic dataclass: a field's default, help (`description`) and range
+(`ge`/`gt`/`lt`, `Literal` choices) are declared once, and pydantic checks them and refuses
+unknown keys (`extra="forbid"`). The CLI's flags are generated from the same fields
+(`add_arguments`), the sweep YAML is a pydantic model of these classes (mlsae_pipeline/sweep.py),
+and the pipeline builds the same classes, so a default cannot drift between them. A bad value
+raises `ConfigError` with one line naming the field, the value and what is allowed, before any
+compute starts. They stay dataclasses, so `dataclasses.asdict`/`replace` (which re-validates)
+work on them.
 
 Kept free of torch so the CLI and Dagster's code server start quickly.
 """
@@ -12,18 +16,24 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import types
 import typing
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
-VALID_DEVICES = ("cpu", "cuda", "auto")
+from pydantic import ConfigDict, Field, StrictInt, ValidationError, field_validator
+from pydantic.dataclasses import dataclass as pydantic_dataclass
+
+Device = Literal["cpu", "cuda", "auto"]
 # Precisions (precision.resolve_precision): auto = bfloat16 where native, else float32.
-PRECISION_CHOICES = ("auto", "float32", "bfloat16")
+Precision = Literal["auto", "float32", "bfloat16"]
+VALID_DEVICES = typing.get_args(Device)
+PRECISION_CHOICES = typing.get_args(Precision)
 DELTA_DTYPE_CHOICES = PRECISION_CHOICES  # the splice metrics' logit-difference GEMM
 DEFAULT_PROMPT = "When Mary and John went to the store, John gave a drink to"
-
+DEVICE_HELP = "cpu, cuda, or auto (cuda when available)"
+NO_FLAG = {"cli": False}  # json_schema_extra of a field the CLI does not expose
 T = TypeVar("T")
 
 
@@ -36,61 +46,104 @@ def _check(cond: bool, name: str, value: Any, allowed: str) -> None:
         raise ConfigError(f"{name}={value!r} is not allowed: {allowed}")
 
 
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
+# ----- pydantic's errors as one line -------------------------------------------------------
+_BOUNDS = {"greater_than_equal": ("ge", ">="), "greater_than": ("gt", ">"),
+           "less_than": ("lt", "<"), "less_than_equal": ("le", "<=")}  # fmt: skip
+_KINDS = {"int_type": "an integer", "int_parsing": "an integer", "int_from_float": "an integer",
+          "float_type": "a number", "float_parsing": "a number", "bool_type": "true or false",
+          "string_too_short": "a non-empty text", "string_pattern_mismatch": "a non-empty text"}  # fmt: skip
 
 
-def setting(
-    default: Any,
-    help: str,
-    *,
-    flag: str | None = None,
-    cli: bool = True,
-    choices: tuple[str, ...] | None = None,
-) -> Any:
-    """A dataclass field with the metadata the CLI generator reads (help, flag, choices)."""
-    meta = {"help": help, "flag": flag, "cli": cli, "choices": choices}
-    return field(default=default, metadata=meta)
+def _fields_at(cls: Any, path: list[str]) -> tuple[dict[str, Any], Any]:
+    """(fields of the class reached from `cls` along `path`, the last field's FieldInfo)."""
+    info = None
+    for part in path:
+        info = getattr(cls, "__pydantic_fields__", {}).get(part)
+        cls = info.annotation if info else None
+    return getattr(cls, "__pydantic_fields__", {}), info
 
 
-@dataclass(frozen=True)
+def _allowed(err: Mapping[str, Any], info: Any) -> str:
+    """What a field allows, in words: both bounds of a range, the choices of a Literal."""
+    kind, ctx = err["type"], err.get("ctx") or {}
+    if kind in _BOUNDS:
+        limit = ctx[_BOUNDS[kind][0]]
+        bounds = [(op, getattr(m, key)) for m in getattr(info, "metadata", [])
+                  for key, op in _BOUNDS.values() if getattr(m, key, None) is not None]  # fmt: skip
+        ranges = " and ".join(f"{op} {v:g}" for op, v in bounds or [(_BOUNDS[kind][1], limit)])
+        return f"{'an integer' if isinstance(limit, int) else 'a number'} {ranges}"
+    if kind == "literal_error":
+        return "one of " + ctx["expected"].replace("'", "").replace(" or ", ", ")
+    return _KINDS.get(kind) or err["msg"][:1].lower() + err["msg"][1:]
+
+
+def config_error(exc: ValidationError, cls: Any, where: str = "") -> ConfigError:
+    """pydantic's errors as one line: `name=value is not allowed: what is`, unknown keys by
+    name with the keys their section allows (`where` names the file or mapping)."""
+    lines: list[str] = []
+    unknown: dict[tuple[str, ...], list[str]] = {}
+    for err in exc.errors(include_url=False):
+        loc = [str(p) for p in err["loc"] if isinstance(p, str)]  # list indexes dropped
+        if err["type"] in ("extra_forbidden", "unexpected_keyword_argument"):
+            unknown.setdefault(tuple(loc[:-1]), []).append(loc[-1])
+        elif err["type"] == "value_error":  # raised by a validator, naming the field itself
+            lines.append(str(err["ctx"]["error"]))
+        elif err["type"] == "missing":
+            lines.append(f"{'.'.join(loc)} is missing")
+        else:
+            allowed = _allowed(err, _fields_at(cls, loc)[1])
+            lines.append(f"{'.'.join(loc)}={err['input']!r} is not allowed: {allowed}")
+    lines = [f"{where}: {line}" if where else line for line in lines]
+    for section, keys in unknown.items():
+        place = " of ".join(p for p in (".".join(section), where or cls.__name__) if p)
+        allowed = sorted(_fields_at(cls, list(section))[0])
+        lines.append(f"unknown key(s) {sorted(keys)} in {place}; allowed keys are {allowed}")
+    return ConfigError("; ".join(lines))
+
+
+def settings(cls: type[T]) -> type[T]:
+    """A frozen pydantic dataclass that refuses unknown keys and raises ConfigError."""
+    cls = pydantic_dataclass(frozen=True, config=ConfigDict(extra="forbid"))(cls)
+    init = cls.__init__
+
+    @functools.wraps(init)
+    def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
+        try:
+            init(self, *args, **kwargs)
+        except ValidationError as exc:
+            raise config_error(exc, cls) from None
+
+    cls.__init__ = __init__  # type: ignore[method-assign]
+    return cls
+
+
+# ----- the settings ------------------------------------------------------------------------
+@settings
 class SAEConfig:
     """The MLSAE's shape and sparsity (docs/method.md §3)."""
 
-    expansion_factor: int = setting(64, "latents per input dimension: n_latents = this * d")
-    k: int = setting(32, "active latents per vector (TopK)", flag="-k")
-    auxk: int | None = setting(256, "dead latents in the AuxK loss (0 or none: no AuxK loss)")
-    auxk_coef: float = setting(1 / 32, "scale of the AuxK loss")
-    dead_tokens_threshold: int = setting(
-        10_000_000, "tokens without firing after which a latent counts as dead"
+    expansion_factor: StrictInt = Field(
+        64, ge=1, description="latents per input dimension: n_latents = this * d"
     )
-    dead_threshold: float = setting(1e-3, "activation above which a latent counts as firing")
-    standardize: bool = setting(True, "standardize each input vector (mean 0, std 1)")
+    k: StrictInt = Field(
+        32, ge=1, description="active latents per vector (TopK)", json_schema_extra={"flag": "-k"}
+    )
+    auxk: StrictInt | None = Field(
+        256, ge=1, description="dead latents in the AuxK loss (0 or none: no AuxK loss)"
+    )
+    auxk_coef: float = Field(1 / 32, ge=0, description="scale of the AuxK loss")
+    dead_tokens_threshold: StrictInt = Field(
+        10_000_000, ge=1, description="tokens without firing after which a latent counts as dead"
+    )
+    dead_threshold: float = Field(
+        1e-3, ge=0, description="activation above which a latent counts as firing"
+    )
+    standardize: bool = Field(True, description="standardize each input vector (mean 0, std 1)")
 
-    def __post_init__(self) -> None:
-        if self.auxk == 0:
-            object.__setattr__(self, "auxk", None)  # the CLI's way to turn AuxK off
-        _check(
-            _is_int(self.expansion_factor) and self.expansion_factor >= 1,
-            "expansion_factor",
-            self.expansion_factor,
-            "an integer >= 1",
-        )
-        _check(_is_int(self.k) and self.k >= 1, "k", self.k, "an integer >= 1")
-        _check(
-            self.auxk is None or (_is_int(self.auxk) and self.auxk >= 1),
-            "auxk",
-            self.auxk,
-            "0/None or an integer >= 1",
-        )
-        _check(self.auxk_coef >= 0, "auxk_coef", self.auxk_coef, "a number >= 0")
-        _check(
-            _is_int(self.dead_tokens_threshold) and self.dead_tokens_threshold >= 1,
-            "dead_tokens_threshold",
-            self.dead_tokens_threshold,
-            "an integer >= 1",
-        )
-        _check(self.dead_threshold >= 0, "dead_threshold", self.dead_threshold, "a number >= 0")
+    @field_validator("auxk", mode="before")
+    @classmethod
+    def _auxk_off(cls, value: Any) -> Any:
+        return None if value == 0 and not isinstance(value, bool) else value  # `--auxk 0`
 
     def n_latents(self, d_model: int) -> int:
         n = self.expansion_factor * d_model
@@ -98,163 +151,91 @@ class SAEConfig:
         return n
 
 
-@dataclass(frozen=True)
+@settings
 class DataConfig:
     """Where text comes from and how it is cut into token chunks (docs/method.md §2)."""
 
-    dataset: str = setting(
+    dataset: str = Field(
         "brown",
-        "hub dataset id (e.g. monology/pile-uncopyrighted), local .txt/.jsonl/.jsonl.zst/"
-        ".parquet file or directory, 'brown' (the offline Brown corpus) or a source's name "
-        "under the storage root's sources/",
+        min_length=1,
+        description="hub dataset id (e.g. monology/pile-uncopyrighted), local .txt/.jsonl/"
+        ".jsonl.zst/.parquet file or directory, 'brown' (the offline Brown corpus) or a "
+        "source's name under the storage root's sources/",
     )
-    max_length: int = setting(2048, "tokens per sequence")
-    batch_size: int = setting(1, "sequences per training micro-batch")
-    max_tokens: int = setting(1_000_000_000, "training token budget")
-    test_fraction: float = setting(0.1, "fraction of documents held out for evaluation")
-    text_field: str = setting("text", "field holding the text in .jsonl/.parquet/hub rows")
-    split: str = setting("train", "hub dataset split to stream")
-
-    def __post_init__(self) -> None:
-        _check(bool(self.dataset), "dataset", self.dataset, "a hub id, a path, or 'brown'")
-        _check(
-            _is_int(self.max_length) and self.max_length >= 2,
-            "max_length",
-            self.max_length,
-            "an integer >= 2",
-        )
-        _check(
-            _is_int(self.batch_size) and self.batch_size >= 1,
-            "batch_size",
-            self.batch_size,
-            "an integer >= 1",
-        )
-        _check(
-            _is_int(self.max_tokens) and self.max_tokens >= 1,
-            "max_tokens",
-            self.max_tokens,
-            "an integer >= 1 (tokens)",
-        )
-        _check(
-            0.0 <= self.test_fraction < 1.0,
-            "test_fraction",
-            self.test_fraction,
-            "a fraction in [0, 1)",
-        )
+    max_length: StrictInt = Field(2048, ge=2, description="tokens per sequence")
+    batch_size: StrictInt = Field(1, ge=1, description="sequences per training micro-batch")
+    max_tokens: StrictInt = Field(1_000_000_000, ge=1, description="training token budget")
+    test_fraction: float = Field(
+        0.1, ge=0, lt=1, description="fraction of documents held out for evaluation"
+    )
+    text_field: str = Field(
+        "text", description="field holding the text in .jsonl/.parquet/hub rows"
+    )
+    split: str = Field("train", description="hub dataset split to stream")
 
 
-@dataclass(frozen=True)
+@settings
 class TrainConfig:
     """Optimisation settings (docs/method.md §3.9); defaults are the reference's."""
 
-    lr: float = setting(1e-4, "Adam learning rate")
-    eps: float = setting(6.25e-10, "Adam epsilon")
-    accumulate_grad_batches: int = setting(64, "micro-batches per optimiser step")
-    seed: int = setting(0, "seed for the initialisation, the data order and the split")
-    checkpoint_every: int = setting(100, "optimiser steps between resume checkpoints")
-    device: str = setting("auto", "cpu, cuda, or auto (cuda when available)", choices=VALID_DEVICES)
-    precision: str = setting(
+    lr: float = Field(1e-4, gt=0, description="Adam learning rate")
+    eps: float = Field(6.25e-10, gt=0, description="Adam epsilon")
+    accumulate_grad_batches: StrictInt = Field(
+        64, ge=1, description="micro-batches per optimiser step"
+    )
+    seed: StrictInt = Field(
+        0, description="seed for the initialisation, the data order and the split"
+    )
+    checkpoint_every: StrictInt = Field(
+        100, ge=1, description="optimiser steps between resume checkpoints"
+    )
+    device: Device = Field("auto", description=DEVICE_HELP)
+    precision: Precision = Field(
         "auto",
-        "mixed precision: bfloat16 runs the transformer forward and the encoder GEMM that "
-        "picks the TopK (weights, losses, Adam and dead-latent counters stay float32); "
+        description="mixed precision: bfloat16 runs the transformer forward and the encoder GEMM "
+        "that picks the TopK (weights, losses, Adam and dead-latent counters stay float32); "
         "float32 everywhere is exact; auto is bfloat16 where the hardware has it natively "
         "(quality measured: docs/performance.md)",
-        choices=PRECISION_CHOICES,
     )
-    nproc_per_node: int = setting(
+    nproc_per_node: StrictInt = Field(
         1,
-        "processes for data-parallel training in the pipeline (torchrun); on the command line "
-        "prefix the command with torchrun instead",
-        cli=False,
+        ge=1,
+        description="processes for data-parallel training in the pipeline (torchrun); on the "
+        "command line prefix the command with torchrun instead",
+        json_schema_extra=NO_FLAG,
     )
 
-    def __post_init__(self) -> None:
-        _check(self.lr > 0, "lr", self.lr, "a number > 0")
-        _check(self.eps > 0, "eps", self.eps, "a number > 0")
-        _check(
-            _is_int(self.accumulate_grad_batches) and self.accumulate_grad_batches >= 1,
-            "accumulate_grad_batches",
-            self.accumulate_grad_batches,
-            "an integer >= 1",
-        )
-        _check(_is_int(self.seed), "seed", self.seed, "an integer")
-        _check(
-            _is_int(self.checkpoint_every) and self.checkpoint_every >= 1,
-            "checkpoint_every",
-            self.checkpoint_every,
-            "an integer >= 1",
-        )
-        _check(self.device in VALID_DEVICES, "device", self.device, f"one of {VALID_DEVICES}")
-        _check(
-            self.precision in PRECISION_CHOICES,
-            "precision",
-            self.precision,
-            f"one of {', '.join(PRECISION_CHOICES)}",
-        )
-        _check(
-            _is_int(self.nproc_per_node) and self.nproc_per_node >= 1,
-            "nproc_per_node",
-            self.nproc_per_node,
-            "an integer >= 1",
-        )
 
-
-@dataclass(frozen=True)
+@settings
 class EvalConfig:
     """One evaluation pass over held-out text: metrics, distributions, variance, examples."""
 
-    max_tokens: int = setting(100_000, "held-out tokens to evaluate")
-    splice_max_tokens: int | None = setting(
+    max_tokens: StrictInt = Field(100_000, ge=1, description="held-out tokens to evaluate")
+    splice_max_tokens: StrictInt | None = Field(
         None,
-        "splice metrics (dCE, KL: one partial forward per layer, the costly part) over only "
-        "the first N of those tokens (default: all; 0: none)",
+        ge=0,
+        description="splice metrics (dCE, KL: one partial forward per layer, the costly part) "
+        "over only the first N of those tokens (default: all; 0: none)",
     )
-    batch_size: int = setting(4, "sequences per evaluation batch")
-    n_examples: int = setting(32, "max-activating examples per (latent, layer)")
-    n_context: int = setting(4, "context tokens each side of an example")
-    delta_dtype: str = setting(
+    batch_size: StrictInt = Field(4, ge=1, description="sequences per evaluation batch")
+    n_examples: StrictInt = Field(
+        32, ge=1, description="max-activating examples per (latent, layer)"
+    )
+    n_context: StrictInt = Field(4, ge=0, description="context tokens each side of an example")
+    delta_dtype: Precision = Field(
         "auto",
-        "precision of the spliced-minus-clean logit GEMM behind dCE/KL: float32 is exact; "
-        "bfloat16 (auto's choice where native) is several times faster and moves KL/dCE by "
-        "at most ~1e-3 relative (measured: docs/performance.md)",
-        choices=DELTA_DTYPE_CHOICES,
+        description="precision of the spliced-minus-clean logit GEMM behind dCE/KL: float32 is "
+        "exact; bfloat16 (auto's choice where native) is several times faster and moves KL/dCE "
+        "by at most ~1e-3 relative (measured: docs/performance.md)",
     )
-    device: str = setting("auto", "cpu, cuda, or auto (cuda when available)", choices=VALID_DEVICES)
-    prompt: str = setting(DEFAULT_PROMPT, "prompt of the prompt heatmap")
-    resid_tokens: int = setting(
-        20_000, "tokens for the residual-stream cosine similarity", flag="--max_tokens"
+    device: Device = Field("auto", description=DEVICE_HELP)
+    prompt: str = Field(DEFAULT_PROMPT, pattern=r"\S", description="prompt of the prompt heatmap")
+    resid_tokens: StrictInt = Field(
+        20_000,
+        ge=1,
+        description="tokens for the residual-stream cosine similarity",
+        json_schema_extra={"flag": "--max_tokens"},
     )
-
-    def __post_init__(self) -> None:
-        for name in ("max_tokens", "batch_size", "n_examples", "resid_tokens"):
-            v = getattr(self, name)
-            _check(_is_int(v) and v >= 1, name, v, "an integer >= 1")
-        _check(
-            self.splice_max_tokens is None
-            or (_is_int(self.splice_max_tokens) and self.splice_max_tokens >= 0),
-            "splice_max_tokens",
-            self.splice_max_tokens,
-            "none (all tokens) or an integer >= 0",
-        )
-        _check(
-            _is_int(self.n_context) and self.n_context >= 0,
-            "n_context",
-            self.n_context,
-            "an integer >= 0",
-        )
-        _check(
-            self.delta_dtype in DELTA_DTYPE_CHOICES,
-            "delta_dtype",
-            self.delta_dtype,
-            f"one of {', '.join(DELTA_DTYPE_CHOICES)}",
-        )
-        _check(self.device in VALID_DEVICES, "device", self.device, f"one of {VALID_DEVICES}")
-        _check(
-            isinstance(self.prompt, str) and bool(self.prompt.strip()),
-            "prompt",
-            self.prompt,
-            "a non-empty text",
-        )
 
     @property
     def spliced_tokens(self) -> int:
@@ -264,7 +245,7 @@ class EvalConfig:
         return min(self.splice_max_tokens, self.max_tokens)
 
 
-@dataclass(frozen=True)
+@settings
 class LensConfig:
     """Training a tuned lens (Belrose et al. 2023; mlsae_core/lens.py), sized for a CPU.
 
@@ -274,75 +255,69 @@ class LensConfig:
     few hundred tokens, on block outputs computed once and cached in memory.
     """
 
-    max_tokens: int = setting(
+    max_tokens: StrictInt = Field(
         8192,
-        "counted training tokens whose block outputs are cached (memory: tokens * layers * d "
-        "* 4 bytes) and sampled from every step",
+        ge=1,
+        description="counted training tokens whose block outputs are cached (memory: tokens * "
+        "layers * d * 4 bytes) and sampled from every step",
     )
-    steps: int = setting(
+    steps: StrictInt = Field(
         32,
-        "optimiser steps (AdamW, learning rate decayed linearly to 0); the defaults make one "
-        "pass over the cached tokens (steps * batch_size = max_tokens)",
+        ge=1,
+        description="optimiser steps (AdamW, learning rate decayed linearly to 0); the defaults "
+        "make one pass over the cached tokens (steps * batch_size = max_tokens)",
     )
-    batch_size: int = setting(
-        256, "counted token positions per step, every trained layer seeing the same ones"
+    batch_size: StrictInt = Field(
+        256,
+        ge=1,
+        description="counted token positions per step, every trained layer seeing the same ones",
     )
-    lr: float = setting(1e-3, "Adam learning rate at step 0")
-    weight_decay: float = setting(1e-3, "AdamW decoupled weight decay of the translators")
-    head_dtype: str = setting(
+    lr: float = Field(1e-3, gt=0, description="Adam learning rate at step 0")
+    weight_decay: float = Field(
+        1e-3, ge=0, description="AdamW decoupled weight decay of the translators"
+    )
+    head_dtype: Precision = Field(
         "auto",
-        "precision of the training head GEMM (the cost): bfloat16 is ~3x faster where bf16 is "
-        "native (auto picks it there, else float32); the target distribution and every "
-        "reported KL stay float32",
-        choices=PRECISION_CHOICES,
+        description="precision of the training head GEMM (the cost): bfloat16 is ~3x faster "
+        "where bf16 is native (auto picks it there, else float32); the target distribution and "
+        "every reported KL stay float32",
     )
-    eval_tokens: int = setting(
+    eval_tokens: StrictInt = Field(
         1024,
-        "held-out counted tokens for the per-layer KL table (logit vs tuned lens; float32 "
-        "head, 2 full-vocabulary passes per token and layer)",
+        ge=1,
+        description="held-out counted tokens for the per-layer KL table (logit vs tuned lens; "
+        "float32 head, 2 full-vocabulary passes per token and layer)",
     )
-    seed: int = setting(0, "seed of the document split and of the training-position order")
-    device: str = setting("auto", "cpu, cuda, or auto (cuda when available)", choices=VALID_DEVICES)
-
-    def __post_init__(self) -> None:
-        for name in ("max_tokens", "steps", "batch_size", "eval_tokens"):
-            v = getattr(self, name)
-            _check(_is_int(v) and v >= 1, name, v, "an integer >= 1")
-        _check(self.lr > 0, "lr", self.lr, "a number > 0")
-        _check(self.weight_decay >= 0, "weight_decay", self.weight_decay, "a number >= 0")
-        _check(
-            self.head_dtype in PRECISION_CHOICES,
-            "head_dtype",
-            self.head_dtype,
-            f"one of {', '.join(PRECISION_CHOICES)}",
-        )
-        _check(_is_int(self.seed), "seed", self.seed, "an integer")
-        _check(self.device in VALID_DEVICES, "device", self.device, f"one of {VALID_DEVICES}")
+    seed: StrictInt = Field(
+        0, description="seed of the document split and of the training-position order"
+    )
+    device: Device = Field("auto", description=DEVICE_HELP)
 
 
-@dataclass(frozen=True)
+@settings
 class RunSpec:
     """One MLSAE to train: which model, which layers, which SAE, data and optimiser settings."""
 
-    model_name: str = setting(
+    model_name: str = Field(
         "smollm2",
-        "hub id (e.g. EleutherAI/pythia-70m-deduped), local model directory, .gguf file, "
-        "'smollm2' (the offline default) or a model's name under the storage root's models/",
+        description="hub id (e.g. EleutherAI/pythia-70m-deduped), local model directory, .gguf "
+        "file, 'smollm2' (the offline default) or a model's name under the storage root's models/",
     )
-    layers: tuple[int, ...] | None = setting(None, "layers to train on (default: all)")
-    tuned_lens: str | None = setting(
+    layers: tuple[int, ...] | None = Field(None, description="layers to train on (default: all)")
+    tuned_lens: str | None = Field(
         None,
-        "directory of a tuned lens (mlsae lens train, or the tuned-lens package's layout): "
-        "the MLSAE sees lens-transformed activations, reconstructions are mapped back "
+        description="directory of a tuned lens (mlsae lens train, or the tuned-lens package's "
+        "layout): the MLSAE sees lens-transformed activations, reconstructions are mapped back "
         "through the inverse translator before splicing (default: none, plain activations)",
     )
-    sae: SAEConfig = field(default_factory=SAEConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
+    sae: SAEConfig = Field(default_factory=SAEConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
 
-    def __post_init__(self) -> None:
-        if self.layers is not None:
-            object.__setattr__(self, "layers", tuple(int(x) for x in self.layers) or None)
+    @field_validator("layers", mode="after")
+    @classmethod
+    def _all_layers(cls, value: tuple[int, ...] | None) -> tuple[int, ...] | None:
+        return value or None  # no layers listed: every layer
 
 
 def resolve_device(device: str) -> str:
@@ -358,22 +333,14 @@ def resolve_device(device: str) -> str:
 
 
 # ----- mappings (sweep YAML, config.json) ---------------------------------------------------
-def field_names(cls: type) -> list[str]:
-    return [f.name for f in dataclasses.fields(cls)]
-
-
 def from_dict(cls: type[T], values: Mapping[str, Any], where: str = "config") -> T:
-    """Build a config dataclass from a mapping, refusing unknown keys by name."""
+    """Build a settings class from a mapping (nested sections too), refusing unknown keys."""
     if not isinstance(values, Mapping):
         raise ConfigError(f"{where} must be a mapping of keys, not {type(values).__name__}")
-    names = set(field_names(cls))
-    unknown = sorted(set(values) - names)
-    if unknown:
-        raise ConfigError(f"unknown key(s) {unknown} in {where}; allowed keys are {sorted(names)}")
     try:
-        return cls(**values)
-    except TypeError as exc:  # e.g. a list where a number belongs
-        raise ConfigError(f"{where}: {exc}") from exc
+        return cls.__pydantic_validator__.validate_python(dict(values))  # type: ignore[attr-defined]
+    except ValidationError as exc:
+        raise config_error(exc, cls, where) from None
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
@@ -388,28 +355,23 @@ def spec_to_dict(spec: RunSpec) -> dict[str, Any]:
 
 
 def spec_from_dict(d: Mapping[str, Any]) -> RunSpec:
-    return RunSpec(
-        model_name=d["model_name"],
-        layers=tuple(d["layers"]) if d.get("layers") is not None else None,
-        tuned_lens=d.get("tuned_lens"),
-        sae=from_dict(SAEConfig, d["sae"], "sae"),
-        data=from_dict(DataConfig, d["data"], "data"),
-        train=from_dict(TrainConfig, d["train"], "train"),
-    )
+    return from_dict(RunSpec, d, "spec")
 
 
 # ----- the CLI, generated from the fields ---------------------------------------------------
-def _field_type(cls: type, f: dataclasses.Field) -> tuple[type, bool, bool]:
-    """(scalar type, optional, sequence) of a field's annotation."""
-    hint = typing.get_type_hints(cls)[f.name]
-    optional = False
-    args = typing.get_args(hint)
-    if typing.get_origin(hint) in (typing.Union, types.UnionType) and type(None) in args:
-        optional = True
-        hint = next(a for a in args if a is not type(None))
-    if typing.get_origin(hint) is tuple:
-        return typing.get_args(hint)[0], optional, True
-    return hint, optional, False
+def _field_type(annotation: Any) -> tuple[Any, bool, bool, tuple[str, ...] | None]:
+    """(scalar type, optional, sequence, choices) of a field's annotation."""
+    args = typing.get_args(annotation)
+    optional = typing.get_origin(annotation) in (typing.Union, types.UnionType)
+    if optional:
+        annotation = next(a for a in args if a is not type(None))
+    if typing.get_origin(annotation) is Annotated:  # StrictInt
+        annotation = typing.get_args(annotation)[0]
+    if typing.get_origin(annotation) is Literal:
+        return str, optional, False, typing.get_args(annotation)
+    if typing.get_origin(annotation) is tuple:
+        return typing.get_args(annotation)[0], optional, True, None
+    return annotation, optional, False, None
 
 
 def _optional(kind: type) -> Any:
@@ -420,13 +382,14 @@ def _optional(kind: type) -> Any:
     return parse
 
 
-def cli_fields(cls: type) -> list[dataclasses.Field]:
-    """The scalar fields of `cls` that the CLI exposes."""
-    return [
-        f
-        for f in dataclasses.fields(cls)
-        if f.metadata.get("cli", False) and not dataclasses.is_dataclass(f.type)
-    ]
+def cli_fields(cls: type) -> dict[str, Any]:
+    """The scalar fields (name -> pydantic FieldInfo) of `cls` that the CLI exposes."""
+    return {
+        name: f
+        for name, f in cls.__pydantic_fields__.items()  # type: ignore[attr-defined]
+        if (f.json_schema_extra or {}).get("cli", True)
+        and not dataclasses.is_dataclass(f.annotation)
+    }
 
 
 def add_arguments(
@@ -444,28 +407,26 @@ def add_arguments(
     """
     keep = set(only) if only is not None else None
     skip, recorded = set(exclude), set(from_checkpoint)
-    for f in cli_fields(cls):
-        if (keep is not None and f.name not in keep) or f.name in skip:
+    for name, f in cli_fields(cls).items():
+        if (keep is not None and name not in keep) or name in skip:
             continue
-        kind, optional, sequence = _field_type(cls, f)
-        flag = f.metadata.get("flag") or f"--{f.name}"
-        help_text = f.metadata["help"]
+        kind, optional, sequence, choices = _field_type(f.annotation)
+        flag = (f.json_schema_extra or {}).get("flag") or f"--{name}"
+        help_text = f.description
         if kind is bool:
             if f.default:
                 parser.add_argument(
-                    f"--no_{f.name}", dest=f.name, action="store_false", help=f"do not {help_text}"
+                    f"--no_{name}", dest=name, action="store_false", help=f"do not {help_text}"
                 )
             else:
-                parser.add_argument(flag, dest=f.name, action="store_true", help=help_text)
-            parser.set_defaults(**{f.name: f.default})
+                parser.add_argument(flag, dest=name, action="store_true", help=help_text)
+            parser.set_defaults(**{name: f.default})
             continue
-        kwargs: dict[str, Any] = {"dest": f.name, "help": help_text}
+        kwargs: dict[str, Any] = {"dest": name, "help": help_text, "choices": choices}
         kwargs["type"] = _optional(kind) if optional else kind
         if sequence:
             kwargs["nargs"] = "+"
-        if f.metadata.get("choices"):
-            kwargs["choices"] = f.metadata["choices"]
-        if f.name in recorded:
+        if name in recorded:
             kwargs["default"] = None
             kwargs["help"] = f"{help_text} (default: the checkpoint's)"
         else:
@@ -477,31 +438,6 @@ def add_arguments(
 
 def from_args(cls: type[T], args: argparse.Namespace, **overrides: Any) -> T:
     """Build `cls` from the parsed flags of its fields (fields without a flag keep defaults)."""
-    values = {}
-    for f in cli_fields(cls):
-        if hasattr(args, f.name) and getattr(args, f.name) is not None:
-            value = getattr(args, f.name)
-            values[f.name] = tuple(value) if isinstance(value, list) else value
-    values.update(overrides)
-    return cls(**values)
-
-
-__all__ = [
-    "DEFAULT_PROMPT",
-    "DELTA_DTYPE_CHOICES",
-    "PRECISION_CHOICES",
-    "ConfigError",
-    "DataConfig",
-    "EvalConfig",
-    "LensConfig",
-    "RunSpec",
-    "SAEConfig",
-    "TrainConfig",
-    "add_arguments",
-    "from_args",
-    "from_dict",
-    "resolve_device",
-    "spec_from_dict",
-    "spec_to_dict",
-    "to_dict",
-]
+    values = {name: getattr(args, name, None) for name in cli_fields(cls)}
+    values = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items() if v is not None}
+    return cls(**{**values, **overrides})

@@ -1,8 +1,10 @@
 """The sweep file: which models and SAE configs to train, with what budgets (YAML users edit).
 
-Loading is YAML parsing plus dataclass validation only (no torch), so Dagster's code server
-computes the partitions in milliseconds. Every mistake names the key, the value and what is
-allowed (`mlsae_core.config.ConfigError`), e.g. an unknown key or k > n_latents.
+The file is one pydantic model (`Sweep`) whose sections are the settings classes of
+mlsae_core.config (sae/data/train/eval/lens, plus grid and checks), so pydantic refuses an
+unknown key by itself, naming it and its section, and every range is the settings' own.
+Loading is YAML parsing plus validation only (no torch), so Dagster's code server computes the
+partitions in milliseconds; a mistake raises `mlsae_core.config.ConfigError` in one line.
 
 Partitions are (model x SAE config): the `model` dimension holds model keys (file-name-safe
 slugs of the model names), the `sae` dimension one key per (expansion factor, k, layer set),
@@ -15,9 +17,21 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    StrictBool,
+    StrictInt,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from mlsae_core.config import (
     ConfigError,
@@ -27,24 +41,14 @@ from mlsae_core.config import (
     RunSpec,
     SAEConfig,
     TrainConfig,
-    from_dict,
+    config_error,
+    settings,
 )
 from mlsae_core.identity import model_slug, sae_key
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 SWEEPS_DIR = PROJECT_ROOT / "data" / "sweeps"
 DEFAULT_SWEEP = "default"
-
-_SECTIONS = {
-    "sae": SAEConfig,
-    "data": DataConfig,
-    "train": TrainConfig,
-    "eval": EvalConfig,
-    "lens": LensConfig,  # training the models' tuned lenses (when grid.tuned_lens has true)
-}
-_TOP_KEYS = {"name", "description", "models", "grid", "checks", *_SECTIONS}
-# swept: every combination is a partition
-GRID_KEYS = ("expansion_factor", "k", "layers", "tuned_lens")
 # Keys of the earlier sweep format, and where they live now (for a message that says so).
 _MOVED = {
     "expansion_factors": "grid.expansion_factor",
@@ -61,22 +65,20 @@ _MOVED = {
 }
 
 
-@dataclass(frozen=True)
+@settings
 class CheckBounds:
     """Bounds the asset checks enforce on every config's test metrics (averaged over layers)."""
 
-    fvu_max: float = 1.0
-    fvu_min: float = 0.0
-    dead_max: float = 1.0
+    fvu_max: float = Field(1.0, ge=0, description="largest average test FVU")
+    fvu_min: float = Field(0.0, ge=0, description="smallest average test FVU")
+    dead_max: float = Field(1.0, ge=0, le=1, description="largest dead-latent fraction")
 
     def __post_init__(self) -> None:
-        if not 0 <= self.fvu_min <= self.fvu_max:
+        if self.fvu_min > self.fvu_max:
             raise ConfigError(
                 f"checks.fvu_min={self.fvu_min!r}, fvu_max={self.fvu_max!r} are not allowed: "
                 "need 0 <= fvu_min <= fvu_max"
             )
-        if not 0 <= self.dead_max <= 1:
-            raise ConfigError(f"checks.dead_max={self.dead_max!r} is not allowed: in [0, 1]")
 
 
 @dataclass(frozen=True)
@@ -97,21 +99,118 @@ class SAEPoint:
         return self.layers is not None and len(self.layers) == 1
 
 
-@dataclass(frozen=True)
-class Sweep:
+def _layer_set(item: Any) -> tuple[int, ...] | None:
+    def layer_id(v: Any) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+    if item == "all" or item is None:
+        return None
+    if layer_id(item):
+        return (item,)
+    if isinstance(item, list) and item and all(layer_id(v) for v in item):
+        return tuple(sorted(set(item)))
+    raise ValueError(
+        f"layers entry {item!r} is not allowed: 'all', a layer id >= 0, or a list of "
+        "layer ids (a single layer gives a single-layer SAE baseline)"
+    )
+
+
+class Grid(BaseModel):
+    """The swept settings: every combination is a partition (a single value is a list of one)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    expansion_factor: list[StrictInt] = [SAEConfig().expansion_factor]
+    k: list[StrictInt] = [SAEConfig().k]
+    layers: list[tuple[int, ...] | None] = [None]
+    tuned_lens: list[StrictBool] = [False]
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _listed(cls, value: Any) -> list[Any]:
+        return value if isinstance(value, list) else [value]
+
+    @field_validator("layers", mode="before")
+    @classmethod
+    def _layer_sets(cls, value: list[Any]) -> list[tuple[int, ...] | None]:
+        return [_layer_set(item) for item in value]
+
+
+GRID_KEYS = tuple(Grid.model_fields)  # swept: every combination is a partition
+
+
+class Sweep(BaseModel):
     """A parsed sweep file: the models, the grid of SAE configs and the shared settings."""
 
-    path: Path
-    name: str
-    models: dict[str, str]  # model key (slug) -> model name as written
-    points: tuple[SAEPoint, ...]
-    sae: SAEConfig  # shared SAE settings (expansion_factor and k are per point)
-    data: DataConfig
-    train: TrainConfig
-    eval: EvalConfig = field(default_factory=EvalConfig)
-    lens: LensConfig = field(default_factory=LensConfig)
-    checks: CheckBounds = field(default_factory=CheckBounds)
-    raw: dict[str, Any] = field(default_factory=dict)
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    name: str = ""
+    description: str = ""
+    models: dict[str, str]  # model key (slug) -> model name as written (a list in the file)
+    grid: Grid = Grid()
+    sae: SAEConfig = SAEConfig()  # shared SAE settings (expansion_factor and k are per point)
+    data: DataConfig = DataConfig()
+    train: TrainConfig = TrainConfig()
+    eval: EvalConfig = EvalConfig()
+    lens: LensConfig = LensConfig()  # training the models' tuned lenses (grid.tuned_lens true)
+    checks: CheckBounds = CheckBounds()
+    _path: Path = PrivateAttr(Path("sweep.yaml"))
+    _points: tuple[SAEPoint, ...] = PrivateAttr(())
+
+    @model_validator(mode="before")
+    @classmethod
+    def _not_the_earlier_format(cls, raw: Any) -> Any:
+        if not isinstance(raw, dict):
+            raise ValueError("it must hold a mapping of keys (models, grid, sae, ...)")
+        moved = [k for k in raw if k in _MOVED and k not in cls.model_fields]
+        for section in ("train", "eval"):
+            moved += [
+                f"{section}.{k}" for k in raw.get(section) or {} if f"{section}.{k}" in _MOVED
+            ]
+        if moved:
+            hints = ", ".join(f"{k} -> {_MOVED[k]}" for k in moved)
+            raise ValueError(f"it uses keys of the earlier sweep format: {hints}")
+        swept = sorted(set(raw.get("sae") or {}) & set(GRID_KEYS))
+        if swept:
+            raise ValueError(f"sae.{swept[0]} is not allowed: sweep it with grid.{swept[0]}")
+        return {k: v for k, v in raw.items() if v is not None}  # an empty section: defaults
+
+    @field_validator("models", mode="before")
+    @classmethod
+    def _model_keys(cls, value: Any) -> dict[str, str]:
+        names = [value] if isinstance(value, str) else value
+        if (
+            not names
+            or not isinstance(names, list)
+            or not all(isinstance(m, str) and m for m in names)
+        ):
+            raise ValueError(f"models={value!r} is not allowed: a list of model names")
+        models: dict[str, str] = {}
+        for name in names:
+            key = model_slug(name)
+            if key in models:
+                raise ValueError(f"models: {name!r} and {models[key]!r} share the key {key!r}")
+            models[key] = name
+        return models
+
+    @model_validator(mode="after")
+    def _grid_points(self) -> Sweep:
+        g = self.grid
+        points = [SAEPoint(ef, k, layers, lens) for ef, k, layers, lens
+                  in itertools.product(g.expansion_factor, g.k, g.layers, g.tuned_lens)]  # fmt: skip
+        for p in points:
+            self.sae_config(p)  # each point's SAE settings are in range (ConfigError names them)
+        keys = [p.key for p in points]
+        if len(set(keys)) != len(keys):
+            raise ValueError(f"the sweep lists the same SAE config twice: {keys}")
+        self._points = tuple(points)
+        return self
+
+    @property
+    def path(self) -> Path:
+        return self._path
+
+    @property
+    def points(self) -> tuple[SAEPoint, ...]:
+        return self._points
 
     @property
     def model_keys(self) -> list[str]:
@@ -161,6 +260,12 @@ class Sweep:
         )
 
 
+# The sections that are settings classes of mlsae_core.config, by name.
+_SECTIONS = {
+    name: Sweep.model_fields[name].annotation for name in ("sae", "data", "train", "eval", "lens")
+}
+
+
 def validate_against_models(sweep: Sweep, models_dir: Path | None = None) -> None:
     """Check every config of the sweep against its model's shape before anything trains
     (k vs n_latents, layers, max_length vs context); the message names the config."""
@@ -197,123 +302,16 @@ def sweep_path(name_or_path: str | os.PathLike[str] | None = None) -> Path:
     return path.resolve()
 
 
-def _bool_list(value: Any, where: str) -> list[bool]:
-    values = value if isinstance(value, list) else [value]
-    if not values or not all(isinstance(v, bool) for v in values):
-        raise ConfigError(f"{where}={value!r} is not allowed: a list of true/false")
-    if len(set(values)) != len(values):
-        raise ConfigError(f"{where}={value!r} is not allowed: a value is listed twice")
-    return values
-
-
-def _int_list(value: Any, where: str) -> list[int]:
-    values = value if isinstance(value, list) else [value]
-    if not values or not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
-        raise ConfigError(f"{where}={value!r} is not allowed: an integer or a list of integers")
-    return values
-
-
-def _layer_sets(value: Any) -> list[tuple[int, ...] | None]:
-    items = value if isinstance(value, list) else [value]
-    out: list[tuple[int, ...] | None] = []
-    for item in items:
-        if item == "all" or item is None:
-            out.append(None)
-        elif isinstance(item, int) and not isinstance(item, bool) and item >= 0:
-            out.append((item,))
-        elif (
-            isinstance(item, list)
-            and item
-            and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in item)
-        ):
-            out.append(tuple(sorted(set(item))))
-        else:
-            raise ConfigError(
-                f"layers entry {item!r} is not allowed: 'all', a layer id >= 0, or a list of "
-                "layer ids (a single layer gives a single-layer SAE baseline)"
-            )
-    return out
-
-
-def _moved_keys(raw: dict[str, Any]) -> list[str]:
-    found = [k for k in raw if k in _MOVED]
-    for section in ("train", "eval"):
-        found += [f"{section}.{k}" for k in raw.get(section) or {} if f"{section}.{k}" in _MOVED]
-    return found
-
-
 def parse_sweep(raw: Any, path: Path) -> Sweep:
     """Validate a parsed sweep mapping; every error names the key and what is allowed."""
-    where = f"sweep file {path}"
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{where} must hold a mapping of keys (models, grid, sae, ...)")
-    moved = [k for k in _moved_keys(raw) if k not in _TOP_KEYS]
-    if moved:
-        hints = ", ".join(f"{k} -> {_MOVED[k]}" for k in moved)
-        raise ConfigError(f"{where} uses keys of the earlier sweep format: {hints}")
-    unknown = sorted(set(raw) - _TOP_KEYS)
-    if unknown:
-        raise ConfigError(
-            f"unknown key(s) {unknown} in {where}; allowed keys are {sorted(_TOP_KEYS)}"
-        )
-    models_raw = raw.get("models")
-    if isinstance(models_raw, str):
-        models_raw = [models_raw]
-    if not models_raw or not all(isinstance(m, str) and m for m in models_raw):
-        raise ConfigError(f"models={models_raw!r} in {where} is not allowed: a list of model names")
-    models: dict[str, str] = {}
-    for name in models_raw:
-        key = model_slug(name)
-        if key in models:
-            raise ConfigError(
-                f"models in {where}: {name!r} and {models[key]!r} share the key {key!r}"
-            )
-        models[key] = name
-
-    sections = {
-        name: dict(raw.get(name) or {}) for name in _SECTIONS
-    }  # each section holds fields of its dataclass, named as in mlsae_core.config
-    grid = dict(raw.get("grid") or {})
-    bad_grid = sorted(set(grid) - set(GRID_KEYS))
-    if bad_grid:
-        raise ConfigError(
-            f"unknown key(s) {bad_grid} in grid: of {where}; allowed keys are {list(GRID_KEYS)}"
-        )
-    swept = sorted(set(sections["sae"]) & set(GRID_KEYS))
-    if swept:
-        raise ConfigError(
-            f"sae.{swept[0]} in {where} is not allowed: sweep it with grid.{swept[0]}"
-        )
-    sae = from_dict(SAEConfig, sections["sae"], where=f"sae: of {where}")
-    efs = _int_list(grid.get("expansion_factor", [sae.expansion_factor]), "grid.expansion_factor")
-    ks = _int_list(grid.get("k", [sae.k]), "grid.k")
-    layer_sets = _layer_sets(grid.get("layers", ["all"]))
-    lenses = _bool_list(grid.get("tuned_lens", [False]), "grid.tuned_lens")
-    points = []
-    for ef, k, layers, lens in itertools.product(efs, ks, layer_sets, lenses):
-        from_dict(SAEConfig, {**sections["sae"], "expansion_factor": ef, "k": k}, where=where)
-        points.append(SAEPoint(ef, k, layers, lens))
-    keys = [p.key for p in points]
-    if len(set(keys)) != len(keys):
-        raise ConfigError(f"{where} lists the same SAE config twice: {keys}")
-    data = from_dict(DataConfig, sections["data"], where=f"data: of {where}")
-    train = from_dict(TrainConfig, sections["train"], where=f"train: of {where}")
-    ev = from_dict(EvalConfig, sections["eval"], where=f"eval: of {where}")
-    lens_cfg = from_dict(LensConfig, sections["lens"], where=f"lens: of {where}")
-    checks = from_dict(CheckBounds, dict(raw.get("checks") or {}), where=f"checks: of {where}")
-    return Sweep(
-        path=path,
-        name=str(raw.get("name", path.stem)),
-        models=models,
-        points=tuple(points),
-        sae=sae,
-        data=data,
-        train=train,
-        eval=ev,
-        lens=lens_cfg,
-        checks=checks,
-        raw=raw,
-    )
+    try:
+        sweep = Sweep.model_validate(raw)
+    except ValidationError as exc:
+        raise config_error(exc, Sweep, f"sweep file {path}") from None
+    if not sweep.name:
+        sweep = sweep.model_copy(update={"name": path.stem})
+    sweep._path = path
+    return sweep
 
 
 def load_sweep(name_or_path: str | os.PathLike[str] | None = None) -> Sweep:

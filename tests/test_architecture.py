@@ -205,22 +205,22 @@ def test_cli_defaults_are_the_dataclass_defaults(command):
     args = vars(_subparser(command).parse_args(REQUIRED[command]))
     checked = 0
     for cls in SETTINGS:
-        for f in config.cli_fields(cls):
-            if f.name not in args:
+        for name, f in config.cli_fields(cls).items():
+            if name not in args:
                 continue
             if cls is EvalConfig and command == "train":
                 continue  # train has no evaluation flags; a same-named field is DataConfig's
-            owner = _flag_owner(command, f.name)
+            owner = _flag_owner(command, name)
             if owner is not cls:
                 continue
-            value = args[f.name]
-            if command != "train" and cls is DataConfig and f.name in ("dataset", "max_length"):
+            value = args[name]
+            if command != "train" and cls is DataConfig and name in ("dataset", "max_length"):
                 if command != "figures":
-                    assert value is None, (command, f.name, value)  # the checkpoint's
+                    assert value is None, (command, name, value)  # the checkpoint's
                     checked += 1
                     continue
             expected = f.default
-            assert value == expected, f"mlsae {command} --{f.name}: {value!r} != {expected!r}"
+            assert value == expected, f"mlsae {command} --{name}: {value!r} != {expected!r}"
             checked += 1
     assert checked >= 1
 
@@ -242,13 +242,14 @@ def _has(cls: type, name: str) -> bool:
 
 def test_every_cli_field_has_help_and_a_flag():
     for cls in SETTINGS:
-        for f in config.cli_fields(cls):
-            assert f.metadata.get("help"), f"{cls.__name__}.{f.name} has no help text"
+        for name, f in config.cli_fields(cls).items():
+            assert f.description, f"{cls.__name__}.{name} has no help text"
 
 
 def test_sweep_sections_are_the_dataclasses():
     """A sweep section with every field at its default parses to the dataclass default, and an
-    empty section gives the same: the sweep adds no defaults of its own."""
+    empty section gives the same: the sweep adds no defaults of its own, and its sections are
+    the settings classes themselves."""
     from mlsae_pipeline.sweep import parse_sweep
 
     full = {name: dataclasses.asdict(cls()) for name, cls in _sweep_sections().items()}
@@ -258,6 +259,8 @@ def test_sweep_sections_are_the_dataclasses():
         sweep = parse_sweep(raw, Path("inline.yaml"))
         assert sweep.data == DataConfig() and sweep.train == TrainConfig()
         assert sweep.eval == EvalConfig() and sweep.sae == SAEConfig()
+    assert set(_sweep_sections().values()) == {SAEConfig, DataConfig, TrainConfig, EvalConfig,
+                                                config.LensConfig}  # fmt: skip
 
 
 def _sweep_sections() -> dict[str, type]:

@@ -2,10 +2,21 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from mlsae_core.cli import main
-from mlsae_core.config import ConfigError, DataConfig, SAEConfig, TrainConfig, from_dict
+from mlsae_core.config import (
+    ConfigError,
+    DataConfig,
+    RunSpec,
+    SAEConfig,
+    TrainConfig,
+    from_dict,
+    spec_from_dict,
+    spec_to_dict,
+)
 from tests.test_cli import corpus_dir, tiny_model_dir, train_args  # noqa: F401 - fixtures
 
 
@@ -54,13 +65,34 @@ def test_unsupported_model_family(tmp_path, corpus_dir, capsys):  # noqa: F811
 def test_config_unknown_keys_and_ranges():
     with pytest.raises(ConfigError, match=r"unknown key\(s\) \['kk'\] in sweep.*allowed keys"):
         from_dict(SAEConfig, {"kk": 3}, where="sweep")
-    with pytest.raises(ConfigError, match="test_fraction=1.5"):
+    with pytest.raises(ConfigError, match=r"unknown key\(s\) \['kk'\] in SAEConfig"):
+        SAEConfig(kk=3)
+    with pytest.raises(ConfigError, match="k=True is not allowed: an integer"):
+        SAEConfig(k=True)  # a YAML `true` is not a count
+    with pytest.raises(
+        ConfigError, match=r"test_fraction=1.5 is not allowed: a number >= 0 and < 1"
+    ):
         DataConfig(test_fraction=1.5)
     with pytest.raises(ConfigError, match="accumulate_grad_batches=0"):
         TrainConfig(accumulate_grad_batches=0)
     with pytest.raises(ConfigError, match="auxk=-1"):
         SAEConfig(auxk=-1)
     assert SAEConfig(auxk=0).auxk is None  # the CLI's `--auxk 0`: no AuxK loss
+    with pytest.raises(ConfigError, match="lr=0.0 is not allowed: a number > 0"):
+        dataclasses.replace(TrainConfig(), lr=0.0)  # replace re-validates
+
+
+def test_nested_settings_from_a_mapping():
+    """A RunSpec from its JSON form (sections as mappings) validates every section."""
+    spec = RunSpec(layers=[2, 0], sae=SAEConfig(k=4))
+    assert spec_from_dict(spec_to_dict(spec)) == spec and spec.layers == (2, 0)
+    bad = {**spec_to_dict(spec), "data": {"max_length": 1}}
+    with pytest.raises(
+        ConfigError, match=r"spec: data.max_length=1 is not allowed: an integer >= 2"
+    ):
+        spec_from_dict(bad)
+    with pytest.raises(ConfigError, match=r"unknown key\(s\) \['x'\] in train of spec"):
+        spec_from_dict({**spec_to_dict(spec), "train": {"x": 1}})
 
 
 def test_pickled_model_is_refused(tmp_path, corpus_dir, capsys):  # noqa: F811
@@ -85,3 +117,21 @@ def test_eval_delta_dtype_is_checked():
     assert EvalConfig(delta_dtype="float32").delta_dtype == "float32"
     with pytest.raises(ConfigError, match="delta_dtype='fp16'.*auto, float32, bfloat16"):
         EvalConfig(delta_dtype="fp16")
+
+
+def test_the_sweep_model_refuses_unknown_keys_by_section():
+    """The sweep file is one pydantic model of the settings classes: an unknown key is refused
+    by the model itself, named with its section and the keys that section allows."""
+    from pathlib import Path
+
+    from mlsae_pipeline.sweep import parse_sweep
+
+    base = {"models": ["tiny-llama"]}
+    with pytest.raises(ConfigError, match=r"unknown key\(s\) \['lrr'\] in train of sweep file x.yaml; "
+                       r"allowed keys are \['accumulate_grad_batches'"):  # fmt: skip
+        parse_sweep({**base, "train": {"lrr": 1}}, Path("x.yaml"))
+    with pytest.raises(ConfigError, match=r"sweep file x.yaml: checks.dead_max=2 is not allowed: "
+                       r"a number >= 0 and <= 1"):  # fmt: skip
+        parse_sweep({**base, "checks": {"dead_max": 2}}, Path("x.yaml"))
+    with pytest.raises(ConfigError, match="sweep file x.yaml: k=0 is not allowed: an integer >= 1"):
+        parse_sweep({**base, "grid": {"k": [4, 0]}}, Path("x.yaml"))  # SAEConfig's own range

@@ -1,20 +1,21 @@
 """The settings of `mlsae explore`, defined once, and its command-line flags.
 
-`ExplorerSettings` is the one definition of every default: the CLI's flags are generated
-from its fields (`config.add_arguments`), `run` builds it back from them (`config.from_args`),
-the explorer reads its limits from it and the API's request bounds are its defaults. Kept
-free of torch and FastAPI: `mlsae --help` and every other command build this parser.
+`ExplorerSettings` is the one definition of every default, in the style of mlsae_core.config
+(a pydantic dataclass: default, help and range per field): the CLI's flags are generated from
+its fields (`config.add_arguments`), `run` builds it back from them (`config.from_args`), the
+explorer reads its limits from it and the API's request bounds are its defaults. Kept free of
+torch and FastAPI: `mlsae --help` and every other command build this parser.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
-from mlsae_core.config import VALID_DEVICES, ConfigError, add_arguments, setting
+from pydantic import Field, StrictInt
+
+from mlsae_core.config import DEVICE_HELP, NO_FLAG, Device, add_arguments, settings
 from mlsae_core.layout import RunLayout, StorageLayout
 
 MIB = 2**20
@@ -22,74 +23,65 @@ MIB = 2**20
 _WEIGHTS_NAME = RunLayout(Path()).weights.name
 
 
-_POSITIVE_INTS = (
-    "max_prompt_tokens",
-    "max_prompt_chars",
-    "cache_entries",
-    "cache_mb",
-    "max_top_k",
-    "max_bins",
-    "max_heatmap_latents",
-    "max_examples",
-    "splice_cache_entries",
-    "splice_cache_mb",
-    "workers",
-)
-
-
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _require(value: object, name: str, ok: Callable[[object], bool], allowed: str) -> None:
-    """Refuse a bad setting before anything loads, naming it the way the CLI and config do."""
-    if not ok(value):
-        raise ConfigError(f"{name}={value!r} is not allowed: {allowed}")
-
-
-@dataclass(frozen=True)
+@settings
 class ExplorerSettings:
     """Where the explorer listens, what it loads beside the checkpoint, and the bounds on one
     request and on its caches (so no request, and no run of requests, grows memory)."""
 
-    host: str = setting("127.0.0.1", "bind address (loopback only unless you say otherwise)")
-    port: int = setting(8000, "port")
-    model_name: str | None = setting(None, "transformer to load")
-    tuned_lens: str | None = setting(
-        None, "the tuned lens the MLSAE was trained through, for a checkpoint without its copy"
+    host: str = Field(
+        "127.0.0.1", description="bind address (loopback only unless you say otherwise)"
     )
-    examples: Path | None = setting(
-        None, "max_examples Parquet to read instead of <repo_id>/max_examples.parquet"
+    port: StrictInt = Field(8000, gt=0, lt=65536, description="port")
+    model_name: str | None = Field(None, description="transformer to load")
+    tuned_lens: str | None = Field(
+        None,
+        description="the tuned lens the MLSAE was trained through, for a checkpoint without "
+        "its copy",
     )
-    device: str = setting("cpu", "cpu, cuda, or auto (cuda when available)", choices=VALID_DEVICES)
-    max_prompt_tokens: int = setting(
-        128, "longest prompt in tokens (also capped by the model's context)"
+    examples: Path | None = Field(
+        None, description="max_examples Parquet to read instead of <repo_id>/max_examples.parquet"
     )
-    max_prompt_chars: int = setting(2000, "longest prompt in characters")
-    cache_entries: int = setting(64, "prompts kept in the LRU cache")
-    cache_mb: int = setting(512, "memory bound of the prompt cache, in MiB")
-    workers: int = setting(
-        2, "requests computed at once (the rest wait in order): bounds the working sets alive"
+    device: Device = Field("cpu", description=DEVICE_HELP)
+    max_prompt_tokens: StrictInt = Field(
+        128, ge=1, description="longest prompt in tokens (also capped by the model's context)"
     )
-    max_queue: int = setting(
-        64, "requests that may wait for a worker; beyond them the answer is 503 + Retry-After"
+    max_prompt_chars: StrictInt = Field(2000, ge=1, description="longest prompt in characters")
+    cache_entries: StrictInt = Field(64, ge=1, description="prompts kept in the LRU cache")
+    cache_mb: StrictInt = Field(512, ge=1, description="memory bound of the prompt cache, in MiB")
+    workers: StrictInt = Field(
+        2,
+        ge=1,
+        description="requests computed at once (the rest wait in order): bounds the working "
+        "sets alive",
+    )
+    max_queue: StrictInt = Field(
+        64,
+        ge=0,
+        description="requests that may wait for a worker; beyond them the answer is 503 + "
+        "Retry-After",
     )
     # Bounds of the API (not flags: the page and its tests are built around them).
-    max_factor: float = setting(1000.0, "largest |steering factor|", cli=False)
-    max_top_k: int = setting(50, "most top tokens in a logits view", cli=False)
-    max_bins: int = setting(100, "most histogram bins", cli=False)
-    max_heatmap_latents: int = setting(256, "most latents in a heatmap", cli=False)
-    max_examples: int = setting(64, "most max-activating examples per request", cli=False)
-    splice_cache_entries: int = setting(256, "splices kept in their LRU cache", cli=False)
-    splice_cache_mb: int = setting(128, "memory bound of the splice cache, in MiB", cli=False)
-
-    def __post_init__(self) -> None:
-        for name in _POSITIVE_INTS:
-            _require(getattr(self, name), name, lambda v: _is_int(v) and v >= 1, "an integer >= 1")
-        _require(self.max_queue, "max_queue", lambda v: _is_int(v) and v >= 0, "an integer >= 0")
-        _require(self.port, "port", lambda v: _is_int(v) and 0 < v < 65536, "1..65535")
-        _require(self.max_factor, "max_factor", lambda v: v > 0, "a number > 0")
-        _require(self.device, "device", VALID_DEVICES.__contains__, f"one of {VALID_DEVICES}")
+    max_factor: float = Field(
+        1000.0, gt=0, description="largest |steering factor|", json_schema_extra=NO_FLAG
+    )
+    max_top_k: StrictInt = Field(
+        50, ge=1, description="most top tokens in a logits view", json_schema_extra=NO_FLAG
+    )
+    max_bins: StrictInt = Field(
+        100, ge=1, description="most histogram bins", json_schema_extra=NO_FLAG
+    )
+    max_heatmap_latents: StrictInt = Field(
+        256, ge=1, description="most latents in a heatmap", json_schema_extra=NO_FLAG
+    )
+    max_examples: StrictInt = Field(
+        64, ge=1, description="most max-activating examples per request", json_schema_extra=NO_FLAG
+    )
+    splice_cache_entries: StrictInt = Field(
+        256, ge=1, description="splices kept in their LRU cache", json_schema_extra=NO_FLAG
+    )
+    splice_cache_mb: StrictInt = Field(
+        128, ge=1, description="memory bound of the splice cache, in MiB", json_schema_extra=NO_FLAG
+    )
 
     @property
     def cache_bytes(self) -> int:
