@@ -225,22 +225,9 @@ def _load_tensors(
 def _write_history(path: Path, rows: list[dict[str, Any]]) -> None:
     import pyarrow as pa
 
-    schema = pa.schema(
-        [
-            ("step", pa.int64()),
-            ("tokens", pa.int64()),
-            ("loss", pa.float64()),
-            ("fvu", pa.float64()),
-            ("auxk_loss", pa.float64()),
-            ("dead_fraction", pa.float64()),
-            ("l0", pa.float64()),
-            ("lr", pa.float64()),
-            ("tokens_per_s", pa.float64()),
-            ("elapsed_s", pa.float64()),
-        ]
-    )
-    table = pa.Table.from_pylist(rows, schema=schema)
-    atomic.write_parquet(path, table)
+    floats = ("loss", "fvu", "auxk_loss", "dead_fraction", "l0", "lr", "tokens_per_s", "elapsed_s")
+    columns = [("step", pa.int64()), ("tokens", pa.int64()), *[(c, pa.float64()) for c in floats]]
+    atomic.write_parquet(path, pa.Table.from_pylist(rows, schema=pa.schema(columns)))
 
 
 def read_history(out_dir: str | Path) -> list[dict[str, Any]]:
@@ -261,12 +248,8 @@ def run_config(
 ) -> dict[str, Any]:
     """What decides the weights, as recorded in state.json: a resume must match it.
     `shape`: batch_size, max_length, max_tokens, world_size, n_chunks."""
-    # checkpoint_every and nproc_per_node do not decide the weights (world_size does)
-    settings = {
-        k: v
-        for k, v in train_cfg.__dict__.items()
-        if k not in ("checkpoint_every", "nproc_per_node")
-    }
+    skip = ("checkpoint_every", "nproc_per_node")  # not the weights' (world_size is)
+    settings = {k: v for k, v in train_cfg.__dict__.items() if k not in skip}
     settings["precision"] = dtype_name(precision)  # resolved: "auto" may differ per machine
     out = {"sae": {**sae_cfg.__dict__}, "train": settings, **shape, "inputs": inputs}
     return json.loads(json.dumps(out))  # as it reads back from state.json
