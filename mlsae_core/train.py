@@ -141,20 +141,29 @@ def dist_info() -> tuple[int, int]:
     return dist.get_rank(), dist.get_world_size()
 
 
-def _all_reduce(t: torch.Tensor, op: str = "sum") -> torch.Tensor:
+def _group() -> Any:
+    """torch.distributed when a process group of more than one rank is running, else None."""
     import torch.distributed as dist
 
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+    grouped = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    return dist if grouped else None
+
+
+def _all_reduce(t: torch.Tensor, op: str = "sum") -> torch.Tensor:
+    if dist := _group():
         dist.all_reduce(t, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
     return t
 
 
 def _broadcast_params(sae: MLSAE) -> None:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+    if dist := _group():
         for p in sae.parameters():
             dist.broadcast(p.data, src=0)
+
+
+def _barrier() -> None:
+    if dist := _group():
+        dist.barrier()
 
 
 # ----- the training state -------------------------------------------------------------------
@@ -391,7 +400,7 @@ class Trainer:
             for p in self.sae.parameters():
                 if p.grad is not None:
                     _all_reduce(p.grad).div_(self.world)
-            _all_reduce(fired.to(torch.uint8), "max")
+            fired.copy_(_all_reduce(fired.to(torch.uint8), "max"))  # fired on any rank
             _all_reduce(n_tok)
             _all_reduce(sums)
         sums /= self.cfg.accumulate_grad_batches * self.world
@@ -527,13 +536,17 @@ def train(
         if rank == 0:
             atomic.remove_stale_temporaries(out_dir)  # litter from a run killed mid-write
             atomic.recover_dir(out_dir / STATE_DIR)
+        _barrier()  # the other ranks read the state rank 0 has recovered
         _check_lens(out_dir, lens)
         inputs = lens.fingerprint() if lens is not None else None
         trainer = Trainer(source, masks, sae_cfg, train_cfg, out_dir, batch_size, max_tokens,
                           metadata, inputs)  # fmt: skip
         if trainer.resume():
-            return MLSAE.from_pretrained(out_dir, device=trainer.device)
-        copy = RunLayout(out_dir).lens
-        if lens is not None and rank == 0 and not (copy / "config.json").is_file():
-            lens.save(copy)  # the run directory is self-contained
-        return trainer.fit(progress, stop_after_steps, on_step)
+            sae = MLSAE.from_pretrained(out_dir, device=trainer.device)
+        else:
+            copy = RunLayout(out_dir).lens
+            if lens is not None and rank == 0 and not (copy / "config.json").is_file():
+                lens.save(copy)  # the run directory is self-contained
+            sae = trainer.fit(progress, stop_after_steps, on_step)
+        _barrier()  # every rank returns once rank 0 has written the run
+        return sae
