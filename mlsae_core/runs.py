@@ -182,9 +182,9 @@ def train_run(
     holds `out_dir`'s lock). `source` may be an activation cache (mlsae_core.cache) shared by
     a sweep's configs; by default activations are computed live by the transformer.
     """
+    device = resolve_device(spec.train.device)  # before loading anything
     if dist_info()[0] == 0:
         refuse_if_locked(out_dir)  # a second writer is refused before minutes of loading
-    device = resolve_device(spec.train.device)  # before loading anything
     if transformer is None:
         transformer = Transformer.load(spec.model_name, device=device)
     shape = ModelShape(transformer.name, transformer.n_layers, transformer.d_model,
