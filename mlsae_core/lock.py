@@ -37,34 +37,38 @@ def _owner(path: Path) -> str:
     )
 
 
-_HELD: dict[Path, int] = {}  # lock files this process holds -> nesting depth
+def _acquire(directory: Path) -> int:
+    """An open descriptor holding the lock file's flock; OutputLocked if another holds it."""
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / LOCK_NAME
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise OutputLocked(
+            f"{directory} is being written by {_owner(path)}; wait for it to finish or "
+            "stop it, or pick another --out directory"
+        ) from None
+    return fd
+
+
+def refuse_if_locked(directory: str | os.PathLike[str]) -> None:
+    """Raise OutputLocked now if another process holds `directory`'s lock: a check before
+    minutes of loading, so a second writer is refused at once. It holds nothing;
+    `output_lock` (taken by `train.train`) is what keeps the directory."""
+    os.close(_acquire(Path(directory)))
 
 
 @contextlib.contextmanager
 def output_lock(directory: str | os.PathLike[str]) -> Iterator[Path]:
     """Hold the lock of `directory` for the body; refuse at once if someone else holds it.
 
-    Re-entrant within a process (a run locks its directory before loading the model, and the
-    training loop inside it locks the same directory again)."""
+    Not re-entrant: taken once per run, by `train.train`; a second hold of the same directory,
+    even in this process, is refused like any other writer."""
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    path = (directory / LOCK_NAME).resolve()
-    if path in _HELD:
-        _HELD[path] += 1
-        try:
-            yield path
-        finally:
-            _HELD[path] -= 1
-        return
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    fd = _acquire(directory)
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise OutputLocked(
-                f"{directory} is being written by {_owner(path)}; wait for it to finish or "
-                "stop it, or pick another --out directory"
-            ) from None
         info = {
             "pid": os.getpid(),
             "host": socket.gethostname(),
@@ -73,10 +77,6 @@ def output_lock(directory: str | os.PathLike[str]) -> Iterator[Path]:
         }
         os.ftruncate(fd, 0)
         os.pwrite(fd, (json.dumps(info) + "\n").encode(), 0)
-        _HELD[path] = 1
-        try:
-            yield path
-        finally:
-            del _HELD[path]
+        yield directory / LOCK_NAME
     finally:
         os.close(fd)  # releases the flock

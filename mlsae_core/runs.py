@@ -7,7 +7,6 @@ split of the same corpus without being told.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import random
 from collections.abc import Callable, Iterable
@@ -39,7 +38,7 @@ from mlsae_core.documents import (
 from mlsae_core.identity import PARTITION_FIELDS, partition_of, resolve_layers
 from mlsae_core.layout import RunLayout, StorageLayout
 from mlsae_core.lens import LensedActivations, TunedLens
-from mlsae_core.lock import output_lock
+from mlsae_core.lock import refuse_if_locked
 from mlsae_core.metrics import METRIC_COLUMNS
 from mlsae_core.sae import MLSAE
 from mlsae_core.train import ActivationSource, LiveActivations, dist_info, train
@@ -170,25 +169,6 @@ def checkpoint_metadata(
     }
 
 
-def _run_lens(spec: RunSpec, transformer: Transformer, out_dir: Path) -> TunedLens | None:
-    """The run's tuned lens, checked against the model and copied into the run directory
-    (refused when the directory already holds a run through another lens)."""
-    if not spec.tuned_lens:
-        return None
-    lens = TunedLens.load(spec.tuned_lens, transformer.n_layers, transformer.d_model)
-    copy = RunLayout(out_dir).lens
-    if (copy / "config.json").is_file():
-        held = TunedLens.load(copy)
-        if held.fingerprint() != lens.fingerprint():
-            raise ConfigError(
-                f"{out_dir} holds a run trained through another tuned lens ({copy}); rerun "
-                "with that lens to resume, or use another --out directory"
-            )
-    else:
-        lens.save(copy)
-    return lens
-
-
 def train_run(
     spec: RunSpec,
     out_dir: str | Path,
@@ -200,27 +180,13 @@ def train_run(
 ) -> MLSAE:
     """Train (or resume) the MLSAE described by `spec` into `out_dir`; returns the MLSAE.
 
-    `source` may be an activation cache (mlsae_core.cache) shared by a sweep's configs;
-    by default activations are computed live by the transformer.
+    Loads and checks what `spec` names, then calls `train.train`, the one training entry (it
+    holds `out_dir`'s lock). `source` may be an activation cache (mlsae_core.cache) shared by
+    a sweep's configs; by default activations are computed live by the transformer.
     """
     device = resolve_device(spec.train.device)  # before loading anything
-    # one writer per output directory, taken before any compute
-    with output_lock(out_dir) if dist_info()[0] == 0 else contextlib.nullcontext():
-        return _train_run(
-            spec, out_dir, device, transformer, source, train_chunks, progress, on_step
-        )
-
-
-def _train_run(
-    spec: RunSpec,
-    out_dir: str | Path,
-    device: str,
-    transformer: Transformer | None,
-    source: ActivationSource | None,
-    train_chunks: TokenChunks | None,
-    progress: bool,
-    on_step: Callable[[dict[str, Any]], None] | None,
-) -> MLSAE:
+    if dist_info()[0] == 0:
+        refuse_if_locked(out_dir)  # a second writer is refused before minutes of loading
     if transformer is None:
         transformer = Transformer.load(spec.model_name, device=device)
     shape = ModelShape(transformer.name, transformer.n_layers, transformer.d_model,
@@ -230,12 +196,13 @@ def _train_run(
         train_chunks = transformer_split(
             transformer, spec.data, spec.train.seed, "train", train_token_budget(spec)
         )
-    lens = _run_lens(spec, transformer, Path(out_dir))
+    lens = None
+    if spec.tuned_lens:
+        lens = TunedLens.load(spec.tuned_lens, transformer.n_layers, transformer.d_model)
     if source is None:
         source = LiveActivations(transformer, train_chunks.tokens, layers)
     if lens is not None:
         source = LensedActivations(source, lens, layers)
-    meta = checkpoint_metadata(spec, layers, transformer.n_layers, lens)
     return train(
         source,
         train_chunks.mask(),
@@ -244,10 +211,10 @@ def _train_run(
         out_dir,
         batch_size=spec.data.batch_size,
         max_tokens=spec.data.max_tokens,
-        metadata=meta,
+        metadata=checkpoint_metadata(spec, layers, transformer.n_layers, lens),
         progress=progress,
         on_step=on_step,
-        inputs=meta["lens_fingerprint"],
+        lens=lens,
     )
 
 

@@ -1,4 +1,6 @@
-"""The training loop, visible in one function (`train`): accumulate, project, step, renormalise.
+"""Training: `train`, the one entry (it holds the output directory's lock), runs a `Trainer`,
+split like SAELens's: `resume`, `step` (accumulate, project, step, renormalise),
+`check_finite`, `checkpoint`, driven by `fit`.
 
 Resumable by construction: the data order is a pure function of (seed, step), so a checkpoint
 only needs the weights, the optimiser state, the dead-latent counters and the step number.
@@ -16,23 +18,27 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
 from mlsae_core import atomic
 from mlsae_core.checkpoint import CheckpointError, load_weights
-from mlsae_core.config import SAEConfig, TrainConfig, resolve_device
+from mlsae_core.config import ConfigError, SAEConfig, TrainConfig, resolve_device
+from mlsae_core.layout import RunLayout
 from mlsae_core.lock import output_lock
 from mlsae_core.losses import total_loss
 from mlsae_core.precision import autocast, dtype_name, resolve_precision
 from mlsae_core.sae import MLSAE
 
+if TYPE_CHECKING:
+    from mlsae_core.lens import TunedLens
+
 logger = logging.getLogger(__name__)
 
 STATE_DIR = "training_state"
-STATE_TENSOR_FILES = ("model.safetensors", "optimizer.safetensors")
 HISTORY_NAME = "history.parquet"
+STATE_FILES = ("model.safetensors", "optimizer.safetensors", "state.json", HISTORY_NAME)
 
 
 class TrainingDiverged(RuntimeError):
@@ -135,23 +141,32 @@ def dist_info() -> tuple[int, int]:
     return dist.get_rank(), dist.get_world_size()
 
 
-def _all_reduce(t: torch.Tensor, op: str = "sum") -> torch.Tensor:
+def _group() -> Any:
+    """torch.distributed when a process group of more than one rank is running, else None."""
     import torch.distributed as dist
 
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+    grouped = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    return dist if grouped else None
+
+
+def _all_reduce(t: torch.Tensor, op: str = "sum") -> torch.Tensor:
+    if dist := _group():
         dist.all_reduce(t, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
     return t
 
 
 def _broadcast_params(sae: MLSAE) -> None:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+    if dist := _group():
         for p in sae.parameters():
             dist.broadcast(p.data, src=0)
 
 
-# ----- checkpoint state ---------------------------------------------------------------------
+def _barrier() -> None:
+    if dist := _group():
+        dist.barrier()
+
+
+# ----- the training state -------------------------------------------------------------------
 def _save_state(
     directory: Path,
     sae: MLSAE,
@@ -160,7 +175,8 @@ def _save_state(
     history: list[dict[str, Any]],
 ) -> None:
     """weights + optimiser tensors + JSON scalars + the history up to this step, committed as
-    one atomic directory: a resume never loses or duplicates training-curve rows."""
+    one atomic directory whose manifest (written last) records all four: a resume never loses
+    or duplicates training-curve rows, and never trusts a damaged file."""
     from safetensors.torch import save_file
 
     opt_sd = opt.state_dict()
@@ -173,31 +189,39 @@ def _save_state(
         tensors["tokens_since_fired"] = sae.tokens_since_fired.detach().cpu().contiguous()
         save_file(tensors, str(tmp / "model.safetensors"))
         save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
-        sums = {name: atomic.sha256_file(tmp / name) for name in STATE_TENSOR_FILES}
-        meta = {**state, "param_groups": opt_sd["param_groups"], "sha256": sums}
+        meta = {**state, "param_groups": opt_sd["param_groups"]}
         (tmp / "state.json").write_text(json.dumps(meta, indent=2) + "\n")
         _write_history(tmp / HISTORY_NAME, history)
+        atomic.record(tmp, STATE_FILES)
 
 
-def _load_state(directory: Path, sae: MLSAE, opt: torch.optim.Optimizer) -> dict[str, Any]:
+def _read_state(directory: Path) -> dict[str, Any]:
+    """state.json of a training state `atomic.verify` accepts (every file of it, first)."""
+    try:
+        atomic.verify(directory, STATE_FILES)
+    except atomic.CorruptFileError as exc:
+        raise CheckpointError(
+            f"{exc.path} does not match {directory / atomic.MANIFEST_NAME} (missing, truncated "
+            f"or modified after it was written); delete {directory} to restart the run from "
+            "step 0, or restore it"
+        ) from exc
+    return json.loads((directory / "state.json").read_text())
+
+
+def _load_tensors(
+    directory: Path, sae: MLSAE, opt: torch.optim.Optimizer, param_groups: list[Any]
+) -> None:
+    """The weights, dead-latent counters and optimiser moments of a verified state."""
     from safetensors.torch import load_file
 
-    meta = json.loads((directory / "state.json").read_text())
-    for name, want in meta.pop("sha256", {}).items():  # states written before have none
-        if atomic.sha256_file(directory / name) != want:
-            raise CheckpointError(
-                f"{directory / name} does not match the checksum in state.json (truncated or "
-                f"modified); delete {directory} to restart the run, or restore it"
-            )
     tensors = load_file(str(directory / "model.safetensors"))
     sae.tokens_since_fired.copy_(tensors.pop("tokens_since_fired"))
     load_weights(sae, tensors)
-    opt_tensors = load_file(str(directory / "optimizer.safetensors"))
     opt_state: dict[int, dict[str, torch.Tensor]] = {}
-    for name, value in opt_tensors.items():
+    for name, value in load_file(str(directory / "optimizer.safetensors")).items():
         pid, key = name.split(".", 1)
         opt_state.setdefault(int(pid), {})[key] = value
-    opt.load_state_dict({"state": opt_state, "param_groups": meta.pop("param_groups")})
+    opt.load_state_dict({"state": opt_state, "param_groups": param_groups})
     # Moments are saved contiguous; give them back their parameter's memory layout (the
     # decoder weight is stored transposed), as a fused kernel walks param and state together.
     for group in opt.param_groups:
@@ -205,28 +229,14 @@ def _load_state(directory: Path, sae: MLSAE, opt: torch.optim.Optimizer) -> dict
             for key, value in opt.state.get(param, {}).items():
                 if value.shape == param.shape and value.stride() != param.stride():
                     opt.state[param][key] = torch.empty_like(param).copy_(value)
-    return meta
 
 
 def _write_history(path: Path, rows: list[dict[str, Any]]) -> None:
     import pyarrow as pa
 
-    schema = pa.schema(
-        [
-            ("step", pa.int64()),
-            ("tokens", pa.int64()),
-            ("loss", pa.float64()),
-            ("fvu", pa.float64()),
-            ("auxk_loss", pa.float64()),
-            ("dead_fraction", pa.float64()),
-            ("l0", pa.float64()),
-            ("lr", pa.float64()),
-            ("tokens_per_s", pa.float64()),
-            ("elapsed_s", pa.float64()),
-        ]
-    )
-    table = pa.Table.from_pylist(rows, schema=schema)
-    atomic.write_parquet(path, table)
+    floats = ("loss", "fvu", "auxk_loss", "dead_fraction", "l0", "lr", "tokens_per_s", "elapsed_s")
+    columns = [("step", pa.int64()), ("tokens", pa.int64()), *[(c, pa.float64()) for c in floats]]
+    atomic.write_parquet(path, pa.Table.from_pylist(rows, schema=pa.schema(columns)))
 
 
 def read_history(out_dir: str | Path) -> list[dict[str, Any]]:
@@ -235,6 +245,23 @@ def read_history(out_dir: str | Path) -> list[dict[str, Any]]:
     if not path.exists():
         return []
     return atomic.read_parquet(path).to_pylist()
+
+
+# ----- the settings a state was trained with ------------------------------------------------
+def run_config(
+    sae_cfg: SAEConfig,
+    train_cfg: TrainConfig,
+    precision: torch.dtype,
+    shape: dict[str, int],
+    inputs: str | None,
+) -> dict[str, Any]:
+    """What decides the weights, as recorded in state.json: a resume must match it.
+    `shape`: batch_size, max_length, max_tokens, world_size, n_chunks."""
+    skip = ("checkpoint_every", "nproc_per_node")  # not the weights' (world_size is)
+    settings = {k: v for k, v in train_cfg.__dict__.items() if k not in skip}
+    settings["precision"] = dtype_name(precision)  # resolved: "auto" may differ per machine
+    out = {"sae": {**sae_cfg.__dict__}, "train": settings, **shape, "inputs": inputs}
+    return json.loads(json.dumps(out))  # as it reads back from state.json
 
 
 def _is_extension(saved: dict[str, Any], now: dict[str, Any]) -> bool:
@@ -258,7 +285,226 @@ def _differences(saved: Any, now: Any, prefix: str = "") -> list[str]:
     return [] if saved == now else [f"{prefix[:-1]}: {saved!r} -> {now!r}"]
 
 
-# ----- the loop -----------------------------------------------------------------------------
+def _check_lens(out_dir: Path, lens: TunedLens | None) -> None:
+    """Refuse a directory whose copy of the tuned lens is another lens than `lens`."""
+    from mlsae_core.lens import TunedLens
+
+    copy = RunLayout(out_dir).lens
+    if lens is None or not (copy / "config.json").is_file():
+        return
+    held, want = TunedLens.load(copy).fingerprint(), lens.fingerprint()
+    if held != want:
+        raise ConfigError(
+            f"{out_dir} holds a run trained through another tuned lens ({copy}; inputs "
+            f"fingerprint {held[:12]}, now {want[:12]}); rerun with that lens to resume, or "
+            "use another --out directory"
+        )
+
+
+# ----- the trainer --------------------------------------------------------------------------
+class Trainer:
+    """One run into `out_dir`: the MLSAE, its optimiser, the data order and the step count.
+
+    Every rank of a process group builds one; rank 0 alone writes. `train` is the entry
+    (lock, lens copy, resume, fit); use the methods directly only to test them.
+    """
+
+    def __init__(
+        self,
+        source: ActivationSource,
+        masks: torch.Tensor,
+        sae_cfg: SAEConfig,
+        train_cfg: TrainConfig,
+        out_dir: Path,
+        batch_size: int,
+        max_tokens: int,
+        metadata: dict[str, Any] | None = None,
+        inputs: str | None = None,
+    ) -> None:
+        self.rank, self.world = dist_info()
+        self.device = torch.device(resolve_device(train_cfg.device))
+        self.precision = resolve_precision(train_cfg.precision, self.device)
+        torch.manual_seed(train_cfg.seed)  # before the SAE's initialisation
+        self.source, self.masks, self.out_dir = source, masks, out_dir
+        self.sae_cfg, self.cfg, self.batch_size = sae_cfg, train_cfg, batch_size
+        n_chunks, pos = masks.shape
+        self.tokens_per_step = batch_size * pos * train_cfg.accumulate_grad_batches * self.world
+        self.total_steps = max(1, math.ceil(max_tokens / self.tokens_per_step))
+        shape = {"batch_size": batch_size, "max_length": pos, "max_tokens": max_tokens,
+                 "world_size": self.world, "n_chunks": n_chunks}  # fmt: skip
+        self.run_config = run_config(sae_cfg, train_cfg, self.precision, shape, inputs)
+        self.sae = MLSAE.from_config(source.d_model, sae_cfg, metadata=metadata).to(self.device)
+        self.opt = make_optimizer(self.sae, train_cfg.lr, train_cfg.eps)
+        self.order = RowOrder(n_chunks, train_cfg.seed)
+        self.state_dir = out_dir / STATE_DIR
+        self.steps_done = 0
+        self.history: list[dict[str, Any]] = []
+        self.t_start = time.perf_counter()
+
+    def resume(self) -> bool:
+        """Continue from the saved state, if any: refused unless its settings are these, or
+        these with only a larger token budget (an extension). True when it is finished."""
+        if not (self.state_dir / "state.json").exists():
+            return False
+        meta = _read_state(self.state_dir)
+        saved = meta["run_config"]
+        changed = _differences(saved, self.run_config)
+        if changed and not _is_extension(saved, self.run_config):
+            raise ValueError(
+                f"{self.out_dir} holds a run with other settings ({'; '.join(changed)}); rerun "
+                "with the same settings to resume (or only a larger --max_tokens to extend "
+                "it), or use another --out directory"
+            )
+        if changed:
+            logger.info("extending %s from %d to %d tokens", self.out_dir,
+                        saved["max_tokens"], self.run_config["max_tokens"])  # fmt: skip
+        _load_tensors(self.state_dir, self.sae, self.opt, meta["param_groups"])
+        self.steps_done = int(meta["step"])
+        # the history committed with this state: never a lost or a repeated row
+        self.history = [r for r in read_history(self.state_dir) if r["step"] < self.steps_done]
+        logger.info("resuming %s at step %d/%d", self.out_dir, self.steps_done, self.total_steps)
+        return bool(meta.get("done")) and self.steps_done >= self.total_steps
+
+    def _micro_batch(self, a: int, fired: torch.Tensor, n_tok: torch.Tensor,
+                     sums: torch.Tensor) -> None:  # fmt: skip
+        """Forward and backward of this rank's `a`-th micro-batch of the current step."""
+        micro = (self.steps_done * self.cfg.accumulate_grad_batches + a) * self.world + self.rank
+        rows = self.order.rows(micro * self.batch_size, self.batch_size)
+        with autocast(self.device, self.precision):
+            acts = self.source(rows).to(self.device)  # [L, B, P, d]
+        x = acts[:, self.masks[rows].to(self.device)].float()  # [L, N, d]
+        if x.shape[1] == 0:
+            return
+        self._check_inputs(x)
+        if self.steps_done == 0 and a == 0:
+            self.sae.init_pre_encoder_bias(x)
+            _broadcast_params(self.sae)
+        with autocast(self.device, self.precision):
+            out = self.sae(x)  # the encoder GEMM in `precision`; decode and losses float32
+        loss, main, aux = total_loss(x, out, self.sae_cfg.auxk_coef)
+        (loss / self.cfg.accumulate_grad_batches).backward()
+        fired |= out.fired
+        n_tok += x.shape[1]
+        l0 = (out.topk.values > self.sae.dead_threshold).sum(-1).float().mean()
+        sums += torch.stack([loss.detach(), main.detach(), aux.detach(), l0]).double()
+
+    def step(self) -> dict[str, Any]:
+        """One optimiser step over every rank's micro-batches; returns its history row."""
+        t0 = time.perf_counter()
+        fired = torch.zeros(self.sae.n_latents, dtype=torch.bool, device=self.device)
+        n_tok = torch.zeros((), dtype=torch.long, device=self.device)
+        sums = torch.zeros(4, dtype=torch.float64, device=self.device)  # loss fvu aux l0
+        for a in range(self.cfg.accumulate_grad_batches):
+            self._micro_batch(a, fired, n_tok, sums)
+        if self.world > 1:
+            for p in self.sae.parameters():
+                if p.grad is not None:
+                    _all_reduce(p.grad).div_(self.world)
+            fired.copy_(_all_reduce(fired.to(torch.uint8), "max"))  # fired on any rank
+            _all_reduce(n_tok)
+            _all_reduce(sums)
+        sums /= self.cfg.accumulate_grad_batches * self.world
+        optimizer_step(self.sae, self.opt)
+        self.sae.update_dead(fired, int(n_tok))
+        self.check_finite(float(sums[0]))
+        self.steps_done += 1
+        row = {
+            "step": self.steps_done - 1,
+            "tokens": self.steps_done * self.tokens_per_step,
+            "loss": float(sums[0]),
+            "fvu": float(sums[1]),
+            "auxk_loss": float(sums[2]),
+            "dead_fraction": float(self.sae.dead_mask().float().mean()),
+            "l0": float(sums[3]),
+            "lr": self.cfg.lr,
+            "tokens_per_s": self.tokens_per_step / max(time.perf_counter() - t0, 1e-9),
+            "elapsed_s": time.perf_counter() - self.t_start,
+        }
+        self.history.append(row)
+        return row
+
+    def _check_inputs(self, x: torch.Tensor) -> None:
+        """NaN/Inf activations: the model or the data is at fault, not the optimiser."""
+        if bool(torch.isfinite(x).all()):
+            return
+        bad = [int(i) for i in (~torch.isfinite(x)).flatten(1).any(1).nonzero()]
+        raise TrainingDiverged(
+            f"step {self.steps_done}: the model's activations are NaN/Inf (at {len(bad)} of "
+            f"{x.shape[0]} layers, layer index {bad[:8]}); check the model's weights or dtype "
+            f"(load it in float32) and the data. The last good checkpoint is kept in "
+            f"{self.state_dir}"
+        )
+
+    def check_finite(self, loss: float) -> None:
+        """After a step on finite inputs: a NaN/Inf loss or weights point at the learning
+        rate. Nothing of the step is saved; the last good checkpoint stays."""
+        step, lr, kept = self.steps_done, self.cfg.lr, self.state_dir
+        if not math.isfinite(loss):
+            raise TrainingDiverged(
+                f"step {step}: loss is {loss} with finite inputs; likely cause: a learning "
+                f"rate too high (lr={lr}): rerun with a smaller --lr and another --out. The "
+                f"last good checkpoint is kept in {kept}"
+            )
+        if not all(torch.isfinite(p).all() for p in self.sae.parameters()):
+            raise TrainingDiverged(
+                f"step {step}: weights became NaN/Inf after the optimiser step; likely cause: "
+                f"a learning rate too high (lr={lr}). The last good checkpoint is kept in {kept}"
+            )
+
+    def checkpoint(self, done: bool = False) -> None:
+        """The training state, then the user-facing copy of the history (rank 0 only)."""
+        if self.rank != 0:
+            return
+        state = {"step": self.steps_done, "run_config": self.run_config, "done": done}
+        _save_state(self.state_dir, self.sae, self.opt, state, self.history)
+        _write_history(self.out_dir / HISTORY_NAME, self.history)
+
+    def fit(
+        self,
+        progress: bool = True,
+        stop_after_steps: int | None = None,
+        on_step: Callable[[dict[str, Any]], None] | None = None,
+    ) -> MLSAE:
+        """Step to the budget (or `stop_after_steps` more), checkpointing every
+        `checkpoint_every` steps; a finished run saves the MLSAE into `out_dir`."""
+        from tqdm.auto import tqdm
+
+        bar = tqdm(
+            total=self.total_steps * self.tokens_per_step,
+            initial=self.steps_done * self.tokens_per_step,
+            unit="tok",
+            unit_scale=True,
+            disable=not progress or self.rank != 0,
+            desc=f"train {self.out_dir.name}",
+        )
+        self.sae.train()
+        self.t_start = time.perf_counter()
+        stop = self.total_steps
+        if stop_after_steps is not None:
+            stop = min(stop, self.steps_done + stop_after_steps)
+        while self.steps_done < stop:
+            row = self.step()
+            bar.update(self.tokens_per_step)
+            bar.set_postfix(fvu=f"{row['fvu']:.3f}", dead=f"{row['dead_fraction']:.2f}")
+            if on_step is not None:
+                on_step(row)
+            every = self.cfg.checkpoint_every
+            if self.steps_done % every == 0 and self.steps_done < self.total_steps:
+                self.checkpoint()
+        bar.close()
+        if self.steps_done >= self.total_steps:
+            if self.rank == 0:
+                self.sae.save_pretrained(self.out_dir)
+            self.checkpoint(done=True)
+            logger.info("trained %s: %d steps, final fvu %.4f", self.out_dir,
+                        self.steps_done, self.history[-1]["fvu"])  # fmt: skip
+        else:
+            self.checkpoint()
+        self.sae.eval()
+        return self.sae
+
+
+# ----- the one entry ------------------------------------------------------------------------
 def train(
     source: ActivationSource,
     masks: torch.Tensor,
@@ -271,221 +517,36 @@ def train(
     progress: bool = True,
     stop_after_steps: int | None = None,
     on_step: Callable[[dict[str, Any]], None] | None = None,
-    inputs: str | None = None,
+    lens: TunedLens | None = None,
 ) -> MLSAE:
     """Train an MLSAE on `source` and save it to `out_dir`; resume if a checkpoint is there.
 
+    The one training entry: it holds `out_dir`'s lock for the whole run (rank 0 for the
+    process group), so one process writes a run directory.
     masks: [n_chunks, pos] bool, True at positions that count (not BOS/EOS/PAD).
     max_tokens: token budget (chunk positions, special ones included, as the reference).
     stop_after_steps: stop early (to test resume); the run continues on the next call.
-    inputs: what transforms the activations `source` yields (a tuned lens's fingerprint),
-    recorded with the settings so a resume through another transformation is refused.
+    lens: the tuned lens `source` applies: its fingerprint is recorded with the settings (a
+    resume through another lens is refused) and a copy is kept in the run directory.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     rank, _ = dist_info()
-    # one writer per output directory (rank 0 holds it for the whole process group)
     with output_lock(out_dir) if rank == 0 else contextlib.nullcontext():
-        return _train(
-            source,
-            masks,
-            sae_cfg,
-            train_cfg,
-            out_dir,
-            batch_size,
-            max_tokens,
-            metadata,
-            progress,
-            stop_after_steps,
-            on_step,
-            inputs,
-        )
-
-
-def _train(
-    source: ActivationSource,
-    masks: torch.Tensor,
-    sae_cfg: SAEConfig,
-    train_cfg: TrainConfig,
-    out_dir: Path,
-    batch_size: int,
-    max_tokens: int,
-    metadata: dict[str, Any] | None,
-    progress: bool,
-    stop_after_steps: int | None,
-    on_step: Callable[[dict[str, Any]], None] | None,
-    inputs: str | None = None,
-) -> MLSAE:
-    from tqdm.auto import tqdm
-
-    rank, world = dist_info()
-    if rank == 0:
-        atomic.remove_stale_temporaries(out_dir)  # litter from a run killed mid-write
-    device = torch.device(resolve_device(train_cfg.device))
-    precision = resolve_precision(train_cfg.precision, device)
-    torch.manual_seed(train_cfg.seed)
-
-    n_chunks, pos = masks.shape
-    accum = train_cfg.accumulate_grad_batches
-    tokens_per_step = batch_size * pos * accum * world
-    total_steps = max(1, math.ceil(max_tokens / tokens_per_step))
-    n_latents = sae_cfg.n_latents(source.d_model)
-    run_config = {
-        "sae": {**sae_cfg.__dict__},
-        # what decides the weights; checkpoint_every and nproc_per_node (world_size is) do not
-        "train": {
-            **{
-                k: v
-                for k, v in train_cfg.__dict__.items()
-                if k not in ("checkpoint_every", "nproc_per_node")
-            },
-            "precision": dtype_name(precision),  # resolved: "auto" may differ per machine
-        },
-        "batch_size": batch_size,
-        "max_length": pos,
-        "max_tokens": max_tokens,
-        "world_size": world,
-        "n_chunks": n_chunks,
-    }
-    if inputs is not None:  # absent for plain activations, as in states from before
-        run_config["inputs"] = inputs
-    sae = MLSAE.from_config(source.d_model, sae_cfg, metadata=metadata).to(device)
-    opt = make_optimizer(sae, train_cfg.lr, train_cfg.eps)
-    order = RowOrder(n_chunks, train_cfg.seed)
-
-    state_dir = out_dir / STATE_DIR
-    if rank == 0:
-        atomic.recover_dir(state_dir)
-    step, history = 0, []
-    if (state_dir / "state.json").exists():
-        saved = json.loads((state_dir / "state.json").read_text())["run_config"]
-        saved["train"].setdefault("precision", "float32")  # states from before the setting
-        now = json.loads(json.dumps(run_config))
-        changed = _differences(saved, now)
-        if changed and not _is_extension(saved, now):
-            raise ValueError(
-                f"{out_dir} holds a run with other settings ({'; '.join(changed)}); rerun with "
-                "the same settings to resume (or only a larger --max_tokens to extend it), or "
-                "use another --out directory"
-            )
-        if changed:
-            logger.info(
-                "extending %s from %d to %d tokens", out_dir, saved["max_tokens"], max_tokens
-            )
-        meta = _load_state(state_dir, sae, opt)
-        step = int(meta["step"])
-        # the history committed with this state (older checkpoints kept it beside the state)
-        source_dir = state_dir if (state_dir / HISTORY_NAME).exists() else out_dir
-        history = [r for r in read_history(source_dir) if r["step"] < step]
-        logger.info("resuming %s at step %d/%d", out_dir, step, total_steps)
-        if meta.get("done") and step >= total_steps:
-            return MLSAE.from_pretrained(out_dir, device=device)
-    sae.train()
-
-    def checkpoint(done: bool = False) -> None:
-        if rank != 0:
-            return
-        state = {"step": step, "run_config": run_config, "done": done}
-        _save_state(state_dir, sae, opt, state, history)
-        _write_history(out_dir / HISTORY_NAME, history)  # the user-facing copy
-
-    bar = tqdm(
-        total=total_steps * tokens_per_step,
-        initial=step * tokens_per_step,
-        unit="tok",
-        unit_scale=True,
-        disable=not progress or rank != 0,
-        desc=f"train {out_dir.name}",
-    )
-    t_start = time.perf_counter()
-    steps_this_call = 0
-    while step < total_steps:
-        if stop_after_steps is not None and steps_this_call >= stop_after_steps:
-            break
-        t0 = time.perf_counter()
-        fired = torch.zeros(n_latents, dtype=torch.bool, device=device)
-        n_tok = torch.zeros((), dtype=torch.long, device=device)
-        sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss, fvu, aux, l0*tokens
-        for a in range(accum):
-            micro = (step * accum + a) * world + rank
-            rows = order.rows(micro * batch_size, batch_size)
-            with autocast(device, precision):
-                acts = source(rows).to(device)  # [L, B, P, d]
-            mask = masks[rows].to(device)  # [B, P]
-            x = acts[:, mask].float()  # [L, N, d]
-            if x.shape[1] == 0:
-                continue
-            if not bool(torch.isfinite(x).all()):  # the inputs, not the optimiser, are at fault
-                bad = [int(i) for i in (~torch.isfinite(x)).flatten(1).any(1).nonzero()]
-                raise TrainingDiverged(
-                    f"step {step}: the model's activations are NaN/Inf (at {len(bad)} of "
-                    f"{x.shape[0]} layers, layer index {bad[:8]}); check the model's weights or "
-                    f"dtype (load it in float32) and the data. The last good checkpoint is kept "
-                    f"in {state_dir}"
-                )
-            if step == 0 and a == 0 and steps_this_call == 0:
-                sae.init_pre_encoder_bias(x)
-                _broadcast_params(sae)
-            with autocast(device, precision):
-                out = sae(x)  # the encoder GEMM in `precision`; decode and losses float32
-            loss, main, aux = total_loss(x, out, sae_cfg.auxk_coef)
-            (loss / accum).backward()
-            fired |= out.fired
-            n_tok += x.shape[1]
-            l0 = (out.topk.values > sae.dead_threshold).sum(-1).float().mean()
-            sums += torch.stack([loss.detach(), main.detach(), aux.detach(), l0]).double()
-        if world > 1:
-            for p in sae.parameters():
-                if p.grad is not None:
-                    _all_reduce(p.grad).div_(world)
-            _all_reduce(fired.to(torch.uint8), "max")
-            _all_reduce(n_tok)
-            _all_reduce(sums)
-        sums /= accum * world
-        loss_value = float(sums[0])
-        if not math.isfinite(loss_value):
-            raise TrainingDiverged(
-                f"step {step}: loss is {loss_value} with finite inputs; likely cause: a learning "
-                f"rate too high (lr={train_cfg.lr}): rerun with a smaller --lr and another --out. "
-                f"The last good checkpoint is kept in {state_dir}"
-            )
-        optimizer_step(sae, opt)
-        sae.update_dead(fired, int(n_tok))
-        if not all(torch.isfinite(p).all() for p in sae.parameters()):
-            raise TrainingDiverged(
-                f"step {step}: weights became NaN/Inf after the optimiser step; likely cause: a "
-                f"learning rate too high (lr={train_cfg.lr}). The last good checkpoint is kept "
-                f"in {state_dir}"
-            )
-        step += 1
-        steps_this_call += 1
-        dt = time.perf_counter() - t0
-        row = {
-            "step": step - 1,
-            "tokens": step * tokens_per_step,
-            "loss": loss_value,
-            "fvu": float(sums[1]),
-            "auxk_loss": float(sums[2]),
-            "dead_fraction": float(sae.dead_mask().float().mean()),
-            "l0": float(sums[3]),
-            "lr": train_cfg.lr,
-            "tokens_per_s": tokens_per_step / max(dt, 1e-9),
-            "elapsed_s": time.perf_counter() - t_start,
-        }
-        history.append(row)
-        bar.update(tokens_per_step)
-        bar.set_postfix(fvu=f"{row['fvu']:.3f}", dead=f"{row['dead_fraction']:.2f}")
-        if on_step is not None:
-            on_step(row)
-        if step % train_cfg.checkpoint_every == 0 and step < total_steps:
-            checkpoint()
-    bar.close()
-    if step >= total_steps:
         if rank == 0:
-            sae.save_pretrained(out_dir)
-        checkpoint(done=True)
-        logger.info("trained %s: %d steps, final fvu %.4f", out_dir, step, history[-1]["fvu"])
-    else:
-        checkpoint()
-    sae.eval()
-    return sae
+            atomic.remove_stale_temporaries(out_dir)  # litter from a run killed mid-write
+            atomic.recover_dir(out_dir / STATE_DIR)
+        _barrier()  # the other ranks read the state rank 0 has recovered
+        _check_lens(out_dir, lens)
+        inputs = lens.fingerprint() if lens is not None else None
+        trainer = Trainer(source, masks, sae_cfg, train_cfg, out_dir, batch_size, max_tokens,
+                          metadata, inputs)  # fmt: skip
+        if trainer.resume():
+            sae = MLSAE.from_pretrained(out_dir, device=trainer.device)
+        else:
+            copy = RunLayout(out_dir).lens
+            if lens is not None and rank == 0 and not (copy / "config.json").is_file():
+                lens.save(copy)  # the run directory is self-contained
+            sae = trainer.fit(progress, stop_after_steps, on_step)
+        _barrier()  # every rank returns once rank 0 has written the run
+        return sae

@@ -62,3 +62,58 @@ def test_mlsae_asset_trains_with_torchrun_via_pipes(tmp_path, monkeypatch):
     # the run's token budget is split over the ranks: 512 tokens in 128-token steps x 2 ranks
     assert meta["tokens"] >= 512 and meta["steps"] == 2
     assert os.path.exists(ckpt / "history.parquet")
+
+
+def _rank_body(rank: int, out: str, port: int) -> None:
+    """One of two gloo ranks: a full run into a/, then one stopped after 5 steps and resumed
+    into b/; each rank saves its final weights and dead-latent counters."""
+    from pathlib import Path
+
+    import torch
+    from safetensors.torch import save_file
+
+    from mlsae_core.config import SAEConfig, TrainConfig
+    from mlsae_core.train import train
+    from tests.test_train import PlantedActivations, masks_for
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2",
+                      RANK=str(rank), OMP_NUM_THREADS="1")  # fmt: skip
+    torch.set_num_threads(1)
+    src = PlantedActivations()
+
+    def run(d: str, steps: int | None = None):
+        return train(
+            src, masks_for(src), SAEConfig(expansion_factor=4, k=4, auxk=8, dead_tokens_threshold=40),
+            TrainConfig(lr=3e-3, accumulate_grad_batches=1, checkpoint_every=2, device="cpu"),
+            Path(out) / d, batch_size=1, max_tokens=2 * 8 * 10, progress=False,
+            stop_after_steps=steps,
+        )  # fmt: skip
+
+    full = run("a")
+    run("b", steps=5)
+    resumed = run("b")
+    for name, sae in (("full", full), ("resumed", resumed)):
+        tensors = {k: v.contiguous() for k, v in sae.state_dict().items()}
+        tensors["tokens_since_fired"] = sae.tokens_since_fired.contiguous()
+        save_file(tensors, str(Path(out) / f"{name}-rank{rank}.safetensors"))
+
+
+@pytest.mark.slow
+def test_two_ranks_agree_on_dead_latents_and_resume_exactly(tmp_path):
+    """The dead-latent counters are all-reduced (every rank counts a latent fired anywhere), so
+    the ranks agree and a resume from rank 0's state equals the uninterrupted run."""
+    import socket
+
+    import torch
+    import torch.multiprocessing as mp
+    from safetensors.torch import load_file
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_rank_body, args=(str(tmp_path), port), nprocs=2)
+    got = {f.stem: load_file(f) for f in tmp_path.glob("*.safetensors")}
+    want = got["full-rank0"]
+    for name in ("full-rank1", "resumed-rank0", "resumed-rank1"):
+        for key, value in want.items():
+            assert torch.equal(value, got[name][key]), (name, key)

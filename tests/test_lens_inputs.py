@@ -112,7 +112,7 @@ def _train(tmp, tt, tokens, lens, steps=None):
         source, masks, SAEConfig(expansion_factor=2, k=4, auxk=8, dead_tokens_threshold=40),
         TrainConfig(lr=3e-3, accumulate_grad_batches=1, checkpoint_every=2, device="cpu"),
         tmp, batch_size=1, max_tokens=12 * 8, progress=False, stop_after_steps=steps,
-        inputs=lens.fingerprint(),
+        lens=lens,
     )  # fmt: skip
 
 

@@ -3,6 +3,7 @@ before compute, and one-line messages (interrupts, full disks, divergence, other
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -66,6 +67,13 @@ def test_second_writer_is_refused_naming_the_first(tiny_model_dir, corpus_dir, t
     assert f"is being written by pid {holder.pid}" in err, err
     assert len(err.splitlines()) == 1 and not (out / "config.json").exists()
     assert main(train_args(tiny_model_dir, corpus_dir, out)) == 0  # a dead holder: trains
+
+
+def test_a_second_writer_is_refused_before_the_model_loads(corpus_dir, tmp_path, capsys):  # noqa: F811
+    out = tmp_path / "run"
+    with output_lock(out):  # the refusal comes first: not "no such model directory"
+        assert main(train_args(tmp_path / "no" / "such" / "model", corpus_dir, out)) == 1
+    assert f"is being written by pid {os.getpid()}" in capsys.readouterr().err
 
 
 @pytest.mark.slow
@@ -365,14 +373,37 @@ def test_a_sweep_killed_mid_run_is_marked_failed_by_the_next(tmp_path):
     assert instance.get_run_by_id(runs[0].run_id).status == dg.DagsterRunStatus.FAILURE
 
 
-def test_a_corrupt_resume_state_is_refused_naming_the_file(tmp_path):
+@pytest.mark.parametrize("name", train_mod.STATE_FILES)
+def test_a_corrupt_resume_state_is_refused_naming_the_file(tmp_path, name):
+    from mlsae_core import atomic
     from mlsae_core.checkpoint import CheckpointError
 
     src = PlantedActivations()
     _train(tmp_path, src, steps=2)  # a resume state at step 2
-    weights = tmp_path / train_mod.STATE_DIR / "model.safetensors"
-    data = bytearray(weights.read_bytes())
-    data[len(data) // 2] ^= 0xFF  # one byte in the middle of the tensors
-    weights.write_bytes(bytes(data))
-    with pytest.raises(CheckpointError, match=r"training_state/model.safetensors does not match"):
+    state = tmp_path / train_mod.STATE_DIR
+    assert set(atomic.read_manifest(state)) == set(train_mod.STATE_FILES)  # the one record
+    assert "sha256" not in json.loads((state / "state.json").read_text())
+    data = bytearray((state / name).read_bytes())
+    data[len(data) // 2] ^= 0xFF  # one byte in the middle of the file
+    (state / name).write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=rf"training_state/{name} does not match"):
         _train(tmp_path, src)
+
+
+def test_a_resume_state_without_its_manifest_is_refused(tmp_path):
+    from mlsae_core import atomic
+    from mlsae_core.checkpoint import CheckpointError
+
+    src = PlantedActivations()
+    _train(tmp_path, src, steps=2)
+    (tmp_path / train_mod.STATE_DIR / atomic.MANIFEST_NAME).unlink()
+    with pytest.raises(CheckpointError, match=r"delete .*training_state to restart the run"):
+        _train(tmp_path, src)
+
+
+def test_the_lock_is_taken_once_per_run(tmp_path):
+    """Not re-entrant: a training into a directory this very process holds is refused."""
+    from mlsae_core.lock import OutputLocked
+
+    with output_lock(tmp_path), pytest.raises(OutputLocked, match=f"pid {os.getpid()}"):
+        _train(tmp_path, PlantedActivations())
