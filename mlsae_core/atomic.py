@@ -21,8 +21,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-# The key of the whole-file sha256 in a Parquet footer's key-value metadata (see write_parquet).
-_HASH_CHUNK = 4 << 20
+_HASH_CHUNK = 4 << 20  # bytes per read while hashing
 
 
 class CorruptFileError(ValueError):

@@ -2,13 +2,13 @@
 
 `ActivationCache.build(transformer, tokens, layers, out_dir)` runs the transformer once over
 the token chunks and writes the block outputs as float16 shards (`shard_00000.npy`, each
-`[n_layers, shard_rows, pos, d]`, memory-mapped on read). The manifest (`manifest.json`)
-records where the activations came from (model name and a fingerprint of its weights, the
-layers, a hash of the tokens, shapes) and is written LAST, inside a directory that appears
-atomically: a directory without a manifest is not a cache.
+`[n_layers, shard_rows, pos, d]`, memory-mapped on read). `cache.json` records which
+activations these are (model name and a fingerprint of its weights, the layers, a hash of the
+tokens, shapes); the shards and `cache.json` are then recorded in the directory's
+`manifest.json` (`atomic.record`), all inside a directory that appears atomically.
 
 `ActivationCache.open(out_dir, transformer=..., tokens=..., layers=...)` checks whatever it
-is given against the manifest and refuses a mismatch with a message naming the field. The
+is given against `cache.json` and refuses a mismatch with a message naming the field. The
 reader implements `train.ActivationSource` (`n_layers`, `d_model`, `__call__(rows)`), so
 `train()` uses it unchanged. Values equal the live activations up to float16 rounding
 (relative error <= 2^-11); a value beyond float16's range (65504) is refused at build time.
@@ -20,13 +20,10 @@ rounding). Storage is float16 in every case: its 11-bit significand is finer tha
 8, so it adds less error than a bf16 forward already has, and it halves the disk and the
 read bandwidth of float32.
 
-Integrity: the manifest records each shard's size and sha256 (and a sha256 of itself), and
-`open` checks them before anything is read, so `open_or_build` rebuilds a cache with a
-truncated or modified shard instead of training on it (`CacheCorruptError` names the
-file). Hashing runs on threads (hashlib releases the GIL) and once per process: a shard that
-was verified, and whose size, mtime and inode have not changed since, is not hashed again by
-the same process (only trusted when its mtime was more than `STAT_TRUST_S` older than the
-verification, so any later write changes the mtime). Costs: docs/pipeline.md (Re-runs).
+Integrity (the project's one rule): `open` runs `atomic.verify` over `cache.json` and every
+shard before anything is read, so `open_or_build` rebuilds a cache with a truncated, modified
+or unrecorded file instead of training on it (`CacheCorruptError` names the file). Costs:
+docs/pipeline.md (Re-runs).
 """
 
 from __future__ import annotations
@@ -34,30 +31,22 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import time
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from mlsae_core.atomic import atomic_dir, sha256_file
+from mlsae_core import atomic
 from mlsae_core.precision import autocast, dtype_name
 
 logger = logging.getLogger(__name__)
 
-MANIFEST_NAME = "manifest.json"
+INFO_NAME = "cache.json"  # which activations (identity), not whether the bytes are intact
 FORMAT = "mlsae-activation-cache"
-VERSION = 2  # 2: shard sizes and sha256 in the manifest (v1 caches are rebuilt)
+VERSION = 3
 FP16_MAX = 65504.0
-STAT_TRUST_S = 2.0  # >> the file system's timestamp granularity
-HASH_THREADS = min(8, os.cpu_count() or 1)
-
-# shard path -> (size, mtime_ns, inode, sha256) of shards this process has hashed
-_verified: dict[str, tuple[int, int, int, str]] = {}
 
 
 class CacheMismatchError(ValueError):
@@ -65,7 +54,7 @@ class CacheMismatchError(ValueError):
 
 
 class CacheCorruptError(CacheMismatchError):
-    """A file of the cache does not match the manifest: truncated or modified since written."""
+    """A file of the cache does not match its manifest: truncated, modified or unrecorded."""
 
 
 def tokens_digest(tokens: torch.Tensor) -> str:
@@ -89,26 +78,18 @@ def model_fingerprint(transformer: Any) -> str:
 class ActivationCache:
     """Read side of the cache: an `ActivationSource` over float16 memory-mapped shards."""
 
-    def __init__(self, directory: Path, manifest: dict[str, Any]) -> None:
+    def __init__(self, directory: Path, info: dict[str, Any]) -> None:
         self.directory = Path(directory)
-        self.manifest = manifest
-        self.layers: list[int] = list(manifest["layers"])
+        self.info = info
+        self.layers: list[int] = list(info["layers"])
         self.n_layers = len(self.layers)
-        self.d_model = int(manifest["d_model"])
-        self.n_rows = int(manifest["n_rows"])
-        self.pos = int(manifest["pos"])
-        self.shard_rows = int(manifest["shard_rows"])
+        self.d_model = int(info["d_model"])
+        self.n_rows = int(info["n_rows"])
+        self.pos = int(info["pos"])
+        self.shard_rows = int(info["shard_rows"])
         self._shards: list[np.ndarray] = []
-        for i, entry in enumerate(manifest["shards"]):
+        for i, entry in enumerate(info["shards"]):
             path = self.directory / entry["file"]
-            if not path.is_file():
-                raise CacheCorruptError(f"cache shard {path} is missing; rebuild the cache")
-            size = path.stat().st_size
-            if "bytes" in entry and size != entry["bytes"]:
-                raise CacheCorruptError(
-                    f"cache shard {path} has {size} bytes, the manifest says {entry['bytes']} "
-                    "(truncated or overwritten); rebuild the cache"
-                )
             try:
                 arr = np.load(path, mmap_mode="r")
             except (OSError, ValueError) as exc:
@@ -118,10 +99,10 @@ class ActivationCache:
             want = (self.n_layers, entry["rows"], self.pos, self.d_model)
             if arr.shape != want or arr.dtype != np.float16:
                 raise CacheMismatchError(
-                    f"cache shard {path} has shape {arr.shape} {arr.dtype}, the manifest says "
+                    f"cache shard {path} has shape {arr.shape} {arr.dtype}, {INFO_NAME} says "
                     f"{want} float16; rebuild the cache"
                 )
-            if i < len(manifest["shards"]) - 1 and entry["rows"] != self.shard_rows:
+            if i < len(info["shards"]) - 1 and entry["rows"] != self.shard_rows:
                 raise CacheMismatchError(f"cache shard {path}: unexpected row count")
             self._shards.append(arr)
 
@@ -191,29 +172,21 @@ class ActivationCache:
         verify: bool = True,
         precision: torch.dtype | None = None,
     ) -> ActivationCache:
-        """Open a cache, checking it against whatever of model/tokens/layers is given, and
-        (`verify`) every shard against its sha256 in the manifest."""
+        """Open a cache, checking it against whatever of model/tokens/layers is given;
+        `cache.json` is always verified against the manifest, the shards when `verify`."""
         directory = Path(directory)
-        path = directory / MANIFEST_NAME
+        path = directory / INFO_NAME
         if not path.is_file():
             raise CacheMismatchError(
                 f"{path} is missing: {directory} is not a finished activation cache "
                 "(build it with ActivationCache.build)"
             )
-        try:
-            manifest = json.loads(path.read_text())
-        except (OSError, ValueError) as exc:
-            raise CacheCorruptError(f"{path} is unreadable ({exc}); rebuild the cache") from exc
-        if not isinstance(manifest, dict):
-            raise CacheCorruptError(f"{path} is not a cache manifest; rebuild the cache")
-        if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
+        _verify(directory, [INFO_NAME])
+        info = json.loads(path.read_text())
+        if info.get("format") != FORMAT or info.get("version") != VERSION:
             raise CacheMismatchError(
-                f"{path}: format {manifest.get('format')!r} v{manifest.get('version')} is not "
+                f"{path}: format {info.get('format')!r} v{info.get('version')} is not "
                 f"{FORMAT!r} v{VERSION}; rebuild the cache"
-            )
-        if manifest.get("manifest_sha256") != _manifest_digest(manifest):
-            raise CacheCorruptError(
-                f"{path} does not match its own checksum (modified); rebuild the cache"
             )
         expected: dict[str, Any] = {}
         if transformer is not None:
@@ -229,49 +202,15 @@ class ActivationCache:
         if precision is not None:
             expected["precision"] = dtype_name(precision)
         for key, want in expected.items():
-            if manifest.get(key) != want:
+            if info.get(key) != want:
                 raise CacheMismatchError(
-                    f"activation cache {directory} was built with {key}={manifest.get(key)!r} "
+                    f"activation cache {directory} was built with {key}={info.get(key)!r} "
                     f"but {want!r} was asked for; build a cache for this model/data/layers "
                     "or point to the right one"
                 )
-        cache = cls(directory, manifest)  # sizes and shapes
-        if verify:
-            cache.verify()
-        return cache
-
-    def verify(self) -> None:
-        """Hash every shard not yet verified by this process; CacheCorruptError on a mismatch."""
-        todo = []
-        for entry in self.manifest["shards"]:
-            path = self.directory / entry["file"]
-            st = path.stat()
-            stamp = (st.st_size, st.st_mtime_ns, st.st_ino, entry["sha256"])
-            if _verified.get(str(path.resolve())) != stamp:
-                todo.append((path, entry["sha256"]))
-        if not todo:
-            return
-        t0 = time.perf_counter()
-        with ThreadPoolExecutor(min(HASH_THREADS, len(todo))) as pool:
-            digests = list(pool.map(lambda item: sha256_file(item[0]), todo))
-        now_ns = time.time_ns()
-        for (path, want), got in zip(todo, digests, strict=True):
-            if got != want:
-                raise CacheCorruptError(
-                    f"cache shard {path} does not match its sha256 in {MANIFEST_NAME} "
-                    "(modified since it was written); rebuild the cache"
-                )
-            st = path.stat()
-            if now_ns - st.st_mtime_ns > STAT_TRUST_S * 1e9:
-                _verified[str(path.resolve())] = (st.st_size, st.st_mtime_ns, st.st_ino, want)
-        n_bytes = sum(p.stat().st_size for p, _ in todo)
-        logger.info(
-            "activation cache %s: verified %d shards (%.1f MB) in %.2fs",
-            self.directory,
-            len(todo),
-            n_bytes / 1e6,
-            time.perf_counter() - t0,
-        )
+        if verify:  # after the identity checks: a cache of other activations is not hashed
+            _verify(directory, [entry["file"] for entry in info["shards"]])
+        return cls(directory, info)  # shapes
 
     @classmethod
     @torch.no_grad()
@@ -297,7 +236,7 @@ class ActivationCache:
         d = transformer.d_model
         out_dir = Path(out_dir)
         shards = []
-        with atomic_dir(out_dir) as tmp:
+        with atomic.atomic_dir(out_dir) as tmp:
             bar = tqdm(
                 total=n_rows * pos,
                 unit="tok",
@@ -328,10 +267,9 @@ class ActivationCache:
                     bar.update((b - a) * pos)
                 arr.flush()
                 del arr
-                size, digest = (tmp / name).stat().st_size, sha256_file(tmp / name)
-                shards.append({"file": name, "rows": stop - start, "bytes": size, "sha256": digest})
+                shards.append({"file": name, "rows": stop - start})
             bar.close()
-            manifest = {
+            info = {
                 "format": FORMAT,
                 "version": VERSION,
                 "model_name": transformer.name,
@@ -346,16 +284,18 @@ class ActivationCache:
                 "shard_rows": shard_rows,
                 "shards": shards,
             }
-            manifest["manifest_sha256"] = _manifest_digest(manifest)
-            (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
+            atomic.write_json(tmp / INFO_NAME, info)
+            atomic.record(tmp, [*(s["file"] for s in shards), INFO_NAME])
         logger.info("activation cache %s: %d rows x %d layers", out_dir, n_rows, len(layers))
         return cls.open(out_dir, verify=False)  # the shards were hashed from disk just now
 
 
-def _manifest_digest(manifest: dict[str, Any]) -> str:
-    """sha256 of the manifest's canonical JSON without this digest."""
-    rest = {k: v for k, v in manifest.items() if k != "manifest_sha256"}
-    return hashlib.sha256(json.dumps(rest, sort_keys=True).encode()).hexdigest()
+def _verify(directory: Path, names: list[str]) -> None:
+    """`atomic.verify`, as the CacheCorruptError that makes `open_or_build` rebuild."""
+    try:
+        atomic.verify(directory, names)
+    except atomic.CorruptFileError as exc:
+        raise CacheCorruptError(str(exc)) from exc
 
 
 class LayerSelection:

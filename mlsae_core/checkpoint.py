@@ -2,11 +2,12 @@
 
 The config is also embedded in the weights file's header, so a config.json that disagrees
 with its weights (a hand edit, or a kill between the two renames) is refused instead of used
-with the wrong settings. config.json also records the sha256 of model.safetensors
-(`weights_sha256`, an extra key the reference code ignores), checked before the weights are
-parsed: a checkpoint is user data, so a mismatch is refused naming the file and the fix, never
-repaired. Checkpoints saved before checksums (and the reference's) load unverified. Hub repo
-ids resolve to a downloaded snapshot of such a directory.
+with the wrong settings. Both files are recorded in the directory's `manifest.json` (the
+project's one integrity rule, `atomic.record`/`atomic.verify`) and checked before they are
+parsed: a checkpoint is user data, so a mismatch is refused naming the file, never repaired.
+A directory without a manifest is a foreign format (the reference code's layout, a `-tfm`
+file, a hub repo written by other tools) and loads as it is. Hub repo ids resolve to a
+downloaded snapshot of such a directory.
 
 The reference's `...-tfm` repos are read too: one model.safetensors holding the autoencoder
 under `autoencoder.*` and the transformer under `transformer.model.*`, with a config.json of
@@ -15,7 +16,6 @@ the training module's settings (no n_inputs/n_latents: those come from the tenso
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import re
@@ -39,7 +39,6 @@ logger = logging.getLogger(__name__)
 WEIGHTS_NAME = "model.safetensors"
 EMBEDDED_CONFIG_KEY = "mlsae_config"
 CONFIG_NAME = "config.json"
-CHECKSUM_KEY = "weights_sha256"  # in config.json only: the weights cannot hold their own hash
 
 _REQUIRED = ("n_inputs", "n_latents", "k")
 # Optional settings and how each is read; absent ones take MLSAE's (= SAEConfig's) defaults.
@@ -63,18 +62,16 @@ class CheckpointError(ValueError):
 
 
 def save_sae(sae: MLSAE, directory: str | Path) -> Path:
-    """Write model.safetensors then config.json, each atomically, into `directory`.
-
-    Other files in the directory (training history, resume state, analyses) are kept.
-    """
+    """Write model.safetensors then config.json, each atomically, into `directory`, and record
+    both in its manifest. Other files in the directory (history, analyses) are kept."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     config = sae.config_dict()
     meta = {"format": "pt", EMBEDDED_CONFIG_KEY: json.dumps(config)}
     with atomic.atomic_path(directory / WEIGHTS_NAME) as tmp:
         save_file(sae.weights_dict(), str(tmp), metadata=meta)
-        digest = atomic.sha256_file(tmp)
-    atomic.write_json(directory / CONFIG_NAME, {**config, CHECKSUM_KEY: digest})
+    atomic.write_json(directory / CONFIG_NAME, config)
+    atomic.record(directory, [WEIGHTS_NAME, CONFIG_NAME])
     return directory
 
 
@@ -146,7 +143,8 @@ def push_to_hub(sae: MLSAE, repo_id: str, private: bool = False, token: str | No
     api.create_repo(repo_id, private=private, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         save_sae(sae, Path(tmp) / "ckpt")
-        api.upload_folder(repo_id=repo_id, folder_path=str(Path(tmp) / "ckpt"))
+        ckpt = str(Path(tmp) / "ckpt")  # with its manifest; not the manifest's lock file
+        api.upload_folder(repo_id=repo_id, folder_path=ckpt, ignore_patterns=[".*"])
     return repo_id
 
 
@@ -174,13 +172,15 @@ def resolve_checkpoint(path_or_repo_id: str | Path) -> Path:
 
 
 def read_checkpoint_config(directory: Path) -> dict[str, Any]:
-    """The checkpoint's config, checked against the copy embedded in its weights."""
+    """The checkpoint's config, checked against the copy embedded in its weights (and both
+    files against the directory's manifest first, `verify_checkpoint`)."""
+    verify_checkpoint(directory)
     cfg_path = directory / CONFIG_NAME
     embedded = _embedded_config(directory / WEIGHTS_NAME)
     if embedded is not None:
         if cfg_path.exists():
             try:
-                on_disk = _without_checksum(json.loads(cfg_path.read_text()))
+                on_disk = json.loads(cfg_path.read_text())
             except json.JSONDecodeError:
                 on_disk = None
             if on_disk != embedded:
@@ -201,7 +201,7 @@ def read_checkpoint_config(directory: Path) -> dict[str, Any]:
         config = _tfm_config(directory)
     else:
         try:
-            config = _without_checksum(json.loads(cfg_path.read_text()))
+            config = json.loads(cfg_path.read_text())
         except json.JSONDecodeError as exc:
             raise CheckpointError(f"{cfg_path} is not valid JSON: {exc}") from exc
     if "dead_tokens_threshold" not in config and "dead_steps_threshold" in config:
@@ -216,19 +216,19 @@ def read_checkpoint_config(directory: Path) -> dict[str, Any]:
     return config
 
 
-def _without_checksum(config: Any) -> Any:
-    if isinstance(config, dict):
-        return {k: v for k, v in config.items() if k != CHECKSUM_KEY}
-    return config
-
-
-def _recorded_checksum(directory: Path) -> str | None:
-    """The weights' sha256 that config.json records (None: saved before checksums)."""
+def verify_checkpoint(directory: Path) -> None:
+    """Refuse, naming the file, a checkpoint whose weights or config.json do not match its
+    manifest (truncated, modified, or not recorded). The one exception: a directory without a
+    manifest is a foreign format (reference layout, `-tfm` file, a hub repo written by other
+    tools), loaded as it is; safetensors' own header checks still apply."""
+    if not (directory / atomic.MANIFEST_NAME).is_file():
+        logger.debug("%s has no %s: a foreign checkpoint, loaded as it is", directory,
+                     atomic.MANIFEST_NAME)  # fmt: skip
+        return
     try:
-        config = json.loads((directory / CONFIG_NAME).read_text())
-    except (OSError, ValueError):
-        return None
-    return config.get(CHECKSUM_KEY) if isinstance(config, dict) else None
+        atomic.verify(directory, [WEIGHTS_NAME, CONFIG_NAME])
+    except atomic.CorruptFileError as exc:
+        raise CheckpointError(str(exc)) from exc
 
 
 def _embedded_config(weights: Path) -> dict[str, Any] | None:
@@ -245,24 +245,13 @@ def _embedded_config(weights: Path) -> dict[str, Any] | None:
 
 
 def read_checkpoint_weights(directory: Path) -> dict[str, torch.Tensor]:
-    """Read model.safetensors, checked against config.json's sha256 before it is parsed; a
-    truncated or tampered file gives a one-line error naming it."""
+    """Read model.safetensors (verified by `read_checkpoint_config`, which load_sae calls
+    first); an unparsable file gives a one-line error naming it."""
     weights = directory / WEIGHTS_NAME
     if not weights.exists():
         raise CheckpointError(f"{weights} is missing (only safetensors checkpoints are loaded)")
-    want = _recorded_checksum(directory)
     try:
-        data = weights.read_bytes()
-        if want is None:
-            logger.debug("%s: no %s in %s; loaded unverified", weights, CHECKSUM_KEY, CONFIG_NAME)
-        elif hashlib.sha256(data).hexdigest() != want:
-            raise CheckpointError(
-                f"{WEIGHTS_NAME} in {directory} does not match the checksum in {CONFIG_NAME} "
-                "(truncated, modified, or its save was interrupted); retrain or restore it"
-            )
-        return load_bytes(data)
-    except CheckpointError:
-        raise
+        return load_bytes(weights.read_bytes())
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
         raise CheckpointError(
             f"{weights} is corrupt or truncated ({exc}); re-train or re-download it"
@@ -329,7 +318,7 @@ def _tfm_config(directory: Path) -> dict[str, Any]:
 
 def read_prefixed(directory: Path, prefix: str) -> dict[str, torch.Tensor]:
     """The tensors under `prefix` in a training-module checkpoint, the prefix stripped; only
-    those are read. No checksum is recorded for these files, so they load unverified."""
+    those are read (a foreign format: no manifest, see `verify_checkpoint`)."""
     weights = directory / WEIGHTS_NAME
     if not weights.exists():
         raise CheckpointError(f"{weights} is missing (only safetensors checkpoints are loaded)")

@@ -4,9 +4,10 @@ Documents are concatenated, each followed by EOS, and the stream is cut into row
 `max_length`. Positions holding BOS/EOS/PAD are excluded from training and metrics
 downstream via `TokenChunks.mask()` rather than zeroed as in the reference code.
 
-`TokenChunks.save` records the safetensors file's size and sha256 in its JSON sidecar and
-`load` checks them first: token chunks are derived data, so a mismatch names the file and
-asks for a re-tokenization (the pipeline's `corpus` asset does it by itself).
+`TokenChunks.save` records the safetensors file and its JSON sidecar in the directory's
+`manifest.json` (`atomic.record`) and `load` verifies both first: token chunks are derived
+data, so a mismatch names the file and asks for a re-tokenization (the pipeline's `corpus`
+asset does it by itself).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from mlsae_core.atomic import atomic_path, sha256_file, write_json
+from mlsae_core import atomic
 from mlsae_core.documents import DataError, Document
 
 if TYPE_CHECKING:
@@ -73,44 +74,38 @@ class TokenChunks:
             yield self.tokens[rows[i : i + batch_size]]
 
     def save(self, path: Path) -> None:
-        """safetensors for the tensors + `<path>.json` for documents (ids, genres) and specials."""
+        """safetensors for the tensors + `<path>.json` for documents (ids, genres) and specials,
+        both recorded in the directory's manifest."""
         path = Path(path)
-        with atomic_path(path) as tmp:
+        with atomic.atomic_path(path) as tmp:
             save_file(
                 {"tokens": self.tokens.contiguous(), "doc_index": self.doc_index.contiguous()},
                 str(tmp),
             )
-            size, digest = tmp.stat().st_size, sha256_file(tmp)
-        write_json(
+        atomic.write_json(
             _sidecar(path),
             {
                 "format": "mlsae-token-chunks-v1",
-                "bytes": size,
-                "sha256": digest,
                 "shape": list(self.tokens.shape),
                 "special_ids": sorted(self.special_ids),
                 "ids": [d.id for d in self.documents],
                 "genres": [d.genre for d in self.documents],
             },
         )
+        atomic.record(path.parent, [path.name, _sidecar(path).name])
 
     @classmethod
     def load(cls, path: Path) -> TokenChunks:
-        """Inverse of `save`, checked against the sidecar's sha256 (files saved before
-        checksums have none: loaded unverified); document texts come back empty."""
+        """Inverse of `save`, both files verified against the directory's manifest first;
+        document texts come back empty."""
         path = Path(path)
         try:
+            atomic.verify(path.parent, [path.name, _sidecar(path).name])
+        except atomic.CorruptFileError as exc:
+            raise DataError(f"{exc} (`mlsae sweep` re-runs the tokenization)") from exc
+        try:
             meta = json.loads(_sidecar(path).read_text(encoding="utf-8"))
-            if "sha256" not in meta:
-                logger.debug("%s: no checksum in its sidecar (saved before checksums)", path)
-            elif path.stat().st_size != meta["bytes"] or sha256_file(path) != meta["sha256"]:
-                raise DataError(
-                    f"{path} does not match the checksum in {_sidecar(path).name} (truncated "
-                    "or modified); re-run tokenization (`mlsae sweep` rebuilds the corpus)"
-                )
             tensors = load_file(str(path))
-        except DataError:
-            raise
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise DataError(
                 f"cannot load token chunks from {path}: {e}; re-run tokenization"

@@ -21,7 +21,7 @@ from mlsae_core.analyse import analyse_checkpoint
 from mlsae_core.analysis import geometry, summaries, tables
 from mlsae_core.analysis.dists import DistsResult
 from mlsae_core.analysis.prompts import prompt_heatmap
-from mlsae_core.analysis.tables import DISTS_META_KEY, dists_from_layer_table
+from mlsae_core.analysis.tables import dists_from_layer_table
 from mlsae_core.config import DataConfig, EvalConfig, resolve_device
 from mlsae_core.identity import model_slug, resolve_layers, run_slug
 from mlsae_core.layout import RunLayout
@@ -33,18 +33,14 @@ logger = logging.getLogger(__name__)
 
 
 def load_dists(checkpoint: str | Path) -> DistsResult:
-    """The DistsResult saved in latent_layer_dists.parquet (computed if missing or too old)."""
+    """The DistsResult saved in latent_layer_dists.parquet (computed if missing or corrupt)."""
     run = RunLayout(Path(checkpoint))
     path = run.table("latent_layer_dists")
     if path.exists():
         try:
-            table = atomic.read_parquet(path)
+            return dists_from_layer_table(atomic.read_parquet(path))
         except atomic.CorruptFileError as exc:  # derived data: computed again
             logger.warning("%s; recomputing", exc)
-        else:
-            if DISTS_META_KEY in (table.schema.metadata or {}):
-                return dists_from_layer_table(table)
-            logger.info("%s predates the dists metadata: recomputing", path)
     else:
         logger.info("%s has no layer distributions yet: computing them", checkpoint)
     out = analyse_checkpoint(checkpoint, EvalConfig(), analyses=("dists",), write_figures=False)

@@ -1,8 +1,8 @@
 """Matplotlib renderers for the analyses: PNG for the UI, PDF for papers (docs/method.md §5).
 
 Every renderer takes an output path stem (`.../dists_heatmap`; a .png/.pdf suffix is dropped),
-writes `<stem>.png` and `<stem>.pdf` atomically (temporary file, then rename) and returns the
-paths written. Matplotlib is imported lazily with the Agg backend, so importing this module
+writes `<stem>.png` and `<stem>.pdf` atomically (temporary file, then rename), records them in
+the directory's manifest (`atomic.record`) and returns the paths written. Matplotlib is imported lazily with the Agg backend, so importing this module
 is cheap and works without a display.
 """
 
@@ -15,7 +15,7 @@ from os import PathLike
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from mlsae_core.atomic import atomic_path
+from mlsae_core.atomic import atomic_path, record
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -55,7 +55,8 @@ def _plt() -> Any:
 
 
 def save_figure(fig: Figure, path: str | PathLike[str]) -> list[Path]:
-    """Write `fig` as PNG and PDF beside each other, each atomically; close it."""
+    """Write `fig` as PNG and PDF beside each other, each atomically and recorded in the
+    directory's manifest; close it."""
     plt = _plt()
     stem = Path(path)
     if stem.suffix.lower() in {f".{fmt}" for fmt in FORMATS}:
@@ -70,6 +71,7 @@ def save_figure(fig: Figure, path: str | PathLike[str]) -> list[Path]:
             written.append(out)
     finally:
         plt.close(fig)
+    record(stem.parent, [p.name for p in written])
     logger.info("wrote %s", ", ".join(str(p) for p in written))
     return written
 

@@ -9,9 +9,10 @@ trained layers and averaged over counted positions (no BOS/EOS/PAD), the final d
 being the model's own output, detached.
 
 Saved as `lens.safetensors` + `config.json` (format marker, model, shape, settings, per-layer
-KL table, the weights' sha256, checked on load). `TunedLens.load` also reads the `tuned-lens`
-package's layout (config.json + params.pt, unpickled only with `weights_only=True`); see
-`from_state_dict` for how its translator indices map onto our layers.
+KL table, the lens's `fingerprint`), both recorded in the directory's `manifest.json` and
+verified on load (`atomic.verify`). `TunedLens.load` also reads the `tuned-lens` package's
+layout (config.json + params.pt, a foreign format without a manifest, unpickled only with
+`weights_only=True`); see `from_state_dict` for how its translator indices map onto our layers.
 """
 
 from __future__ import annotations
@@ -42,7 +43,6 @@ logger = logging.getLogger(__name__)
 LENS_FORMAT = "mlsae-tuned-lens"
 WEIGHTS_NAME = "lens.safetensors"
 CONFIG_NAME = "config.json"
-CHECKSUM_KEY = "weights_sha256"
 PACKAGE_PARAMS = "params.pt"  # the tuned-lens package's weights file
 PACKAGE_LENS_TYPE = "linear_tuned_lens"
 _FORWARD_ROWS = 4  # sequences per no-grad forward while caching block outputs
@@ -139,7 +139,7 @@ class TunedLens(nn.Module):
         }
 
     def save(self, directory: str | Path) -> Path:
-        """lens.safetensors then config.json (recording its sha256), each atomically."""
+        """lens.safetensors then config.json, each atomically, both recorded in the manifest."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         tensors = {
@@ -148,8 +148,8 @@ class TunedLens(nn.Module):
         }
         with atomic.atomic_path(directory / WEIGHTS_NAME) as tmp:
             save_file(tensors, str(tmp), metadata={"format": "pt", "lens_format": LENS_FORMAT})
-            digest = atomic.sha256_file(tmp)
-        atomic.write_json(directory / CONFIG_NAME, {**self.config_dict(), CHECKSUM_KEY: digest})
+        atomic.write_json(directory / CONFIG_NAME, self.config_dict())
+        atomic.record(directory, [WEIGHTS_NAME, CONFIG_NAME])
         return directory
 
     @classmethod
@@ -212,20 +212,12 @@ class TunedLens(nn.Module):
             raise LensError(
                 f"{directory / CONFIG_NAME} lacks integer n_layers/d_model ({exc})"
             ) from exc
-        data = weights.read_bytes()
-        want = config.get(CHECKSUM_KEY)
-        if want is None:
-            raise LensError(
-                f"{directory / CONFIG_NAME} records no {CHECKSUM_KEY}, so {WEIGHTS_NAME} cannot "
-                "be verified; save the lens again (TunedLens.save) or retrain it"
-            )
-        if hashlib.sha256(data).hexdigest() != want:
-            raise LensError(
-                f"{WEIGHTS_NAME} in {directory} does not match the checksum in {CONFIG_NAME} "
-                "(truncated, modified, or its save was interrupted); retrain or restore it"
-            )
         try:
-            tensors = load_bytes(data)
+            atomic.verify(directory, [CONFIG_NAME, WEIGHTS_NAME])
+        except atomic.CorruptFileError as exc:
+            raise LensError(f"{exc} (retrain the lens)") from exc
+        try:
+            tensors = load_bytes(weights.read_bytes())
         except (SafetensorError, ValueError, RuntimeError) as exc:
             raise LensError(f"{weights} is corrupt ({exc}); retrain or restore it") from exc
         lens = cls(n_layers, d_model, str(config.get("model_name", "custom")))

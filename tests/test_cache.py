@@ -8,6 +8,7 @@ import json
 import pytest
 import torch
 
+from mlsae_core import atomic
 from mlsae_core.cache import ActivationCache, CacheMismatchError
 from mlsae_core.config import SAEConfig, TrainConfig
 from mlsae_core.train import LiveActivations, read_history, train
@@ -81,10 +82,11 @@ def test_mismatched_cache_refused(tt, tokens, tmp_path):
         ActivationCache.open(tmp_path / "c", transformer=other)
     with pytest.raises(CacheMismatchError, match="precision='float32' but 'bfloat16'"):
         ActivationCache.open(tmp_path / "c", precision=torch.bfloat16)
-    manifest = json.loads((tmp_path / "c" / "manifest.json").read_text())
-    manifest["version"] = 99
-    (tmp_path / "c" / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(CacheMismatchError, match="rebuild"):
+    info = json.loads((tmp_path / "c" / "cache.json").read_text())
+    info["version"] = 99
+    atomic.write_json(tmp_path / "c" / "cache.json", info)
+    atomic.record(tmp_path / "c", ["cache.json"])  # a recorded file of another format
+    with pytest.raises(CacheMismatchError, match="v99 is not"):
         ActivationCache.open(tmp_path / "c")
     with pytest.raises(CacheMismatchError, match="not a finished activation cache"):
         ActivationCache.open(tmp_path / "nothing")
@@ -104,56 +106,49 @@ def test_layer_selection_and_open_or_build(tmp_path):
     assert one.n_layers == 1
     torch.testing.assert_close(one(rows), live[2:3], rtol=2e-3, atol=2e-3)
     torch.testing.assert_close(cache.select([0, 2])(rows), live[[0, 2]], rtol=2e-3, atol=2e-3)
-    built = (tmp_path / "c" / "manifest.json").stat().st_mtime_ns
+    built = (tmp_path / "c" / "cache.json").stat().st_mtime_ns
     ActivationCache.open_or_build(tmp_path / "c", t, tokens, progress=False)  # reused
-    assert (tmp_path / "c" / "manifest.json").stat().st_mtime_ns == built
+    assert (tmp_path / "c" / "cache.json").stat().st_mtime_ns == built
     ActivationCache.open_or_build(tmp_path / "c", t, tokens[:4], progress=False)  # other tokens
     assert len(ActivationCache.open(tmp_path / "c")) == 4
     with pytest.raises(CacheMismatchError, match=r"layers \[7\]"):
         cache.select([7])
 
 
-def test_cache_verification_once_per_process_and_v1_rebuilt(tt, tokens, tmp_path, monkeypatch):
-    """Shards are hashed at open; a process re-hashes a shard only if its stat changed (and
-    trusts the stat only for files older than STAT_TRUST_S). Manifests are checked too."""
-    import os
-
-    from mlsae_core import cache as cache_mod
+def test_cache_files_verified_by_the_manifest(tt, tokens, tmp_path, monkeypatch):
+    """Every open verifies cache.json and every shard (`atomic.verify`); a mismatch, a
+    truncation or an unrecorded file is CacheCorruptError naming the file, and is rebuilt."""
     from mlsae_core.cache import CacheCorruptError
 
     ActivationCache.build(tt, tokens, [0, 1], tmp_path / "c", shard_rows=4, progress=False)
-    hashed = []
-    real = cache_mod.sha256_file
-    monkeypatch.setattr(cache_mod, "sha256_file", lambda p: hashed.append(p.name) or real(p))
+    recorded = atomic.read_manifest(tmp_path / "c")
+    assert sorted(recorded) == ["cache.json", *(f"shard_0000{i}.npy" for i in range(3))]
+    checked = []
+    real = atomic.verify
+    monkeypatch.setattr(atomic, "verify", lambda d, names: checked.extend(names) or real(d, names))
     ActivationCache.open(tmp_path / "c")
-    assert sorted(hashed) == ["shard_00000.npy", "shard_00001.npy", "shard_00002.npy"]
-    ActivationCache.open(tmp_path / "c")  # just written: the stat is not trusted yet
-    assert len(hashed) == 6
-    for shard in (tmp_path / "c").glob("shard_*.npy"):
-        old = shard.stat().st_mtime - 10
-        os.utime(shard, (old, old))
-    ActivationCache.open(tmp_path / "c")
-    ActivationCache.open(tmp_path / "c")  # verified above, unchanged since: not hashed again
-    assert len(hashed) == 9
-    with open(tmp_path / "c" / "shard_00001.npy", "r+b") as f:  # a write changes the stat
+    assert sorted(checked) == sorted(recorded)
+    shard = tmp_path / "c" / "shard_00001.npy"
+    kept = shard.read_bytes()
+    with open(shard, "r+b") as f:  # 8 bytes in the data
         f.seek(200)
         f.write(b"\0" * 8)
-    with pytest.raises(CacheCorruptError, match="shard_00001.npy does not match its sha256"):
+    with pytest.raises(CacheCorruptError, match=r"shard_00001.npy does not match the sha256"):
         ActivationCache.open(tmp_path / "c")
     assert ActivationCache.open(tmp_path / "c", verify=False).n_rows == 10  # inspection only
+    shard.write_bytes(kept)
 
-    path = tmp_path / "c" / "manifest.json"
-    manifest = json.loads(path.read_text())
-    path.write_text(json.dumps({**manifest, "shard_rows": 5}))  # valid JSON, edited
-    with pytest.raises(CacheCorruptError, match="its own checksum"):
+    path = tmp_path / "c" / "cache.json"
+    good = path.read_text()
+    path.write_text(json.dumps({**json.loads(good), "shard_rows": 5}))  # valid JSON, edited
+    with pytest.raises(CacheCorruptError, match=r"cache.json does not match the sha256"):
         ActivationCache.open(tmp_path / "c", verify=False)
-    path.write_text(path.read_text()[:50])
-    with pytest.raises(CacheCorruptError, match="unreadable"):
+    path.write_text(good)
+    atomic.record(tmp_path / "c", [], forget=["shard_00002.npy"])  # an entry deleted
+    with pytest.raises(CacheCorruptError, match=r"shard_00002.npy is not recorded"):
         ActivationCache.open(tmp_path / "c")
-    # a v1 cache (no shard checksums) is rebuilt rather than trusted
-    ActivationCache.build(tt, tokens, None, tmp_path / "v1", progress=False)
-    manifest = json.loads((tmp_path / "v1" / "manifest.json").read_text())
-    manifest["version"] = 1
-    (tmp_path / "v1" / "manifest.json").write_text(json.dumps(manifest))
-    rebuilt = ActivationCache.open_or_build(tmp_path / "v1", tt, tokens, progress=False)
-    assert rebuilt.manifest["version"] == cache_mod.VERSION
+    (tmp_path / "c" / "manifest.json").unlink()  # no manifest at all: nothing is trusted
+    with pytest.raises(CacheCorruptError, match=r"cache.json is not recorded"):
+        ActivationCache.open(tmp_path / "c", verify=False)
+    rebuilt = ActivationCache.open_or_build(tmp_path / "c", tt, tokens, progress=False)
+    assert rebuilt.n_rows == 10 and set(atomic.read_manifest(tmp_path / "c")) >= {"cache.json"}

@@ -74,12 +74,12 @@ def test_artefact_writes_are_atomic_under_sigkill(tmp_path):
             table = pq.read_table(tmp_path / "t.parquet")  # never half a file
             assert table.column("v").to_pylist() == list(range(table.num_rows))
         if (tmp_path / "ck" / "config.json").exists():
-            # each file is whole; a kill between the two renames is detected, never used
+            # each file is whole; a kill before the manifest is written is detected, never used
             try:
                 sae = MLSAE.from_pretrained(tmp_path / "ck")
                 assert sae.encoder.weight.shape == (sae.n_latents, 8)
             except CheckpointError as exc:
-                assert "disagrees with the config saved inside" in str(exc)
+                assert "does not match the sha256 in its manifest" in str(exc), exc
 
 
 def test_kill_between_directory_renames_is_recovered(tmp_path):

@@ -420,16 +420,29 @@ def test_save_load_round_trip(tmp_path: Path, tokenizer: PreTrainedTokenizerFast
     assert loaded.special_ids == chunks.special_ids
     assert [(d.id, d.genre) for d in loaded.documents] == [(d.id, d.genre) for d in docs]
     assert b"hello" not in path.read_bytes()  # texts are not stored, only ids
-    assert sorted(p.name for p in tmp_path.iterdir()) == [
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith(".")) == [
         "chunks.safetensors",
         "chunks.safetensors.json",
+        "manifest.json",
     ]
-    # the sidecar records the file's checksum; one saved before checksums still loads
+    # both files are recorded in the directory's manifest; an unrecorded or edited one is refused
+    assert set(json.loads((tmp_path / "manifest.json").read_text())["files"]) == {
+        "chunks.safetensors",
+        "chunks.safetensors.json",
+    }
     sidecar = tmp_path / "chunks.safetensors.json"
     meta = json.loads(sidecar.read_text())
-    assert meta["bytes"] == path.stat().st_size and len(meta["sha256"]) == 64
-    sidecar.write_text(json.dumps({k: v for k, v in meta.items() if k not in ("bytes", "sha256")}))
+    assert "sha256" not in meta and "bytes" not in meta  # one integrity rule: the manifest
+    sidecar.write_text(json.dumps({**meta, "genres": ["x", "y"]}))
+    with pytest.raises(
+        documents.DataError, match=r"chunks.safetensors.json does not match the sha256"
+    ):
+        TokenChunks.load(path)
+    sidecar.write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")  # as saved
     assert torch.equal(TokenChunks.load(path).tokens, chunks.tokens)
+    (tmp_path / "manifest.json").unlink()
+    with pytest.raises(documents.DataError, match=r"chunks.safetensors is not recorded in"):
+        TokenChunks.load(path)
 
 
 @settings(max_examples=50, deadline=None)

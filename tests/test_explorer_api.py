@@ -16,10 +16,10 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import pyarrow.parquet as pq
 import pytest
 import torch
 
+from mlsae_core import atomic
 from mlsae_core.analysis import tables
 from mlsae_core.analysis.examples import MaxExamples, sae_row_encoder
 from mlsae_core.explorer.cache import ByteLRU
@@ -90,7 +90,7 @@ def build_checkpoint(root: Path, with_examples: bool = True) -> Path:
     ckpt = root / "ckpt"
     sae.save_pretrained(ckpt)
     if with_examples:
-        pq.write_table(examples_table(sae, tf), examples_file(ckpt))
+        atomic.write_parquet(examples_file(ckpt), examples_table(sae, tf))
     return ckpt
 
 
@@ -600,6 +600,7 @@ def test_load_app_from_checkpoint(tmp_path) -> None:
     with TestClient(load_app(str(ckpt))) as c:
         msg = c.get("/api/info").json()["examples"]["message"]
         assert "could not be read" in msg and "mlsae examples --repo_id" in msg
+        assert "max_examples.parquet does not match the sha256" in msg  # verified first
     examples_file(ckpt).unlink()
     with TestClient(load_app(str(ckpt))) as c:
         assert c.get("/api/examples?latent=0&layer=0").json()["message"] == (

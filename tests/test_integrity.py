@@ -87,12 +87,13 @@ def test_truncated_cache_shard_is_named_and_rebuilt(tt, tokens, tmp_path):
 
 # ----- result tables, token chunks, checkpoints --------------------------------------------
 def test_result_table_with_overwritten_bytes_is_refused_naming_the_file(tmp_path):
-    """The checksum covers the whole file: data pages and the footer (schema, statistics)."""
+    """The manifest's sha256 covers the whole file: data pages and the footer (schema,
+    statistics); a table whose manifest entry is gone is refused too."""
     import pyarrow as pa
 
     from mlsae_core import atomic
-    from mlsae_pipeline.io import read_table
 
+    read_table = atomic.read_parquet
     table = pa.table({"layer": ["0", "1", "avg"], "fvu": [0.1, 0.2, 0.15]})
     path = tmp_path / "test_metrics.parquet"
     atomic.write_parquet(path, table)
@@ -106,6 +107,10 @@ def test_result_table_with_overwritten_bytes_is_refused_naming_the_file(tmp_path
             read_table(path)
     path.write_bytes(good[: len(good) // 2])
     with pytest.raises(ValueError, match="test_metrics.parquet"):
+        read_table(path)
+    path.write_bytes(good)
+    atomic.record(tmp_path, [], forget=[path.name])
+    with pytest.raises(ValueError, match=r"test_metrics.parquet is not recorded in"):
         read_table(path)
 
 
@@ -121,8 +126,12 @@ def test_token_chunks_with_overwritten_bytes_are_refused(tmp_path):
     )
     path = tmp_path / "train.safetensors"
     chunks.save(path)
+    good = path.read_bytes()
     overwrite_middle(path)
-    with pytest.raises(DataError, match=r"train\.safetensors.*checksum"):
+    with pytest.raises(DataError, match=r"train\.safetensors does not match the sha256"):
+        TokenChunks.load(path)
+    path.write_bytes(good[: len(good) // 2])
+    with pytest.raises(DataError, match=r"train\.safetensors does not match the sha256"):
         TokenChunks.load(path)
 
 
@@ -221,7 +230,7 @@ def test_corrupted_checkpoint_is_refused_by_the_cli(smoke, tmp_path, capsys):
     run = smoke["layout"].run(MODEL, "x2-k8-L1")
     ckpt = tmp_path / "ckpt"
     ckpt.mkdir()
-    for p in (run.weights, run.config):
+    for p in (run.weights, run.config, run.directory / "manifest.json"):
         shutil.copy(p, ckpt / p.name)
     args = ["test", "--repo_id", str(ckpt), "--device", "cpu", "--max_tokens", "64"]
     args += ["--splice_max_tokens", "0"]
@@ -230,4 +239,4 @@ def test_corrupted_checkpoint_is_refused_by_the_cli(smoke, tmp_path, capsys):
     assert main(args) != 0
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1, err
-    assert f"model.safetensors in {ckpt}" in err and "checksum" in err, err
+    assert f"{ckpt / 'model.safetensors'} does not match the sha256" in err, err

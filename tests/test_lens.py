@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from mlsae_core import atomic
 from mlsae_core.cli import main
 from mlsae_core.config import LensConfig
 from mlsae_core.lens import (
@@ -84,18 +85,28 @@ def test_inverse_is_exact_in_float64():
     assert not torch.allclose(before, lens.inverse(x))
 
 
-def test_save_load_round_trip_and_checksum(tmp_path):
+def test_save_load_round_trip_and_manifest(tmp_path):
     lens = random_lens()
     lens.kl_table = [{"layer": 0, "kl_logit_lens": 1.0, "kl_tuned_lens": 0.5}]
     lens.save(tmp_path / "lens")
     back = TunedLens.load(tmp_path / "lens", n_layers=N_LAYERS, d_model=D)
     assert torch.equal(back.weight, lens.weight) and torch.equal(back.bias, lens.bias)
     assert back.fingerprint() == lens.fingerprint() and back.kl_table == lens.kl_table
+    assert set(atomic.read_manifest(tmp_path / "lens")) == {WEIGHTS_NAME, "config.json"}
     weights = tmp_path / "lens" / WEIGHTS_NAME
-    data = bytearray(weights.read_bytes())
+    good = weights.read_bytes()
+    data = bytearray(good)
     data[-5] ^= 0xFF
     weights.write_bytes(bytes(data))
-    with pytest.raises(LensError, match="does not match the checksum"):
+    with pytest.raises(LensError, match=f"{weights} does not match the sha256"):
+        TunedLens.load(tmp_path / "lens")
+    weights.write_bytes(good[: len(good) // 2])
+    with pytest.raises(LensError, match=f"{weights} does not match the sha256"):
+        TunedLens.load(tmp_path / "lens")
+    weights.write_bytes(good)
+    assert torch.equal(TunedLens.load(tmp_path / "lens").weight, lens.weight)
+    atomic.record(tmp_path / "lens", [], forget=[WEIGHTS_NAME])  # its manifest entry deleted
+    with pytest.raises(LensError, match=f"{weights} is not recorded"):
         TunedLens.load(tmp_path / "lens")
     with pytest.raises(LensError, match="does not exist"):
         TunedLens.load(tmp_path / "nowhere")

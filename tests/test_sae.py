@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 
+from mlsae_core import atomic
 from mlsae_core.checkpoint import CheckpointError
 from mlsae_core.losses import auxk_loss, fvu_per_layer, total_loss
 from mlsae_core.sae import MLSAE, TopK, geometric_median, standardize
@@ -163,16 +164,17 @@ def test_save_load_round_trip(tmp_path):
     }
     loaded = MLSAE.from_pretrained(tmp_path / "ck")
     assert loaded.metadata["layers"] == [0, 1]
-    assert "weights_sha256" in cfg and "weights_sha256" not in loaded.metadata
+    recorded = atomic.read_manifest(tmp_path / "ck")
+    assert set(recorded) == {"model.safetensors", "config.json"}
+    assert "weights_sha256" not in cfg  # one integrity rule: the manifest, not config.json
     for a, b in zip(sae.state_dict().values(), loaded.state_dict().values(), strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
     x = torch.randn(2, 5, 12)
     torch.testing.assert_close(sae(x).recons, loaded(x).recons)
-    # a checkpoint saved before checksums (config.json without weights_sha256) still loads
-    del cfg["weights_sha256"]
-    (tmp_path / "ck" / "config.json").write_text(json.dumps(cfg))
-    old = MLSAE.from_pretrained(tmp_path / "ck")
-    assert torch.equal(old.encoder.weight, loaded.encoder.weight)
+    # a foreign checkpoint (no manifest, e.g. a hub repo written by other tools) loads as it is
+    (tmp_path / "ck" / "manifest.json").unlink()
+    foreign = MLSAE.from_pretrained(tmp_path / "ck")
+    assert torch.equal(foreign.encoder.weight, loaded.encoder.weight)
 
 
 def test_mismatched_checkpoint_refused(tmp_path):
@@ -180,18 +182,21 @@ def test_mismatched_checkpoint_refused(tmp_path):
     sae.save_pretrained(tmp_path / "ck")
     cfg_path = tmp_path / "ck" / "config.json"
     cfg = json.loads(cfg_path.read_text())
-    del cfg["weights_sha256"]  # as the reference writes it (the weights are replaced below)
     with pytest.raises(CheckpointError, match="k=4 but 8"):
         MLSAE.from_pretrained(tmp_path / "ck", k=8)
     cfg["n_latents"] = 64
     cfg_path.write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match=r"config.json does not match the sha256"):
+        MLSAE.from_pretrained(tmp_path / "ck")
+    atomic.record(tmp_path / "ck", ["config.json"])  # a hand edit, recorded: still refused
     with pytest.raises(CheckpointError, match=r"disagrees .* on \['n_latents'\]"):
         MLSAE.from_pretrained(tmp_path / "ck")
-    # a checkpoint without the embedded config (e.g. the reference's): shapes are checked
+    # a checkpoint without the embedded config or a manifest (the reference's): shapes checked
     from safetensors.torch import load_file, save_file
 
     weights = tmp_path / "ck" / "model.safetensors"
     save_file(load_file(str(weights)), str(weights))
+    (tmp_path / "ck" / "manifest.json").unlink()
     with pytest.raises(CheckpointError, match="encoder.weight has shape"):
         MLSAE.from_pretrained(tmp_path / "ck")
     del cfg["n_inputs"]
@@ -206,14 +211,20 @@ def test_truncated_or_tampered_checkpoint_refused(tmp_path):
     weights = tmp_path / "ck" / "model.safetensors"
     data = weights.read_bytes()
     weights.write_bytes(data[: len(data) // 2])
-    with pytest.raises(CheckpointError, match=r"does not match the checksum in config.json"):
+    with pytest.raises(CheckpointError, match=r"model.safetensors does not match the sha256") as e:
         MLSAE.from_pretrained(tmp_path / "ck")
-    weights.write_bytes(b"\xff" * 64)
-    with pytest.raises(CheckpointError):
+    assert str(weights) in str(e.value) and "\n" not in str(e.value)
+    flipped = bytearray(data)
+    flipped[len(data) // 2] ^= 0x01  # one bit in the middle, where no parser looks
+    weights.write_bytes(bytes(flipped))
+    with pytest.raises(CheckpointError, match=r"model.safetensors does not match the sha256"):
         MLSAE.from_pretrained(tmp_path / "ck")
-    # without a checksum (saved before them), safetensors' own checks still refuse it
-    cfg_path = tmp_path / "ck" / "config.json"
-    cfg_path.write_text(json.dumps({**json.loads(cfg_path.read_text()), "weights_sha256": None}))
+    weights.write_bytes(data)
+    atomic.record(tmp_path / "ck", [], forget=["model.safetensors"])  # the entry deleted
+    with pytest.raises(CheckpointError, match=r"model.safetensors is not recorded in"):
+        MLSAE.from_pretrained(tmp_path / "ck")
+    # without a manifest (a foreign checkpoint), safetensors' own checks still refuse it
+    (tmp_path / "ck" / "manifest.json").unlink()
     weights.write_bytes(data[: len(data) // 2])
     with pytest.raises(CheckpointError, match="corrupt or truncated"):
         MLSAE.from_pretrained(tmp_path / "ck")

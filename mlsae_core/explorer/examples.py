@@ -15,6 +15,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from mlsae_core import atomic
 from mlsae_core.explorer.wire import finite
 from mlsae_core.layout import RunLayout
 
@@ -59,7 +60,10 @@ class ExamplesStore:
 
     @classmethod
     def from_parquet(cls, path: str | Path) -> ExamplesStore:
+        """The table at `path`, verified against its directory's manifest (`atomic.verify`,
+        streamed) before only the needed columns are read."""
         path = Path(path)
+        atomic.verify(path.parent, [path.name])
         schema = pq.read_schema(path)
         cols = [c for c in (*cls.REQUIRED, *cls.OPTIONAL) if c in schema.names]
         return cls(pq.read_table(path, columns=cols), source=str(path))
