@@ -124,15 +124,16 @@ def _file_entry(path: Path) -> dict[str, Any]:
 
 @contextlib.contextmanager
 def _manifest_lock(directory: Path) -> Iterator[None]:
-    """Serialise read-modify-write of one manifest (two assets may write one run directory)."""
+    """Serialise read-modify-write of one manifest (two assets may write one run directory):
+    an flock on the directory itself, so no lock file is left beside the artefacts."""
     import fcntl
 
-    with open(directory / f".{MANIFEST_NAME}.lock", "a") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing releases the flock
 
 
 def read_manifest(directory: str | os.PathLike[str]) -> dict[str, dict[str, Any]]:

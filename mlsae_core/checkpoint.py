@@ -142,9 +142,8 @@ def push_to_hub(sae: MLSAE, repo_id: str, private: bool = False, token: str | No
     api = HfApi(token=token)
     api.create_repo(repo_id, private=private, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
-        save_sae(sae, Path(tmp) / "ckpt")
-        ckpt = str(Path(tmp) / "ckpt")  # with its manifest; not the manifest's lock file
-        api.upload_folder(repo_id=repo_id, folder_path=ckpt, ignore_patterns=[".*"])
+        save_sae(sae, Path(tmp) / "ckpt")  # with its manifest
+        api.upload_folder(repo_id=repo_id, folder_path=str(Path(tmp) / "ckpt"))
     return repo_id
 
 
