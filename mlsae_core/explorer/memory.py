@@ -29,6 +29,8 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, TypeVar
 
+from starlette.exceptions import HTTPException
+
 T = TypeVar("T")
 
 # mallopt parameters (malloc.h)
@@ -40,14 +42,12 @@ ARENA_MAX = 2
 SLACK_BYTES = 96 << 20
 
 
-class Busy(Exception):
-    """More requests are waiting than the queue holds; `retry_after` is in seconds."""
+class Busy(HTTPException):
+    """More requests are waiting than the queue holds: 503 with Retry-After (in seconds)."""
 
     def __init__(self, waiting: int, retry_after: int) -> None:
-        super().__init__(
-            f"the explorer is busy ({waiting} requests waiting); retry in {retry_after} s"
-        )
-        self.retry_after = retry_after
+        message = f"the explorer is busy ({waiting} requests waiting); retry in {retry_after} s"
+        super().__init__(503, message, headers={"Retry-After": str(retry_after)})
 
 
 class Gate:
