@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 from typing import Any
 
 import torch
@@ -38,6 +38,21 @@ class ByteLRU:
             self._data.move_to_end(key)
             self.hits += count
             return item[0]
+
+    def get_or_compute(
+        self, key: Hashable, compute: Callable[[], tuple[Any, int]], lock: threading.Lock
+    ) -> Any:
+        """The value, else `compute()` -> (value, nbytes) under `lock`, inserted. A caller that
+        waited on the lock finds what the one before it computed (counted once, as a miss)."""
+        hit = self.get(key)
+        if hit is not None:
+            return hit
+        with lock:
+            hit = self.get(key, count=False)
+            if hit is None:
+                hit, nbytes = compute()
+                self.put(key, hit, nbytes)
+            return hit
 
     def put(self, key: Hashable, value: Any, nbytes: int) -> None:
         """Insert (an item larger than the whole budget is simply not kept)."""
