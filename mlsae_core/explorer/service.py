@@ -57,7 +57,6 @@ class Explorer:
         self.lens = lens  # the tuned lens the MLSAE was trained through, if any
         self.examples = examples
         self.settings = settings or ExplorerSettings()
-        self.repo_id = repo_id
         layers = sae.metadata.get("layers") or list(range(transformer.n_layers))
         self.layers: list[int] = [int(x) for x in layers]
         bad = [x for x in self.layers if not 0 <= x < transformer.n_layers]
