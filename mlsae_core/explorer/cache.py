@@ -15,11 +15,10 @@ import torch
 
 
 class ByteLRU:
-    """LRU mapping whose total size (as reported by the caller) stays under `max_bytes`."""
+    """LRU mapping whose total size (as reported by the caller) stays under `max_bytes`
+    (both limits >= 1: `ExplorerSettings` checks them)."""
 
     def __init__(self, max_entries: int, max_bytes: int) -> None:
-        if max_entries < 1 or max_bytes < 1:
-            raise ValueError("cache limits must be >= 1")
         self.max_entries = max_entries
         self.max_bytes = max_bytes
         self._data: OrderedDict[Hashable, tuple[Any, int]] = OrderedDict()

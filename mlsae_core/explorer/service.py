@@ -94,15 +94,6 @@ class Explorer:
             )
         return latent
 
-    @staticmethod
-    def check_position(position: int, n_tokens: int) -> int:
-        if not 0 <= position < n_tokens:
-            raise ExplorerInputError(
-                f"position={position} is not allowed: the prompt has {n_tokens} tokens "
-                f"(positions 0..{n_tokens - 1})"
-            )
-        return position
-
     def tokenize(self, prompt: str) -> list[int]:
         if not prompt.strip():
             raise ExplorerInputError("prompt is empty: type some text")
@@ -126,7 +117,8 @@ class Explorer:
         return [self._strings[i] for i in ids]
 
     # ----- the cached analysis of a prompt ---------------------------------------------------
-    def prompt_result(self, prompt: str) -> PromptResult:
+    def prompt_result(self, prompt: str, position: int | None = None) -> PromptResult:
+        """The analysis of `prompt`, cached; `position`, when given, must be one of its tokens."""
         ids = self.tokenize(prompt)
 
         def analyse() -> tuple[PromptResult, int]:
@@ -137,7 +129,13 @@ class Explorer:
             self.n_analysed += 1
             return r, r.nbytes
 
-        return self.cache.get_or_compute(prompt, analyse, self._compute)
+        r = self.cache.get_or_compute(prompt, analyse, self._compute)
+        if position is not None and not 0 <= position < len(ids):
+            raise ExplorerInputError(
+                f"position={position} is not allowed: the prompt has {len(ids)} tokens "
+                f"(positions 0..{len(ids) - 1})"
+            )
+        return r
 
     # ----- views ------------------------------------------------------------------------------
     def prompt_view(self, prompt: str) -> dict[str, Any]:
@@ -176,9 +174,7 @@ class Explorer:
         than `max_latents` remain, those with the largest total are kept. `share` is each
         latent's value normalised over layers; `layer_mean` is in block ids.
         """
-        r = self.prompt_result(prompt)
-        if position is not None:
-            self.check_position(position, len(r.ids))
+        r = self.prompt_result(prompt, position)
         cap = min(
             max_latents or self.settings.max_heatmap_latents, self.settings.max_heatmap_latents
         )
@@ -227,10 +223,9 @@ class Explorer:
         """Per layer: histogram of the non-zero latent values (shared bin edges)."""
         if not 1 <= bins <= self.settings.max_bins:
             raise ExplorerInputError(f"bins={bins} is not allowed: 1..{self.settings.max_bins}")
-        r = self.prompt_result(prompt)
+        r = self.prompt_result(prompt, position)
         values = r.values  # [L, P, k]
         if position is not None:
-            self.check_position(position, len(r.ids))
             values = values[:, position : position + 1]
         flat = values.flatten(1)  # [L, P*k]
         fired = flat > self.sae.dead_threshold
@@ -347,8 +342,7 @@ class Explorer:
             raise ExplorerInputError(
                 f"factor={factor} is not allowed: |factor| <= {self.settings.max_factor}"
             )
-        r = self.prompt_result(prompt)
-        self.check_position(position, len(r.ids))
+        r = self.prompt_result(prompt, position)
         self.check_layer(layer)
         if latent is not None:
             self.check_latent(latent)
