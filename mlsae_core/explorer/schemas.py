@@ -191,10 +191,9 @@ class HistogramsOut(_Out):
     n_active: list[int]
 
 
-class Example(BaseModel):
+class Example(_Out):
     """A row of the max_examples table (docs/tables.md); optional columns when present."""
 
-    model_config = ConfigDict(extra="forbid")
     latent: int
     layer: int
     rank: int
