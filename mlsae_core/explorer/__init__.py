@@ -7,34 +7,13 @@
     examples   ExamplesStore: the run directory's max_examples table, indexed in memory
     prompt     the one analysis of a prompt (forward, MLSAE, metrics.ReconstructionMetrics)
     steering   the residual-stream edit that steers a latent
+    memory     the gate on concurrent work (503 + Retry-After), the allocator, the bound
+    schemas    the API's request, response and error bodies (the OpenAPI schema)
     service    Explorer, the façade the HTTP layer calls (validation, caches, views)
     server     the FastAPI app (JSON API + the static page) and `mlsae explore`
     wire       JSON-safe numbers and the error of a bad request parameter
 
-The page itself (vanilla HTML/JS/CSS, no CDN) is in `mlsae_core/explorer_static/`.
-
-The names below load lazily: `options` is imported to build `mlsae`'s parser, and that
-must not pull in torch or FastAPI.
+The page itself (vanilla HTML/JS/CSS, no CDN) is in `mlsae_core/explorer_static/`. This
+package imports nothing: `options` is imported to build `mlsae`'s parser, and that must not
+pull in torch or FastAPI.
 """
-
-from __future__ import annotations
-
-from typing import Any
-
-__all__ = ["create_app", "Explorer", "ExplorerSettings"]
-
-
-def __getattr__(name: str) -> Any:
-    if name == "create_app":
-        from mlsae_core.explorer.server import create_app
-
-        return create_app
-    if name == "Explorer":
-        from mlsae_core.explorer.service import Explorer
-
-        return Explorer
-    if name == "ExplorerSettings":
-        from mlsae_core.explorer.options import ExplorerSettings
-
-        return ExplorerSettings
-    raise AttributeError(f"module 'mlsae_core.explorer' has no attribute {name!r}")

@@ -8,18 +8,17 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 from typing import Any
 
 import torch
 
 
 class ByteLRU:
-    """LRU mapping whose total size (as reported by the caller) stays under `max_bytes`."""
+    """LRU mapping whose total size (as reported by the caller) stays under `max_bytes`
+    (both limits >= 1: `ExplorerSettings` checks them)."""
 
     def __init__(self, max_entries: int, max_bytes: int) -> None:
-        if max_entries < 1 or max_bytes < 1:
-            raise ValueError("cache limits must be >= 1")
         self.max_entries = max_entries
         self.max_bytes = max_bytes
         self._data: OrderedDict[Hashable, tuple[Any, int]] = OrderedDict()
@@ -38,6 +37,21 @@ class ByteLRU:
             self._data.move_to_end(key)
             self.hits += count
             return item[0]
+
+    def get_or_compute(
+        self, key: Hashable, compute: Callable[[], tuple[Any, int]], lock: threading.Lock
+    ) -> Any:
+        """The value, else `compute()` -> (value, nbytes) under `lock`, inserted. A caller that
+        waited on the lock finds what the one before it computed (counted once, as a miss)."""
+        hit = self.get(key)
+        if hit is not None:
+            return hit
+        with lock:
+            hit = self.get(key, count=False)
+            if hit is None:
+                hit, nbytes = compute()
+                self.put(key, hit, nbytes)
+            return hit
 
     def put(self, key: Hashable, value: Any, nbytes: int) -> None:
         """Insert (an item larger than the whole budget is simply not kept)."""

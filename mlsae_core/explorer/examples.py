@@ -16,6 +16,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from mlsae_core import atomic
+from mlsae_core.explorer.schemas import Example
 from mlsae_core.explorer.wire import finite
 from mlsae_core.layout import RunLayout
 
@@ -27,17 +28,9 @@ NO_EXAMPLES_HINT = "no examples computed; run mlsae examples --repo_id {repo}"
 class ExamplesStore:
     """The `max_examples` table sorted by (latent, layer, rank), so a lookup is a binary search."""
 
-    REQUIRED = (
-        "latent",
-        "layer",
-        "rank",
-        "activation",
-        "token",
-        "centre",
-        "context_tokens",
-        "context_activations",
-    )
-    OPTIONAL = ("token_id", "row", "pos", "document", "genre")
+    # the columns the API answers with (`schemas.Example`): required, then when present
+    REQUIRED = tuple(n for n, f in Example.model_fields.items() if f.is_required())
+    OPTIONAL = tuple(n for n, f in Example.model_fields.items() if not f.is_required())
 
     def __init__(self, table: pa.Table, source: str = "table") -> None:
         missing = [c for c in self.REQUIRED if c not in table.column_names]

@@ -29,6 +29,8 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, TypeVar
 
+from starlette.exceptions import HTTPException
+
 T = TypeVar("T")
 
 # mallopt parameters (malloc.h)
@@ -40,14 +42,12 @@ ARENA_MAX = 2
 SLACK_BYTES = 96 << 20
 
 
-class Busy(Exception):
-    """More requests are waiting than the queue holds; `retry_after` is in seconds."""
+class Busy(HTTPException):
+    """More requests are waiting than the queue holds: 503 with Retry-After (in seconds)."""
 
     def __init__(self, waiting: int, retry_after: int) -> None:
-        super().__init__(
-            f"the explorer is busy ({waiting} requests waiting); retry in {retry_after} s"
-        )
-        self.retry_after = retry_after
+        message = f"the explorer is busy ({waiting} requests waiting); retry in {retry_after} s"
+        super().__init__(503, message, headers={"Retry-After": str(retry_after)})
 
 
 class Gate:
@@ -55,12 +55,11 @@ class Gate:
 
     Fixed threads (not the threadpool's 40) bound both the working sets alive at once and the
     malloc arenas that keep freed memory. Thread-based (no asyncio primitive), so one gate
-    serves any event loop (TestClient starts one per client).
+    serves any event loop (TestClient starts one per client). `ExplorerSettings` checks
+    workers >= 1 and max_queue >= 0.
     """
 
     def __init__(self, workers: int, max_queue: int) -> None:
-        if workers < 1 or max_queue < 0:
-            raise ValueError("workers must be >= 1 and max_queue >= 0")
         self.workers, self.max_queue = workers, max_queue
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="explorer")
         self._lock = threading.Lock()
@@ -118,22 +117,16 @@ class Gate:
             }
 
 
-def _libc() -> ctypes.CDLL | None:
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
-        return None
-    try:
-        return ctypes.CDLL("libc.so.6")
-    except OSError:
-        return None
-
-
 def tune_allocator() -> bool:
     """glibc: fixed 1 MiB mmap threshold, 2 arenas; False (nothing done) elsewhere.
 
     Process-wide, so only `mlsae explore` calls it, before its threads start.
     """
-    libc = _libc()
-    if libc is None:
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
         return False
     ok = libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD) == 1
     ok &= libc.mallopt(M_TRIM_THRESHOLD, 2 * MMAP_THRESHOLD) == 1

@@ -4,7 +4,8 @@ They are the OpenAPI schema at /openapi.json, and the app answers what they say:
 validated strictly (an integer field takes only JSON integers, not `true` or `1.5`), every
 view's return value is validated against its response model, and every status an operation
 can answer is declared (`responses`) with the body it has (tests/test_explorer_schema.py
-checks both with schemathesis).
+checks both with schemathesis). `POST /api/<name>` takes `<Name>In` and answers `<Name>Out`
+(`server.create_app` finds them by that name).
 """
 
 from __future__ import annotations
@@ -191,10 +192,9 @@ class HistogramsOut(_Out):
     n_active: list[int]
 
 
-class Example(BaseModel):
+class Example(_Out):
     """A row of the max_examples table (docs/tables.md); optional columns when present."""
 
-    model_config = ConfigDict(extra="forbid")
     latent: int
     layer: int
     rank: int

@@ -19,10 +19,10 @@ names a file: the checkpoint and the examples table are chosen on the command li
 The page is served at `/` and at `/prompt/<text>` (the URL holds the state).
 """
 
-from __future__ import annotations
-
 import argparse
 import logging
+from collections.abc import Callable
+from functools import partial
 from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any
@@ -33,20 +33,17 @@ from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
-from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.exceptions import HTTPException
 
 from mlsae_core.checkpoint import resolve_checkpoint
 from mlsae_core.config import ConfigError, from_args, resolve_device
 from mlsae_core.explorer import schemas as sc
 from mlsae_core.explorer.examples import ExamplesStore, examples_path, load_examples
-from mlsae_core.explorer.memory import Busy, tune_allocator
+from mlsae_core.explorer.memory import tune_allocator
 from mlsae_core.explorer.options import ExplorerSettings, find_checkpoints
 from mlsae_core.explorer.schemas import MAX_BODY_BYTES
 from mlsae_core.explorer.service import Explorer
-from mlsae_core.explorer.steering import STEER_MODES
-from mlsae_core.explorer.wire import ExplorerInputError
 from mlsae_core.layout import StorageLayout, data_root
-from mlsae_core.lens import TunedLens
 from mlsae_core.runs import checkpoint_lens, checkpoint_transformer
 from mlsae_core.sae import MLSAE
 from mlsae_core.transformer import Transformer
@@ -61,60 +58,24 @@ def static_dir() -> Path:
 
 
 # ----- errors ----------------------------------------------------------------------------------
-def _loc(loc: tuple) -> str:
-    parts = [str(p) for p in loc if p not in ("body", "query")]
-    return ".".join(parts) or "body"
-
-
-def _validation_message(exc: RequestValidationError) -> tuple[str, list[dict[str, str]]]:
+async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+    """422 with one readable `detail` line and the `errors` list (FastAPI's own is a list)."""
     errors = []
     for err in exc.errors():
-        where = _loc(tuple(err.get("loc", ())))
+        where = ".".join(str(p) for p in err.get("loc", ()) if p not in ("body", "query"))
         msg = str(err.get("msg", "invalid"))
         if err.get("type") == "json_invalid":
             where, msg = "body", f"malformed JSON ({err.get('ctx', {}).get('error', msg)})"
         elif err.get("type") == "extra_forbidden":
             msg = "unknown field"
-        errors.append({"field": where, "message": msg})
+        errors.append({"field": where or "body", "message": msg})
     text = "; ".join(f"{e['field']}: {e['message']}" for e in errors) or "invalid request"
-    return text, errors
+    return JSONResponse(status_code=422, content={"detail": text, "errors": errors})
 
 
-def _install_error_handlers(app: FastAPI) -> None:
-    @app.exception_handler(RequestValidationError)
-    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
-        text, errors = _validation_message(exc)
-        return JSONResponse(status_code=422, content={"detail": text, "errors": errors})
-
-    @app.exception_handler(ExplorerInputError)
-    async def _bad_input(request: Request, exc: ExplorerInputError) -> JSONResponse:
-        return JSONResponse(status_code=exc.status_code, content={"detail": str(exc)})
-
-    @app.exception_handler(StarletteHTTPException)
-    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        # keep the exception's headers: a 405 must say which methods are allowed (Allow)
-        return JSONResponse(
-            status_code=exc.status_code,
-            content={"detail": str(exc.detail)},
-            headers=getattr(exc, "headers", None),
-        )
-
-    @app.exception_handler(Busy)
-    async def _busy(request: Request, exc: Busy) -> JSONResponse:
-        return JSONResponse(
-            status_code=503,
-            content={"detail": str(exc)},
-            headers={"Retry-After": str(exc.retry_after)},
-        )
-
-    @app.exception_handler(Exception)
-    async def _internal(request: Request, exc: Exception) -> JSONResponse:
-        logger.exception("explorer: unexpected error on %s", request.url.path)
-        return JSONResponse(
-            status_code=500, content={"detail": "internal error (see the server log)"}
-        )
-
-    app.add_middleware(_BodyLimit, max_bytes=MAX_BODY_BYTES)
+async def _internal(request: Request, exc: Exception) -> JSONResponse:
+    logger.exception("explorer: unexpected error on %s", request.url.path)
+    return JSONResponse(status_code=500, content={"detail": "internal error (see the server log)"})
 
 
 class _BodyLimit:
@@ -129,11 +90,8 @@ class _BodyLimit:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        too_big = JSONResponse(
-            status_code=413, content={"detail": f"request body over {self.max_bytes} bytes"}
-        )
-        headers = dict(scope.get("headers") or [])
-        length = headers.get(b"content-length")
+        too_big = f"request body over {self.max_bytes} bytes"
+        length = dict(scope.get("headers") or []).get(b"content-length")
         if length is not None:
             try:
                 n = int(length)
@@ -143,7 +101,9 @@ class _BodyLimit:
                 )
                 return
             if n > self.max_bytes:
-                await too_big(scope, receive, send)
+                await JSONResponse(status_code=413, content={"detail": too_big})(
+                    scope, receive, send
+                )
                 return
         seen = 0
 
@@ -153,7 +113,7 @@ class _BodyLimit:
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 if seen > self.max_bytes:
-                    raise StarletteHTTPException(413, f"request body over {self.max_bytes} bytes")
+                    raise HTTPException(413, too_big)
             return message
 
         await self.app(scope, limited_receive, send)
@@ -164,27 +124,17 @@ def create_app(
     sae: MLSAE,
     transformer: Transformer,
     examples_table: ExamplesStore | pa.Table | None = None,
-    settings: ExplorerSettings | None = None,
-    repo_id: str = "DIR",
-    examples_message: str | None = None,
-    lens: TunedLens | None = None,
+    **options: Any,
 ) -> FastAPI:
-    """Build the explorer app for an MLSAE, its transformer (and its tuned lens, if any).
+    """Build the explorer app for an MLSAE and its transformer.
 
     examples_table: an `ExamplesStore`, a pyarrow Table with the max_examples schema
-    (docs/tables.md), or None (the page then says how to compute them).
+    (docs/tables.md), or None (the page then says how to compute them). `options` are
+    `Explorer`'s: settings, repo_id, examples_message, lens.
     """
     if examples_table is not None and not isinstance(examples_table, ExamplesStore):
         examples_table = ExamplesStore(examples_table)
-    explorer = Explorer(
-        sae,
-        transformer,
-        examples=examples_table,
-        settings=settings,
-        repo_id=repo_id,
-        examples_message=examples_message,
-        lens=lens,
-    )
+    ex = Explorer(sae, transformer, examples=examples_table, **options)
     app = FastAPI(
         title="MLSAE explorer",
         description="Multi-layer SAE latents on a prompt: heatmaps, examples, logits, steering.",
@@ -192,63 +142,46 @@ def create_app(
         docs_url=None,  # Swagger/Redoc pages load scripts from a CDN; the schema is enough
         redoc_url=None,
     )
-    app.state.explorer = explorer
-    _install_error_handlers(app)
-    ex = explorer
+    app.state.explorer = ex
+    # FastAPI's own handler answers HTTPException (ExplorerInputError 422, Busy 503 with
+    # Retry-After, 405 with Allow) as {"detail": ...} with the exception's headers.
+    app.add_exception_handler(RequestValidationError, _invalid)
+    app.add_exception_handler(Exception, _internal)
+    app.add_middleware(_BodyLimit, max_bytes=MAX_BODY_BYTES)
+    run = ex.gate.run  # every view is computed on the gate's workers (memory.Gate)
 
-    run = explorer.gate.run  # every view is computed on the gate's workers (memory.Gate)
-    common, with_params = sc.COMMON_ERRORS, sc.WITH_PARAMS_ERRORS
+    def post(name: str, view: Callable[..., Any], summary: str) -> None:
+        """POST /api/<name>: the body is `sc.<Name>In`, whose fields are `view`'s keyword
+        arguments; the answer is `sc.<Name>Out`."""
+        body_model, out = (getattr(sc, f"{name.capitalize()}{end}") for end in ("In", "Out"))
+
+        async def endpoint(body: body_model) -> dict[str, Any]:
+            return await run(partial(view, **dict(body)))
+
+        responses = sc.WITH_PARAMS_ERRORS
+        app.post(
+            f"/api/{name}", name=name, summary=summary, response_model=out, responses=responses
+        )(endpoint)
 
     @app.get(
         "/api/info",
         summary="model, SAE, limits, examples, cache and memory status",
         response_model=sc.InfoOut,
-        responses=common,
+        responses=sc.COMMON_ERRORS,
     )
     async def info() -> dict[str, Any]:
         return ex.info()  # cheap, so never queued: status stays readable under a burst
 
-    @app.post(
-        "/api/prompt",
-        summary="tokens and per-layer metrics of a prompt",
-        response_model=sc.PromptOut,
-        responses=with_params,
-    )
-    async def prompt(body: sc.PromptIn) -> dict[str, Any]:
-        return await run(ex.prompt_view, body.prompt)
-
-    @app.post(
-        "/api/heatmap",
-        summary="latents x layers at a token or summed over tokens",
-        response_model=sc.HeatmapOut,
-        responses=with_params,
-    )
-    async def heatmap(body: sc.HeatmapIn) -> dict[str, Any]:
-        return await run(ex.heatmap, body.prompt, body.position, body.threshold, body.max_latents)
-
-    @app.post(
-        "/api/activations",
-        summary="one latent on every token and layer",
-        response_model=sc.ActivationsOut,
-        responses=with_params,
-    )
-    async def activations(body: sc.ActivationsIn) -> dict[str, Any]:
-        return await run(ex.latent_activations, body.prompt, body.latent, body.layer)
-
-    @app.post(
-        "/api/histograms",
-        summary="per-layer histograms of latent values",
-        response_model=sc.HistogramsOut,
-        responses=with_params,
-    )
-    async def histograms(body: sc.HistogramsIn) -> dict[str, Any]:
-        return await run(ex.histograms, body.prompt, body.bins, body.position)
+    post("prompt", ex.prompt_view, "tokens and per-layer metrics of a prompt")
+    post("heatmap", ex.heatmap, "latents x layers at a token or summed over tokens")
+    post("activations", ex.latent_activations, "one latent on every token and layer")
+    post("histograms", ex.histograms, "per-layer histograms of latent values")
 
     @app.get(
         "/api/examples",
         summary="max-activating examples of a latent at a layer",
         response_model=sc.ExamplesOut,
-        responses=with_params,
+        responses=sc.WITH_PARAMS_ERRORS,
     )
     async def examples(
         latent: Annotated[int, Query(ge=0, description="latent id")],
@@ -257,32 +190,13 @@ def create_app(
     ) -> dict[str, Any]:
         return await run(ex.examples_view, latent, layer, limit)
 
-    @app.post(
-        "/api/logits",
-        summary="top predictions: clean, reconstruction, steered",
-        response_model=sc.LogitsOut,
-        responses=with_params,
-    )
-    async def logits(body: sc.LogitsIn) -> dict[str, Any]:
-        return await run(
-            ex.logits_view,
-            body.prompt,
-            body.position,
-            body.layer,
-            body.latent,
-            body.factor,
-            body.mode,
-            body.top_k,
-        )
+    post("logits", ex.logits_view, "top predictions: clean, reconstruction, steered")
 
     index = static_dir() / "index.html"
 
     @app.get("/", include_in_schema=False)
-    def root() -> FileResponse:
-        return FileResponse(index, headers={"Cache-Control": "no-cache"})
-
     @app.get("/prompt/{text:path}", include_in_schema=False)
-    def prompt_page(text: str) -> FileResponse:
+    def page() -> FileResponse:
         return FileResponse(index, headers={"Cache-Control": "no-cache"})
 
     app.mount("/static", StaticFiles(directory=static_dir()), name="static")
@@ -372,4 +286,4 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-__all__ = ["create_app", "list_checkpoints", "load_app", "run", "STEER_MODES"]
+__all__ = ["create_app", "list_checkpoints", "load_app", "run"]

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from mlsae_core.analysis.examples import token_strings
+from mlsae_core.explorer import schemas as sc
 from mlsae_core.explorer.cache import ByteLRU, tensor_bytes
 from mlsae_core.explorer.examples import NO_EXAMPLES_HINT, ExamplesStore
 from mlsae_core.explorer.memory import SLACK_BYTES, Gate, result_bytes, working_set_bytes
@@ -56,7 +57,6 @@ class Explorer:
         self.lens = lens  # the tuned lens the MLSAE was trained through, if any
         self.examples = examples
         self.settings = settings or ExplorerSettings()
-        self.repo_id = repo_id
         layers = sae.metadata.get("layers") or list(range(transformer.n_layers))
         self.layers: list[int] = [int(x) for x in layers]
         bad = [x for x in self.layers if not 0 <= x < transformer.n_layers]
@@ -94,17 +94,8 @@ class Explorer:
             )
         return latent
 
-    @staticmethod
-    def check_position(position: int, n_tokens: int) -> int:
-        if not 0 <= position < n_tokens:
-            raise ExplorerInputError(
-                f"position={position} is not allowed: the prompt has {n_tokens} tokens "
-                f"(positions 0..{n_tokens - 1})"
-            )
-        return position
-
     def tokenize(self, prompt: str) -> list[int]:
-        if not isinstance(prompt, str) or not prompt.strip():
+        if not prompt.strip():
             raise ExplorerInputError("prompt is empty: type some text")
         if len(prompt) > self.settings.max_prompt_chars:
             raise ExplorerInputError(
@@ -126,22 +117,25 @@ class Explorer:
         return [self._strings[i] for i in ids]
 
     # ----- the cached analysis of a prompt ---------------------------------------------------
-    def prompt_result(self, prompt: str) -> PromptResult:
+    def prompt_result(self, prompt: str, position: int | None = None) -> PromptResult:
+        """The analysis of `prompt`, cached; `position`, when given, must be one of its tokens."""
         ids = self.tokenize(prompt)
-        hit = self.cache.get(prompt)
-        if hit is not None:
-            return hit
-        with self._compute:
-            hit = self.cache.get(prompt, count=False)  # computed while we waited
-            if hit is not None:
-                return hit
-            result = analyse_prompt(
-                self.transformer, self.sae, self.layers, prompt, ids, self.strings(ids),
-                self.lens,
-            )  # fmt: skip
+
+        def analyse() -> tuple[PromptResult, int]:
+            tokens = self.strings(ids)
+            r = analyse_prompt(
+                self.transformer, self.sae, self.layers, prompt, ids, tokens, self.lens
+            )
             self.n_analysed += 1
-            self.cache.put(prompt, result, result.nbytes)
-            return result
+            return r, r.nbytes
+
+        r = self.cache.get_or_compute(prompt, analyse, self._compute)
+        if position is not None and not 0 <= position < len(ids):
+            raise ExplorerInputError(
+                f"position={position} is not allowed: the prompt has {len(ids)} tokens "
+                f"(positions 0..{len(ids) - 1})"
+            )
+        return r
 
     # ----- views ------------------------------------------------------------------------------
     def prompt_view(self, prompt: str) -> dict[str, Any]:
@@ -180,9 +174,7 @@ class Explorer:
         than `max_latents` remain, those with the largest total are kept. `share` is each
         latent's value normalised over layers; `layer_mean` is in block ids.
         """
-        r = self.prompt_result(prompt)
-        if position is not None:
-            self.check_position(position, len(r.ids))
+        r = self.prompt_result(prompt, position)
         cap = min(
             max_latents or self.settings.max_heatmap_latents, self.settings.max_heatmap_latents
         )
@@ -197,12 +189,8 @@ class Explorer:
         block = torch.tensor(self.layers, dtype=torch.float64)[:, None]
         layer_mean = (block * share).sum(0)  # [m]
         order = torch.sort(layer_mean, stable=True).indices
-        above, raw, share, layer_mean = (
-            above[order],
-            raw[:, order],
-            share[:, order],
-            layer_mean[order],
-        )
+        above, layer_mean = above[order], layer_mean[order]
+        raw, share = raw[:, order], share[:, order]
         return {
             "position": position,
             "threshold": threshold,
@@ -235,10 +223,9 @@ class Explorer:
         """Per layer: histogram of the non-zero latent values (shared bin edges)."""
         if not 1 <= bins <= self.settings.max_bins:
             raise ExplorerInputError(f"bins={bins} is not allowed: 1..{self.settings.max_bins}")
-        r = self.prompt_result(prompt)
+        r = self.prompt_result(prompt, position)
         values = r.values  # [L, P, k]
         if position is not None:
-            self.check_position(position, len(r.ids))
             values = values[:, position : position + 1]
         flat = values.flatten(1)  # [L, P*k]
         fired = flat > self.sae.dead_threshold
@@ -259,19 +246,12 @@ class Explorer:
     def examples_view(self, latent: int, layer: int, limit: int) -> dict[str, Any]:
         self.check_latent(latent)
         self.check_layer(layer)
+        out = {"latent": latent, "layer": layer, "available": self.examples is not None}
         if self.examples is None:
-            return {
-                "latent": latent,
-                "layer": layer,
-                "available": False,
-                "message": self.examples_message,
-                "examples": [],
-            }
+            return {**out, "message": self.examples_message, "examples": []}
         rows = self.examples.get(latent, layer, min(limit, self.settings.max_examples))
         return {
-            "latent": latent,
-            "layer": layer,
-            "available": True,
+            **out,
             "message": None if rows else "this latent has no examples at this layer",
             "total": self.examples.count(latent, layer),
             "examples": rows,
@@ -289,16 +269,12 @@ class Explorer:
         self, r: PromptResult, key: tuple, layer: int, replacement: torch.Tensor
     ) -> torch.Tensor:
         """[P, d] final-normed hidden with block `layer` replaced (cached; one at a time)."""
-        hit = self.splices.get(key)
-        if hit is not None:
-            return hit
-        with self._compute:
-            hit = self.splices.get(key, count=False)
-            if hit is not None:
-                return hit
+
+        def splice() -> tuple[torch.Tensor, int]:
             normed = self.transformer.run_from(r.clean, layer, replacement[None])[0].float().cpu()
-            self.splices.put(key, normed, tensor_bytes(normed) + 256)
-            return normed
+            return normed, tensor_bytes(normed) + 256
+
+        return self.splices.get_or_compute(key, splice, self._compute)
 
     def _recons_normed(self, r: PromptResult, layer: int) -> torch.Tensor:
         li = self.layer_index[layer]
@@ -306,58 +282,46 @@ class Explorer:
         repl = torch.where(r.special[:, None], x, r.recons[li])
         return self._splice(r, ("recons", r.prompt, layer), layer, repl)
 
-    def steering_scale(self, r: PromptResult, latent: int, layer: int) -> tuple[float, str]:
-        """a_j for mode 'add' (`steering.activation_scale`) and where it came from."""
-        top = None if self.examples is None else self.examples.max_activation(latent, layer)
-        li = self.layer_index[layer]
-        return activation_scale(r, li, latent, top, self.sae.dead_threshold)
-
     def _steer_normed(
         self, r: PromptResult, latent: int, layer: int, factor: float, mode: SteerMode
     ) -> tuple[torch.Tensor, dict[str, Any]]:
         info: dict[str, Any] = {"mode": mode, "factor": factor}
-        a = 1.0
-        if mode == "add":
-            a, source = self.steering_scale(r, latent, layer)
+        li, a = self.layer_index[layer], 1.0
+        if mode == "add":  # a_j (`steering.activation_scale`) and where it came from
+            top = None if self.examples is None else self.examples.max_activation(latent, layer)
+            a, source = activation_scale(r, li, latent, top, self.sae.dead_threshold)
             info.update(scale=a, scale_source=source)
         column = self.sae.decoder.weight[:, latent].detach().float()  # [d]
         if self.lens is not None:  # a direction in the lens's space -> the model's
             column = self.lens.inverse_direction(column, layer)
-        column = column.cpu()
-        li = self.layer_index[layer]
-        repl = steered_residual(r, layer, li, latent, column, factor, mode, a)
+        repl = steered_residual(r, layer, li, latent, column.cpu(), factor, mode, a)
         x = r.clean.hidden[layer, 0]  # [P, d]
         info["delta_norm"] = finite((repl - x).norm(dim=-1).max())
         key = ("steer", r.prompt, layer, latent, float(factor), mode)
         return self._splice(r, key, layer, repl), info
 
-    def _top(self, logits: torch.Tensor, top_k: int) -> list[dict[str, Any]]:
-        probs = torch.softmax(logits.double(), -1)
-        v, i = torch.topk(logits, top_k)
-        ids = i.tolist()
+    def _tokens(self, ids: torch.Tensor, **columns: torch.Tensor) -> list[dict[str, Any]]:
+        """One row per token id: the id, its text and each column's value there."""
+        token_ids, values = ids.tolist(), {k: v.tolist() for k, v in columns.items()}
         return [
-            {"token_id": t, "token": s, "logit": finite(lv), "prob": finite(probs[t])}
-            for t, s, lv in zip(ids, self.strings(ids), v.tolist(), strict=True)
+            {"token_id": t, "token": s, **{k: finite(v[n]) for k, v in values.items()}}
+            for n, (t, s) in enumerate(zip(token_ids, self.strings(token_ids), strict=True))
         ]
+
+    def _top(self, logits: torch.Tensor, top_k: int) -> list[dict[str, Any]]:
+        v, i = torch.topk(logits, top_k)
+        return self._tokens(i, logit=v, prob=torch.softmax(logits.double(), -1)[i])
 
     def _diff(self, new: torch.Tensor, clean: torch.Tensor, top_k: int) -> dict[str, Any]:
         delta = new - clean
         lp_clean = torch.log_softmax(clean.double(), -1)
         lp_new = torch.log_softmax(new.double(), -1)
         kl = float((lp_clean.exp() * (lp_clean - lp_new)).sum())
-
-        def ranked(values: torch.Tensor, sign: float) -> list[dict[str, Any]]:
-            v, i = torch.topk(sign * values, top_k)
-            ids = i.tolist()
-            return [
-                {"token_id": t, "token": s, "delta": finite(sign * dv)}
-                for t, s, dv in zip(ids, self.strings(ids), v.tolist(), strict=True)
-            ]
-
+        up, down = torch.topk(delta, top_k), torch.topk(-delta, top_k)
         return {
             "top": self._top(new, top_k),
-            "increases": ranked(delta, 1.0),
-            "decreases": ranked(delta, -1.0),
+            "increases": self._tokens(up.indices, delta=up.values),
+            "decreases": self._tokens(down.indices, delta=-down.values),
             "kl": finite(max(kl, 0.0)),
             "max_abs_delta": finite(delta.abs().max()),
         }
@@ -378,13 +342,10 @@ class Explorer:
             raise ExplorerInputError(
                 f"factor={factor} is not allowed: |factor| <= {self.settings.max_factor}"
             )
-        r = self.prompt_result(prompt)
-        self.check_position(position, len(r.ids))
+        r = self.prompt_result(prompt, position)
         self.check_layer(layer)
         if latent is not None:
             self.check_latent(latent)
-        if mode not in STEER_MODES:
-            raise ExplorerInputError(f"mode={mode!r} is not allowed: choose from {STEER_MODES}")
         top_k = min(top_k, self.settings.max_top_k, self.transformer.vocab_size)
         tf = self.transformer
         clean = tf.logits(self._normed_final(r)[position]).float().cpu()  # [V]
@@ -426,16 +387,12 @@ class Explorer:
         }
 
     def info(self) -> dict[str, Any]:
-        sae, lim = self.sae, self.settings
+        """/api/info; `transformer` and `limits` are the attributes their schemas name."""
+        sae, lim, tf = self.sae, self.settings, self.transformer
         meta = sae.metadata
         return {
-            "model_name": meta.get("model_name", self.transformer.name),
-            "transformer": {
-                "name": self.transformer.name,
-                "n_layers": self.transformer.n_layers,
-                "d_model": self.transformer.d_model,
-                "vocab_size": self.transformer.vocab_size,
-            },
+            "model_name": meta.get("model_name", tf.name),
+            "transformer": {name: getattr(tf, name) for name in sc.TransformerInfo.model_fields},
             "sae": {
                 "n_inputs": sae.n_inputs,
                 "n_latents": sae.n_latents,
@@ -453,13 +410,8 @@ class Explorer:
                 "message": self.examples_message,
             },
             "limits": {
-                "max_prompt_chars": lim.max_prompt_chars,
-                "max_prompt_tokens": self.max_prompt_tokens,
-                "max_factor": lim.max_factor,
-                "max_top_k": lim.max_top_k,
-                "max_bins": lim.max_bins,
-                "max_heatmap_latents": lim.max_heatmap_latents,
-                "max_examples": lim.max_examples,
+                **{name: getattr(lim, name) for name in sc.Limits.model_fields},
+                "max_prompt_tokens": self.max_prompt_tokens,  # capped by the model's context
             },
             "steer_modes": list(STEER_MODES),
             "cache": {**self.cache.stats(), "prompts_analysed": self.n_analysed},
@@ -468,4 +420,4 @@ class Explorer:
         }
 
 
-__all__ = ["Explorer", "ExplorerInputError", "STEER_MODES"]
+__all__ = ["Explorer"]

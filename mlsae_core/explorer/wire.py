@@ -8,13 +8,15 @@ from __future__ import annotations
 
 import math
 
+from starlette.exceptions import HTTPException
 
-class ExplorerInputError(ValueError):
-    """A request parameter is out of range; the message says which and what is allowed."""
 
-    def __init__(self, message: str, status_code: int = 422) -> None:
-        super().__init__(message)
-        self.status_code = status_code
+class ExplorerInputError(HTTPException):
+    """A request parameter is out of range: 422, the message saying which and what is allowed
+    (FastAPI's own handler answers it as {"detail": message})."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(422, message)
 
 
 def finite(x: float) -> float | None:
