@@ -8,7 +8,7 @@ Every row carries its partition values as columns, so one `read_parquet` glob co
 them (the DuckDB views of `results_db`). Writes are atomic. Loading a partitioned input for
 an unpartitioned asset concatenates the partitions that exist (missing ones are logged and
 skipped). Every file carries a sha256 of itself (`atomic.write_parquet`) and is checked when
-read back: a corrupt one is refused naming the file (the producing asset's `memo` rebuilds it
+read back: a corrupt one is refused naming the file (`mlsae sweep` rebuilds it
 on the next `mlsae sweep`), never silently skipped.
 """
 
