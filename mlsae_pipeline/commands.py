@@ -133,28 +133,18 @@ def outputs(layout: Any, sw: Any, asset: str, partition: str | None) -> list[Pat
     return paths
 
 
-def _damaged(paths: list[Path]) -> str | None:
-    """Why the first of `paths` that fails `atomic.verify` cannot be re-used, or None."""
-    from mlsae_core import atomic
-
-    for path in paths:
-        try:
-            atomic.verify(path.parent, [path.name])
-        except atomic.CorruptFileError as exc:
-            return str(exc)
-    return None
-
-
 def launches(defs: Any, instance: Any, sw: Any, job: str, partition: str | None) -> dict:
     """{asset: why it runs} for one stage (job x partition); empty: the stage is up to date.
 
     Dagster's stale status decides (the UI's "unsynced"): never materialized, a new code
-    version or new upstream data. What a changed asset feeds in the same stage runs after it.
-    A file that fails `atomic.verify` is rebuilt too (nothing read back is trusted); its asset
-    keeps its data version, so nothing below it re-runs."""
+    version or new upstream data. A file that fails `atomic.verify` is rebuilt too (nothing
+    read back is trusted). What a launched asset feeds in the same stage runs after it (a
+    rebuilt checkpoint may differ); later stages see its new data version, or its same one."""
     from dagster._core.asset_graph_view.asset_graph_view import AssetGraphView, TemporalContext
     from dagster._core.definitions.data_version import CachingStaleStatusResolver, StaleStatus
     from dagster._time import get_current_datetime
+
+    from mlsae_pipeline import steps
 
     graph = defs.resolve_asset_graph()
     stage = defs.resolve_job_def(job).asset_layer.selected_asset_keys
@@ -177,9 +167,8 @@ def launches(defs: Any, instance: Any, sw: Any, job: str, partition: str | None)
             why[key] = "; ".join(f"{c.asset_key.to_user_string()} {c.reason}" for c in causes)
         elif moved:
             why[key] = f"{', '.join(moved)} re-run"
-        elif problem := _damaged(outputs(layout, sw, key.to_user_string(), partition)):
+        elif problem := steps.damaged(outputs(layout, sw, key.to_user_string(), partition)):
             why[key] = problem
-            continue
         else:
             continue
         changed.add(key)

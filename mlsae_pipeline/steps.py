@@ -37,6 +37,19 @@ def record(*paths: Path) -> None:
         atomic.record(directory, names)
 
 
+def damaged(paths: list[Path], recorded_only: bool = False) -> str | None:
+    """Why the first of `paths` that fails `atomic.verify` cannot be re-used, or None;
+    `recorded_only`: files their manifest does not name yet (a run in progress) pass."""
+    for path in paths:
+        if recorded_only and path.name not in atomic.read_manifest(path.parent):
+            continue
+        try:
+            atomic.verify(path.parent, [path.name])
+        except atomic.CorruptFileError as exc:
+            return str(exc)
+    return None
+
+
 # ----- models --------------------------------------------------------------------------------
 def model_path(layout: StorageLayout, name: str) -> Path:
     """The local directory of model `name` under the storage root (made on first use)."""

@@ -164,7 +164,9 @@ def _heals(smoke, paths: list[Path], damage) -> list[dict]:
     for p, data in good.items():
         assert p.read_bytes() == data, f"{p} was not rebuilt"
     again = smoke["sweep"]()
-    assert all(r["success"] for r in again) and not _recomputed(again)
+    assert all(r["success"] for r in again) and not _recomputed(again), [
+        r["launched"] for r in again
+    ]
     return rows
 
 
@@ -183,6 +185,22 @@ def test_corrupted_token_chunks_are_rebuilt(smoke):
     test_sidecar = Path(f"{smoke['layout'].corpus_path(MODEL, 'test')}.json")
     rows = _heals(smoke, [train_chunks, test_sidecar], overwrite_middle)
     assert _recomputed(rows) == {f"model_assets {MODEL}"}
+
+
+def test_corrupted_pipeline_checkpoint_is_retrained(smoke):
+    """A checkpoint the pipeline wrote is its derived data: the next sweep retrains it (and
+    re-evaluates it), and the sweep after that re-uses everything."""
+    from mlsae_core import atomic
+
+    run = smoke["layout"].run(MODEL, "x2-k8-Lall")
+    overwrite_middle(run.weights)
+    rows = smoke["sweep"]()
+    assert all(r["success"] for r in rows)
+    atomic.verify(run.directory, [run.weights.name])
+    launched = {r["stage"]: r["launched"] for r in rows}
+    assert "model.safetensors" in launched[f"config_assets {MODEL}|x2-k8-Lall"]["mlsae"]
+    assert f"config_assets {MODEL}|x2-k8-Lall" in _recomputed(rows)
+    assert not _recomputed(smoke["sweep"]())
 
 
 def test_io_manager_load_names_a_corrupt_table(smoke, tmp_path):

@@ -130,6 +130,8 @@ def build_config_assets(parts: SweepPartitions, sw: Sweep) -> list[Any]:
         run = layout.run(model, sae_key)
         spec = sw.run_spec(sw.point(sae_key), sw.model_name(model), layout.lens_dir(model))
         changes = {**steps.settings_changes(run.directory, spec), **_code_change(context)}
+        if problem := steps.damaged([run.weights, run.config], recorded_only=True):
+            changes["checkpoint"] = (problem, "retrained")  # the pipeline's own output
         extends = steps.is_extension(changes)
         if changes and not extends:
             context.log.info("settings changed: starting %s over", run.directory)
