@@ -109,8 +109,7 @@ def outputs(layout: Any, sw: Any, asset: str, partition: str | None) -> list[Pat
     """The files asset `asset` of `partition` leaves, each recorded in its directory's
     manifest (tables by `atomic.write_parquet`, the rest by `steps.record`)."""
     from mlsae_pipeline import steps
-    from mlsae_pipeline.assets.summary import TABLE_ASSETS
-    from mlsae_pipeline.io import table_path
+    from mlsae_pipeline.io import TABLE_ASSETS, table_path
     from mlsae_pipeline.partitions import split_config_key
 
     paths = [table_path(layout, asset, partition)] if asset in TABLE_ASSETS else []

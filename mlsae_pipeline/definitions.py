@@ -20,8 +20,8 @@ import dagster as dg
 
 from mlsae_pipeline.assets.configs import build_config_assets
 from mlsae_pipeline.assets.models import build_model_assets
-from mlsae_pipeline.assets.summary import TABLE_ASSETS, build_summary_assets, build_summary_checks
-from mlsae_pipeline.io import ParquetIOManager
+from mlsae_pipeline.assets.summary import build_summary_assets, build_summary_checks
+from mlsae_pipeline.io import TABLE_ASSETS, ParquetIOManager
 from mlsae_pipeline.partitions import sweep_partitions
 from mlsae_pipeline.resources import Storage, SweepResource, default_data_dir, executor_from_env
 from mlsae_pipeline.run_health import dead_run_monitor

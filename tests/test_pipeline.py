@@ -458,6 +458,32 @@ def test_checks_fail_on_planted_nan(smoke, tmp_path):
     assert not checks.latent_dists_checks(one, sums)[1].passed
 
 
+def test_summary_reads_the_partitions_that_exist(smoke, tmp_path):
+    """The IO manager (Dagster's UPathIOManager) concatenates the config partitions of a table
+    that exist; a missing one is skipped, not an error."""
+    import dagster as dg
+    import pyarrow.parquet as pq
+
+    from mlsae_pipeline.definitions import build_definitions
+
+    data = tmp_path / "data"
+    for sub in ("tables", "saes"):
+        shutil.copytree(smoke["data"] / sub, data / sub)
+    (data / "saes" / "tiny-llama" / "x2-k8-L1" / "test_metrics.parquet").unlink()
+    defs = build_definitions("smoke", data, executor=dg.in_process_executor)
+    result = dg.materialize(
+        list(defs.assets),
+        selection=["test_summary"],
+        resources=dict(defs.resources),
+        instance=dg.DagsterInstance.ephemeral(),
+    )
+    assert result.success
+    summary = pq.read_table(data / "tables" / "test_summary.parquet")
+    assert summary.num_rows == 3 and ("1", 8) not in set(
+        zip(summary.column("layers").to_pylist(), summary.column("k").to_pylist(), strict=True)
+    )
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

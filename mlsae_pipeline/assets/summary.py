@@ -6,28 +6,18 @@ read all partitions of their upstream tables (missing ones are skipped), so
 `dagster asset materialize --select mmcs` works whenever some checkpoints exist.
 """
 
-import glob
-import os
-import tempfile
-from pathlib import Path
 from typing import Any
 
 import dagster as dg
 
-from mlsae_core.layout import RUN_TABLES, StorageLayout
 from mlsae_pipeline.assets import code_version, eager
+from mlsae_pipeline.io import ALLOW_MISSING, TABLE_ASSETS, build_results_db, md_table, read_table
 from mlsae_pipeline.resources import Storage, SweepResource
 
 GROUP = "summary"
-MODEL_TABLES = ("resid_cos_sim",)
-SUMMARY_TABLES = ("test_summary", "dists_layer_std", "mmcs", "single_layer_comparison")
-# Every table asset, each one DuckDB view of results_db (plus training_history).
-TABLE_ASSETS = (*RUN_TABLES, *MODEL_TABLES, *SUMMARY_TABLES)
 
 
 def _preview(table: Any) -> dict[str, Any]:
-    from mlsae_pipeline.io import md_table
-
     return {"table": dg.MetadataValue.md(md_table(table, max_rows=30))}
 
 
@@ -35,7 +25,7 @@ def build_summary_assets() -> list[Any]:
     @dg.asset(
         name="test_summary",
         group_name=GROUP,
-        ins={"test_metrics": dg.AssetIn("test_metrics")},
+        ins={"test_metrics": dg.AssetIn("test_metrics", metadata=ALLOW_MISSING)},
         io_manager_key="parquet_io_manager",
         kinds={"parquet", "matplotlib"},
         code_version=code_version("test_summary"),
@@ -69,7 +59,7 @@ def build_summary_assets() -> list[Any]:
     @dg.asset(
         name="dists_layer_std",
         group_name=GROUP,
-        ins={"dists_summary": dg.AssetIn("dists_summary")},
+        ins={"dists_summary": dg.AssetIn("dists_summary", metadata=ALLOW_MISSING)},
         io_manager_key="parquet_io_manager",
         kinds={"parquet"},
         code_version=code_version("dists_layer_std"),
@@ -119,7 +109,7 @@ def build_summary_assets() -> list[Any]:
     @dg.asset(
         name="single_layer_comparison",
         group_name=GROUP,
-        ins={"test_metrics": dg.AssetIn("test_metrics")},
+        ins={"test_metrics": dg.AssetIn("test_metrics", metadata=ALLOW_MISSING)},
         io_manager_key="parquet_io_manager",
         kinds={"parquet"},
         code_version=code_version("single_layer_comparison"),
@@ -169,58 +159,10 @@ def build_summary_assets() -> list[Any]:
     return [test_summary, dists_layer_std, mmcs, single_layer_comparison, results_db]
 
 
-def view_sources(layout: StorageLayout) -> dict[str, str]:
-    """view name -> Parquet path or glob (absolute) for every table that has files."""
-    sources = {name: layout.run_table_glob(name) for name in RUN_TABLES}
-    sources.update({name: layout.model_table_glob(name) for name in MODEL_TABLES})
-    sources.update({name: str(layout.table(name)) for name in SUMMARY_TABLES})
-    sources["training_history"] = str(layout.run("*", "*").history)
-    return {name: src for name, src in sources.items() if glob.glob(src)}
-
-
-def build_results_db(layout: StorageLayout) -> dict[str, tuple[int, str]]:
-    """Write results.duckdb atomically: build in a temporary file, then rename into place."""
-    import duckdb
-
-    sources = view_sources(layout)
-    target = layout.results_db
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=".results.", suffix=".duckdb", dir=target.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    tmp.unlink()  # duckdb wants to create the file itself
-    counts: dict[str, tuple[int, str]] = {}
-    try:
-        con = duckdb.connect(str(tmp))
-        try:
-            for name, src in sources.items():
-                quoted = src.replace("'", "''")
-                extra = ", filename = true" if name == "training_history" else ""
-                con.execute(
-                    f'CREATE VIEW "{name}" AS SELECT * FROM '
-                    f"read_parquet('{quoted}', union_by_name = true{extra})"
-                )
-                counts[name] = (
-                    int(con.execute(f'SELECT count(*) FROM "{name}"').fetchone()[0]),
-                    src,
-                )
-            con.execute("CHECKPOINT")
-        finally:
-            con.close()
-        os.replace(tmp, target)
-    finally:
-        for p in (tmp, tmp.with_name(tmp.name + ".wal")):
-            if p.exists():
-                p.unlink()
-    return counts
-
-
 def build_summary_checks() -> list[Any]:
     from mlsae_pipeline import checks
 
     def stored(storage: Storage, name: str) -> Any:
-        from mlsae_pipeline.io import read_table
-
         return read_table(storage.layout.table(name))
 
     @dg.asset_check(asset="test_summary", name="no_nan", description="No NaN in average metrics")
