@@ -3,7 +3,10 @@
 `mlsae sweep` materializes every asset of every partition of the current sweep THROUGH
 Dagster, stage by stage (per model; per (model x SAE config); the cross-config tables), as
 in-process runs recorded in the Dagster instance at $DAGSTER_HOME, so they show in
-`dagster dev`'s UI. Unchanged work is skipped (fingerprints), so re-running is cheap.
+`dagster dev`'s UI. What to launch is decided here, once per stage, from Dagster's own record
+(`launches`): an asset partition runs when it was never materialized, when Dagster marks it
+unsynced (a new code version, which includes the sweep settings it reads, or new upstream
+data), or when a file it wrote fails `atomic.verify`; so re-running is cheap.
 """
 
 from __future__ import annotations
@@ -102,6 +105,78 @@ def quiet_run_config(verbose: bool) -> dict[str, Any]:
     return {"loggers": {"console": {"config": {"log_level": level}}}}
 
 
+def outputs(layout: Any, sw: Any, asset: str, partition: str | None) -> list[Path]:
+    """The files asset `asset` of `partition` leaves, each recorded in its directory's
+    manifest (tables by `atomic.write_parquet`, the rest by `steps.record`)."""
+    from mlsae_pipeline import steps
+    from mlsae_pipeline.io import TABLE_ASSETS, table_path
+    from mlsae_pipeline.partitions import split_config_key
+
+    paths = [table_path(layout, asset, partition)] if asset in TABLE_ASSETS else []
+    if partition is not None and "|" in partition:
+        model, sae_key = split_config_key(partition)
+        run = layout.run(model, sae_key)
+        paths += {
+            "mlsae": steps.checkpoint_files(layout, model, sae_key),
+            "dists_heatmap": [run.figure("dists_heatmap"), run.figure("layer_mean_hist")],
+            "prompt_heatmap": [run.figure("prompt_heatmap")],
+        }.get(asset, [])
+    elif partition is not None:
+        paths += {
+            "corpus": steps.corpus_files(layout, partition),
+            "tuned_lens": steps.lens_files(layout, partition) if sw.wants_lens else [],
+            "resid_cos_sim": [Path(f"{layout.model_figure_stem('resid_cos_sim', partition)}.png")],
+        }.get(asset, [])
+    elif asset == "results_db":
+        paths.append(layout.results_db)
+    return paths
+
+
+def launches(defs: Any, instance: Any, sw: Any, job: str, partition: str | None) -> dict:
+    """{asset: why it runs} for one stage (job x partition); empty: the stage is up to date.
+
+    Dagster's stale status decides (the UI's "unsynced"): never materialized, a new code
+    version or new upstream data. A file that fails `atomic.verify` is rebuilt too (nothing
+    read back is trusted). What a launched asset feeds in the same stage runs after it (a
+    rebuilt checkpoint may differ); later stages see its new data version, or its same one."""
+    from dagster._core.asset_graph_view.asset_graph_view import AssetGraphView, TemporalContext
+    from dagster._core.definitions.data_version import CachingStaleStatusResolver, StaleStatus
+    from dagster._time import get_current_datetime
+
+    from mlsae_pipeline import steps
+
+    graph = defs.resolve_asset_graph()
+    stage = defs.resolve_job_def(job).asset_layer.selected_asset_keys
+    view = AssetGraphView(
+        temporal_context=TemporalContext(effective_dt=get_current_datetime(), last_event_id=None),
+        instance=instance,
+        asset_graph=graph,
+    )
+    resolver = CachingStaleStatusResolver(instance, graph, loading_context=view)
+    layout = defs.resources["storage"].layout
+    why: dict[Any, str] = {}
+    changed: set[Any] = set()
+    for key in (k for k in graph.toposorted_asset_keys if k in stage):
+        status = resolver.get_status(key, partition)
+        moved = sorted(k.to_user_string() for k in graph.get(key).parent_keys & changed)
+        if status == StaleStatus.MISSING:
+            why[key] = "never materialized"
+        elif status == StaleStatus.STALE:
+            causes = resolver.get_stale_root_causes(key, partition)
+            why[key] = "; ".join(f"{c.asset_key.to_user_string()} {c.reason}" for c in causes)
+        elif moved:
+            why[key] = f"{', '.join(moved)} re-run"
+        elif problem := steps.damaged(outputs(layout, sw, key.to_user_string(), partition)):
+            why[key] = problem
+        else:
+            continue
+        changed.add(key)
+    for key in list(why):  # a multi-asset (evaluation) computes all its outputs at once
+        for sibling in graph.get(key).execution_set_asset_keys - why.keys():
+            why[sibling] = f"computed with {key.to_user_string()}"
+    return {k.to_user_string(): v for k, v in why.items()}
+
+
 def run_sweep(
     sweep: Any = None,
     data_dir: str | Path | None = None,
@@ -137,37 +212,33 @@ def run_sweep(
     t_all = time.perf_counter()
     for i, (label, job_name, partition) in enumerate(stages, start=1):
         t0 = time.perf_counter()
-        result = defs.resolve_job_def(job_name).execute_in_process(
-            partition_key=partition,
-            instance=instance,
-            raise_on_error=not keep_going,
-            tags=run_tags(sw.name, job_name, partition),
-            run_config=quiet_run_config(verbose),
-        )
-        dt = time.perf_counter() - t0
-        skipped = [
-            m.asset_key.to_user_string()
-            for m in result.get_asset_materialization_events()
-            if (m.materialization.metadata.get("skipped") or dg.MetadataValue.bool(False)).value
-        ]
-        failed_checks = [e.check_name for e in result.get_asset_check_evaluations() if not e.passed]
-        status = "ok" if result.success else "FAILED"
-        note = f" (unchanged: {len(skipped)} skipped)" if skipped else ""
-        if failed_checks:
-            note += f" [failed checks: {', '.join(failed_checks)}]"
-        report(f"[{i}/{len(stages)}] {label}: {status} in {dt:.1f}s{note}  run {result.run_id[:8]}")
-        rows.append(
-            {
-                "stage": label,
-                "job": job_name,
-                "partition": partition,
-                "success": result.success,
-                "seconds": dt,
-                "run_id": result.run_id,
-                "skipped": skipped,
-                "failed_checks": failed_checks,
-            }
-        )
+        why = launches(defs, instance, sw, job_name, partition)
+        job = defs.resolve_job_def(job_name)
+        stage = {k.to_user_string() for k in job.asset_layer.selected_asset_keys}
+        row = {"stage": label, "job": job_name, "partition": partition, "success": True,
+               "run_id": None, "launched": why, "skipped": sorted(stage - why.keys()),
+               "failed_checks": []}  # fmt: skip
+        if why:
+            result = job.execute_in_process(
+                partition_key=partition,
+                instance=instance,
+                raise_on_error=not keep_going,
+                tags=run_tags(sw.name, job_name, partition),
+                run_config=quiet_run_config(verbose),
+                asset_selection=[dg.AssetKey(name) for name in why],
+            )
+            row["success"], row["run_id"] = result.success, result.run_id
+            row["failed_checks"] = [
+                e.check_name for e in result.get_asset_check_evaluations() if not e.passed
+            ]
+        row["seconds"] = dt = time.perf_counter() - t0
+        status = ("ok" if row["success"] else "FAILED") if why else "up to date"
+        note = f" (ran {len(why)}, skipped {len(row['skipped'])})" if why else ""
+        if row["failed_checks"]:
+            note += f" [failed checks: {', '.join(row['failed_checks'])}]"
+        run = f"  run {row['run_id'][:8]}" if row["run_id"] else ""
+        report(f"[{i}/{len(stages)}] {label}: {status} in {dt:.1f}s{note}{run}")
+        rows.append(row)
     report(f"sweep done in {time.perf_counter() - t_all:.1f}s")
     return rows
 

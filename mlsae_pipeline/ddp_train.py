@@ -23,7 +23,7 @@ def main(argv: list[str] | None = None) -> int:
     job = json.loads(args.job.read_text())
 
     from mlsae_core.config import spec_from_dict
-    from mlsae_pipeline.runtime import train_sae
+    from mlsae_pipeline.steps import train_sae
 
     spec = spec_from_dict(job["spec"])
     out_dir, chunks, root = Path(job["out_dir"]), Path(job["chunks"]), Path(job["root"])

@@ -20,14 +20,14 @@ import dagster as dg
 
 from mlsae_pipeline.assets.configs import build_config_assets
 from mlsae_pipeline.assets.models import build_model_assets
-from mlsae_pipeline.assets.summary import TABLE_ASSETS, build_summary_assets, build_summary_checks
-from mlsae_pipeline.io import ParquetIOManager
+from mlsae_pipeline.assets.summary import build_summary_assets, build_summary_checks
+from mlsae_pipeline.io import TABLE_ASSETS, ParquetIOManager
 from mlsae_pipeline.partitions import sweep_partitions
 from mlsae_pipeline.resources import Storage, SweepResource, default_data_dir, executor_from_env
 from mlsae_pipeline.run_health import dead_run_monitor
 from mlsae_pipeline.sweep import Sweep, load_sweep
 
-# Output(data_version=...) is "beta" but is how assets report content-based data versions.
+# Output(data_version=...) is "beta" but is how `mlsae` reports its weights' content version.
 warnings.filterwarnings("ignore", message=".*data_version.*", category=dg.BetaWarning)
 
 
@@ -42,8 +42,8 @@ def build_definitions(
     storage = Storage(root=str(Path(data_dir).resolve()) if data_dir else default_data_dir())
     parts = sweep_partitions(sweep)
     assets = [
-        *build_model_assets(parts),
-        *build_config_assets(parts),
+        *build_model_assets(parts, sweep),
+        *build_config_assets(parts, sweep),
         *build_summary_assets(),
     ]
     model_job = dg.define_asset_job(

@@ -1,29 +1,30 @@
-"""An IO manager for table assets: `pyarrow.Table` <-> Parquet, where `mlsae_core.layout` says.
+"""Table assets' storage: `pyarrow.Table` <-> Parquet where `mlsae_core.layout` says, on
+Dagster's `UPathIOManager`; and the DuckDB views over those same files.
 
 A table asset's file is named after the asset, so the pipeline and `mlsae analyse` write the
 same files: config-partitioned tables go into their run directory
 (`saes/<model>/<sae>/<asset>.parquet`), model-partitioned ones to
 `tables/<asset>/<model>.parquet`, unpartitioned (cross-config) ones to `tables/<asset>.parquet`.
 Every row carries its partition values as columns, so one `read_parquet` glob concatenates
-them (the DuckDB views of `results_db`). Writes are atomic. Loading a partitioned input for
-an unpartitioned asset concatenates the partitions that exist (missing ones are logged and
-skipped). Every file carries a sha256 of itself (`atomic.write_parquet`) and is checked when
-read back: a corrupt one is refused naming the file (the producing asset's `memo` rebuilds it
-on the next `mlsae sweep`), never silently skipped.
+them: the views of `results.duckdb` (`build_results_db`, from the same paths). Writes are
+atomic and recorded in the directory's manifest (`atomic.write_parquet`); every read is
+verified (`atomic.read_parquet`): a corrupt file is refused naming it (`mlsae sweep` rebuilds
+it), never silently skipped. An unpartitioned asset reading a partitioned table gets the
+partitions that exist, concatenated (missing ones are logged and skipped).
 """
 
-import logging
+import glob
+import os
+import tempfile
 from pathlib import Path
 from typing import Any
 
 import dagster as dg
 
 from mlsae_core import atomic
-from mlsae_core.layout import StorageLayout
+from mlsae_core.layout import RUN_TABLES, StorageLayout
 from mlsae_pipeline.partitions import split_config_key
 from mlsae_pipeline.resources import Storage
-
-logger = logging.getLogger(__name__)
 
 
 def _fmt(v: Any) -> str:
@@ -46,12 +47,11 @@ def md_table(table: Any, max_rows: int = 12, columns: list[str] | None = None) -
     return "\n".join(lines)
 
 
-def table_metadata(table: Any, path: Path) -> dict[str, Any]:
+def table_metadata(table: Any) -> dict[str, Any]:
     schema = dg.TableSchema(
         columns=[dg.TableColumn(name=f.name, type=str(f.type)) for f in table.schema]
     )
     return {
-        "path": dg.MetadataValue.path(str(path)),
         "dagster/row_count": table.num_rows,
         "dagster/column_schema": schema,
         "preview": dg.MetadataValue.md(md_table(table)),
@@ -73,61 +73,136 @@ def read_table(path: Path) -> Any:
     return atomic.read_parquet(path)
 
 
-class ParquetIOManager(dg.ConfigurableIOManager):
-    """Stores `pyarrow.Table` outputs as Parquet under `storage`'s root (atomic writes)."""
+class TableIOManager(dg.UPathIOManager):
+    """`pyarrow.Table` outputs as Parquet under a storage root (`table_path`)."""
 
-    storage: Storage
+    def __init__(self, layout: StorageLayout) -> None:
+        from upath import UPath
 
-    def _path(self, context: dg.OutputContext | dg.InputContext, partition: str | None) -> Path:
-        return table_path(self.storage.layout, context.asset_key.path[-1], partition)
+        super().__init__(base_path=UPath(layout.root))
+        self.layout = layout
 
-    def handle_output(self, context: dg.OutputContext, obj: Any) -> None:
-        if obj is None:
-            return
+    def get_asset_relative_path(self, context: Any) -> Any:
+        return table_path(self.layout, context.asset_key.path[-1], None).relative_to(
+            self.layout.root
+        )
+
+    def get_path_for_partition(self, context: Any, path: Any, partition: str) -> Any:
+        """`partition` as the base formats it: 'model' or 'model/sae' (dimensions by name)."""
+        from upath import UPath
+
+        model, _, sae = partition.partition("/")
+        key = f"{model}|{sae}" if sae else model
+        return UPath(table_path(self.layout, context.asset_key.path[-1], key))
+
+    def dump_to_path(self, context: dg.OutputContext, obj: Any, path: Any) -> None:
         import pyarrow as pa
 
+        if obj is None:
+            return
         if not isinstance(obj, pa.Table):
             raise TypeError(
                 f"{context.asset_key.to_user_string()} returned {type(obj).__name__}; the "
                 "Parquet IO manager stores pyarrow.Table outputs only"
             )
-        partition = context.partition_key if context.has_partition_key else None
-        path = self._path(context, partition)
-        atomic.write_parquet(path, obj)
-        context.add_output_metadata(table_metadata(obj, path))
+        atomic.write_parquet(Path(path), obj)
 
-    def load_input(self, context: dg.InputContext) -> Any:
-        import pyarrow as pa
+    def get_metadata(self, context: dg.OutputContext, obj: Any) -> dict[str, Any]:
+        return {} if obj is None else table_metadata(obj)
 
-        if context.has_asset_partitions:
-            keys = sorted(context.asset_partition_keys)
-            paths = [self._path(context, key) for key in keys]
-        else:
-            paths = [self._path(context, None)]
-        found = [p for p in paths if p.exists()]
-        missing = [p for p in paths if not p.exists()]
-        if missing:
-            logger.warning(
-                "%s: %d of %d partitions not materialized yet (skipped): %s",
-                context.asset_key.to_user_string(),
-                len(missing),
-                len(paths),
-                ", ".join(p.stem for p in missing[:5]),
-            )
-        if not found:
+    def load_from_path(self, context: dg.InputContext, path: Any) -> Any:
+        asset = context.asset_key.to_user_string()
+        if not Path(path).exists():  # FileNotFoundError: the base skips a missing partition
             raise FileNotFoundError(
-                f"{context.asset_key.to_user_string()} has no materialized Parquet under "
-                f"{paths[0].parent}; materialize it first (e.g. `mlsae sweep`)"
+                f"{asset} has no materialized Parquet at {path}; materialize it first "
+                "(e.g. `mlsae sweep`)"
             )
         try:
-            tables = [read_table(p) for p in found]
+            return read_table(Path(path))
         except atomic.CorruptFileError as exc:
-            asset = context.asset_key.to_user_string()
             raise atomic.CorruptFileError(
                 exc.path,
                 f"{asset}: {exc}; run `mlsae sweep` again (it rebuilds corrupt tables) or "
                 f"re-materialize {asset}",
             ) from exc
+
+    def load_input(self, context: dg.InputContext) -> Any:
+        """One table; for several partitions, those that exist, concatenated."""
+        import pyarrow as pa
+
+        loaded = super().load_input(context)
+        if not isinstance(loaded, dict):
+            return loaded  # as written, schema metadata included (latent_layer_dists)
+        if not loaded:
+            raise FileNotFoundError(
+                f"{context.asset_key.to_user_string()} has no materialized partition yet; "
+                "materialize it first (e.g. `mlsae sweep`)"
+            )
+        tables = [loaded[key] for key in sorted(loaded)]
         if len(tables) == 1:
-            return tables[0]  # as written, schema metadata included (latent_layer_dists)
+            return tables[0]
         return pa.concat_tables(tables, promote_options="default")
+
+
+class ParquetIOManager(dg.ConfigurableIOManagerFactory):
+    """The `TableIOManager` of `storage`'s root."""
+
+    storage: Storage
+
+    def create_io_manager(self, context: Any) -> TableIOManager:
+        return TableIOManager(self.storage.layout)
+
+
+# Missing partitions of a partitioned table are skipped (logged), not an error, for the
+# unpartitioned assets that read every config: `AssetIn(..., metadata=ALLOW_MISSING)`.
+ALLOW_MISSING = {"allow_missing_partitions": True}
+MODEL_TABLES = ("resid_cos_sim",)
+SUMMARY_TABLES = ("test_summary", "dists_layer_std", "mmcs", "single_layer_comparison")
+# Every table asset, each one DuckDB view of results_db (plus training_history).
+TABLE_ASSETS = (*RUN_TABLES, *MODEL_TABLES, *SUMMARY_TABLES)
+
+
+def view_sources(layout: StorageLayout) -> dict[str, str]:
+    """view name -> Parquet path or glob (absolute) for every table that has files."""
+    sources = {name: layout.run_table_glob(name) for name in RUN_TABLES}
+    sources.update({name: layout.model_table_glob(name) for name in MODEL_TABLES})
+    sources.update({name: str(layout.table(name)) for name in SUMMARY_TABLES})
+    sources["training_history"] = str(layout.run("*", "*").history)
+    return {name: src for name, src in sources.items() if glob.glob(src)}
+
+
+def build_results_db(layout: StorageLayout) -> dict[str, tuple[int, str]]:
+    """Write results.duckdb atomically: build in a temporary file, then rename into place."""
+    import duckdb
+
+    sources = view_sources(layout)
+    target = layout.results_db
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=".results.", suffix=".duckdb", dir=target.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    tmp.unlink()  # duckdb wants to create the file itself
+    counts: dict[str, tuple[int, str]] = {}
+    try:
+        con = duckdb.connect(str(tmp))
+        try:
+            for name, src in sources.items():
+                quoted = src.replace("'", "''")
+                extra = ", filename = true" if name == "training_history" else ""
+                con.execute(
+                    f'CREATE VIEW "{name}" AS SELECT * FROM '
+                    f"read_parquet('{quoted}', union_by_name = true{extra})"
+                )
+                counts[name] = (
+                    int(con.execute(f'SELECT count(*) FROM "{name}"').fetchone()[0]),
+                    src,
+                )
+            con.execute("CHECKPOINT")
+        finally:
+            con.close()
+        os.replace(tmp, target)
+    finally:
+        for p in (tmp, tmp.with_name(tmp.name + ".wal")):
+            if p.exists():
+                p.unlink()
+    return counts

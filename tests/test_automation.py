@@ -137,8 +137,8 @@ def test_unchanged_sweep_requests_nothing(project) -> None:
     assert requested == {}, requested
     second, requested = _tick(defs, instance, first.cursor)
     assert requested == {}, requested
-    # `mlsae sweep` again while the sensor is on: everything is re-materialized (skipped,
-    # unchanged), which must not look like new upstream data to the conditions.
+    # `mlsae sweep` again while the sensor is on: it launches nothing (every stage is up to
+    # date in Dagster's record), so nothing looks like new upstream data to the conditions.
     rows = run_sweep(project["sweep"], project["data"], instance=instance, report=lambda s: None)
     assert all(r["success"] for r in rows), rows
     _, requested = _tick(defs, instance, second.cursor)

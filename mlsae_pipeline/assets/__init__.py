@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
-# Bump an asset's code version when its computation changes: Dagster then marks it (and
-# what depends on it) stale, and the fingerprint cache recomputes it.
+import hashlib
+import json
+from typing import Any
+
+# Bump an asset's code version when its computation changes: Dagster then marks it (and what
+# depends on it) unsynced, and `mlsae sweep` (or "Materialize unsynced") recomputes it.
 CODE_VERSIONS = {
     "transformer": "2",  # 2: mlsae_core.transformer.resolve_model_path
     "corpus": "2",  # 2: runs.corpus_split resolves the dataset
@@ -19,6 +23,20 @@ CODE_VERSIONS = {
     "single_layer_comparison": "3",  # 3: the tuned_lens partition column
     "results_db": "2",  # 2: per-run views glob the run directories
 }
+
+
+def settings_hash(*settings: Any) -> str:
+    """A short hash of JSON-ready settings."""
+    text = json.dumps(settings, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def code_version(asset: str, *settings: Any) -> str:
+    """`CODE_VERSIONS[asset]`, plus a hash of the sweep settings the asset reads: the sweep
+    file is part of the code location, so editing a setting marks exactly the assets that read
+    it unsynced (the UI says "has a new code version"; `mlsae sweep` re-runs them)."""
+    base = CODE_VERSIONS[asset]
+    return f"{base}.{settings_hash(*settings)}" if settings else base
 
 
 def eager():

@@ -15,11 +15,13 @@ from typing import Any
 
 import dagster as dg
 
+from mlsae_core import atomic
+from mlsae_core.config import to_dict
 from mlsae_core.layout import RUN_TABLES
-from mlsae_pipeline.assets import CODE_VERSIONS, eager
+from mlsae_pipeline.assets import CODE_VERSIONS, code_version, eager
 from mlsae_pipeline.partitions import SweepPartitions, split_config_key
 from mlsae_pipeline.resources import Storage, SweepResource
-from mlsae_pipeline.state import memo, read_record, upstream
+from mlsae_pipeline.sweep import Sweep
 
 # The per-run tables of one evaluation pass: every per-run table but the prompt heatmap's.
 EVAL_TABLES = tuple(name for name in RUN_TABLES if name != "prompt_heatmap")
@@ -81,8 +83,9 @@ def _log_progress(context: dg.AssetExecutionContext) -> Any:
     return on_step
 
 
-def build_config_assets(parts: SweepPartitions) -> list[Any]:
+def build_config_assets(parts: SweepPartitions, sw: Sweep) -> list[Any]:
     model_dep = parts.to_model
+    run_settings = [to_dict(sw.sae), to_dict(sw.data), to_dict(sw.train)]
 
     @dg.asset(
         name="mlsae",
@@ -94,15 +97,15 @@ def build_config_assets(parts: SweepPartitions) -> list[Any]:
             dg.AssetDep("tuned_lens", partition_mapping=model_dep),
         ],
         kinds={"pytorch", "safetensors"},
-        code_version=CODE_VERSIONS["mlsae"],
+        code_version=code_version("mlsae", *run_settings),
         automation_condition=eager(),
         pool="mlsae_train",
         description=(
             "A trained MLSAE (one TopK SAE over the residual stream of every layer in the "
             "config's layer set; one layer = a single-layer baseline): the run directory "
             "saes/<model>/<sae>/ with model.safetensors + config.json, history.parquet and "
-            "training_curve.png. Skips training when the checkpoint exists with the same "
-            "settings."
+            "training_curve.png. A larger data.max_tokens continues the finished run; any "
+            "other settings change starts it over (metadata: changed)."
         ),
     )
     def mlsae(
@@ -111,63 +114,50 @@ def build_config_assets(parts: SweepPartitions) -> list[Any]:
         sweep: SweepResource,
         pipes_subprocess_client: dg.PipesSubprocessClient,
     ):
-        from mlsae_core.config import spec_to_dict
-        from mlsae_pipeline import runtime
+        """Train the config into its run directory, comparing the settings it records first:
+        only a larger budget -> the core extends the finished run; any other change (or a new
+        mlsae code version) -> the run starts over.
 
-        layout, part, sw = storage.layout, context.partition_key, sweep.load()
-        model, sae_key = split_config_key(part)
+        The one short-circuit inside a run is the core's own: train_run resumes a directory
+        that holds the same settings and returns a finished run untouched. "Materialize all"
+        in the UI launches up-to-date partitions too, and a crashed run's retry must resume,
+        not retrain (`mlsae sweep` launches only what is missing, unsynced or corrupt).
+        """
+        from mlsae_pipeline import steps
+
+        layout, sw = storage.layout, sweep.load()
+        model, sae_key = split_config_key(context.partition_key)
         run = layout.run(model, sae_key)
-        point = sw.point(sae_key)
-        spec = sw.run_spec(point, sw.model_name(model), layout.lens_dir(model))
-
-        def train() -> tuple[None, dict[str, Any]]:
-            if read_record(layout, "mlsae", part) is not None and run.directory.exists():
-                # trained before with other settings: start over rather than resume
-                context.log.info("settings changed; removing the old run %s", run.directory)
-                shutil.rmtree(run.directory)
-            chunks = layout.corpus_path(model, "train")
-            if spec.train.nproc_per_node > 1:
-                meta = _train_with_torchrun(
-                    context, pipes_subprocess_client, spec, run, chunks, layout.root
-                )
-            else:
-                # several configs of one model share one transformer pass (activation cache)
-                shared = layout.cache_dir(model) if len(sw.points) > 1 else None
-                meta = runtime.train_sae(
-                    spec,
-                    run.directory,
-                    chunks,
-                    layout.root,
-                    _log_progress(context),
-                    runtime.terminal_progress(),
-                    shared,
-                )
-            runtime.training_curve(layout, model, sae_key)
-            return None, meta
-
-        m = memo(
-            layout,
-            "mlsae",
-            part,
-            [
-                spec_to_dict(spec),
-                upstream(layout, "corpus", model),
-                upstream(layout, "tuned_lens", model) if point.tuned_lens else None,
-            ],
-            [run.weights, run.config, run.figure("training_curve")],
-            train,
-        )
-        return m.result(
-            checkpoint=dg.MetadataValue.path(str(run.directory)),
-            training_curve=dg.MetadataValue.md(_curve_md(run)),
+        spec = sw.run_spec(sw.point(sae_key), sw.model_name(model), layout.lens_dir(model))
+        changes = {**steps.settings_changes(run.directory, spec), **_code_change(context)}
+        if problem := steps.damaged([run.weights, run.config], recorded_only=True):
+            changes["checkpoint"] = (problem, "retrained")  # the pipeline's own output
+        extends = steps.is_extension(changes)
+        if changes and not extends:
+            context.log.info("settings changed: starting %s over", run.directory)
+            shutil.rmtree(run.directory)
+        meta = _train(context, pipes_subprocess_client, spec, model, run, layout, sw)
+        steps.training_curve(layout, model, sae_key)
+        steps.record(run.weights, run.config)
+        weights = atomic.read_manifest(run.directory)[run.weights.name]["sha256"]
+        return dg.MaterializeResult(
+            metadata={
+                **meta,
+                "run": ("extended" if extends else "restarted") if changes else "trained",
+                "changed": [f"{k}: {old!r} -> {new!r}" for k, (old, new) in changes.items()],
+                "checkpoint": dg.MetadataValue.path(str(run.directory)),
+                "training_curve": dg.MetadataValue.md(_curve_md(run)),
+            },
+            data_version=dg.DataVersion(weights[:16]),  # the weights: a no-op run changes nothing
         )
 
+    eval_settings = {k: v for k, v in to_dict(sw.eval).items() if k not in ("prompt", "device")}
     outs = {
         name: dg.AssetOut(
             group_name="evaluation",
             io_manager_key="parquet_io_manager",
             kinds={"parquet", "pytorch"},
-            code_version=CODE_VERSIONS["evaluation"],
+            code_version=code_version("evaluation", eval_settings),
             automation_condition=eager(),
             description=EVAL_DESCRIPTIONS[name],
         )
@@ -196,25 +186,16 @@ def build_config_assets(parts: SweepPartitions) -> list[Any]:
         ),
     )
     def evaluation(context: dg.AssetExecutionContext, storage: Storage, sweep: SweepResource):
-        from mlsae_core.config import to_dict
-        from mlsae_pipeline import checks, runtime
-        from mlsae_pipeline.io import read_table, table_path
+        from mlsae_pipeline import checks, steps
 
-        layout, part, sw = storage.layout, context.partition_key, sweep.load()
-        model, sae_key = split_config_key(part)
-        paths = {name: table_path(layout, name, part) for name in EVAL_TABLES}
-        m = memo(
-            layout,
-            "evaluation",
-            part,
-            [to_dict(sw.eval), upstream(layout, "mlsae", part), upstream(layout, "corpus", model)],
-            paths.values(),
-            lambda: runtime.evaluate(layout, sw, model, sw.point(sae_key)),
-            load=lambda: {name: read_table(p) for name, p in paths.items()},
-        )
+        sw = sweep.load()
+        model, sae_key = split_config_key(context.partition_key)
+        tables, meta = steps.evaluate(storage.layout, sw, model, sw.point(sae_key))
         for name in EVAL_TABLES:
-            yield m.output(m.value[name], output_name=name, metadata=m.metadata.get(name, {}))
-        outcomes = checks.evaluation_checks(m.value, sw.checks, sw.eval.spliced_tokens > 0)
+            yield dg.Output(
+                tables[name], output_name=name, metadata=steps.plain(meta.get(name, {}))
+            )
+        outcomes = checks.evaluation_checks(tables, sw.checks, sw.eval.spliced_tokens > 0)
         for asset, results in outcomes.items():
             for outcome in results:
                 yield outcome.result(asset)
@@ -225,7 +206,7 @@ def build_config_assets(parts: SweepPartitions) -> list[Any]:
         partitions_def=parts.configs,
         ins={"latent_layer_dists": dg.AssetIn("latent_layer_dists")},
         kinds={"matplotlib", "pdf"},
-        code_version=CODE_VERSIONS["dists_heatmap"],
+        code_version=code_version("dists_heatmap"),
         automation_condition=eager(),
         description=(
             "Heatmap of p[layer, latent] for live latents sorted by mean layer, plus the "
@@ -239,29 +220,13 @@ def build_config_assets(parts: SweepPartitions) -> list[Any]:
         sweep: SweepResource,
         latent_layer_dists: Any,
     ):
-        from mlsae_pipeline import runtime
+        from mlsae_pipeline import steps
 
-        layout, part, sw = storage.layout, context.partition_key, sweep.load()
-        model, sae_key = split_config_key(part)
-        run = layout.run(model, sae_key)
-
-        def draw() -> tuple[None, dict[str, Any]]:
-            from mlsae_core.analyse import figure_title, write_run_figures
-            from mlsae_core.analysis.tables import dists_from_layer_table
-            from mlsae_core.identity import partition
-
-            dists = dists_from_layer_table(latent_layer_dists)
-            point = sw.point(sae_key)
-            title = figure_title(partition(model, point.expansion_factor, point.k, dists.layers))
-            written = write_run_figures(run, dists, title)
-            return None, {"files": [str(p) for p in written], "n_live": int(dists.live.sum())}
-
-        figures = [run.figure("dists_heatmap"), run.figure("layer_mean_hist")]
-        m = memo(
-            layout, "dists_heatmap", part, [upstream(layout, "evaluation", part)], figures, draw
-        )
-        md = "\n\n".join(runtime.inline_png(p, p.stem) for p in figures)
-        return m.result(heatmap=dg.MetadataValue.md(md))
+        sw = sweep.load()
+        model, sae_key = split_config_key(context.partition_key)
+        pngs, meta = steps.dists_figures(storage.layout, sw, model, sae_key, latent_layer_dists)
+        md = "\n\n".join(steps.inline_png(p, p.stem) for p in pngs)
+        return dg.MaterializeResult(metadata={**meta, "heatmap": dg.MetadataValue.md(md)})
 
     @dg.asset(
         name="prompt_heatmap",
@@ -270,7 +235,7 @@ def build_config_assets(parts: SweepPartitions) -> list[Any]:
         deps=["mlsae", dg.AssetDep("transformer", partition_mapping=model_dep)],
         io_manager_key="parquet_io_manager",
         kinds={"matplotlib", "pdf", "parquet"},
-        code_version=CODE_VERSIONS["prompt_heatmap"],
+        code_version=code_version("prompt_heatmap", sw.eval.prompt),
         automation_condition=eager(),
         pool="mlsae_eval",
         description=(
@@ -280,32 +245,60 @@ def build_config_assets(parts: SweepPartitions) -> list[Any]:
         ),
     )
     def prompt_heatmap(context: dg.AssetExecutionContext, storage: Storage, sweep: SweepResource):
-        from mlsae_pipeline import runtime
-        from mlsae_pipeline.io import read_table, table_path
+        from mlsae_pipeline import steps
 
-        layout, part, sw = storage.layout, context.partition_key, sweep.load()
-        model, sae_key = split_config_key(part)
+        layout, sw = storage.layout, sweep.load()
+        model, sae_key = split_config_key(context.partition_key)
+        table, meta = steps.prompt_heatmap(layout, sw, model, sw.point(sae_key))
         png = layout.run(model, sae_key).figure("prompt_heatmap")
-        path = table_path(layout, "prompt_heatmap", part)
-        m = memo(
-            layout,
-            "prompt_heatmap",
-            part,
-            [sw.eval.prompt, upstream(layout, "mlsae", part)],
-            [png, path],
-            lambda: runtime.prompt_heatmap(layout, sw, model, sw.point(sae_key)),
-            load=lambda: read_table(path),
-        )
-        return m.output(heatmap=dg.MetadataValue.md(runtime.inline_png(png, "prompt heatmap")))
+        md = dg.MetadataValue.md(steps.inline_png(png, "prompt heatmap"))
+        return dg.Output(table, metadata={**meta, "heatmap": md})
 
     return [mlsae, evaluation, dists_heatmap, prompt_heatmap]
 
 
 # ----- helpers -------------------------------------------------------------------------------
+def _code_change(context: dg.AssetExecutionContext) -> dict[str, tuple[Any, Any]]:
+    """{"code_version": (then, now)} when the partition's last materialization (Dagster's
+    record of it) was made by another CODE_VERSIONS["mlsae"]: such a run starts over."""
+    from dagster._core.definitions.data_version import extract_data_provenance_from_entry
+
+    record = context.instance.get_latest_data_version_record(
+        context.asset_key, partition_key=context.partition_key
+    )
+    provenance = extract_data_provenance_from_entry(record.event_log_entry) if record else None
+    then = (provenance.code_version or "").split(".")[0] if provenance else None
+    now = CODE_VERSIONS["mlsae"]
+    return {"code_version": (then, now)} if then not in (None, now) else {}
+
+
+def _train(
+    context: dg.AssetExecutionContext,
+    client: dg.PipesSubprocessClient,
+    spec: Any,
+    model: str,
+    run: Any,
+    layout: Any,
+    sw: Sweep,
+) -> dict[str, Any]:
+    """In this process, or across train.nproc_per_node processes through torchrun."""
+    from mlsae_pipeline import steps
+
+    chunks = layout.corpus_path(model, "train")
+    if spec.train.nproc_per_node > 1:
+        return _train_with_torchrun(context, client, spec, run, chunks, layout.root)
+    # several configs of one model share one transformer pass (activation cache)
+    shared = layout.cache_dir(model) if len(sw.points) > 1 else None
+    return steps.train_sae(
+        spec, run.directory, chunks, layout.root, _log_progress(context),
+        steps.terminal_progress(), shared,
+    )  # fmt: skip
+
+
 def _curve_md(run: Any) -> str:
     """The training curve inline, with every tenth row of the history beside it."""
     from mlsae_core.train import read_history
-    from mlsae_pipeline import runtime
+    from mlsae_pipeline import steps
 
     hist = read_history(run.directory)
     every = max(1, len(hist) // 10)
@@ -315,7 +308,7 @@ def _curve_md(run: Any) -> str:
         for r in hist[::every] + hist[-1:]
     )
     table = "| step | tokens | fvu | dead | l0 |\n|---|---|---|---|---|\n" + rows
-    return runtime.inline_png(run.figure("training_curve"), "training curve") + "\n\n" + table
+    return steps.inline_png(run.figure("training_curve"), "training curve") + "\n\n" + table
 
 
 def _train_with_torchrun(

@@ -1,26 +1,33 @@
 """Group `models`: per model, the base transformer, its tokenized corpus, resid_cos_sim."""
 
-import dataclasses
 from pathlib import Path
 from typing import Any
 
 import dagster as dg
 
-from mlsae_pipeline.assets import CODE_VERSIONS, eager
+from mlsae_core.config import to_dict
+from mlsae_pipeline.assets import code_version, eager
 from mlsae_pipeline.partitions import SweepPartitions
 from mlsae_pipeline.resources import Storage, SweepResource
-from mlsae_pipeline.state import memo, upstream
+from mlsae_pipeline.steps import held_out_tokens
+from mlsae_pipeline.sweep import Sweep
 
 GROUP = "models"
 
 
-def build_model_assets(parts: SweepPartitions) -> list[Any]:
+def build_model_assets(parts: SweepPartitions, sw: Sweep) -> list[Any]:
+    # what the corpus reads: the data settings, the split seed, the held-out budget and
+    # what rounds the training budget up to whole optimiser steps (runs.train_token_budget)
+    corpus_settings = [to_dict(sw.data), sw.train.seed, held_out_tokens(sw)]
+    corpus_settings += [sw.train.accumulate_grad_batches, sw.train.nproc_per_node]
+    lens_settings = [to_dict(sw.lens)] if sw.wants_lens else []
+
     @dg.asset(
         name="transformer",
         group_name=GROUP,
         partitions_def=parts.models,
         kinds={"huggingface", "pytorch"},
-        code_version=CODE_VERSIONS["transformer"],
+        code_version=code_version("transformer"),
         automation_condition=eager(),  # a model added to the sweep is requested by the sensor
         description=(
             "The base causal LM as a local safetensors directory: the offline SmolLM2 converted "
@@ -30,19 +37,10 @@ def build_model_assets(parts: SweepPartitions) -> list[Any]:
         ),
     )
     def transformer(context: dg.AssetExecutionContext, storage: Storage, sweep: SweepResource):
-        from mlsae_pipeline import runtime
+        from mlsae_pipeline import steps
 
-        layout, key = storage.layout, context.partition_key
-        name = sweep.load().model_name(key)
-        m = memo(
-            layout,
-            "transformer",
-            key,
-            [name, str(layout.models_dir)],
-            [],
-            lambda: (None, runtime.prepare_model(layout, name)),
-        )
-        return m.result()
+        name = sweep.load().model_name(context.partition_key)
+        return dg.MaterializeResult(metadata=steps.prepare_model(storage.layout, name))
 
     @dg.asset(
         name="corpus",
@@ -50,7 +48,7 @@ def build_model_assets(parts: SweepPartitions) -> list[Any]:
         partitions_def=parts.models,
         deps=["transformer"],
         kinds={"safetensors"},
-        code_version=CODE_VERSIONS["corpus"],
+        code_version=code_version("corpus", *corpus_settings),
         automation_condition=eager(),
         description=(
             "Tokenized train/test chunks of the sweep's dataset for one model (split by "
@@ -59,19 +57,10 @@ def build_model_assets(parts: SweepPartitions) -> list[Any]:
         ),
     )
     def corpus(context: dg.AssetExecutionContext, storage: Storage, sweep: SweepResource):
-        from mlsae_pipeline import runtime
+        from mlsae_pipeline import steps
 
-        layout, key, sw = storage.layout, context.partition_key, sweep.load()
-        settings = [dataclasses.asdict(sw.data), sw.train.seed, runtime.test_tokens(sw)]
-        m = memo(
-            layout,
-            "corpus",
-            key,
-            [*settings, upstream(layout, "transformer", key)],
-            [layout.corpus_path(key, s) for s in ("train", "test")],
-            lambda: (None, runtime.build_corpus(layout, sw, key)),
-        )
-        return m.result()
+        meta = steps.build_corpus(storage.layout, sweep.load(), context.partition_key)
+        return dg.MaterializeResult(metadata=meta)
 
     @dg.asset(
         name="tuned_lens",
@@ -79,7 +68,7 @@ def build_model_assets(parts: SweepPartitions) -> list[Any]:
         partitions_def=parts.models,
         deps=["transformer", "corpus"],
         kinds={"pytorch", "safetensors"},
-        code_version=CODE_VERSIONS["tuned_lens"],
+        code_version=code_version("tuned_lens", *lens_settings),
         automation_condition=eager(),
         description=(
             "The model's tuned lens (one affine translator per layer, trained on the training "
@@ -90,22 +79,15 @@ def build_model_assets(parts: SweepPartitions) -> list[Any]:
         ),
     )
     def tuned_lens(context: dg.AssetExecutionContext, storage: Storage, sweep: SweepResource):
-        from mlsae_pipeline import runtime
+        from mlsae_pipeline import steps
 
-        layout, key, sw = storage.layout, context.partition_key, sweep.load()
+        sw = sweep.load()
         if not sw.wants_lens:
             return dg.MaterializeResult(
                 metadata={"trained": False, "why": "no config of the sweep has tuned_lens"}
             )
-        m = memo(
-            layout,
-            "tuned_lens",
-            key,
-            [dataclasses.asdict(sw.lens), upstream(layout, "corpus", key)],
-            [layout.lens_dir(key) / "lens.safetensors", layout.lens_dir(key) / "config.json"],
-            lambda: (None, runtime.train_model_lens(layout, sw, key)),
-        )
-        return m.result()
+        meta = steps.train_model_lens(storage.layout, sw, context.partition_key)
+        return dg.MaterializeResult(metadata=meta)
 
     @dg.asset(
         name="resid_cos_sim",
@@ -114,7 +96,7 @@ def build_model_assets(parts: SweepPartitions) -> list[Any]:
         deps=["transformer", "corpus"],
         io_manager_key="parquet_io_manager",
         kinds={"parquet", "pytorch"},
-        code_version=CODE_VERSIONS["resid_cos_sim"],
+        code_version=code_version("resid_cos_sim", sw.eval.resid_tokens, sw.eval.batch_size),
         automation_condition=eager(),
         pool="mlsae_eval",
         description=(
@@ -125,21 +107,12 @@ def build_model_assets(parts: SweepPartitions) -> list[Any]:
         ),
     )
     def resid_cos_sim(context: dg.AssetExecutionContext, storage: Storage, sweep: SweepResource):
-        from mlsae_pipeline import runtime
-        from mlsae_pipeline.io import read_table, table_path
+        from mlsae_pipeline import steps
 
-        layout, key, sw = storage.layout, context.partition_key, sweep.load()
-        path = table_path(layout, "resid_cos_sim", key)
+        layout, key = storage.layout, context.partition_key
+        table, meta = steps.resid_cos_sim(layout, sweep.load(), key)
         png = Path(f"{layout.model_figure_stem('resid_cos_sim', key)}.png")
-        m = memo(
-            layout,
-            "resid_cos_sim",
-            key,
-            [sw.eval.resid_tokens, sw.eval.batch_size, upstream(layout, "corpus", key)],
-            [path, png],
-            lambda: runtime.resid_cos_sim(layout, sw, key),
-            load=lambda: read_table(path),
-        )
-        return m.output(plot=dg.MetadataValue.md(runtime.inline_png(png, "resid_cos_sim")))
+        plot = dg.MetadataValue.md(steps.inline_png(png, "resid_cos_sim"))
+        return dg.Output(table, metadata={**meta, "plot": plot})
 
     return [transformer, corpus, tuned_lens, resid_cos_sim]

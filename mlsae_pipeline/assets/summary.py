@@ -6,54 +6,29 @@ read all partitions of their upstream tables (missing ones are skipped), so
 `dagster asset materialize --select mmcs` works whenever some checkpoints exist.
 """
 
-import glob
-import os
-import tempfile
-from pathlib import Path
 from typing import Any
 
 import dagster as dg
 
-from mlsae_core.layout import RUN_TABLES, StorageLayout
-from mlsae_pipeline.assets import CODE_VERSIONS, eager
+from mlsae_pipeline.assets import code_version, eager
+from mlsae_pipeline.io import ALLOW_MISSING, TABLE_ASSETS, build_results_db, md_table, read_table
 from mlsae_pipeline.resources import Storage, SweepResource
-from mlsae_pipeline.state import config_upstreams, memo, upstream
 
 GROUP = "summary"
-MODEL_TABLES = ("resid_cos_sim",)
-SUMMARY_TABLES = ("test_summary", "dists_layer_std", "mmcs", "single_layer_comparison")
-# Every table asset, each one DuckDB view of results_db (plus training_history).
-TABLE_ASSETS = (*RUN_TABLES, *MODEL_TABLES, *SUMMARY_TABLES)
 
 
 def _preview(table: Any) -> dict[str, Any]:
-    from mlsae_pipeline.io import md_table
-
     return {"table": dg.MetadataValue.md(md_table(table, max_rows=30))}
-
-
-def _summary_table(
-    storage: Storage,
-    name: str,
-    inputs: list[Any],
-    build: Any,
-) -> Any:
-    """memo over a cross-config table: `build() -> (table, metadata)` unless nothing changed."""
-    from mlsae_pipeline.io import read_table
-
-    layout = storage.layout
-    path = layout.table(name)
-    return memo(layout, name, None, inputs, [path], build, load=lambda: read_table(path))
 
 
 def build_summary_assets() -> list[Any]:
     @dg.asset(
         name="test_summary",
         group_name=GROUP,
-        ins={"test_metrics": dg.AssetIn("test_metrics")},
+        ins={"test_metrics": dg.AssetIn("test_metrics", metadata=ALLOW_MISSING)},
         io_manager_key="parquet_io_manager",
         kinds={"parquet", "matplotlib"},
-        code_version=CODE_VERSIONS["test_summary"],
+        code_version=code_version("test_summary"),
         automation_condition=eager(),
         description=(
             "One row per config (model, expansion_factor, k, layers) with the test metrics "
@@ -61,42 +36,33 @@ def build_summary_assets() -> list[Any]:
             "and by expansion factor (figures/test_<metric>_by_{k,expansion})."
         ),
     )
-    def test_summary(
-        context: dg.AssetExecutionContext, storage: Storage, sweep: SweepResource, test_metrics: Any
-    ):
-        from mlsae_pipeline import runtime
+    def test_summary(context: dg.AssetExecutionContext, storage: Storage, test_metrics: Any):
+        from mlsae_core import figures
+        from mlsae_core.analysis import summaries
+        from mlsae_pipeline import steps
 
-        def build() -> tuple[Any, dict[str, Any]]:
-            from mlsae_core import figures
-            from mlsae_core.analysis import summaries
-
-            table = summaries.summarize_test_metrics(test_metrics)
-            try:
-                written = figures.summary_figures(
-                    table, storage.layout.figures_dir, metrics=("fvu", "l0", "dce")
-                )
-            except ValueError as exc:  # nothing to plot
-                context.log.warning("summary figures skipped: %s", exc)
-                written = []
-            return table, {"figures": [str(p) for p in written if p.suffix == ".png"]}
-
-        inputs = [config_upstreams(storage.layout, sweep.load(), "evaluation")]
-        m = _summary_table(storage, "test_summary", inputs, build)
-        ui = _preview(m.value)
-        pngs = [Path(p) for p in m.metadata.get("figures", [])[:2] if Path(p).exists()]
-        if pngs:
-            ui["plots"] = dg.MetadataValue.md(
-                "\n\n".join(runtime.inline_png(p, p.stem) for p in pngs)
+        table = summaries.summarize_test_metrics(test_metrics)
+        try:
+            written = figures.summary_figures(
+                table, storage.layout.figures_dir, metrics=("fvu", "l0", "dce")
             )
-        return m.output(**ui)
+        except ValueError as exc:  # nothing to plot
+            context.log.warning("summary figures skipped: %s", exc)
+            written = []
+        pngs = [p for p in written if p.suffix == ".png"]
+        ui = _preview(table)
+        if pngs:
+            plots = "\n\n".join(steps.inline_png(p, p.stem) for p in pngs[:2])
+            ui["plots"] = dg.MetadataValue.md(plots)
+        return dg.Output(table, metadata={**ui, "figures": [str(p) for p in pngs]})
 
     @dg.asset(
         name="dists_layer_std",
         group_name=GROUP,
-        ins={"dists_summary": dg.AssetIn("dists_summary")},
+        ins={"dists_summary": dg.AssetIn("dists_summary", metadata=ALLOW_MISSING)},
         io_manager_key="parquet_io_manager",
         kinds={"parquet"},
-        code_version=CODE_VERSIONS["dists_layer_std"],
+        code_version=code_version("dists_layer_std"),
         automation_condition=eager(),
         description=(
             "Per config: mean/var/std/sem of each live latent's layer_std (how spread over "
@@ -104,15 +70,11 @@ def build_summary_assets() -> list[Any]:
             "tables: every run's dists_summary row (summaries.dists_layer_std)."
         ),
     )
-    def dists_layer_std(storage: Storage, sweep: SweepResource, dists_summary: Any):
-        def build() -> tuple[Any, dict[str, Any]]:
-            from mlsae_core.analysis import summaries
+    def dists_layer_std(dists_summary: Any):
+        from mlsae_core.analysis import summaries
 
-            return summaries.dists_layer_std(dists_summary), {}
-
-        inputs = [config_upstreams(storage.layout, sweep.load(), "evaluation")]
-        m = _summary_table(storage, "dists_layer_std", inputs, build)
-        return m.output(**_preview(m.value))
+        table = summaries.dists_layer_std(dists_summary)
+        return dg.Output(table, metadata=_preview(table))
 
     @dg.asset(
         name="mmcs",
@@ -120,7 +82,7 @@ def build_summary_assets() -> list[Any]:
         deps=["mlsae"],
         io_manager_key="parquet_io_manager",
         kinds={"parquet", "pytorch"},
-        code_version=CODE_VERSIONS["mmcs"],
+        code_version=code_version("mmcs"),
         automation_condition=eager(),
         description=(
             "Mean max cosine similarity of decoder columns, read from every config's "
@@ -130,32 +92,27 @@ def build_summary_assets() -> list[Any]:
         ),
     )
     def mmcs(context: dg.AssetExecutionContext, storage: Storage, sweep: SweepResource):
-        sw = sweep.load()
+        from mlsae_core.analysis import summaries
+        from mlsae_pipeline import steps
 
-        def build() -> tuple[Any, dict[str, Any]]:
-            from mlsae_core.analysis import summaries
-            from mlsae_pipeline import runtime
-
-            found, missing = runtime.decoders(storage.layout, sw)
-            for key in missing:
-                context.log.warning("no checkpoint for %s yet; skipped", key)
-            if not found:
-                raise FileNotFoundError(
-                    f"no trained checkpoints under {storage.layout.root / 'saes'}; "
-                    "materialize mlsae first"
-                )
-            return summaries.mmcs(found), {"n_configs": len(found)}
-
-        m = _summary_table(storage, "mmcs", [config_upstreams(storage.layout, sw, "mlsae")], build)
-        return m.output(**_preview(m.value))
+        found, missing = steps.decoders(storage.layout, sweep.load())
+        for key in missing:
+            context.log.warning("no checkpoint for %s yet; skipped", key)
+        if not found:
+            raise FileNotFoundError(
+                f"no trained checkpoints under {storage.layout.root / 'saes'}; "
+                "materialize mlsae first"
+            )
+        table = summaries.mmcs(found)
+        return dg.Output(table, metadata={**_preview(table), "n_configs": len(found)})
 
     @dg.asset(
         name="single_layer_comparison",
         group_name=GROUP,
-        ins={"test_metrics": dg.AssetIn("test_metrics")},
+        ins={"test_metrics": dg.AssetIn("test_metrics", metadata=ALLOW_MISSING)},
         io_manager_key="parquet_io_manager",
         kinds={"parquet"},
-        code_version=CODE_VERSIONS["single_layer_comparison"],
+        code_version=code_version("single_layer_comparison"),
         automation_condition=eager(),
         description=(
             "The paper's baseline: at each layer l that has a single-layer SAE in the sweep "
@@ -163,22 +120,18 @@ def build_summary_assets() -> list[Any]:
             "next to the single-layer SAE's (mlsae_*, single_*, and fvu_ratio = mlsae/single)."
         ),
     )
-    def single_layer_comparison(storage: Storage, sweep: SweepResource, test_metrics: Any):
-        def build() -> tuple[Any, dict[str, Any]]:
-            from mlsae_core.analysis import summaries
+    def single_layer_comparison(test_metrics: Any):
+        from mlsae_core.analysis import summaries
 
-            return summaries.single_layer_comparison(test_metrics), {}
-
-        inputs = [config_upstreams(storage.layout, sweep.load(), "evaluation")]
-        m = _summary_table(storage, "single_layer_comparison", inputs, build)
-        return m.output(**_preview(m.value))
+        table = summaries.single_layer_comparison(test_metrics)
+        return dg.Output(table, metadata=_preview(table))
 
     @dg.asset(
         name="results_db",
         group_name=GROUP,
         deps=[*TABLE_ASSETS, "mlsae"],
         kinds={"duckdb"},
-        code_version=CODE_VERSIONS["results_db"],
+        code_version=code_version("results_db"),
         automation_condition=eager(),
         description=(
             "$MLSAE_DATA_DIR/results.duckdb: one view per table asset (named as the asset) "
@@ -187,86 +140,29 @@ def build_summary_assets() -> list[Any]:
             'with `mlsae query "SQL"`.'
         ),
     )
-    def results_db(storage: Storage, sweep: SweepResource):
-        layout, sw = storage.layout, sweep.load()
-        inputs = [
-            view_sources(layout),
-            *(config_upstreams(layout, sw, a) for a in ("mlsae", "evaluation", "prompt_heatmap")),
-            [upstream(layout, "resid_cos_sim", model) for model in sw.model_keys],
-            [upstream(layout, name, None) for name in SUMMARY_TABLES],
-        ]
-        m = memo(
-            layout,
-            "results_db",
-            None,
-            inputs,
-            [layout.results_db],
-            lambda: (None, {"views": build_results_db(layout)}),
-        )
-        views = m.metadata["views"]
+    def results_db(storage: Storage):
+        from mlsae_pipeline import steps
+
+        layout = storage.layout
+        views = build_results_db(layout)
+        steps.record(layout.results_db)
         lines = ["| view | rows | source |", "|---|---|---|"]
         lines += [f"| {name} | {n} | `{src}` |" for name, (n, src) in views.items()]
-        return m.result(
-            path=dg.MetadataValue.path(str(layout.results_db)),
-            views=dg.MetadataValue.md("\n".join(lines)),
-            n_views=len(views),
+        return dg.MaterializeResult(
+            metadata={
+                "path": dg.MetadataValue.path(str(layout.results_db)),
+                "views": dg.MetadataValue.md("\n".join(lines)),
+                "n_views": len(views),
+            }
         )
 
     return [test_summary, dists_layer_std, mmcs, single_layer_comparison, results_db]
-
-
-def view_sources(layout: StorageLayout) -> dict[str, str]:
-    """view name -> Parquet path or glob (absolute) for every table that has files."""
-    sources = {name: layout.run_table_glob(name) for name in RUN_TABLES}
-    sources.update({name: layout.model_table_glob(name) for name in MODEL_TABLES})
-    sources.update({name: str(layout.table(name)) for name in SUMMARY_TABLES})
-    sources["training_history"] = str(layout.run("*", "*").history)
-    return {name: src for name, src in sources.items() if glob.glob(src)}
-
-
-def build_results_db(layout: StorageLayout) -> dict[str, tuple[int, str]]:
-    """Write results.duckdb atomically: build in a temporary file, then rename into place."""
-    import duckdb
-
-    sources = view_sources(layout)
-    target = layout.results_db
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=".results.", suffix=".duckdb", dir=target.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    tmp.unlink()  # duckdb wants to create the file itself
-    counts: dict[str, tuple[int, str]] = {}
-    try:
-        con = duckdb.connect(str(tmp))
-        try:
-            for name, src in sources.items():
-                quoted = src.replace("'", "''")
-                extra = ", filename = true" if name == "training_history" else ""
-                con.execute(
-                    f'CREATE VIEW "{name}" AS SELECT * FROM '
-                    f"read_parquet('{quoted}', union_by_name = true{extra})"
-                )
-                counts[name] = (
-                    int(con.execute(f'SELECT count(*) FROM "{name}"').fetchone()[0]),
-                    src,
-                )
-            con.execute("CHECKPOINT")
-        finally:
-            con.close()
-        os.replace(tmp, target)
-    finally:
-        for p in (tmp, tmp.with_name(tmp.name + ".wal")):
-            if p.exists():
-                p.unlink()
-    return counts
 
 
 def build_summary_checks() -> list[Any]:
     from mlsae_pipeline import checks
 
     def stored(storage: Storage, name: str) -> Any:
-        from mlsae_pipeline.io import read_table
-
         return read_table(storage.layout.table(name))
 
     @dg.asset_check(asset="test_summary", name="no_nan", description="No NaN in average metrics")

@@ -1,8 +1,9 @@
-"""What the assets do, as short calls into `mlsae_core` (heavy imports stay inside).
+"""The assets' steps, as short calls into `mlsae_core` (heavy imports stay inside).
 
 Nothing here knows Dagster and nothing here computes a number: each function fetches the
-inputs a core function needs from the storage layout, calls it, and returns its tables plus
-a little JSON metadata for the UI.
+inputs a core function needs from the storage layout, calls it, records what it wrote in its
+directory's manifest (`atomic.record`, so `mlsae sweep` can `atomic.verify` it before skipping
+it), and returns its tables plus a little JSON metadata for the UI.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from mlsae_core import atomic
 from mlsae_core.identity import layers_label, partition, resolve_layers
 from mlsae_core.layout import StorageLayout
 
@@ -24,6 +26,28 @@ if TYPE_CHECKING:
     from mlsae_core.config import RunSpec
     from mlsae_core.transformer import Transformer
     from mlsae_pipeline.sweep import SAEPoint, Sweep
+
+
+def record(*paths: Path) -> None:
+    """Record files just written in their directories' manifests (sizes + sha256)."""
+    by_dir: dict[Path, list[str]] = {}
+    for path in paths:
+        by_dir.setdefault(Path(path).parent, []).append(Path(path).name)
+    for directory, names in by_dir.items():
+        atomic.record(directory, names)
+
+
+def damaged(paths: list[Path], recorded_only: bool = False) -> str | None:
+    """Why the first of `paths` that fails `atomic.verify` cannot be re-used, or None;
+    `recorded_only`: files their manifest does not name yet (a run in progress) pass."""
+    for path in paths:
+        if recorded_only and path.name not in atomic.read_manifest(path.parent):
+            continue
+        try:
+            atomic.verify(path.parent, [path.name])
+        except atomic.CorruptFileError as exc:
+            return str(exc)
+    return None
 
 
 # ----- models --------------------------------------------------------------------------------
@@ -60,12 +84,15 @@ def load_transformer(layout: StorageLayout, name: str, device: str) -> Transform
 
 
 # ----- corpus --------------------------------------------------------------------------------
-def test_tokens(sw: Sweep) -> int:
+def held_out_tokens(sw: Sweep) -> int:
     """Held-out tokens to tokenize: enough for the evaluation and for resid_cos_sim."""
     return max(sw.eval.max_tokens, sw.eval.resid_tokens)
 
 
-test_tokens.__test__ = False  # not a pytest test
+def corpus_files(layout: StorageLayout, model: str) -> list[Path]:
+    """The corpus asset's files: train/test TokenChunks and their JSON sidecars."""
+    paths = [layout.corpus_path(model, split) for split in ("train", "test")]
+    return [f for p in paths for f in (p, p.with_name(p.name + ".json"))]
 
 
 def build_corpus(layout: StorageLayout, sw: Sweep, model: str) -> dict[str, Any]:
@@ -84,7 +111,7 @@ def build_corpus(layout: StorageLayout, sw: Sweep, model: str) -> dict[str, Any]
         train_token_budget(sw.run_spec(p, sw.model_name(model)), sw.train.nproc_per_node)
         for p in sw.points
     )
-    for split, budget in (("train", train_tokens), ("test", test_tokens(sw))):
+    for split, budget in (("train", train_tokens), ("test", held_out_tokens(sw))):
         chunks = corpus_split(sw.data, sw.train.seed, split, budget, tokenizer, context)
         out = layout.corpus_path(model, split)
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -93,6 +120,7 @@ def build_corpus(layout: StorageLayout, sw: Sweep, model: str) -> dict[str, Any]
         meta[f"{split}_chunks"] = len(chunks)
         meta[f"{split}_tokens"] = chunks.n_tokens
         meta[f"{split}_documents"] = len(chunks.documents)
+    record(*corpus_files(layout, model))
     return meta
 
 
@@ -100,6 +128,10 @@ def load_chunks(layout: StorageLayout, model: str, split: str) -> TokenChunks:
     from mlsae_core.chunks import TokenChunks
 
     return TokenChunks.load(layout.corpus_path(model, split))
+
+
+def lens_files(layout: StorageLayout, model: str) -> list[Path]:
+    return [layout.lens_dir(model) / name for name in ("lens.safetensors", "config.json")]
 
 
 def train_model_lens(layout: StorageLayout, sw: Sweep, model: str) -> dict[str, Any]:
@@ -111,6 +143,7 @@ def train_model_lens(layout: StorageLayout, sw: Sweep, model: str) -> dict[str, 
     train, test = load_chunks(layout, model, "train"), load_chunks(layout, model, "test")
     lens = fit_lens(tr, train, test, sw.lens, progress=terminal_progress())
     lens.save(layout.lens_dir(model))
+    record(*lens_files(layout, model))
     rows = lens.kl_table or []
     return {
         "lens": str(layout.lens_dir(model)),
@@ -192,9 +225,72 @@ def training_curve(layout: StorageLayout, model: str, sae_key: str) -> list[Path
 
     run = layout.run(model, sae_key)
     hist = read_history(run.directory)
-    return figures.training_curve_figure(
+    written = figures.training_curve_figure(
         hist, run.figure_stem("training_curve"), f"{model} {sae_key}"
     )
+    record(*written)
+    return written
+
+
+def checkpoint_files(layout: StorageLayout, model: str, sae_key: str) -> list[Path]:
+    """What the `mlsae` asset leaves in the run directory: checkpoint and training curve."""
+    run = layout.run(model, sae_key)
+    return [run.weights, run.config, run.figure("training_curve")]
+
+
+def settings_changes(run_dir: Path, spec: RunSpec) -> dict[str, tuple[Any, Any]]:
+    """{setting: (recorded, now)} for every setting the run directory records (its
+    training state's run config and its config.json) that `spec` changes; {} for a new run.
+    n_chunks is left out: it follows from the data settings (and grows with max_tokens)."""
+    from mlsae_core.config import resolve_device, to_dict
+    from mlsae_core.precision import dtype_name, resolve_precision
+    from mlsae_core.train import STATE_DIR
+
+    state, config = run_dir / STATE_DIR / "state.json", run_dir / "config.json"
+    if not state.is_file() or not config.is_file():
+        return {}
+    run_config = json.loads(state.read_text())["run_config"]
+    recorded = {**json.loads(config.read_text()), **_flat(run_config)}
+    precision = resolve_precision(spec.train.precision, resolve_device(spec.train.device))
+    now = {
+        **_flat({"sae": to_dict(spec.sae), "train": to_dict(spec.train)}),
+        "train.precision": dtype_name(precision),  # recorded resolved ("auto" per machine)
+        "batch_size": spec.data.batch_size,
+        "max_length": spec.data.max_length,
+        "max_tokens": spec.data.max_tokens,
+        "world_size": spec.train.nproc_per_node,
+        "model_name": spec.model_name,
+        "dataset": spec.data.dataset,
+        "text_field": spec.data.text_field,
+        "test_fraction": spec.data.test_fraction,
+        "split_seed": spec.train.seed,
+        "tuned_lens": spec.tuned_lens is not None,
+    }
+    if spec.tuned_lens is not None:
+        from mlsae_core.lens import TunedLens
+
+        now["lens_fingerprint"] = TunedLens.load(spec.tuned_lens).fingerprint()
+    return {
+        key: (recorded.get(key), value)
+        for key, value in now.items()
+        if key in recorded and recorded[key] != value
+    }
+
+
+def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in d.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def is_extension(changes: dict[str, tuple[Any, Any]]) -> bool:
+    """Only a larger token budget: the core continues the finished run to the weights one
+    longer run reaches (train._is_extension)."""
+    return set(changes) == {"max_tokens"} and changes["max_tokens"][1] > changes["max_tokens"][0]
 
 
 # ----- evaluation ----------------------------------------------------------------------------
@@ -245,6 +341,23 @@ def evaluate(
     return out, meta
 
 
+def dists_figures(
+    layout: StorageLayout, sw: Sweep, model: str, sae_key: str, layer_dists: pa.Table
+) -> tuple[list[Path], dict[str, Any]]:
+    """The run's layer-distribution figures (analyse.write_run_figures, as `mlsae analyse`
+    draws them) from its latent_layer_dists table: the PNGs and metadata."""
+    from mlsae_core.analyse import figure_title, write_run_figures
+    from mlsae_core.analysis.tables import dists_from_layer_table
+
+    dists = dists_from_layer_table(layer_dists)
+    point = sw.point(sae_key)
+    title = figure_title(partition(model, point.expansion_factor, point.k, dists.layers))
+    written = write_run_figures(layout.run(model, sae_key), dists, title)
+    record(*written)
+    pngs = [p for p in written if p.suffix == ".png"]
+    return pngs, {"files": [str(p) for p in written], "n_live": int(dists.live.sum())}
+
+
 def prompt_heatmap(
     layout: StorageLayout, sw: Sweep, model: str, point: SAEPoint
 ) -> tuple[pa.Table, dict[str, Any]]:
@@ -255,7 +368,7 @@ def prompt_heatmap(
     tr, sae, layers, part, lens = _run_setup(layout, sw, model, point)
     heat = prompts.prompt_heatmap(tr, sae, layers, prompt=sw.eval.prompt, lens=lens)
     run = layout.run(model, point.key)
-    figures.prompt_heatmap_figure(heat, run.figure_stem("prompt_heatmap"))
+    record(*figures.prompt_heatmap_figure(heat, run.figure_stem("prompt_heatmap")))
     meta = {"n_latents_active": int(heat.latents.numel()), "tokens": " ".join(heat.tokens)}
     return tables.prompt_heatmap_table(heat, part), meta
 
@@ -273,7 +386,7 @@ def resid_cos_sim(layout: StorageLayout, sw: Sweep, model: str) -> tuple[pa.Tabl
     )
     res = geometry.resid_cos_sim(source, list(range(tr.n_layers)))
     stem = layout.model_figure_stem("resid_cos_sim", model)
-    figures.resid_cos_sim_figure(res, stem, title=f"{model}: residual stream")
+    record(*figures.resid_cos_sim_figure(res, stem, title=f"{model}: residual stream"))
     return tables.resid_cos_sim_table(res, {"model": model}), {"n_tokens": res.n_tokens}
 
 
@@ -297,3 +410,16 @@ def inline_png(path: Path, alt: str = "figure") -> str:
     """Markdown embedding a PNG (base64) so the Dagster UI shows it inline."""
     data = base64.b64encode(Path(path).read_bytes()).decode()
     return f"![{alt}](data:image/png;base64,{data})"
+
+
+def plain(value: Any) -> Any:
+    """JSON-ready metadata: NaN -> None (JSON has no NaN), numpy scalars -> Python."""
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if isinstance(value, dict):
+        return {str(k): plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain(v) for v in value]
+    if value is None or isinstance(value, (str, bool, int, float)):
+        return value
+    return plain(value.item()) if hasattr(value, "item") else str(value)
