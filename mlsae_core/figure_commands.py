@@ -23,9 +23,9 @@ from mlsae_core.analysis.dists import DistsResult
 from mlsae_core.analysis.prompts import prompt_heatmap
 from mlsae_core.analysis.tables import DISTS_META_KEY, dists_from_layer_table
 from mlsae_core.config import DataConfig, EvalConfig, resolve_device
-from mlsae_core.identity import model_slug, resolve_layers, run_slug
+from mlsae_core.identity import model_slug, resolve_layers, run_id_of, run_slug
 from mlsae_core.layout import RunLayout
-from mlsae_core.runs import checkpoint_lens, partition_values, transformer_split
+from mlsae_core.runs import checkpoint_lens, transformer_split
 from mlsae_core.sae import MLSAE
 from mlsae_core.transformer import Transformer
 
@@ -59,8 +59,8 @@ def _need_repos(args: argparse.Namespace) -> list[Path]:
 
 def _label(sae_or_dir: MLSAE | Path) -> tuple[dict[str, Any], str]:
     sae = sae_or_dir if not isinstance(sae_or_dir, Path) else MLSAE.from_pretrained(sae_or_dir)
-    part = partition_values(sae)
-    return part, run_slug(part)
+    run_id = run_id_of(sae)
+    return run_id, run_slug(run_id)
 
 
 # ----- the cross-config tables (the pipeline's summary assets compute the same) -------------
@@ -145,7 +145,7 @@ def run_figure(args: argparse.Namespace) -> list[Path]:
         n_latents = {}
         for repo in repos:
             sae = MLSAE.from_pretrained(repo)
-            n_latents[run_slug(partition_values(sae))] = sae.n_latents
+            n_latents[run_slug(run_id_of(sae))] = sae.n_latents
         rows = [{**r, "n_latents": n_latents[run_slug(r)]} for r in metrics.to_pylist()]
         written += tables.write_reference_test_csvs(rows, out)
         written += figures.summary_figures(table, out)

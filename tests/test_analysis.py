@@ -504,15 +504,15 @@ def test_one_pass_equals_separate_passes_and_brute_force(tiny_setup) -> None:
     assert {res.example(m)["pos"] for m in range(len(res))} & {0, 1, 2, n_tok - 1}
 
     # tables: documented columns, partition values on every row
-    part = {"model": "tiny", "expansion_factor": 1, "k": 4, "layers": tables.layers_label(layers),
+    run_id = {"model": "tiny", "expansion_factor": 1, "k": 4, "layers": tables.layers_label(layers),
             "tuned_lens": False}  # fmt: skip
-    t = tables.max_examples_table(res, part)
+    t = tables.max_examples_table(res, run_id)
     assert t.num_rows == len(res)
     assert set(t.column("layers").to_pylist()) == {"0-2"}
     first = t.slice(0, 1).to_pylist()[0]
     assert first["context_tokens"] == res.example(0)["context_tokens"]
     assert first["context_activations"] == pytest.approx(res.example(0)["context_activations"])
-    vt = tables.layer_variance_table(var.result(), part)
+    vt = tables.layer_variance_table(var.result(), run_id)
     assert vt.num_rows == 1 and vt.column("ratio").to_pylist()[0] >= 1.0 - 1e-9
 
 
