@@ -94,13 +94,11 @@ def one_pass(
     SAE layer).
     """
     analyses = check_analyses(analyses)
-    threshold = sae.dead_threshold
-    dists = LayerDists(sae.n_latents, layers, threshold) if "dists" in analyses else None
-    variance = (
-        TokenLayerVariance(sae.n_latents, layers, threshold) if "variance" in analyses else None
-    )
+    n, kw = sae.n_latents, {"dead_threshold": sae.dead_threshold}
+    dists = LayerDists(n, layers, **kw) if "dists" in analyses else None
+    variance = TokenLayerVariance(n, layers, **kw) if "variance" in analyses else None
     examples = (
-        MaxExamples(sae.n_latents, layers, cfg.n_examples, cfg.n_context, threshold)
+        MaxExamples(n, layers, cfg.n_examples, cfg.n_context, **kw)
         if "examples" in analyses
         else None
     )

@@ -53,7 +53,6 @@ _FAMILY_PATHS: dict[str, tuple[str, str]] = {
 
 SMOLLM2 = "smollm2"
 SMOLLM2_DIR_NAME = "SmolLM2-135M-Instruct"
-DEFAULT_HUB_MODEL = "EleutherAI/pythia-70m-deduped"
 _SOURCE_FILE = "mlsae_source.json"
 
 
