@@ -86,6 +86,17 @@ def mmcs_of(repos: list[Path]) -> pa.Table:
     return summaries.mmcs([summaries.run_decoder(r) for r in repos])
 
 
+# name -> (build the table, its rows as the reference's CSV has them, write that CSV)
+_WITH_REFERENCE_CSV = {
+    "dists_layer_std": (
+        dists_layer_std_of,
+        summaries.dists_layer_std_csv_rows,
+        tables.write_dists_layer_std_csv,
+    ),
+    "mmcs": (mmcs_of, summaries.mmcs_csv_rows, tables.write_mmcs_csv),
+}
+
+
 def _write_table(path: Path, table: pa.Table) -> Path:
     atomic.write_parquet(path, table)
     return path
@@ -114,18 +125,12 @@ def run_figure(args: argparse.Namespace) -> list[Path]:
         for repo in repos:
             _, slug = _label(repo)
             written += figures.dists_heatmap(load_dists(repo), out / f"dists_heatmap_{slug}", slug)
-    elif args.name == "dists_layer_std":
-        table = dists_layer_std_of(repos)
-        written.append(_write_table(out / "dists_layer_std.parquet", table))
-        path = out / "dists_layer_std.csv"
-        tables.write_dists_layer_std_csv(path, summaries.dists_layer_std_csv_rows(table))
-        written.append(path)
-    elif args.name == "mmcs":
-        table = mmcs_of(repos)
-        written.append(_write_table(out / "mmcs.parquet", table))
-        path = out / "mmcs.csv"
-        tables.write_mmcs_csv(path, summaries.mmcs_csv_rows(table))
-        written.append(path)
+    elif args.name in _WITH_REFERENCE_CSV:
+        build, csv_rows, write_csv = _WITH_REFERENCE_CSV[args.name]
+        table = build(repos)
+        written.append(_write_table(out / f"{args.name}.parquet", table))
+        write_csv(out / f"{args.name}.csv", csv_rows(table))
+        written.append(out / f"{args.name}.csv")
     elif args.name == "prompt_heatmaps":
         loaded: dict[str, Transformer] = {}
         for repo in repos:

@@ -78,49 +78,39 @@ def _layer_ticks(ax: Any, layers: Sequence[int], axis: str = "y") -> None:
     """Tick at most ~10 layers, labelled with the actual block ids."""
     step = max(1, math.ceil(len(layers) / 10))
     pos = list(range(0, len(layers), step))
-    labels = [str(layers[i]) for i in pos]
-    if axis == "y":
-        ax.set_yticks(pos, labels)
-    else:
-        ax.set_xticks(pos, labels)
+    getattr(ax, f"set_{axis}ticks")(pos, [str(layers[i]) for i in pos])
 
 
-def dists_heatmap(
-    result: DistsResult, path: str | PathLike[str], title: str | None = None
+def _layer_heatmap(
+    m: Any, layers: Sequence[int], what: str, title: str | None, path: str | PathLike[str]
 ) -> list[Path]:
-    """p[layer, latent] for live latents sorted by layer_mean: layers x latents image."""
-    plt = _plt()
-    order = result.order()
-    p = result.p[:, order].numpy()  # [L, m]
-    fig, ax = plt.subplots(figsize=FIGSIZE)
-    vmax = float(p.max()) if p.size else 1.0
-    im = ax.imshow(p, aspect="auto", interpolation="nearest", cmap="magma", vmin=0.0, vmax=vmax)
+    """A layers x latents image of activation fractions, `what` naming the latents shown."""
+    fig, ax = _plt().subplots(figsize=FIGSIZE)
+    vmax = float(m.max()) if m.size else 1.0
+    im = ax.imshow(m, aspect="auto", interpolation="nearest", cmap="magma", vmin=0.0, vmax=vmax)
     ax.invert_yaxis()
-    ax.set_xlabel(f"latent (sorted by mean layer; {p.shape[1]} live)")
+    ax.set_xlabel(f"latent (sorted by mean layer; {m.shape[1]} {what})")
     ax.set_ylabel("layer")
-    _layer_ticks(ax, result.layers)
+    _layer_ticks(ax, layers)
     fig.colorbar(im, ax=ax, label="fraction of activation at layer")
     if title:
         ax.set_title(title)
     return save_figure(fig, path)
 
 
+def dists_heatmap(
+    result: DistsResult, path: str | PathLike[str], title: str | None = None
+) -> list[Path]:
+    """p[layer, latent] for live latents sorted by layer_mean: layers x latents image."""
+    return _layer_heatmap(result.p[:, result.order()].numpy(), result.layers, "live", title, path)
+
+
 def prompt_heatmap_figure(
     heat: PromptHeatmap, path: str | PathLike[str], title: str | None = None
 ) -> list[Path]:
     """The prompt heatmap: normalised activation per (layer, latent), latents by mean layer."""
-    plt = _plt()
-    m = heat.matrix.numpy()
-    fig, ax = plt.subplots(figsize=FIGSIZE)
-    vmax = float(m.max()) if m.size else 1.0
-    im = ax.imshow(m, aspect="auto", interpolation="nearest", cmap="magma", vmin=0.0, vmax=vmax)
-    ax.invert_yaxis()
-    ax.set_xlabel(f"latent (sorted by mean layer; {m.shape[1]} active)")
-    ax.set_ylabel("layer")
-    _layer_ticks(ax, heat.layers)
-    fig.colorbar(im, ax=ax, label="fraction of activation at layer")
-    ax.set_title(title or _shorten(heat.prompt))
-    return save_figure(fig, path)
+    title = title or _shorten(heat.prompt)
+    return _layer_heatmap(heat.matrix.numpy(), heat.layers, "active", title, path)
 
 
 def _shorten(text: str, n: int = 60) -> str:

@@ -11,7 +11,8 @@ import pyarrow as pa
 import pytest
 import torch
 
-from mlsae_core.analysis import tables
+from mlsae_core import identity
+from mlsae_core.analysis import summaries, tables
 from mlsae_core.analysis.dists import LayerDists, RunningStats, describe
 from mlsae_core.analysis.examples import MaxExamples, sae_row_encoder, token_strings
 from mlsae_core.analysis.geometry import (
@@ -648,8 +649,10 @@ def test_reference_csvs(tmp_path: Path) -> None:
     values, indices = planted()
     d = LayerDists(4, [2, 3, 5])
     d.add(values, indices)
-    row = tables.dists_layer_std_row("tiny", 2, 4, d.result())
-    tables.write_dists_layer_std_csv(tmp_path / "dists_layer_std.csv", [row])
+    run_id = identity.run_id("tiny", 2, 4, [2, 3, 5])
+    table = summaries.dists_layer_std(tables.dists_summary_table(d.result(), run_id))
+    rows = summaries.dists_layer_std_csv_rows(table)
+    tables.write_dists_layer_std_csv(tmp_path / "dists_layer_std.csv", rows)
     lines = (tmp_path / "dists_layer_std.csv").read_text().splitlines()
     assert lines[0] == (
         "model_name,n_layers,expansion_factor,k,mean,var,std,sem,mean_rel,var_rel,std_rel,sem_rel"
@@ -658,7 +661,8 @@ def test_reference_csvs(tmp_path: Path) -> None:
     assert cells[:4] == ["tiny", "3", "2", "4"]
     assert float(cells[4]) == pytest.approx(np.mean([0, 1, 0.1875**0.5]))
     w = torch.randn(5, 9)
-    tables.write_mmcs_csv(tmp_path / "mmcs.csv", [tables.mmcs_row("tiny", 2, 4, mmcs(w))])
+    rows = summaries.mmcs_csv_rows(summaries.mmcs([(run_id, w)]))
+    tables.write_mmcs_csv(tmp_path / "mmcs.csv", rows)
     lines = (tmp_path / "mmcs.csv").read_text().splitlines()
     assert lines[0] == "model_name,expansion_factor,k,mean,var,std,sem"
     assert float(lines[1].split(",")[3]) == pytest.approx(float(max_cos(w).values.mean()))

@@ -17,7 +17,12 @@ import pyarrow.compute as pc
 import torch
 
 from mlsae_core.analysis import geometry
-from mlsae_core.analysis.tables import STAT_NAMES, mmcs_table
+from mlsae_core.analysis.tables import (
+    DISTS_LAYER_STD_CSV_COLUMNS,
+    MMCS_CSV_COLUMNS,
+    STAT_NAMES,
+    mmcs_table,
+)
 from mlsae_core.identity import RUN_ID_COLUMNS, RUN_ID_FIELDS, is_single_layer, run_id_of
 from mlsae_core.sae import MLSAE
 
@@ -65,18 +70,14 @@ def dists_layer_std(dists_summary: pa.Table) -> pa.Table:
     return _sorted(dists_summary.select(list(DISTS_LAYER_STD_COLUMNS)))
 
 
+def _reference_rows(table: pa.Table, columns: Sequence[str]) -> list[dict[str, Any]]:
+    """`table`'s rows under the reference CSV's `columns` (its `model_name` is our `model`)."""
+    return [{c: r["model" if c == "model_name" else c] for c in columns} for r in table.to_pylist()]
+
+
 def dists_layer_std_csv_rows(table: pa.Table) -> list[dict[str, Any]]:
     """Rows of the reference's dists_layer_std.csv (tables.write_dists_layer_std_csv)."""
-    return [
-        {
-            "model_name": r["model"],
-            "n_layers": r["n_layers"],
-            "expansion_factor": r["expansion_factor"],
-            "k": r["k"],
-            **{s: r[s] for s in (*STAT_NAMES, *_REL_NAMES)},
-        }
-        for r in table.to_pylist()
-    ]
+    return _reference_rows(table, DISTS_LAYER_STD_CSV_COLUMNS)
 
 
 # ----- mmcs --------------------------------------------------------------------------------
@@ -117,16 +118,7 @@ def mmcs(decoders: Sequence[tuple[Mapping[str, Any], torch.Tensor]]) -> pa.Table
 
 def mmcs_csv_rows(table: pa.Table) -> list[dict[str, Any]]:
     """Rows of the reference's mmcs.csv: the 'self' rows (tables.write_mmcs_csv)."""
-    return [
-        {
-            "model_name": r["model"],
-            "expansion_factor": r["expansion_factor"],
-            "k": r["k"],
-            **{s: r[s] for s in STAT_NAMES},
-        }
-        for r in table.to_pylist()
-        if r["reference"] == "self"
-    ]
+    return _reference_rows(table.filter(pc.equal(table["reference"], "self")), MMCS_CSV_COLUMNS)
 
 
 # ----- single_layer_comparison -------------------------------------------------------------

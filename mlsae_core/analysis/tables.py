@@ -449,30 +449,6 @@ def prompt_heatmap_table(heat: PromptHeatmap, run_id: Mapping[str, Any]) -> pa.T
 
 
 # ----- the reference's CSVs ------------------------------------------------------------------
-def dists_layer_std_row(
-    model_name: str, expansion_factor: int, k: int, result: DistsResult
-) -> dict[str, Any]:
-    """One row of the reference's dists_layer_std.csv."""
-    s = result.summary()
-    row = {
-        "model_name": model_name,
-        "n_layers": s["n_layers"],
-        "expansion_factor": expansion_factor,
-    }
-    row["k"] = k
-    row.update({c: s[c] for c in DISTS_LAYER_STD_CSV_COLUMNS[4:]})
-    return row
-
-
-def mmcs_row(
-    model_name: str, expansion_factor: int, k: int, summary: Mapping[str, float]
-) -> dict[str, Any]:
-    """One row of the reference's mmcs.csv."""
-    row: dict[str, Any] = {"model_name": model_name, "expansion_factor": expansion_factor, "k": k}
-    row.update({s: summary[s] for s in STAT_NAMES})
-    return row
-
-
 def _write_csv(
     path: str | PathLike[str], columns: Sequence[str], rows: Sequence[Mapping[str, Any]]
 ) -> None:
