@@ -234,7 +234,7 @@ def summary_figures(
     styles = ["-", "--", ":", "-."]
     written: list[Path] = []
     for metric in metrics:
-        have = [r for r in rows if r.get(metric) is not None and not _isnan(r[metric])]
+        have = [r for r in rows if r.get(metric) is not None and not math.isnan(r[metric])]
         if not have:
             logger.warning("no values for metric %s; skipping its figures", metric)
             continue
@@ -269,7 +269,3 @@ def summary_figures(
             ax.legend(fontsize=6)
             written += save_figure(fig, out_dir / f"test_{metric}_{suffix}")
     return written
-
-
-def _isnan(v: Any) -> bool:
-    return isinstance(v, float) and math.isnan(v)
