@@ -271,19 +271,15 @@ def max_examples_table(
     import numpy as np
 
     valid = result.context_valid.numpy()  # [M, C]
-    lengths = valid.sum(1)
-    offsets = np.zeros(len(result) + 1, dtype=np.int32)
-    np.cumsum(lengths, out=offsets[1:])
+    off = pa.array(np.concatenate([[0], np.cumsum(valid.sum(1))]), type=pa.int32())
     flat_ids = result.context_ids.numpy()[valid]  # row-major: each example's window in order
     flat_acts = result.context_acts.numpy()[valid].astype(np.float32)
-    vocab = sorted(result.strings)
-    lookup = pa.array([result.strings[i] for i in vocab], type=pa.string())
-    pos_of = np.searchsorted(np.asarray(vocab, dtype=np.int64), flat_ids)
-    flat_strings = lookup.take(pa.array(pos_of, type=pa.int64()))
-    off = pa.array(offsets, type=pa.int32())
-    token_strings = lookup.take(
-        pa.array(np.searchsorted(np.asarray(vocab, dtype=np.int64), result.token_id.numpy()))
-    )
+    vocab = np.asarray(sorted(result.strings), dtype=np.int64)
+    lookup = pa.array([result.strings[int(i)] for i in vocab], type=pa.string())
+
+    def strings_of(ids: Any) -> pa.Array:
+        return lookup.take(pa.array(np.searchsorted(vocab, ids), type=pa.int64()))
+
     doc_col: list[str | None] = [None] * len(result)
     genre_col: list[str | None] = [None] * len(result)
     if doc_index is not None and documents is not None:
@@ -298,10 +294,10 @@ def max_examples_table(
         "row": result.row.numpy(),
         "pos": result.pos.int().numpy(),
         "token_id": result.token_id.numpy(),
-        "token": token_strings,
+        "token": strings_of(result.token_id.numpy()),
         "centre": result.centre.int().numpy(),
         "context_ids": pa.ListArray.from_arrays(off, pa.array(flat_ids, type=pa.int64())),
-        "context_tokens": pa.ListArray.from_arrays(off, flat_strings),
+        "context_tokens": pa.ListArray.from_arrays(off, strings_of(flat_ids)),
         "context_activations": pa.ListArray.from_arrays(
             off, pa.array(flat_acts, type=pa.float32())
         ),
