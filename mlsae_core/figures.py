@@ -54,9 +54,17 @@ def _plt() -> Any:
     return plt
 
 
-def save_figure(fig: Figure, path: str | PathLike[str]) -> list[Path]:
-    """Write `fig` as PNG and PDF beside each other, each atomically; close it."""
+def _axes() -> tuple[Figure, Any]:
+    """A new single-column figure and its axes."""
+    return _plt().subplots(figsize=FIGSIZE)
+
+
+def save_figure(fig: Figure, path: str | PathLike[str], title: str | None = None) -> list[Path]:
+    """Write `fig` (titled on its first axes, if `title`) as PNG and PDF beside each other,
+    each atomically; close it."""
     plt = _plt()
+    if title:
+        fig.axes[0].set_title(title)
     stem = Path(path)
     if stem.suffix.lower() in {f".{fmt}" for fmt in FORMATS}:
         stem = stem.with_suffix("")  # "heatmap.png" -> "heatmap"; "x64.k32" is kept whole
@@ -85,7 +93,7 @@ def _layer_heatmap(
     m: Any, layers: Sequence[int], what: str, title: str | None, path: str | PathLike[str]
 ) -> list[Path]:
     """A layers x latents image of activation fractions, `what` naming the latents shown."""
-    fig, ax = _plt().subplots(figsize=FIGSIZE)
+    fig, ax = _axes()
     vmax = float(m.max()) if m.size else 1.0
     im = ax.imshow(m, aspect="auto", interpolation="nearest", cmap="magma", vmin=0.0, vmax=vmax)
     ax.invert_yaxis()
@@ -93,9 +101,7 @@ def _layer_heatmap(
     ax.set_ylabel("layer")
     _layer_ticks(ax, layers)
     fig.colorbar(im, ax=ax, label="fraction of activation at layer")
-    if title:
-        ax.set_title(title)
-    return save_figure(fig, path)
+    return save_figure(fig, path, title)
 
 
 def dists_heatmap(
@@ -121,15 +127,12 @@ def layer_mean_histogram(
     result: DistsResult, path: str | PathLike[str], bins: int = 30, title: str | None = None
 ) -> list[Path]:
     """Histogram of each live latent's mean layer."""
-    plt = _plt()
     counts, edges = result.histogram(bins)
-    fig, ax = plt.subplots(figsize=FIGSIZE)
+    fig, ax = _axes()
     ax.stairs(counts, edges, fill=True, color="tab:blue", alpha=0.8)
     ax.set_xlabel("mean layer of latent (layer index)")
     ax.set_ylabel("number of latents")
-    if title:
-        ax.set_title(title)
-    return save_figure(fig, path)
+    return save_figure(fig, path, title)
 
 
 def resid_cos_sim_figure(
@@ -166,17 +169,14 @@ def training_curve_figure(
     history: Sequence[Mapping[str, Any]], path: str | PathLike[str], title: str | None = None
 ) -> list[Path]:
     """Training FVU and dead fraction against training tokens (rows of history.parquet)."""
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=FIGSIZE)
+    fig, ax = _axes()
     xs = [r["tokens"] for r in history]
     ax.plot(xs, [r["fvu"] for r in history], marker="o", ms=2, label="FVU (train)")
     ax.plot(xs, [r["dead_fraction"] for r in history], ls="--", label="dead fraction")
     ax.set_xlabel("training tokens")
     ax.set_ylabel("value")
-    if title:
-        ax.set_title(title)
     ax.legend(fontsize=7)
-    return save_figure(fig, path)
+    return save_figure(fig, path, title)
 
 
 def decoder_sim_figure(
@@ -184,11 +184,9 @@ def decoder_sim_figure(
 ) -> list[Path]:
     """2-D histogram: decoder cosine similarity vs distance between latents' mean layers."""
     import numpy as np
-
-    plt = _plt()
     from matplotlib.colors import LogNorm
 
-    fig, ax = plt.subplots(figsize=FIGSIZE)
+    fig, ax = _axes()
     counts = np.ma.masked_equal(hist.counts.T, 0)  # [cos, dist]
     vmax = max(float(hist.counts.max()), 1.0)
     im = ax.pcolormesh(
@@ -200,9 +198,7 @@ def decoder_sim_figure(
     ax.set_ylabel("decoder cosine similarity")
     ax.legend(loc="upper right", fontsize=7)
     fig.colorbar(im, ax=ax, label="pairs of latents" + (" (sampled)" if hist.sampled else ""))
-    if title:
-        ax.set_title(title)
-    return save_figure(fig, path)
+    return save_figure(fig, path, title)
 
 
 def _rows(data: Any) -> list[dict[str, Any]]:
@@ -223,7 +219,6 @@ def summary_figures(
     column, when present, is filtered to `layer` (the avg row by default). Distinct (model,
     layers) get separate line styles. Files: test_<metric>_by_k / test_<metric>_by_expansion.
     """
-    plt = _plt()
     rows = _rows(data)
     if layer is not None:
         rows = [r for r in rows if "layer" not in r or str(r["layer"]) == layer]
@@ -242,7 +237,7 @@ def summary_figures(
             ("k", "expansion_factor", "by_k", "k (active latents)"),
             ("expansion_factor", "k", "by_expansion", "expansion factor"),
         ):
-            fig, ax = plt.subplots(figsize=FIGSIZE)
+            fig, ax = _axes()
             for gi, (model, layers) in enumerate(groups):
                 sub = [r for r in have if (str(r["model"]), str(r["layers"])) == (model, layers)]
                 for value in sorted({int(r[line_key]) for r in sub}):
