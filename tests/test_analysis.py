@@ -29,7 +29,7 @@ from mlsae_core.config import DEFAULT_PROMPT
 from mlsae_core.sae import MLSAE, TopK
 
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "tables.md"
-PART = {"model": "tiny", "expansion_factor": 2, "k": 2, "layers": "2,3,5", "tuned_lens": False}
+RUN_ID = {"model": "tiny", "expansion_factor": 2, "k": 2, "layers": "2,3,5", "tuned_lens": False}
 
 
 # ----- planted data ----------------------------------------------------------------------------
@@ -115,7 +115,7 @@ def test_layer_dists_parquet_round_trip_is_exact(tmp_path: Path) -> None:
     col.add(values, indices)
     res = col.result()  # latent 3 never fires: absent from the rows, kept by the metadata
     path = tmp_path / "latent_layer_dists.parquet"
-    atomic.write_parquet(path, tables.latent_layer_dists_table(res, PART))
+    atomic.write_parquet(path, tables.latent_layer_dists_table(res, RUN_ID))
     back = tables.dists_from_layer_table(pq.read_table(path))
     assert back.layers == [2, 3, 5] and back.n_tokens == res.n_tokens
     assert torch.equal(back.counts, res.counts) and torch.equal(back.totals, res.totals)
@@ -592,17 +592,17 @@ def test_tables_have_documented_columns(tmp_path: Path) -> None:
         raw=dres.totals[:, [2, 0]],
     )
     built = {
-        "latent_dists": tables.latent_dists_table(dres, PART),
-        "latent_layer_dists": tables.latent_layer_dists_table(dres, PART),
-        "dists_summary": tables.dists_summary_table(dres, PART),
-        "layer_variance": tables.layer_variance_table(v.result(), PART),
-        "latent_variance": tables.latent_variance_table(v.result(), PART),
-        "max_examples": tables.max_examples_table(eres, PART),
+        "latent_dists": tables.latent_dists_table(dres, RUN_ID),
+        "latent_layer_dists": tables.latent_layer_dists_table(dres, RUN_ID),
+        "dists_summary": tables.dists_summary_table(dres, RUN_ID),
+        "layer_variance": tables.layer_variance_table(v.result(), RUN_ID),
+        "latent_variance": tables.latent_variance_table(v.result(), RUN_ID),
+        "max_examples": tables.max_examples_table(eres, RUN_ID),
         "resid_cos_sim": tables.resid_cos_sim_table(rcs, model_part),
-        "mmcs": tables.mmcs_table(mmcs(w), PART),
-        "decoder_sim": tables.decoder_sim_table(hist, PART),
-        "embedding_sim": tables.embedding_sim_table(sim, PART, {}),
-        "prompt_heatmap": tables.prompt_heatmap_table(heat, PART),
+        "mmcs": tables.mmcs_table(mmcs(w), RUN_ID),
+        "decoder_sim": tables.decoder_sim_table(hist, RUN_ID),
+        "embedding_sim": tables.embedding_sim_table(sim, RUN_ID, {}),
+        "prompt_heatmap": tables.prompt_heatmap_table(heat, RUN_ID),
     }
     docs = documented_columns()
     for name, table in built.items():
@@ -610,7 +610,7 @@ def test_tables_have_documented_columns(tmp_path: Path) -> None:
         assert table.column_names == docs[name], name
         assert isinstance(table, pa.Table) and table.num_rows > 0
         assert set(docs) == set(built), "every documented table is built here"
-        for key, value in (PART if name != "resid_cos_sim" else model_part).items():
+        for key, value in (RUN_ID if name != "resid_cos_sim" else model_part).items():
             assert set(table.column(key).to_pylist()) == {value}
         # an explicit schema survives a Parquet round trip unchanged
         from mlsae_core.atomic import write_parquet
@@ -636,7 +636,7 @@ def test_tables_have_documented_columns(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="lacks"):
         tables.latent_dists_table(dres, {"model": "tiny"})
     with pytest.raises(ValueError, match="unknown"):
-        tables.latent_dists_table(dres, {**PART, "seed": 1})
+        tables.latent_dists_table(dres, {**RUN_ID, "seed": 1})
 
 
 def test_layers_label() -> None:
