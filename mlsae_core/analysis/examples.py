@@ -274,11 +274,10 @@ class MaxExamples(TopKCollector):
         ctx_acts[:, c] = act
         if encode_rows is not None and act.numel():
             ctx_acts = _context_acts(encode_rows, li, lat, row, qc, valid, batch_size)
-        strings: dict[int, str] = {}
-        if tokenizer is not None:
-            strings = token_strings(tokenizer, ctx_ids[valid].tolist())
-        else:
-            strings = {int(i): str(int(i)) for i in ctx_ids[valid].unique().tolist()}
+        ids = ctx_ids[valid].unique().tolist()
+        strings = (
+            token_strings(tokenizer, ids) if tokenizer is not None else {i: str(i) for i in ids}
+        )
         logger.info("assembled %d max-activating examples", act.numel())
         return ExamplesResult(
             layers=self.layers,
