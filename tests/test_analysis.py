@@ -504,7 +504,7 @@ def test_one_pass_equals_separate_passes_and_brute_force(tiny_setup) -> None:
         assert e["context_tokens"] == [tt.tokenizer.decode([t]) for t in e["context_ids"]]
     assert {res.example(m)["pos"] for m in range(len(res))} & {0, 1, 2, n_tok - 1}
 
-    # tables: documented columns, partition values on every row
+    # tables: documented columns, run-id values on every row
     run_id = {"model": "tiny", "expansion_factor": 1, "k": 4, "layers": tables.layers_label(layers),
             "tuned_lens": False}  # fmt: skip
     t = tables.max_examples_table(res, run_id)
