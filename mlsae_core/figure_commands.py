@@ -57,10 +57,9 @@ def _need_repos(args: argparse.Namespace) -> list[Path]:
     return [Path(r) for r in args.repo_id]
 
 
-def _label(sae_or_dir: MLSAE | Path) -> tuple[dict[str, Any], str]:
+def _run_id(sae_or_dir: MLSAE | Path) -> dict[str, Any]:
     sae = sae_or_dir if not isinstance(sae_or_dir, Path) else MLSAE.from_pretrained(sae_or_dir)
-    run_id = run_id_of(sae)
-    return run_id, run_slug(run_id)
+    return run_id_of(sae)
 
 
 # ----- the cross-config tables (the pipeline's summary assets compute the same) -------------
@@ -77,7 +76,7 @@ def concat_test_metrics(repos: list[Path]) -> pa.Table:
 
 def dists_layer_std_of(repos: list[Path]) -> pa.Table:
     """summaries.dists_layer_std over the runs' layer distributions."""
-    rows = [tables.dists_summary_table(load_dists(r), _label(r)[0]) for r in repos]
+    rows = [tables.dists_summary_table(load_dists(r), _run_id(r)) for r in repos]
     return summaries.dists_layer_std(pa.concat_tables(rows))
 
 
@@ -123,7 +122,7 @@ def run_figure(args: argparse.Namespace) -> list[Path]:
     repos = _need_repos(args)
     if args.name == "dists_heatmaps":
         for repo in repos:
-            _, slug = _label(repo)
+            slug = run_slug(_run_id(repo))
             written += figures.dists_heatmap(load_dists(repo), out / f"dists_heatmap_{slug}", slug)
     elif args.name in _WITH_REFERENCE_CSV:
         build, csv_rows, write_csv = _WITH_REFERENCE_CSV[args.name]
@@ -140,7 +139,7 @@ def run_figure(args: argparse.Namespace) -> list[Path]:
             layers = resolve_layers(sae.metadata.get("layers"), transformer.n_layers)
             lens = checkpoint_lens(repo, sae.metadata, transformer)
             heat = prompt_heatmap(transformer, sae, layers, args.prompt, lens=lens)
-            _, slug = _label(sae)
+            slug = run_slug(_run_id(sae))
             written += figures.prompt_heatmap_figure(heat, out / f"prompt_heatmap_{slug}")
     elif args.name == "test_summary":
         metrics = concat_test_metrics(repos)
@@ -161,6 +160,6 @@ def run_figure(args: argparse.Namespace) -> list[Path]:
             hist = geometry.decoder_sim_vs_layer_distance(
                 sae.decoder.weight.detach(), dists.layer_mean, dists.n_layers
             )
-            _, slug = _label(sae)
+            slug = run_slug(_run_id(sae))
             written += figures.decoder_sim_figure(hist, out / f"decoder_sim_{slug}", slug)
     return written
