@@ -65,7 +65,7 @@ class AnalysisOutputs:
     """What `analyse_checkpoint` produced: the pass, its tables by name, the files written."""
 
     result: OnePass
-    partition: dict[str, Any]
+    run_id: dict[str, Any]
     tables: dict[str, pa.Table] = field(default_factory=dict)
     paths: dict[str, Path] = field(default_factory=dict)
 
@@ -94,13 +94,11 @@ def one_pass(
     SAE layer).
     """
     analyses = check_analyses(analyses)
-    threshold = sae.dead_threshold
-    dists = LayerDists(sae.n_latents, layers, threshold) if "dists" in analyses else None
-    variance = (
-        TokenLayerVariance(sae.n_latents, layers, threshold) if "variance" in analyses else None
-    )
+    n, kw = sae.n_latents, {"dead_threshold": sae.dead_threshold}
+    dists = LayerDists(n, layers, **kw) if "dists" in analyses else None
+    variance = TokenLayerVariance(n, layers, **kw) if "variance" in analyses else None
     examples = (
-        MaxExamples(sae.n_latents, layers, cfg.n_examples, cfg.n_context, threshold)
+        MaxExamples(n, layers, cfg.n_examples, cfg.n_context, **kw)
         if "examples" in analyses
         else None
     )
@@ -132,27 +130,27 @@ def one_pass(
     return out
 
 
-def analysis_tables(result: OnePass, part: dict[str, Any], chunks: TokenChunks) -> dict:
+def analysis_tables(result: OnePass, run_id: dict[str, Any], chunks: TokenChunks) -> dict:
     """Every per-run table of one pass, by name (layout.RUN_TABLES), with explicit schemas."""
     out: dict[str, pa.Table] = {}
     if result.metrics_rows:
-        out["test_metrics"] = metrics_table(result.metrics_rows, part)
+        out["test_metrics"] = metrics_table(result.metrics_rows, run_id)
     if result.dists is not None:
-        out["latent_dists"] = tables.latent_dists_table(result.dists, part)
-        out["latent_layer_dists"] = tables.latent_layer_dists_table(result.dists, part)
-        out["dists_summary"] = tables.dists_summary_table(result.dists, part)
+        out["latent_dists"] = tables.latent_dists_table(result.dists, run_id)
+        out["latent_layer_dists"] = tables.latent_layer_dists_table(result.dists, run_id)
+        out["dists_summary"] = tables.dists_summary_table(result.dists, run_id)
     if result.variance is not None:
-        out["layer_variance"] = tables.layer_variance_table(result.variance, part)
-        out["latent_variance"] = tables.latent_variance_table(result.variance, part)
+        out["layer_variance"] = tables.layer_variance_table(result.variance, run_id)
+        out["latent_variance"] = tables.latent_variance_table(result.variance, run_id)
     if result.examples is not None:
         out["max_examples"] = tables.max_examples_table(
-            result.examples, part, chunks.doc_index, chunks.documents
+            result.examples, run_id, chunks.doc_index, chunks.documents
         )
     return out
 
 
-def figure_title(part: dict[str, Any]) -> str:
-    return f"{part['model']} x{part['expansion_factor']} k{part['k']} L{part['layers']}"
+def figure_title(run_id: dict[str, Any]) -> str:
+    return f"{run_id['model']} x{run_id['expansion_factor']} k{run_id['k']} L{run_id['layers']}"
 
 
 def write_run_figures(run: RunLayout, dists: DistsResult, title: str) -> list[Path]:
@@ -184,9 +182,9 @@ def analyse_checkpoint(
         setup.transformer, setup.sae, setup.chunks, setup.layers, cfg, analyses, progress,
         setup.lens,
     )  # fmt: skip
-    part = setup.partition
+    run_id = setup.run_id
     run = RunLayout(Path(out_dir) if out_dir is not None else Path(repo_id))
-    out = AnalysisOutputs(result, part, analysis_tables(result, part, setup.chunks))
+    out = AnalysisOutputs(result, run_id, analysis_tables(result, run_id, setup.chunks))
     for name, table in out.tables.items():
         atomic.write_parquet(run.table(name), table)
         out.paths[name] = run.table(name)
@@ -195,7 +193,7 @@ def analyse_checkpoint(
             out.tables["test_metrics"], run.metrics_csv
         )
     if write_figures and result.dists is not None:
-        for p in write_run_figures(run, result.dists, figure_title(part)):
+        for p in write_run_figures(run, result.dists, figure_title(run_id)):
             out.paths[f"figure:{p.name}"] = p
     logger.info("analysed %s: wrote %s", repo_id, sorted(p.name for p in out.paths.values()))
     return out

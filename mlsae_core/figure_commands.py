@@ -23,9 +23,9 @@ from mlsae_core.analysis.dists import DistsResult
 from mlsae_core.analysis.prompts import prompt_heatmap
 from mlsae_core.analysis.tables import dists_from_layer_table
 from mlsae_core.config import DataConfig, EvalConfig, resolve_device
-from mlsae_core.identity import model_slug, resolve_layers, run_slug
+from mlsae_core.identity import model_slug, resolve_layers, run_id_of, run_slug
 from mlsae_core.layout import RunLayout
-from mlsae_core.runs import checkpoint_lens, partition_values, transformer_split
+from mlsae_core.runs import checkpoint_lens, transformer_split
 from mlsae_core.sae import MLSAE
 from mlsae_core.transformer import Transformer
 
@@ -53,10 +53,9 @@ def _need_repos(args: argparse.Namespace) -> list[Path]:
     return [Path(r) for r in args.repo_id]
 
 
-def _label(sae_or_dir: MLSAE | Path) -> tuple[dict[str, Any], str]:
+def _run_id(sae_or_dir: MLSAE | Path) -> dict[str, Any]:
     sae = sae_or_dir if not isinstance(sae_or_dir, Path) else MLSAE.from_pretrained(sae_or_dir)
-    part = partition_values(sae)
-    return part, run_slug(part)
+    return run_id_of(sae)
 
 
 # ----- the cross-config tables (the pipeline's summary assets compute the same) -------------
@@ -73,13 +72,24 @@ def concat_test_metrics(repos: list[Path]) -> pa.Table:
 
 def dists_layer_std_of(repos: list[Path]) -> pa.Table:
     """summaries.dists_layer_std over the runs' layer distributions."""
-    rows = [tables.dists_summary_table(load_dists(r), _label(r)[0]) for r in repos]
+    rows = [tables.dists_summary_table(load_dists(r), _run_id(r)) for r in repos]
     return summaries.dists_layer_std(pa.concat_tables(rows))
 
 
 def mmcs_of(repos: list[Path]) -> pa.Table:
     """summaries.mmcs over the runs' decoders."""
     return summaries.mmcs([summaries.run_decoder(r) for r in repos])
+
+
+# name -> (build the table, its rows as the reference's CSV has them, write that CSV)
+_WITH_REFERENCE_CSV = {
+    "dists_layer_std": (
+        dists_layer_std_of,
+        summaries.dists_layer_std_csv_rows,
+        tables.write_dists_layer_std_csv,
+    ),
+    "mmcs": (mmcs_of, summaries.mmcs_csv_rows, tables.write_mmcs_csv),
+}
 
 
 def _write_table(path: Path, table: pa.Table) -> Path:
@@ -108,20 +118,14 @@ def run_figure(args: argparse.Namespace) -> list[Path]:
     repos = _need_repos(args)
     if args.name == "dists_heatmaps":
         for repo in repos:
-            _, slug = _label(repo)
+            slug = run_slug(_run_id(repo))
             written += figures.dists_heatmap(load_dists(repo), out / f"dists_heatmap_{slug}", slug)
-    elif args.name == "dists_layer_std":
-        table = dists_layer_std_of(repos)
-        written.append(_write_table(out / "dists_layer_std.parquet", table))
-        path = out / "dists_layer_std.csv"
-        tables.write_dists_layer_std_csv(path, summaries.dists_layer_std_csv_rows(table))
-        written.append(path)
-    elif args.name == "mmcs":
-        table = mmcs_of(repos)
-        written.append(_write_table(out / "mmcs.parquet", table))
-        path = out / "mmcs.csv"
-        tables.write_mmcs_csv(path, summaries.mmcs_csv_rows(table))
-        written.append(path)
+    elif args.name in _WITH_REFERENCE_CSV:
+        build, csv_rows, write_csv = _WITH_REFERENCE_CSV[args.name]
+        table = build(repos)
+        written.append(_write_table(out / f"{args.name}.parquet", table))
+        write_csv(out / f"{args.name}.csv", csv_rows(table))
+        written.append(out / f"{args.name}.csv")
     elif args.name == "prompt_heatmaps":
         loaded: dict[str, Transformer] = {}
         for repo in repos:
@@ -131,7 +135,7 @@ def run_figure(args: argparse.Namespace) -> list[Path]:
             layers = resolve_layers(sae.metadata.get("layers"), transformer.n_layers)
             lens = checkpoint_lens(repo, sae.metadata, transformer)
             heat = prompt_heatmap(transformer, sae, layers, args.prompt, lens=lens)
-            _, slug = _label(sae)
+            slug = run_slug(_run_id(sae))
             written += figures.prompt_heatmap_figure(heat, out / f"prompt_heatmap_{slug}")
     elif args.name == "test_summary":
         metrics = concat_test_metrics(repos)
@@ -141,7 +145,7 @@ def run_figure(args: argparse.Namespace) -> list[Path]:
         n_latents = {}
         for repo in repos:
             sae = MLSAE.from_pretrained(repo)
-            n_latents[run_slug(partition_values(sae))] = sae.n_latents
+            n_latents[run_slug(run_id_of(sae))] = sae.n_latents
         rows = [{**r, "n_latents": n_latents[run_slug(r)]} for r in metrics.to_pylist()]
         written += tables.write_reference_test_csvs(rows, out)
         written += figures.summary_figures(table, out)
@@ -152,6 +156,6 @@ def run_figure(args: argparse.Namespace) -> list[Path]:
             hist = geometry.decoder_sim_vs_layer_distance(
                 sae.decoder.weight.detach(), dists.layer_mean, dists.n_layers
             )
-            _, slug = _label(sae)
+            slug = run_slug(_run_id(sae))
             written += figures.decoder_sim_figure(hist, out / f"decoder_sim_{slug}", slug)
     return written

@@ -54,10 +54,17 @@ def _plt() -> Any:
     return plt
 
 
-def save_figure(fig: Figure, path: str | PathLike[str]) -> list[Path]:
-    """Write `fig` as PNG and PDF beside each other, each atomically and recorded in the
-    directory's manifest; close it."""
+def _axes() -> tuple[Figure, Any]:
+    """A new single-column figure and its axes."""
+    return _plt().subplots(figsize=FIGSIZE)
+
+
+def save_figure(fig: Figure, path: str | PathLike[str], title: str | None = None) -> list[Path]:
+    """Write `fig` (titled on its first axes, if `title`) as PNG and PDF beside each other,
+    each atomically and recorded in the directory's manifest; close it."""
     plt = _plt()
+    if title:
+        fig.axes[0].set_title(title)
     stem = Path(path)
     if stem.suffix.lower() in {f".{fmt}" for fmt in FORMATS}:
         stem = stem.with_suffix("")  # "heatmap.png" -> "heatmap"; "x64.k32" is kept whole
@@ -80,49 +87,37 @@ def _layer_ticks(ax: Any, layers: Sequence[int], axis: str = "y") -> None:
     """Tick at most ~10 layers, labelled with the actual block ids."""
     step = max(1, math.ceil(len(layers) / 10))
     pos = list(range(0, len(layers), step))
-    labels = [str(layers[i]) for i in pos]
-    if axis == "y":
-        ax.set_yticks(pos, labels)
-    else:
-        ax.set_xticks(pos, labels)
+    getattr(ax, f"set_{axis}ticks")(pos, [str(layers[i]) for i in pos])
+
+
+def _layer_heatmap(
+    m: Any, layers: Sequence[int], what: str, title: str | None, path: str | PathLike[str]
+) -> list[Path]:
+    """A layers x latents image of activation fractions, `what` naming the latents shown."""
+    fig, ax = _axes()
+    vmax = float(m.max()) if m.size else 1.0
+    im = ax.imshow(m, aspect="auto", interpolation="nearest", cmap="magma", vmin=0.0, vmax=vmax)
+    ax.invert_yaxis()
+    ax.set_xlabel(f"latent (sorted by mean layer; {m.shape[1]} {what})")
+    ax.set_ylabel("layer")
+    _layer_ticks(ax, layers)
+    fig.colorbar(im, ax=ax, label="fraction of activation at layer")
+    return save_figure(fig, path, title)
 
 
 def dists_heatmap(
     result: DistsResult, path: str | PathLike[str], title: str | None = None
 ) -> list[Path]:
     """p[layer, latent] for live latents sorted by layer_mean: layers x latents image."""
-    plt = _plt()
-    order = result.order()
-    p = result.p[:, order].numpy()  # [L, m]
-    fig, ax = plt.subplots(figsize=FIGSIZE)
-    vmax = float(p.max()) if p.size else 1.0
-    im = ax.imshow(p, aspect="auto", interpolation="nearest", cmap="magma", vmin=0.0, vmax=vmax)
-    ax.invert_yaxis()
-    ax.set_xlabel(f"latent (sorted by mean layer; {p.shape[1]} live)")
-    ax.set_ylabel("layer")
-    _layer_ticks(ax, result.layers)
-    fig.colorbar(im, ax=ax, label="fraction of activation at layer")
-    if title:
-        ax.set_title(title)
-    return save_figure(fig, path)
+    return _layer_heatmap(result.p[:, result.order()].numpy(), result.layers, "live", title, path)
 
 
 def prompt_heatmap_figure(
     heat: PromptHeatmap, path: str | PathLike[str], title: str | None = None
 ) -> list[Path]:
     """The prompt heatmap: normalised activation per (layer, latent), latents by mean layer."""
-    plt = _plt()
-    m = heat.matrix.numpy()
-    fig, ax = plt.subplots(figsize=FIGSIZE)
-    vmax = float(m.max()) if m.size else 1.0
-    im = ax.imshow(m, aspect="auto", interpolation="nearest", cmap="magma", vmin=0.0, vmax=vmax)
-    ax.invert_yaxis()
-    ax.set_xlabel(f"latent (sorted by mean layer; {m.shape[1]} active)")
-    ax.set_ylabel("layer")
-    _layer_ticks(ax, heat.layers)
-    fig.colorbar(im, ax=ax, label="fraction of activation at layer")
-    ax.set_title(title or _shorten(heat.prompt))
-    return save_figure(fig, path)
+    title = title or _shorten(heat.prompt)
+    return _layer_heatmap(heat.matrix.numpy(), heat.layers, "active", title, path)
 
 
 def _shorten(text: str, n: int = 60) -> str:
@@ -133,15 +128,12 @@ def layer_mean_histogram(
     result: DistsResult, path: str | PathLike[str], bins: int = 30, title: str | None = None
 ) -> list[Path]:
     """Histogram of each live latent's mean layer."""
-    plt = _plt()
     counts, edges = result.histogram(bins)
-    fig, ax = plt.subplots(figsize=FIGSIZE)
+    fig, ax = _axes()
     ax.stairs(counts, edges, fill=True, color="tab:blue", alpha=0.8)
     ax.set_xlabel("mean layer of latent (layer index)")
     ax.set_ylabel("number of latents")
-    if title:
-        ax.set_title(title)
-    return save_figure(fig, path)
+    return save_figure(fig, path, title)
 
 
 def resid_cos_sim_figure(
@@ -178,17 +170,14 @@ def training_curve_figure(
     history: Sequence[Mapping[str, Any]], path: str | PathLike[str], title: str | None = None
 ) -> list[Path]:
     """Training FVU and dead fraction against training tokens (rows of history.parquet)."""
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=FIGSIZE)
+    fig, ax = _axes()
     xs = [r["tokens"] for r in history]
     ax.plot(xs, [r["fvu"] for r in history], marker="o", ms=2, label="FVU (train)")
     ax.plot(xs, [r["dead_fraction"] for r in history], ls="--", label="dead fraction")
     ax.set_xlabel("training tokens")
     ax.set_ylabel("value")
-    if title:
-        ax.set_title(title)
     ax.legend(fontsize=7)
-    return save_figure(fig, path)
+    return save_figure(fig, path, title)
 
 
 def decoder_sim_figure(
@@ -196,11 +185,9 @@ def decoder_sim_figure(
 ) -> list[Path]:
     """2-D histogram: decoder cosine similarity vs distance between latents' mean layers."""
     import numpy as np
-
-    plt = _plt()
     from matplotlib.colors import LogNorm
 
-    fig, ax = plt.subplots(figsize=FIGSIZE)
+    fig, ax = _axes()
     counts = np.ma.masked_equal(hist.counts.T, 0)  # [cos, dist]
     vmax = max(float(hist.counts.max()), 1.0)
     im = ax.pcolormesh(
@@ -212,9 +199,7 @@ def decoder_sim_figure(
     ax.set_ylabel("decoder cosine similarity")
     ax.legend(loc="upper right", fontsize=7)
     fig.colorbar(im, ax=ax, label="pairs of latents" + (" (sampled)" if hist.sampled else ""))
-    if title:
-        ax.set_title(title)
-    return save_figure(fig, path)
+    return save_figure(fig, path, title)
 
 
 def _rows(data: Any) -> list[dict[str, Any]]:
@@ -235,7 +220,6 @@ def summary_figures(
     column, when present, is filtered to `layer` (the avg row by default). Distinct (model,
     layers) get separate line styles. Files: test_<metric>_by_k / test_<metric>_by_expansion.
     """
-    plt = _plt()
     rows = _rows(data)
     if layer is not None:
         rows = [r for r in rows if "layer" not in r or str(r["layer"]) == layer]
@@ -246,7 +230,7 @@ def summary_figures(
     styles = ["-", "--", ":", "-."]
     written: list[Path] = []
     for metric in metrics:
-        have = [r for r in rows if r.get(metric) is not None and not _isnan(r[metric])]
+        have = [r for r in rows if r.get(metric) is not None and not math.isnan(r[metric])]
         if not have:
             logger.warning("no values for metric %s; skipping its figures", metric)
             continue
@@ -254,7 +238,7 @@ def summary_figures(
             ("k", "expansion_factor", "by_k", "k (active latents)"),
             ("expansion_factor", "k", "by_expansion", "expansion factor"),
         ):
-            fig, ax = plt.subplots(figsize=FIGSIZE)
+            fig, ax = _axes()
             for gi, (model, layers) in enumerate(groups):
                 sub = [r for r in have if (str(r["model"]), str(r["layers"])) == (model, layers)]
                 for value in sorted({int(r[line_key]) for r in sub}):
@@ -281,7 +265,3 @@ def summary_figures(
             ax.legend(fontsize=6)
             written += save_figure(fig, out_dir / f"test_{metric}_{suffix}")
     return written
-
-
-def _isnan(v: Any) -> bool:
-    return isinstance(v, float) and math.isnan(v)

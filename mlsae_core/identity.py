@@ -1,6 +1,6 @@
-"""What identifies a run everywhere: its model key, SAE key and the partition columns.
+"""What identifies a run everywhere: its model key, SAE key and the run-id columns.
 
-Every table carries the same five partition columns (model, expansion_factor, k, layers,
+Every table carries the same five run-id columns (model, expansion_factor, k, layers,
 tuned_lens) with the same types, so Parquet files from many runs concatenate into one DuckDB view; the
 pipeline's partition keys (`smollm2|x2-k16-Lall`) are built from the same names.
 """
@@ -14,7 +14,7 @@ import pyarrow as pa
 
 from mlsae_core.config import ConfigError
 
-PARTITION_FIELDS: tuple[pa.Field, ...] = (
+RUN_ID_FIELDS: tuple[pa.Field, ...] = (
     pa.field("model", pa.string(), nullable=False),
     pa.field("expansion_factor", pa.int32(), nullable=False),
     pa.field("k", pa.int32(), nullable=False),
@@ -22,7 +22,7 @@ PARTITION_FIELDS: tuple[pa.Field, ...] = (
     # trained on tuned-lens-transformed activations (docs/method.md §2, "Tuned-lens inputs")
     pa.field("tuned_lens", pa.bool_(), nullable=False),
 )
-PARTITION_COLUMNS = tuple(f.name for f in PARTITION_FIELDS)
+RUN_ID_COLUMNS = tuple(f.name for f in RUN_ID_FIELDS)
 MODEL_COLUMNS = ("model",)
 
 
@@ -76,10 +76,10 @@ def sae_key(
     return f"x{expansion_factor}-k{k}-L{label}{LENS_SUFFIX if tuned_lens else ''}"
 
 
-def partition(
+def run_id(
     model: str, expansion_factor: int, k: int, layers: Sequence[int], tuned_lens: bool = False
 ) -> dict[str, Any]:
-    """The partition columns of one run, typed as every table stores them."""
+    """The run-id columns of one run, typed as every table stores them."""
     return {
         "model": model,
         "expansion_factor": int(expansion_factor),
@@ -89,33 +89,34 @@ def partition(
     }
 
 
-def partition_of(metadata: Mapping[str, Any], n_latents: int, n_inputs: int, k: int) -> dict:
-    """The partition columns of a checkpoint, from its config.json metadata."""
+def run_id_of(sae: Any) -> dict[str, Any]:
+    """The run-id columns of a checkpoint (an `MLSAE`), from its config.json metadata."""
+    metadata = sae.metadata
     layers = metadata.get("layers") or list(range(int(metadata.get("n_model_layers", 1))))
-    return partition(
+    return run_id(
         model_slug(str(metadata.get("model_name", "unknown"))),
-        int(metadata.get("expansion_factor", n_latents // n_inputs)),
-        k,
+        int(metadata.get("expansion_factor", sae.n_latents // sae.n_inputs)),
+        int(sae.k),
         layers,
         bool(metadata.get("tuned_lens", False)),
     )
 
 
-def run_slug(part: Mapping[str, Any]) -> str:
+def run_slug(run_id: Mapping[str, Any]) -> str:
     """'smollm2-x2-k16-L0-29': a file-name-safe name for a run's figures."""
-    label = str(part["layers"]).replace(",", "_")
-    lens = LENS_SUFFIX if part.get("tuned_lens") else ""
-    return f"{part['model']}-x{part['expansion_factor']}-k{part['k']}-L{label}{lens}"
+    label = str(run_id["layers"]).replace(",", "_")
+    lens = LENS_SUFFIX if run_id.get("tuned_lens") else ""
+    return f"{run_id['model']}-x{run_id['expansion_factor']}-k{run_id['k']}-L{label}{lens}"
 
 
-def partition_fields(part: Mapping[str, Any], required: Sequence[str]) -> list[pa.Field]:
-    """The typed fields for `part`'s keys, refusing unknown or missing ones by name."""
-    known = {f.name: f for f in PARTITION_FIELDS}
-    unknown = sorted(set(part) - set(known))
-    missing = [name for name in required if name not in part]
+def run_id_fields(run_id: Mapping[str, Any], required: Sequence[str]) -> list[pa.Field]:
+    """The typed fields for `run_id`'s keys, refusing unknown or missing ones by name."""
+    known = {f.name: f for f in RUN_ID_FIELDS}
+    unknown = sorted(set(run_id) - set(known))
+    missing = [name for name in required if name not in run_id]
     if unknown or missing:
         raise ValueError(
-            f"partition {dict(part)} has unknown keys {unknown} / lacks {missing}; "
+            f"run id {dict(run_id)} has unknown keys {unknown} / lacks {missing}; "
             f"expected keys from {list(known)}"
         )
-    return [f for f in PARTITION_FIELDS if f.name in part]
+    return [f for f in RUN_ID_FIELDS if f.name in run_id]

@@ -5,15 +5,14 @@ figure sit side by side, under the same file names whether `mlsae analyse` or th
 wrote them (the table name is the file stem and the Dagster asset name). The pipeline keeps
 its run directories under one storage root:
 
-    <root>/models/<model>/                       transformers (converted GGUF, snapshots, tiny)
-    <root>/sources/                              raw text sources (the Brown corpus, tiny text)
+    <root>/models/<model>/                       transformers (converted GGUF, snapshots, local)
+    <root>/sources/                              raw text sources (the Brown corpus, local ones)
     <root>/corpus/<model>/{train,test}.safetensors   tokenized chunks (+ .json sidecars)
     <root>/cache/<model>/                        activation cache shared by a sweep's configs
     <root>/saes/<model>/<sae>/                   run directories (see RunLayout)
     <root>/tables/<name>.parquet                 cross-config tables (test_summary, mmcs, ...)
     <root>/tables/<name>/<model>.parquet         per-model tables (resid_cos_sim)
     <root>/figures/                              cross-config figures
-    <root>/state/<asset>/<partition>.json        what each pipeline step last computed
     <root>/results.duckdb                        one DuckDB view per table
 
 The root is `$MLSAE_DATA_DIR`, else `data/` in the current directory.
@@ -45,11 +44,6 @@ RUN_FIGURES = ("training_curve", "dists_heatmap", "layer_mean_hist", "prompt_hea
 def data_root() -> Path:
     """The storage root: `$MLSAE_DATA_DIR`, else `data/` in the current directory."""
     return Path(os.environ.get(DATA_DIR_ENV, "data")).expanduser().resolve()
-
-
-def partition_file_stem(partition_key: str | None) -> str:
-    """'smollm2|x2-k8-Lall' -> 'smollm2__x2-k8-Lall' (file-name safe)."""
-    return "all" if partition_key is None else partition_key.replace("|", "__")
 
 
 @dataclass(frozen=True)
@@ -160,9 +154,6 @@ class StorageLayout:
     def figures_dir(self) -> Path:
         """Cross-config figures."""
         return self.root / "figures"
-
-    def state_path(self, asset: str, partition_key: str | None) -> Path:
-        return self.root / "state" / asset / f"{partition_file_stem(partition_key)}.json"
 
     @property
     def results_db(self) -> Path:

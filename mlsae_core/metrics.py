@@ -73,12 +73,6 @@ class ReconstructionMetrics:
         for layer in range(self.n_layers):
             self.fired[layer, indices[layer][active[layer]]] = True
 
-    def merge(self, other: ReconstructionMetrics) -> None:
-        self.n_tokens += other.n_tokens
-        for name in ("sq_err", "x_sum", "x_sq", "l0", "l1"):
-            getattr(self, name).add_(getattr(other, name))
-        self.fired |= other.fired
-
     def variance(self) -> torch.Tensor:
         """[L] sum ||x - xbar_l||^2, FVU's denominator (callers that must tell "no variance",
         e.g. the explorer's one-prompt metrics, compare it with x_sq)."""
@@ -255,13 +249,6 @@ class SpliceMetrics:
         self.kl[layer] += float(kl)
         self.logit_sq[layer] += float(torch.linalg.vecdot(dh @ gram, dh).sum())
         self.ce_zero[layer] += float(-zero_log_probs.double()[targets].sum())
-
-    def merge(self, other: SpliceMetrics) -> None:
-        self.n_positions += other.n_positions
-        self.vocab = max(self.vocab, other.vocab)
-        self.ce_clean += other.ce_clean
-        for name in ("ce_spliced", "ce_zero", "kl", "logit_sq"):
-            getattr(self, name).add_(getattr(other, name))
 
     def compute(self) -> dict[str, list[float]]:
         n = max(self.n_positions, 1)

@@ -14,7 +14,6 @@ import contextlib
 import torch
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-_ALIASES = {"bf16": "bfloat16", "fp32": "float32"}
 
 
 def fast_bf16(device: torch.device | str) -> bool:
@@ -39,7 +38,6 @@ def resolve_precision(
             raise ValueError(f"{setting}={name} is not allowed: float32 or bfloat16")
         return name
     key = str(name).lower().removeprefix("torch.")
-    key = _ALIASES.get(key, key)
     if key == "auto":
         return torch.bfloat16 if fast_bf16(device) else torch.float32
     if key not in DTYPES:

@@ -35,7 +35,7 @@ from mlsae_core.documents import (
     load_documents,
     split_documents,
 )
-from mlsae_core.identity import PARTITION_FIELDS, partition_of, resolve_layers
+from mlsae_core.identity import RUN_ID_FIELDS, resolve_layers, run_id_of
 from mlsae_core.layout import RunLayout, StorageLayout
 from mlsae_core.lens import LensedActivations, TunedLens
 from mlsae_core.lock import refuse_if_locked
@@ -229,8 +229,8 @@ class EvalSetup:
     lens: TunedLens | None = None  # the tuned lens the MLSAE was trained through
 
     @property
-    def partition(self) -> dict[str, Any]:
-        return partition_values(self.sae)
+    def run_id(self) -> dict[str, Any]:
+        return run_id_of(self.sae)
 
 
 def recorded_data(
@@ -349,21 +349,16 @@ def checkpoint_lens(
     return lens.to(transformer.device)
 
 
-def partition_values(sae: MLSAE) -> dict[str, Any]:
-    """The columns that identify a checkpoint in every table: model, expansion_factor, k, layers."""
-    return partition_of(sae.metadata, sae.n_latents, sae.n_inputs, int(sae.k))
-
-
-def metrics_table(rows: list[dict[str, Any]], part: dict[str, Any]) -> pa.Table:
+def metrics_table(rows: list[dict[str, Any]], run_id: dict[str, Any]) -> pa.Table:
     """The test metrics as a pyarrow Table with an explicit schema."""
     schema = pa.schema(
         [
-            *PARTITION_FIELDS,
+            *RUN_ID_FIELDS,
             ("layer", pa.string()),
             *[(c, pa.float64()) for c in METRIC_COLUMNS],
         ]
     )
-    return pa.Table.from_pylist([{**part, **r} for r in rows], schema=schema)
+    return pa.Table.from_pylist([{**run_id, **r} for r in rows], schema=schema)
 
 
 def write_metrics_csv(table: pa.Table, out_csv: str | Path) -> Path:
@@ -380,7 +375,6 @@ __all__ = [
     "corpus_split",
     "load_for_test",
     "metrics_table",
-    "partition_values",
     "resolve_dataset",
     "train_run",
     "transformer_split",

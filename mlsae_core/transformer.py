@@ -53,7 +53,6 @@ _FAMILY_PATHS: dict[str, tuple[str, str]] = {
 
 SMOLLM2 = "smollm2"
 SMOLLM2_DIR_NAME = "SmolLM2-135M-Instruct"
-DEFAULT_HUB_MODEL = "EleutherAI/pythia-70m-deduped"
 _SOURCE_FILE = "mlsae_source.json"
 
 
@@ -296,11 +295,10 @@ def _as_kwargs(block: nn.Module, args: tuple, kwargs: dict) -> dict:
     """Turn a block call's extra positional args (GPT-2 passes some) into keyword args."""
     if len(args) <= 1:
         return dict(kwargs)
-    bound = inspect.signature(block.forward).bind_partial(*args, **kwargs).arguments
-    names = list(bound)
+    signature = inspect.signature(block.forward)
+    params, bound = signature.parameters, signature.bind_partial(*args, **kwargs).arguments
     out: dict[str, Any] = {}
-    params = inspect.signature(block.forward).parameters
-    for name in names[1:]:  # names[0] is the hidden state
+    for name in list(bound)[1:]:  # the first is the hidden state
         if params[name].kind is inspect.Parameter.VAR_KEYWORD:
             out.update(bound[name])
         else:

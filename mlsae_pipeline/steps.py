@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mlsae_core import atomic
-from mlsae_core.identity import layers_label, partition, resolve_layers
+from mlsae_core.identity import layers_label, resolve_layers, run_id
 from mlsae_core.layout import StorageLayout
 
 if TYPE_CHECKING:
@@ -303,7 +303,7 @@ def _run_setup(layout: StorageLayout, sw: Sweep, model: str, point: SAEPoint) ->
     run_dir = layout.run(model, point.key).directory
     sae = MLSAE.from_pretrained(run_dir, device=str(tr.device))
     layers = resolve_layers(point.layers, tr.n_layers)
-    part = partition(model, point.expansion_factor, point.k, layers, point.tuned_lens)
+    part = run_id(model, point.expansion_factor, point.k, layers, point.tuned_lens)
     return tr, sae, layers, part, checkpoint_lens(run_dir, sae.metadata, tr)
 
 
@@ -351,7 +351,7 @@ def dists_figures(
 
     dists = dists_from_layer_table(layer_dists)
     point = sw.point(sae_key)
-    title = figure_title(partition(model, point.expansion_factor, point.k, dists.layers))
+    title = figure_title(run_id(model, point.expansion_factor, point.k, dists.layers))
     written = write_run_figures(layout.run(model, sae_key), dists, title)
     record(*written)
     pngs = [p for p in written if p.suffix == ".png"]

@@ -11,7 +11,8 @@ import pyarrow as pa
 import pytest
 import torch
 
-from mlsae_core.analysis import tables
+from mlsae_core import identity
+from mlsae_core.analysis import summaries, tables
 from mlsae_core.analysis.dists import LayerDists, RunningStats, describe
 from mlsae_core.analysis.examples import MaxExamples, sae_row_encoder, token_strings
 from mlsae_core.analysis.geometry import (
@@ -28,7 +29,7 @@ from mlsae_core.config import DEFAULT_PROMPT
 from mlsae_core.sae import MLSAE, TopK
 
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "tables.md"
-PART = {"model": "tiny", "expansion_factor": 2, "k": 2, "layers": "2,3,5", "tuned_lens": False}
+RUN_ID = {"model": "tiny", "expansion_factor": 2, "k": 2, "layers": "2,3,5", "tuned_lens": False}
 
 
 # ----- planted data ----------------------------------------------------------------------------
@@ -114,7 +115,7 @@ def test_layer_dists_parquet_round_trip_is_exact(tmp_path: Path) -> None:
     col.add(values, indices)
     res = col.result()  # latent 3 never fires: absent from the rows, kept by the metadata
     path = tmp_path / "latent_layer_dists.parquet"
-    atomic.write_parquet(path, tables.latent_layer_dists_table(res, PART))
+    atomic.write_parquet(path, tables.latent_layer_dists_table(res, RUN_ID))
     back = tables.dists_from_layer_table(pq.read_table(path))
     assert back.layers == [2, 3, 5] and back.n_tokens == res.n_tokens
     assert torch.equal(back.counts, res.counts) and torch.equal(back.totals, res.totals)
@@ -503,16 +504,16 @@ def test_one_pass_equals_separate_passes_and_brute_force(tiny_setup) -> None:
         assert e["context_tokens"] == [tt.tokenizer.decode([t]) for t in e["context_ids"]]
     assert {res.example(m)["pos"] for m in range(len(res))} & {0, 1, 2, n_tok - 1}
 
-    # tables: documented columns, partition values on every row
-    part = {"model": "tiny", "expansion_factor": 1, "k": 4, "layers": tables.layers_label(layers),
+    # tables: documented columns, run-id values on every row
+    run_id = {"model": "tiny", "expansion_factor": 1, "k": 4, "layers": tables.layers_label(layers),
             "tuned_lens": False}  # fmt: skip
-    t = tables.max_examples_table(res, part)
+    t = tables.max_examples_table(res, run_id)
     assert t.num_rows == len(res)
     assert set(t.column("layers").to_pylist()) == {"0-2"}
     first = t.slice(0, 1).to_pylist()[0]
     assert first["context_tokens"] == res.example(0)["context_tokens"]
     assert first["context_activations"] == pytest.approx(res.example(0)["context_activations"])
-    vt = tables.layer_variance_table(var.result(), part)
+    vt = tables.layer_variance_table(var.result(), run_id)
     assert vt.num_rows == 1 and vt.column("ratio").to_pylist()[0] >= 1.0 - 1e-9
 
 
@@ -591,17 +592,17 @@ def test_tables_have_documented_columns(tmp_path: Path) -> None:
         raw=dres.totals[:, [2, 0]],
     )
     built = {
-        "latent_dists": tables.latent_dists_table(dres, PART),
-        "latent_layer_dists": tables.latent_layer_dists_table(dres, PART),
-        "dists_summary": tables.dists_summary_table(dres, PART),
-        "layer_variance": tables.layer_variance_table(v.result(), PART),
-        "latent_variance": tables.latent_variance_table(v.result(), PART),
-        "max_examples": tables.max_examples_table(eres, PART),
+        "latent_dists": tables.latent_dists_table(dres, RUN_ID),
+        "latent_layer_dists": tables.latent_layer_dists_table(dres, RUN_ID),
+        "dists_summary": tables.dists_summary_table(dres, RUN_ID),
+        "layer_variance": tables.layer_variance_table(v.result(), RUN_ID),
+        "latent_variance": tables.latent_variance_table(v.result(), RUN_ID),
+        "max_examples": tables.max_examples_table(eres, RUN_ID),
         "resid_cos_sim": tables.resid_cos_sim_table(rcs, model_part),
-        "mmcs": tables.mmcs_table(mmcs(w), PART),
-        "decoder_sim": tables.decoder_sim_table(hist, PART),
-        "embedding_sim": tables.embedding_sim_table(sim, PART, {}),
-        "prompt_heatmap": tables.prompt_heatmap_table(heat, PART),
+        "mmcs": tables.mmcs_table(mmcs(w), RUN_ID),
+        "decoder_sim": tables.decoder_sim_table(hist, RUN_ID),
+        "embedding_sim": tables.embedding_sim_table(sim, RUN_ID, {}),
+        "prompt_heatmap": tables.prompt_heatmap_table(heat, RUN_ID),
     }
     docs = documented_columns()
     for name, table in built.items():
@@ -609,7 +610,7 @@ def test_tables_have_documented_columns(tmp_path: Path) -> None:
         assert table.column_names == docs[name], name
         assert isinstance(table, pa.Table) and table.num_rows > 0
         assert set(docs) == set(built), "every documented table is built here"
-        for key, value in (PART if name != "resid_cos_sim" else model_part).items():
+        for key, value in (RUN_ID if name != "resid_cos_sim" else model_part).items():
             assert set(table.column(key).to_pylist()) == {value}
         # an explicit schema survives a Parquet round trip unchanged
         from mlsae_core.atomic import write_parquet
@@ -635,7 +636,7 @@ def test_tables_have_documented_columns(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="lacks"):
         tables.latent_dists_table(dres, {"model": "tiny"})
     with pytest.raises(ValueError, match="unknown"):
-        tables.latent_dists_table(dres, {**PART, "seed": 1})
+        tables.latent_dists_table(dres, {**RUN_ID, "seed": 1})
 
 
 def test_layers_label() -> None:
@@ -648,8 +649,10 @@ def test_reference_csvs(tmp_path: Path) -> None:
     values, indices = planted()
     d = LayerDists(4, [2, 3, 5])
     d.add(values, indices)
-    row = tables.dists_layer_std_row("tiny", 2, 4, d.result())
-    tables.write_dists_layer_std_csv(tmp_path / "dists_layer_std.csv", [row])
+    run_id = identity.run_id("tiny", 2, 4, [2, 3, 5])
+    table = summaries.dists_layer_std(tables.dists_summary_table(d.result(), run_id))
+    rows = summaries.dists_layer_std_csv_rows(table)
+    tables.write_dists_layer_std_csv(tmp_path / "dists_layer_std.csv", rows)
     lines = (tmp_path / "dists_layer_std.csv").read_text().splitlines()
     assert lines[0] == (
         "model_name,n_layers,expansion_factor,k,mean,var,std,sem,mean_rel,var_rel,std_rel,sem_rel"
@@ -658,7 +661,8 @@ def test_reference_csvs(tmp_path: Path) -> None:
     assert cells[:4] == ["tiny", "3", "2", "4"]
     assert float(cells[4]) == pytest.approx(np.mean([0, 1, 0.1875**0.5]))
     w = torch.randn(5, 9)
-    tables.write_mmcs_csv(tmp_path / "mmcs.csv", [tables.mmcs_row("tiny", 2, 4, mmcs(w))])
+    rows = summaries.mmcs_csv_rows(summaries.mmcs([(run_id, w)]))
+    tables.write_mmcs_csv(tmp_path / "mmcs.csv", rows)
     lines = (tmp_path / "mmcs.csv").read_text().splitlines()
     assert lines[0] == "model_name,expansion_factor,k,mean,var,std,sem"
     assert float(lines[1].split(",")[3]) == pytest.approx(float(max_cos(w).values.mean()))

@@ -18,8 +18,9 @@ import torch
 from mlsae_core.cli import main
 from mlsae_core.config import ConfigError, EvalConfig, SAEConfig, TrainConfig
 from mlsae_core.evaluate import evaluate, prediction_mask
+from mlsae_core.identity import run_id_of
 from mlsae_core.lens import LensedActivations, TunedLens
-from mlsae_core.runs import load_for_test, partition_values
+from mlsae_core.runs import load_for_test
 from mlsae_core.sae import MLSAE
 from mlsae_core.train import LiveActivations, read_history, train
 from tests.test_cli import corpus_dir, tiny_model_dir, train_args  # noqa: F401 - fixtures
@@ -140,7 +141,7 @@ def test_cli_train_test_with_a_lens(tiny_model_dir, corpus_dir, tmp_path, capsys
     assert cfg["tuned_lens"] is True and cfg["lens_fingerprint"] == lens.fingerprint()
     assert TunedLens.load(out / "lens").fingerprint() == lens.fingerprint()  # its own copy
     sae = MLSAE.from_pretrained(out)
-    assert partition_values(sae)["tuned_lens"] is True
+    assert run_id_of(sae)["tuned_lens"] is True
     # test finds the run's own copy: no flag needed
     assert main(["test", "--repo_id", str(out), "--max_tokens", "128", "--device", "cpu"]) == 0
     table = pq.read_table(out / "test_metrics.parquet")
@@ -161,7 +162,7 @@ def test_a_plain_checkpoint_refuses_a_lens(tiny_model_dir, corpus_dir, tmp_path)
     assert main(train_args(tiny_model_dir, corpus_dir, tmp_path / "sae")) == 0
     random_lens().save(tmp_path / "lens")
     sae = MLSAE.from_pretrained(tmp_path / "sae")
-    assert partition_values(sae)["tuned_lens"] is False
+    assert run_id_of(sae)["tuned_lens"] is False
     with pytest.raises(ConfigError, match="plain activations"):
         load_for_test(tmp_path / "sae", EvalConfig(max_tokens=128, device="cpu"),
                       tuned_lens=tmp_path / "lens")  # fmt: skip

@@ -295,7 +295,7 @@ def test_tables_columns_and_rows(smoke):
         per_layer = [x["fvu"] for x in rows if x["layer"] != "avg"]
         avg = next(x["fvu"] for x in rows if x["layer"] == "avg")
         assert math.isclose(avg, sum(per_layer) / len(per_layer), rel_tol=1e-9)
-    # one set of partition types everywhere (mlsae_core.identity)
+    # one set of run-id types everywhere (mlsae_core.identity)
     for name in TABLES:
         if name != "resid_cos_sim":
             types = [str(t[name].schema.field(c).type) for c in PART]

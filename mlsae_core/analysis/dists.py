@@ -155,8 +155,10 @@ class DistsResult:
         return live[torch.sort(key, stable=True).indices]
 
 
-class LayerDists:
-    """Collector for `evaluate`: accumulates counts and totals per (layer, latent)."""
+class TopKCollector:
+    """Base of the collectors `evaluate` feeds: each reads every batch's top-k at the SAE's
+    layers (in `add(values, indices)`, [L, N, k]), counting a latent only where it fires
+    (value > dead_threshold)."""
 
     def __init__(
         self,
@@ -167,15 +169,25 @@ class LayerDists:
         self.layers = [int(x) for x in layers]
         self.n_latents = n_latents
         self.dead_threshold = dead_threshold
+        self.n_tokens = 0
+
+    def check_layers(self, batch: EvalBatch) -> None:
+        if list(batch.layers) != self.layers:
+            raise ValueError(f"batch layers {batch.layers} != collector layers {self.layers}")
+
+    def update(self, batch: EvalBatch) -> None:
+        self.check_layers(batch)
+        self.add(batch.topk.values, batch.topk.indices)
+
+
+class LayerDists(TopKCollector):
+    """Collector for `evaluate`: accumulates counts and totals per (layer, latent)."""
+
+    def __init__(self, n_latents: int, layers: Sequence[int], **kwargs: Any) -> None:
+        super().__init__(n_latents, layers, **kwargs)
         n_layers = len(self.layers)
         self.counts = torch.zeros(n_layers, n_latents, dtype=torch.float64)  # [L, n]
         self.totals = torch.zeros(n_layers, n_latents, dtype=torch.float64)  # [L, n]
-        self.n_tokens = 0
-
-    def update(self, batch: EvalBatch) -> None:
-        if list(batch.layers) != self.layers:
-            raise ValueError(f"batch layers {batch.layers} != collector layers {self.layers}")
-        self.add(batch.topk.values, batch.topk.indices)
 
     @torch.no_grad()
     def add(self, values: torch.Tensor, indices: torch.Tensor) -> None:
@@ -189,12 +201,6 @@ class LayerDists:
         fired = v > self.dead_threshold
         self.counts.scatter_add_(1, i, fired.double())
         self.totals.scatter_add_(1, i, torch.where(fired, v, 0.0))
-
-    def merge(self, other: LayerDists) -> None:
-        """Add another collector's sums (e.g. from another process)."""
-        self.counts += other.counts
-        self.totals += other.totals
-        self.n_tokens += other.n_tokens
 
     def result(self) -> DistsResult:
         return DistsResult(self.layers, self.counts.clone(), self.totals.clone(), self.n_tokens)

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from mlsae_core.analysis.dists import TopKCollector
 from mlsae_core.config import EvalConfig, SAEConfig
 from mlsae_core.sae import TopK
 
@@ -136,7 +137,7 @@ class ExamplesResult:
         }
 
 
-class MaxExamples:
+class MaxExamples(TopKCollector):
     """Collector for `evaluate`: top `n_examples` tokens per (layer, latent), fixed memory."""
 
     def __init__(
@@ -149,12 +150,10 @@ class MaxExamples:
         device: str | torch.device = "cpu",
     ) -> None:
         """`device` holds the state and does the merging (a GPU makes the sorts cheap)."""
-        self.layers = [int(x) for x in layers]
-        self.n_latents = n_latents
+        super().__init__(n_latents, layers, dead_threshold)
         self.n_examples = n_examples
         self.device = torch.device(device)
         self.n_context = n_context
-        self.dead_threshold = dead_threshold
         shape = (len(self.layers), n_latents, n_examples)
         self.values = torch.full(shape, -math.inf, dtype=torch.float32, device=self.device)
         self.locs = torch.full(shape, -1, dtype=torch.int64, device=self.device)  # row*P + pos
@@ -164,8 +163,7 @@ class MaxExamples:
         return self.values.numel() * 4 + self.locs.numel() * 8
 
     def update(self, batch: EvalBatch) -> None:
-        if list(batch.layers) != self.layers:
-            raise ValueError(f"batch layers {batch.layers} != collector layers {self.layers}")
+        self.check_layers(batch)
         rows = batch.rows.cpu()[batch.batch_index.cpu()]  # [N]
         self.add(
             batch.topk.values,
@@ -276,11 +274,10 @@ class MaxExamples:
         ctx_acts[:, c] = act
         if encode_rows is not None and act.numel():
             ctx_acts = _context_acts(encode_rows, li, lat, row, qc, valid, batch_size)
-        strings: dict[int, str] = {}
-        if tokenizer is not None:
-            strings = token_strings(tokenizer, ctx_ids[valid].tolist())
-        else:
-            strings = {int(i): str(int(i)) for i in ctx_ids[valid].unique().tolist()}
+        ids = ctx_ids[valid].unique().tolist()
+        strings = (
+            token_strings(tokenizer, ids) if tokenizer is not None else {i: str(i) for i in ids}
+        )
         logger.info("assembled %d max-activating examples", act.numel())
         return ExamplesResult(
             layers=self.layers,

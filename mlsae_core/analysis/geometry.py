@@ -217,13 +217,6 @@ class EmbeddingSim:
     output_ids: torch.Tensor  # [n, top]
 
 
-def model_embeddings(transformer: Any) -> tuple[torch.Tensor, torch.Tensor]:
-    """(input [V, d], output [V, d]) embedding matrices of a `Transformer` (tied or not)."""
-    emb_in = transformer.model.get_input_embeddings().weight.detach()
-    emb_out = transformer.unembed.weight.detach()
-    return emb_in, emb_out
-
-
 @torch.no_grad()
 def top_cosine(
     decoder: torch.Tensor, embeddings: torch.Tensor, top: int = 10, chunk_size: int = 512

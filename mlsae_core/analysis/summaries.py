@@ -17,8 +17,13 @@ import pyarrow.compute as pc
 import torch
 
 from mlsae_core.analysis import geometry
-from mlsae_core.analysis.tables import STAT_NAMES, mmcs_table
-from mlsae_core.identity import PARTITION_COLUMNS, PARTITION_FIELDS, is_single_layer, partition_of
+from mlsae_core.analysis.tables import (
+    DISTS_LAYER_STD_CSV_COLUMNS,
+    MMCS_CSV_COLUMNS,
+    STAT_NAMES,
+    mmcs_table,
+)
+from mlsae_core.identity import RUN_ID_COLUMNS, RUN_ID_FIELDS, is_single_layer, run_id_of
 from mlsae_core.sae import MLSAE
 
 # Metrics of single_layer_comparison: the MLSAE's value at a layer next to the baseline's.
@@ -35,22 +40,22 @@ def n_layers_of(label: str) -> int:
 
 
 def _sorted(table: pa.Table, *extra: str) -> pa.Table:
-    return table.sort_by([(c, "ascending") for c in (*PARTITION_COLUMNS, *extra)])
+    return table.sort_by([(c, "ascending") for c in (*RUN_ID_COLUMNS, *extra)])
 
 
 # ----- test_summary ------------------------------------------------------------------------
 def summarize_test_metrics(test_metrics: pa.Table) -> pa.Table:
-    """One row per config: its `avg` test-metrics row, with n_layers after the partition."""
+    """One row per config: its `avg` test-metrics row, with n_layers after the run id."""
     avg = test_metrics.filter(pc.equal(test_metrics.column("layer"), "avg")).drop(["layer"])
     labels = avg.column("layers").to_pylist()
     n_layers = pa.array([n_layers_of(x) for x in labels], pa.int64())
-    avg = avg.add_column(len(PARTITION_COLUMNS), "n_layers", n_layers)
+    avg = avg.add_column(len(RUN_ID_COLUMNS), "n_layers", n_layers)
     return _sorted(avg)
 
 
 # ----- dists_layer_std ---------------------------------------------------------------------
 DISTS_LAYER_STD_COLUMNS = (
-    *PARTITION_COLUMNS,
+    *RUN_ID_COLUMNS,
     "n_layers",
     "n_latents",
     "n_live",
@@ -65,30 +70,26 @@ def dists_layer_std(dists_summary: pa.Table) -> pa.Table:
     return _sorted(dists_summary.select(list(DISTS_LAYER_STD_COLUMNS)))
 
 
+def _reference_rows(table: pa.Table, columns: Sequence[str]) -> list[dict[str, Any]]:
+    """`table`'s rows under the reference CSV's `columns` (its `model_name` is our `model`)."""
+    return [{c: r["model" if c == "model_name" else c] for c in columns} for r in table.to_pylist()]
+
+
 def dists_layer_std_csv_rows(table: pa.Table) -> list[dict[str, Any]]:
     """Rows of the reference's dists_layer_std.csv (tables.write_dists_layer_std_csv)."""
-    return [
-        {
-            "model_name": r["model"],
-            "n_layers": r["n_layers"],
-            "expansion_factor": r["expansion_factor"],
-            "k": r["k"],
-            **{s: r[s] for s in (*STAT_NAMES, *_REL_NAMES)},
-        }
-        for r in table.to_pylist()
-    ]
+    return _reference_rows(table, DISTS_LAYER_STD_CSV_COLUMNS)
 
 
 # ----- mmcs --------------------------------------------------------------------------------
 def run_decoder(directory: str | Path) -> tuple[dict[str, Any], torch.Tensor]:
-    """(partition columns, decoder [d, n_latents]) of a checkpoint directory."""
+    """(run-id columns, decoder [d, n_latents]) of a checkpoint directory."""
     sae = MLSAE.from_pretrained(directory)
-    part = partition_of(sae.metadata, sae.n_latents, sae.n_inputs, sae.k)
-    return part, sae.decoder.weight.detach()
+    run_id = run_id_of(sae)
+    return run_id, sae.decoder.weight.detach()
 
 
 # What a single-layer baseline shares with the MLSAE it is compared with (all but the layers).
-_SAME_CONFIG = tuple(c for c in PARTITION_COLUMNS if c != "layers")
+_SAME_CONFIG = tuple(c for c in RUN_ID_COLUMNS if c != "layers")
 
 
 def _same_dictionary_size(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
@@ -100,37 +101,30 @@ def mmcs(decoders: Sequence[tuple[Mapping[str, Any], torch.Tensor]]) -> pa.Table
     every single-layer SAE of the same model, expansion factor, k and inputs (plain or
     tuned-lens) ('layers=<l>')."""
     if not decoders:
-        raise ValueError("mmcs needs at least one (partition, decoder) pair")
+        raise ValueError("mmcs needs at least one (run id, decoder) pair")
     out = []
-    for part, dec in decoders:
-        out.append(mmcs_table(geometry.mmcs(dec), part, "self"))
-        if is_single_layer(part["layers"]):
+    for run_id, dec in decoders:
+        out.append(mmcs_table(geometry.mmcs(dec), run_id, "self"))
+        if is_single_layer(run_id["layers"]):
             continue
-        for other_part, other in decoders:
-            if _same_dictionary_size(part, other_part) and is_single_layer(other_part["layers"]):
-                ref = f"layers={other_part['layers']}"
-                out.append(mmcs_table(geometry.mmcs(dec, other), part, ref))
+        for other_run_id, other in decoders:
+            if _same_dictionary_size(run_id, other_run_id) and is_single_layer(
+                other_run_id["layers"]
+            ):
+                ref = f"layers={other_run_id['layers']}"
+                out.append(mmcs_table(geometry.mmcs(dec, other), run_id, ref))
     return _sorted(pa.concat_tables(out), "reference")
 
 
 def mmcs_csv_rows(table: pa.Table) -> list[dict[str, Any]]:
     """Rows of the reference's mmcs.csv: the 'self' rows (tables.write_mmcs_csv)."""
-    return [
-        {
-            "model_name": r["model"],
-            "expansion_factor": r["expansion_factor"],
-            "k": r["k"],
-            **{s: r[s] for s in STAT_NAMES},
-        }
-        for r in table.to_pylist()
-        if r["reference"] == "self"
-    ]
+    return _reference_rows(table.filter(pc.equal(table["reference"], "self")), MMCS_CSV_COLUMNS)
 
 
 # ----- single_layer_comparison -------------------------------------------------------------
 SINGLE_LAYER_COMPARISON_SCHEMA = pa.schema(
     [
-        *PARTITION_FIELDS,
+        *RUN_ID_FIELDS,
         pa.field("layer", pa.int32()),
         *[
             pa.field(f"{who}_{m}", pa.float64())
@@ -148,23 +142,23 @@ def single_layer_comparison(test_metrics: pa.Table) -> pa.Table:
     single_fvu."""
     by_cfg: dict[tuple, dict[str, dict[str, Any]]] = {}
     for r in test_metrics.to_pylist():
-        by_cfg.setdefault(tuple(r[c] for c in PARTITION_COLUMNS), {})[r["layer"]] = r
+        by_cfg.setdefault(tuple(r[c] for c in RUN_ID_COLUMNS), {})[r["layer"]] = r
     rows = []
     for key, layer_rows in sorted(by_cfg.items()):
-        part = dict(zip(PARTITION_COLUMNS, key, strict=True))
-        if is_single_layer(part["layers"]):
+        run_id = dict(zip(RUN_ID_COLUMNS, key, strict=True))
+        if is_single_layer(run_id["layers"]):
             continue
         for skey, srows in sorted(by_cfg.items()):
-            single = dict(zip(PARTITION_COLUMNS, skey, strict=True))
+            single = dict(zip(RUN_ID_COLUMNS, skey, strict=True))
             layer = single["layers"]
             if not (
-                _same_dictionary_size(part, single)
+                _same_dictionary_size(run_id, single)
                 and is_single_layer(layer)
                 and layer in layer_rows
             ):
                 continue
             m, s = layer_rows[layer], srows[layer]
-            row: dict[str, Any] = dict(part)
+            row: dict[str, Any] = dict(run_id)
             row["layer"] = int(layer)
             for metric in COMPARE_METRICS:
                 row[f"mlsae_{metric}"] = m[metric]

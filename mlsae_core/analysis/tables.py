@@ -1,6 +1,6 @@
 """Analysis results -> `pyarrow.Table`s with explicit schemas, and the reference's CSVs.
 
-Every table starts with the partition columns it is keyed by (`mlsae_core.identity`: model,
+Every table starts with the run-id columns it is keyed by (`mlsae_core.identity`: model,
 expansion_factor, k, layers; model-level tables such as resid_cos_sim need only `model`),
 repeated on every row, so Parquet files from many configs concatenate into one DuckDB view.
 Columns are documented in docs/tables.md (one place); keep the two in step.
@@ -19,11 +19,11 @@ from typing import TYPE_CHECKING, Any
 import pyarrow as pa
 
 from mlsae_core import atomic
-from mlsae_core.identity import (  # layers_label re-exported: the partition value
+from mlsae_core.identity import (  # layers_label re-exported: the run-id value
     MODEL_COLUMNS,
-    PARTITION_COLUMNS,
+    RUN_ID_COLUMNS,
     layers_label,  # noqa: F401
-    partition_fields,
+    run_id_fields,
 )
 
 if TYPE_CHECKING:
@@ -47,18 +47,25 @@ MMCS_CSV_COLUMNS = ("model_name", "expansion_factor", "k", *STAT_NAMES)
 
 
 def _table(
-    partition: Mapping[str, Any],
+    run_id: Mapping[str, Any],
     fields: Sequence[pa.Field],
     columns: Mapping[str, Any],
-    required: Sequence[str] = PARTITION_COLUMNS,
+    required: Sequence[str] = RUN_ID_COLUMNS,
 ) -> pa.Table:
-    """Build a table: partition columns (repeated) then `columns`, under an explicit schema."""
-    part_fields = partition_fields(partition, required)
+    """Build a table: run-id columns (repeated) then `columns`, under an explicit schema."""
+    id_fields = run_id_fields(run_id, required)
     arrays: list[pa.Array] = [pa.array(columns[f.name], type=f.type) for f in fields]
     n = len(arrays[0]) if arrays else 0
-    part_arrays = [pa.repeat(pa.scalar(partition[f.name], type=f.type), n) for f in part_fields]
-    schema = pa.schema([*part_fields, *fields])
-    return pa.Table.from_arrays([*part_arrays, *arrays], schema=schema)
+    id_arrays = [pa.repeat(pa.scalar(run_id[f.name], type=f.type), n) for f in id_fields]
+    schema = pa.schema([*id_fields, *fields])
+    return pa.Table.from_arrays([*id_arrays, *arrays], schema=schema)
+
+
+def _summary_table(
+    run_id: Mapping[str, Any], fields: Sequence[pa.Field], summary: Mapping[str, Any]
+) -> pa.Table:
+    """One row: the `fields` of a result's `summary()`."""
+    return _table(run_id, fields, {f.name: [summary[f.name]] for f in fields})
 
 
 def _f64(x: Any) -> list[float]:
@@ -78,10 +85,10 @@ LATENT_DISTS_FIELDS = (
 )
 
 
-def latent_dists_table(result: DistsResult, partition: Mapping[str, Any]) -> pa.Table:
+def latent_dists_table(result: DistsResult, run_id: Mapping[str, Any]) -> pa.Table:
     """One row per latent: its layer distribution's statistics (NaN for dead latents)."""
     return _table(
-        partition,
+        run_id,
         LATENT_DISTS_FIELDS,
         {
             "latent": range(result.n_latents),
@@ -112,7 +119,7 @@ DISTS_META_KEY = b"mlsae.dists"
 
 
 def latent_layer_dists_table(
-    result: DistsResult, partition: Mapping[str, Any], nonzero_only: bool = True
+    result: DistsResult, run_id: Mapping[str, Any], nonzero_only: bool = True
 ) -> pa.Table:
     """Long form, one row per (layer, latent); by default only where the latent fired.
 
@@ -128,7 +135,7 @@ def latent_layer_dists_table(
     )
     layer_ids = torch.tensor(result.layers, dtype=torch.int32)
     table = _table(
-        partition,
+        run_id,
         LATENT_LAYER_DISTS_FIELDS,
         {
             "layer": layer_ids[li].numpy(),
@@ -182,12 +189,9 @@ DISTS_SUMMARY_FIELDS = (
 )
 
 
-def dists_summary_table(result: DistsResult, partition: Mapping[str, Any]) -> pa.Table:
+def dists_summary_table(result: DistsResult, run_id: Mapping[str, Any]) -> pa.Table:
     """One row per config: stats of layer_std over live latents (and / n_layers)."""
-    s = result.summary()
-    return _table(
-        partition, DISTS_SUMMARY_FIELDS, {f.name: [s[f.name]] for f in DISTS_SUMMARY_FIELDS}
-    )
+    return _summary_table(run_id, DISTS_SUMMARY_FIELDS, result.summary())
 
 
 # ----- variance ------------------------------------------------------------------------------
@@ -205,12 +209,9 @@ LAYER_VARIANCE_FIELDS = (
 )
 
 
-def layer_variance_table(result: VarianceResult, partition: Mapping[str, Any]) -> pa.Table:
+def layer_variance_table(result: VarianceResult, run_id: Mapping[str, Any]) -> pa.Table:
     """One row per config: token-level vs aggregate layer variance (analysis.variance)."""
-    s = result.summary()
-    return _table(
-        partition, LAYER_VARIANCE_FIELDS, {f.name: [s[f.name]] for f in LAYER_VARIANCE_FIELDS}
-    )
+    return _summary_table(run_id, LAYER_VARIANCE_FIELDS, result.summary())
 
 
 LATENT_VARIANCE_FIELDS = (
@@ -222,10 +223,10 @@ LATENT_VARIANCE_FIELDS = (
 )
 
 
-def latent_variance_table(result: VarianceResult, partition: Mapping[str, Any]) -> pa.Table:
+def latent_variance_table(result: VarianceResult, run_id: Mapping[str, Any]) -> pa.Table:
     """One row per latent: V_tok, V_agg, total activation, (token, latent) pairs."""
     return _table(
-        partition,
+        run_id,
         LATENT_VARIANCE_FIELDS,
         {
             "latent": range(int(result.weight.numel())),
@@ -258,7 +259,7 @@ MAX_EXAMPLES_FIELDS = (
 
 def max_examples_table(
     result: ExamplesResult,
-    partition: Mapping[str, Any],
+    run_id: Mapping[str, Any],
     doc_index: Any | None = None,
     documents: Sequence[Any] | None = None,
 ) -> pa.Table:
@@ -270,19 +271,15 @@ def max_examples_table(
     import numpy as np
 
     valid = result.context_valid.numpy()  # [M, C]
-    lengths = valid.sum(1)
-    offsets = np.zeros(len(result) + 1, dtype=np.int32)
-    np.cumsum(lengths, out=offsets[1:])
+    off = pa.array(np.concatenate([[0], np.cumsum(valid.sum(1))]), type=pa.int32())
     flat_ids = result.context_ids.numpy()[valid]  # row-major: each example's window in order
     flat_acts = result.context_acts.numpy()[valid].astype(np.float32)
-    vocab = sorted(result.strings)
-    lookup = pa.array([result.strings[i] for i in vocab], type=pa.string())
-    pos_of = np.searchsorted(np.asarray(vocab, dtype=np.int64), flat_ids)
-    flat_strings = lookup.take(pa.array(pos_of, type=pa.int64()))
-    off = pa.array(offsets, type=pa.int32())
-    token_strings = lookup.take(
-        pa.array(np.searchsorted(np.asarray(vocab, dtype=np.int64), result.token_id.numpy()))
-    )
+    vocab = np.asarray(sorted(result.strings), dtype=np.int64)
+    lookup = pa.array([result.strings[int(i)] for i in vocab], type=pa.string())
+
+    def strings_of(ids: Any) -> pa.Array:
+        return lookup.take(pa.array(np.searchsorted(vocab, ids), type=pa.int64()))
+
     doc_col: list[str | None] = [None] * len(result)
     genre_col: list[str | None] = [None] * len(result)
     if doc_index is not None and documents is not None:
@@ -297,17 +294,17 @@ def max_examples_table(
         "row": result.row.numpy(),
         "pos": result.pos.int().numpy(),
         "token_id": result.token_id.numpy(),
-        "token": token_strings,
+        "token": strings_of(result.token_id.numpy()),
         "centre": result.centre.int().numpy(),
         "context_ids": pa.ListArray.from_arrays(off, pa.array(flat_ids, type=pa.int64())),
-        "context_tokens": pa.ListArray.from_arrays(off, flat_strings),
+        "context_tokens": pa.ListArray.from_arrays(off, strings_of(flat_ids)),
         "context_activations": pa.ListArray.from_arrays(
             off, pa.array(flat_acts, type=pa.float32())
         ),
         "document": doc_col,
         "genre": genre_col,
     }
-    return _table(partition, MAX_EXAMPLES_FIELDS, columns)
+    return _table(run_id, MAX_EXAMPLES_FIELDS, columns)
 
 
 # ----- geometry ------------------------------------------------------------------------------
@@ -320,7 +317,7 @@ RESID_COS_SIM_FIELDS = (
 )
 
 
-def resid_cos_sim_table(result: ResidCosSim, partition: Mapping[str, Any]) -> pa.Table:
+def resid_cos_sim_table(result: ResidCosSim, run_id: Mapping[str, Any]) -> pa.Table:
     """One row per layer: its norm stats and the cosine with the next layer (null for the last)."""
     n_layers = len(result.layers)
     cols: dict[str, Any] = {
@@ -331,7 +328,7 @@ def resid_cos_sim_table(result: ResidCosSim, partition: Mapping[str, Any]) -> pa
     for s in STAT_NAMES:
         cols[f"cos_{s}"] = [*_f64(result.cos[s]), None]
         cols[f"norm_{s}"] = _f64(result.norm[s])
-    return _table(partition, RESID_COS_SIM_FIELDS, cols, required=MODEL_COLUMNS)
+    return _table(run_id, RESID_COS_SIM_FIELDS, cols, required=MODEL_COLUMNS)
 
 
 MMCS_FIELDS = (
@@ -342,12 +339,12 @@ MMCS_FIELDS = (
 
 
 def mmcs_table(
-    summary: Mapping[str, float], partition: Mapping[str, Any], reference: str = "self"
+    summary: Mapping[str, float], run_id: Mapping[str, Any], reference: str = "self"
 ) -> pa.Table:
     """One row: MMCS stats of a dictionary against itself ("self") or another (its label)."""
     cols = {"reference": [reference], "n_latents": [int(summary["n"])]}
     cols.update({s: [float(summary[s])] for s in STAT_NAMES})
-    return _table(partition, MMCS_FIELDS, cols)
+    return _table(run_id, MMCS_FIELDS, cols)
 
 
 DECODER_SIM_FIELDS = (
@@ -359,7 +356,7 @@ DECODER_SIM_FIELDS = (
 )
 
 
-def decoder_sim_table(hist: SimDistHistogram, partition: Mapping[str, Any]) -> pa.Table:
+def decoder_sim_table(hist: SimDistHistogram, run_id: Mapping[str, Any]) -> pa.Table:
     """The 2-D histogram of decoder cosine vs layer-mean distance, one row per bin."""
     import numpy as np
 
@@ -367,7 +364,7 @@ def decoder_sim_table(hist: SimDistHistogram, partition: Mapping[str, Any]) -> p
     di, ci = np.meshgrid(np.arange(nd), np.arange(nc), indexing="ij")
     di, ci = di.ravel(), ci.ravel()
     return _table(
-        partition,
+        run_id,
         DECODER_SIM_FIELDS,
         {
             "dist_lo": hist.dist_edges[di],
@@ -390,7 +387,7 @@ EMBEDDING_SIM_FIELDS = (
 
 
 def embedding_sim_table(
-    sim: EmbeddingSim, partition: Mapping[str, Any], strings: Mapping[int, str]
+    sim: EmbeddingSim, run_id: Mapping[str, Any], strings: Mapping[int, str]
 ) -> pa.Table:
     """Rows (latent, embedding in {input, output}, rank): top tokens by cosine.
 
@@ -413,7 +410,7 @@ def embedding_sim_table(
             np.array([strings.get(int(i), str(int(i))) for i in flat], dtype=object)
         )
         cols["cosine"].append(vals.reshape(-1).float().numpy())
-    return _table(partition, EMBEDDING_SIM_FIELDS, {k: np.concatenate(v) for k, v in cols.items()})
+    return _table(run_id, EMBEDDING_SIM_FIELDS, {k: np.concatenate(v) for k, v in cols.items()})
 
 
 PROMPT_HEATMAP_FIELDS = (
@@ -426,7 +423,7 @@ PROMPT_HEATMAP_FIELDS = (
 )
 
 
-def prompt_heatmap_table(heat: PromptHeatmap, partition: Mapping[str, Any]) -> pa.Table:
+def prompt_heatmap_table(heat: PromptHeatmap, run_id: Mapping[str, Any]) -> pa.Table:
     """Long form of the prompt heatmap: one row per (layer, latent) cell."""
     import numpy as np
 
@@ -434,7 +431,7 @@ def prompt_heatmap_table(heat: PromptHeatmap, partition: Mapping[str, Any]) -> p
     li, ci = np.meshgrid(np.arange(n_layers), np.arange(m), indexing="ij")
     li, ci = li.ravel(), ci.ravel()
     return _table(
-        partition,
+        run_id,
         PROMPT_HEATMAP_FIELDS,
         {
             "prompt": [heat.prompt] * (n_layers * m),
@@ -448,30 +445,6 @@ def prompt_heatmap_table(heat: PromptHeatmap, partition: Mapping[str, Any]) -> p
 
 
 # ----- the reference's CSVs ------------------------------------------------------------------
-def dists_layer_std_row(
-    model_name: str, expansion_factor: int, k: int, result: DistsResult
-) -> dict[str, Any]:
-    """One row of the reference's dists_layer_std.csv."""
-    s = result.summary()
-    row = {
-        "model_name": model_name,
-        "n_layers": s["n_layers"],
-        "expansion_factor": expansion_factor,
-    }
-    row["k"] = k
-    row.update({c: s[c] for c in DISTS_LAYER_STD_CSV_COLUMNS[4:]})
-    return row
-
-
-def mmcs_row(
-    model_name: str, expansion_factor: int, k: int, summary: Mapping[str, float]
-) -> dict[str, Any]:
-    """One row of the reference's mmcs.csv."""
-    row: dict[str, Any] = {"model_name": model_name, "expansion_factor": expansion_factor, "k": k}
-    row.update({s: summary[s] for s in STAT_NAMES})
-    return row
-
-
 def _write_csv(
     path: str | PathLike[str], columns: Sequence[str], rows: Sequence[Mapping[str, Any]]
 ) -> None:

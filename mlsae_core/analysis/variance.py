@@ -26,14 +26,11 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
-from mlsae_core.config import SAEConfig
-
-if TYPE_CHECKING:
-    from mlsae_core.evaluate import EvalBatch
+from mlsae_core.analysis.dists import TopKCollector
 
 
 @dataclass
@@ -83,34 +80,21 @@ class VarianceResult:
         }
 
 
-class TokenLayerVariance:
+class TokenLayerVariance(TopKCollector):
     """Collector for `evaluate`: per-token layer variance vs aggregate, per latent.
 
     Per batch the L*N*k top-k entries are grouped by (token, latent) with `torch.unique`;
     memory is O(L*N*k + n_latents), never [N, n_latents].
     """
 
-    def __init__(
-        self,
-        n_latents: int,
-        layers: Sequence[int],
-        dead_threshold: float = SAEConfig.dead_threshold,
-    ) -> None:
-        self.layers = [int(x) for x in layers]
-        self.n_latents = n_latents
-        self.dead_threshold = dead_threshold
+    def __init__(self, n_latents: int, layers: Sequence[int], **kwargs: Any) -> None:
+        super().__init__(n_latents, layers, **kwargs)
         f64 = torch.float64
         self.tok_w = torch.zeros(n_latents, dtype=f64)  # sum_t w[t, j]
         self.tok_wv = torch.zeros(n_latents, dtype=f64)  # sum_t w[t, j] v[t, j]
         self.pairs = torch.zeros(n_latents, dtype=f64)  # (token, latent) pairs
         self.layer_count = torch.zeros(n_latents, dtype=f64)  # sum over pairs of #layers
         self.agg = torch.zeros(3, n_latents, dtype=f64)  # sum a, sum l a, sum l^2 a
-        self.n_tokens = 0
-
-    def update(self, batch: EvalBatch) -> None:
-        if list(batch.layers) != self.layers:
-            raise ValueError(f"batch layers {batch.layers} != collector layers {self.layers}")
-        self.add(batch.topk.values, batch.topk.indices)
 
     @torch.no_grad()
     def add(self, values: torch.Tensor, indices: torch.Tensor) -> None:
@@ -142,11 +126,6 @@ class TokenLayerVariance:
         self.layer_count.index_add_(0, g_lat, n_l)
         for row, val in enumerate((w, s1, s2)):
             self.agg[row].index_add_(0, g_lat, val)
-
-    def merge(self, other: TokenLayerVariance) -> None:
-        for name in ("tok_w", "tok_wv", "pairs", "layer_count", "agg"):
-            getattr(self, name).add_(getattr(other, name))
-        self.n_tokens += other.n_tokens
 
     def result(self) -> VarianceResult:
         w, s1, s2 = self.agg
