@@ -322,3 +322,11 @@ def test_no_setting_default_is_typed_twice():
                             f"({param.arg}={default.value!r})"
                         )
     assert not offenders, offenders
+
+
+def test_the_public_api_resolves() -> None:
+    """Every name `mlsae_core` re-exports lazily is importable (a rename would break users)."""
+    import mlsae_core
+
+    for name in mlsae_core.__all__:
+        assert getattr(mlsae_core, name) is not None, name
