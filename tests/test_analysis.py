@@ -669,3 +669,15 @@ def test_reference_csvs(tmp_path: Path) -> None:
     assert not list(tmp_path.glob(".*.tmp"))
     with pytest.raises(ValueError, match="lacks"):
         tables.write_mmcs_csv(tmp_path / "bad.csv", [{"model_name": "x"}])
+
+
+def test_reference_rows_keep_a_lens_run_apart_from_its_plain_twin() -> None:
+    """test.csv: a run through a tuned lens and a plain run of the same x/k/layers are two
+    rows, each with its own tuned_lens flag and its own numbers."""
+    from mlsae_core.analysis.tables import reference_test_rows
+
+    base = {"model": "m", "expansion_factor": 2, "k": 4, "layers": "0-3", "layer": "avg"}
+    rows = reference_test_rows(
+        [{**base, "tuned_lens": False, "fvu": 0.5}, {**base, "tuned_lens": True, "fvu": 0.25}]
+    )
+    assert [(r["tuned_lens"], r["train/fvu/avg"]) for r in rows] == [(False, 0.5), (True, 0.25)]

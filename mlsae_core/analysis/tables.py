@@ -496,7 +496,8 @@ def reference_test_rows(metric_rows: Sequence[Mapping[str, Any]]) -> list[dict[s
     """
     wide: dict[tuple, dict[str, Any]] = {}
     for r in metric_rows:
-        key = (r["model"], int(r["expansion_factor"]), int(r["k"]), str(r["layers"]))
+        lens = bool(r.get("tuned_lens", False))
+        key = (r["model"], int(r["expansion_factor"]), int(r["k"]), str(r["layers"]), lens)
         layers = str(r["layers"])
         single = layers.isdigit()
         row = wide.setdefault(
@@ -505,7 +506,7 @@ def reference_test_rows(metric_rows: Sequence[Mapping[str, Any]]) -> list[dict[s
                 "model_name": r["model"],
                 "expansion_factor": int(r["expansion_factor"]),
                 "k": int(r["k"]),
-                "tuned_lens": False,
+                "tuned_lens": lens,
                 "layer": int(layers) if single else None,
                 "n_latents": r.get("n_latents"),
             },
@@ -529,8 +530,8 @@ def write_reference_test_csvs(
     out = Path(out_dir)
     rows = sorted(
         reference_test_rows(metric_rows),
-        key=lambda r: (r["model_name"], r["expansion_factor"], r["k"], r["layer"] is not None,
-                       r["layer"] or 0),
+        key=lambda r: (r["model_name"], r["expansion_factor"], r["k"], r["tuned_lens"],
+                       r["layer"] is not None, r["layer"] or 0),
     )  # fmt: skip
     columns: list[str] = ["model_name", "expansion_factor", "k", "tuned_lens", "layer",
                           "n_latents"]  # fmt: skip
