@@ -208,8 +208,13 @@ def model_shape(name: str, models_dir: Path | None = None) -> ModelShape:
     try:
         cfg = AutoConfig.from_pretrained(path, trust_remote_code=False)
     except (OSError, ValueError) as exc:
+        why = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        hint = ""
+        if "/" not in name:  # a plain name: the storage root's models/ is looked at first
+            where = models_dir or StorageLayout.from_env().models_dir
+            hint = f"; nor is there a model directory {where / name}: write one there first"
         raise ConfigError(
-            f"model_name={name!r} is not allowed: cannot read its config ({exc})"
+            f"model_name={name!r} is not allowed: cannot read its config ({why}){hint}"
         ) from exc
     n_layers = getattr(cfg, "num_hidden_layers", None) or getattr(cfg, "n_layer", None)
     d_model = getattr(cfg, "hidden_size", None) or getattr(cfg, "n_embd", None)
