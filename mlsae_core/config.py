@@ -30,7 +30,6 @@ Device = Literal["cpu", "cuda", "auto"]
 Precision = Literal["auto", "float32", "bfloat16"]
 VALID_DEVICES = typing.get_args(Device)
 PRECISION_CHOICES = typing.get_args(Precision)
-DELTA_DTYPE_CHOICES = PRECISION_CHOICES  # the splice metrics' logit-difference GEMM
 DEFAULT_PROMPT = "When Mary and John went to the store, John gave a drink to"
 DEVICE_HELP = "cpu, cuda, or auto (cuda when available)"
 NO_FLAG = {"cli": False}  # json_schema_extra of a field the CLI does not expose

@@ -18,16 +18,6 @@ import zstandard
 
 from mlsae_core.config import DataConfig
 
-__all__ = [
-    "DataError",
-    "Document",
-    "hub_documents",
-    "is_test_document",
-    "load_documents",
-    "local_documents",
-    "split_documents",
-]
-
 
 class DataError(ValueError):
     """A text source is missing, empty or unreadable; the message names the source and the fix."""

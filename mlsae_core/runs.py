@@ -372,16 +372,3 @@ def write_metrics_csv(table: pa.Table, out_csv: str | Path) -> Path:
     with atomic.atomic_path(out_csv) as tmp:
         pacsv.write_csv(table, tmp)
     return out_csv
-
-
-__all__ = [
-    "EvalSetup",
-    "check_spec",
-    "corpus_split",
-    "load_for_test",
-    "metrics_table",
-    "partition_values",
-    "resolve_dataset",
-    "train_run",
-    "transformer_split",
-]
