@@ -240,18 +240,18 @@ def _embedded_config(weights: Path) -> dict[str, Any] | None:
         return None
 
 
-def _tensor_names(weights: Path) -> list[str]:
-    """The tensor names in a weights file's header ([] if absent or unreadable: the weights
-    loader then reports it)."""
+def _tensor_shapes(weights: Path) -> dict[str, tuple[int, ...]]:
+    """Tensor name -> shape, from a weights file's header ({} if absent or unreadable: the
+    weights loader then reports it)."""
     try:
         with safe_open(str(weights), framework="pt") as f:
-            return list(f.keys())
+            return {n: tuple(f.get_slice(n).get_shape()) for n in f.keys()}
     except Exception:  # noqa: BLE001 - reported by the loader that needs the tensors
-        return []
+        return {}
 
 
 def _has_prefix(directory: Path, prefix: str) -> bool:
-    return any(n.startswith(prefix) for n in _tensor_names(directory / WEIGHTS_NAME))
+    return any(n.startswith(prefix) for n in _tensor_shapes(directory / WEIGHTS_NAME))
 
 
 def _tfm_config(directory: Path) -> dict[str, Any]:
@@ -266,12 +266,8 @@ def _tfm_config(directory: Path) -> dict[str, Any]:
         raise CheckpointError(f"{cfg_path} is not valid JSON: {exc}") from exc
     if not isinstance(settings, dict):
         raise CheckpointError(f"{cfg_path} is not a JSON object of settings")
-    names = _tensor_names(weights)
-    try:
-        with safe_open(str(weights), framework="pt") as f:
-            shapes = {n: tuple(f.get_slice(n).get_shape()) for n in names}
-    except Exception as exc:  # noqa: BLE001 - any header failure means the same to the user
-        raise CheckpointError(f"{weights} is corrupt or truncated ({exc})") from exc
+    shapes = _tensor_shapes(weights)  # readable: `_has_prefix` found autoencoder.*
+    names = list(shapes)
     enc = shapes.get(TFM_AUTOENCODER + "encoder.weight")
     dec = shapes.get(TFM_AUTOENCODER + "decoder.weight")
     if enc is None or dec is None or len(enc) != 2 or len(dec) != 2:
