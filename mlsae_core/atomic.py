@@ -21,8 +21,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-_HASH_CHUNK = 4 << 20  # bytes per read while hashing
-
 
 class CorruptFileError(ValueError):
     """A file does not match its recorded checksum or cannot be parsed: truncated or modified
@@ -35,11 +33,8 @@ class CorruptFileError(ValueError):
 
 def sha256_file(path: str | os.PathLike[str]) -> str:
     """Hex sha256 of a file, streamed (hashlib releases the GIL: threads hash in parallel)."""
-    h = hashlib.sha256()
     with open(path, "rb") as f:
-        while chunk := f.read(_HASH_CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def _fsync_dir(path: Path) -> None:
@@ -74,13 +69,9 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
             tmp.unlink()
 
 
-def write_bytes(path: str | os.PathLike[str], data: bytes | bytearray) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_bytes(data)
-
-
 def write_text(path: str | os.PathLike[str], text: str) -> None:
-    write_bytes(path, text.encode())
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(text.encode())
 
 
 def write_json(path: str | os.PathLike[str], obj: Any) -> None:
@@ -118,10 +109,6 @@ def atomic_dir(path: str | os.PathLike[str]) -> Iterator[Path]:
 MANIFEST_NAME = "manifest.json"
 
 
-def _file_entry(path: Path) -> dict[str, Any]:
-    return {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
-
-
 @contextlib.contextmanager
 def _manifest_lock(directory: Path) -> Iterator[None]:
     """Serialise read-modify-write of one manifest (two assets may write one run directory):
@@ -157,7 +144,8 @@ def record(directory: str | os.PathLike[str], names: Any, forget: Any = ()) -> N
         for name in forget:
             files.pop(name, None)
         for name in names:
-            files[name] = _file_entry(directory / name)
+            path = directory / name
+            files[name] = {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
         write_json(directory / MANIFEST_NAME, {"files": files})
 
 

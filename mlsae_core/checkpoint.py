@@ -26,7 +26,6 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load as load_bytes
 from safetensors.torch import save_file
 
 from mlsae_core import atomic
@@ -100,11 +99,9 @@ def read_sae(
         metadata={k: v for k, v in config.items() if k not in known},
         **{key: read(config[key]) for key, read in _OPTIONAL.items() if key in config},
     )
-    if _has_prefix(directory, TFM_AUTOENCODER):  # the file's layout, not its (copied) metadata
-        tensors = read_prefixed(directory, TFM_AUTOENCODER)
-    else:
-        tensors = read_checkpoint_weights(directory)
-    return kwargs, tensors
+    # the file's layout, not its (copied) metadata, says whether it is a training module's
+    prefix = TFM_AUTOENCODER if _has_prefix(directory, TFM_AUTOENCODER) else ""
+    return kwargs, read_tensors(directory, prefix)
 
 
 @torch.no_grad()
@@ -239,36 +236,22 @@ def _embedded_config(weights: Path) -> dict[str, Any] | None:
         with safe_open(str(weights), framework="pt") as f:
             text = (f.metadata() or {}).get(EMBEDDED_CONFIG_KEY)
         return json.loads(text) if text else None
-    except Exception:  # noqa: BLE001 - corrupt headers are reported by read_checkpoint_weights
+    except Exception:  # noqa: BLE001 - corrupt headers are reported by read_tensors
         return None
 
 
-def read_checkpoint_weights(directory: Path) -> dict[str, torch.Tensor]:
-    """Read model.safetensors (verified by `read_checkpoint_config`, which load_sae calls
-    first); an unparsable file gives a one-line error naming it."""
-    weights = directory / WEIGHTS_NAME
-    if not weights.exists():
-        raise CheckpointError(f"{weights} is missing (only safetensors checkpoints are loaded)")
-    try:
-        return load_bytes(weights.read_bytes())
-    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
-        raise CheckpointError(
-            f"{weights} is corrupt or truncated ({exc}); re-train or re-download it"
-        ) from exc
-
-
-def _tensor_names(weights: Path) -> list[str]:
-    """The tensor names in a weights file's header ([] if absent or unreadable: the weights
-    loader then reports it)."""
+def _tensor_shapes(weights: Path) -> dict[str, tuple[int, ...]]:
+    """Tensor name -> shape, from a weights file's header ({} if absent or unreadable: the
+    weights loader then reports it)."""
     try:
         with safe_open(str(weights), framework="pt") as f:
-            return list(f.keys())
+            return {n: tuple(f.get_slice(n).get_shape()) for n in f.keys()}
     except Exception:  # noqa: BLE001 - reported by the loader that needs the tensors
-        return []
+        return {}
 
 
 def _has_prefix(directory: Path, prefix: str) -> bool:
-    return any(n.startswith(prefix) for n in _tensor_names(directory / WEIGHTS_NAME))
+    return any(n.startswith(prefix) for n in _tensor_shapes(directory / WEIGHTS_NAME))
 
 
 def _tfm_config(directory: Path) -> dict[str, Any]:
@@ -283,12 +266,8 @@ def _tfm_config(directory: Path) -> dict[str, Any]:
         raise CheckpointError(f"{cfg_path} is not valid JSON: {exc}") from exc
     if not isinstance(settings, dict):
         raise CheckpointError(f"{cfg_path} is not a JSON object of settings")
-    names = _tensor_names(weights)
-    try:
-        with safe_open(str(weights), framework="pt") as f:
-            shapes = {n: tuple(f.get_slice(n).get_shape()) for n in names}
-    except Exception as exc:  # noqa: BLE001 - any header failure means the same to the user
-        raise CheckpointError(f"{weights} is corrupt or truncated ({exc})") from exc
+    shapes = _tensor_shapes(weights)  # readable: `_has_prefix` found autoencoder.*
+    names = list(shapes)
     enc = shapes.get(TFM_AUTOENCODER + "encoder.weight")
     dec = shapes.get(TFM_AUTOENCODER + "decoder.weight")
     if enc is None or dec is None or len(enc) != 2 or len(dec) != 2:
@@ -315,9 +294,11 @@ def _tfm_config(directory: Path) -> dict[str, Any]:
     return config
 
 
-def read_prefixed(directory: Path, prefix: str) -> dict[str, torch.Tensor]:
-    """The tensors under `prefix` in a training-module checkpoint, the prefix stripped; only
-    those are read (a foreign format: no manifest, see `verify_checkpoint`)."""
+def read_tensors(directory: Path, prefix: str = "") -> dict[str, torch.Tensor]:
+    """The tensors of model.safetensors under `prefix` (default: all), the prefix stripped;
+    an unreadable file gives a one-line error naming it. Checked against the manifest by
+    `read_checkpoint_config`, which `read_sae` calls first; a training-module checkpoint is a
+    foreign format without one (see `verify_checkpoint`)."""
     weights = directory / WEIGHTS_NAME
     if not weights.exists():
         raise CheckpointError(f"{weights} is missing (only safetensors checkpoints are loaded)")
@@ -337,7 +318,7 @@ def tfm_lens(directory: Path) -> Any:
         return None
     from mlsae_core.lens import TunedLens
 
-    state = read_prefixed(directory, TFM_LENS)
+    state = read_tensors(directory, TFM_LENS)
     return TunedLens.from_state_dict(
         state, prefix="layer_translators.", index_offset=0, where=directory / WEIGHTS_NAME
     )
@@ -347,4 +328,4 @@ def tfm_transformer_state(directory: Path) -> dict[str, torch.Tensor] | None:
     """The transformer's state dict saved in a training-module checkpoint (None if none)."""
     if not _has_prefix(directory, TFM_TRANSFORMER):
         return None
-    return read_prefixed(directory, TFM_TRANSFORMER)
+    return read_tensors(directory, TFM_TRANSFORMER)

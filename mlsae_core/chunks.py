@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -30,8 +30,6 @@ if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
 logger = logging.getLogger(__name__)
-
-__all__ = ["TokenChunks", "special_token_ids", "tokenize_chunks"]
 
 
 def _sidecar(path: Path) -> Path:
@@ -59,19 +57,6 @@ class TokenChunks:
 
     def __len__(self) -> int:
         return int(self.tokens.shape[0])
-
-    def batches(
-        self, batch_size: int, start: int = 0, order: torch.Tensor | None = None
-    ) -> Iterator[torch.Tensor]:
-        """Token batches [<=batch_size, max_length] of rows `start:`, through `order` if given.
-
-        `start` counts rows in the (permuted) order, so a resumed run skips what it has seen.
-        """
-        if batch_size <= 0:
-            raise ValueError(f"batch_size must be positive, got {batch_size}")
-        rows = torch.arange(len(self)) if order is None else order.to(torch.long)
-        for i in range(start, len(rows), batch_size):
-            yield self.tokens[rows[i : i + batch_size]]
 
     def save(self, path: Path) -> None:
         """safetensors for the tensors + `<path>.json` for documents (ids, genres) and specials,
@@ -138,6 +123,36 @@ def _encode(tokenizer: PreTrainedTokenizerBase, texts: list[str]) -> list[list[i
         return tokenizer(texts, add_special_tokens=False)["input_ids"]
 
 
+def _pieces(
+    docs: Iterable[Document],
+    tokenizer: PreTrainedTokenizerBase,
+    eos: int,
+    max_tokens: int | None,
+    batch_docs: int,
+) -> tuple[list[torch.Tensor], list[Document]]:
+    """Per-document token ids with EOS appended, tokenized `batch_docs` at a time, the stream
+    cut at `max_tokens` (the document that reaches it is truncated, later ones not read)."""
+    pieces: list[torch.Tensor] = []
+    documents: list[Document] = []
+    total = 0
+    docs = iter(docs)
+    with tqdm(total=max_tokens, desc="tokenizing", unit="tok", leave=False) as bar:
+        while True:
+            buffer = [doc for _, doc in zip(range(batch_docs), docs, strict=False)]
+            if not buffer:
+                return pieces, documents
+            for doc, ids in zip(buffer, _encode(tokenizer, [d.text for d in buffer]), strict=True):
+                piece = torch.tensor([*ids, eos], dtype=torch.int64)
+                if max_tokens is not None:
+                    piece = piece[: max_tokens - total]
+                pieces.append(piece)
+                documents.append(doc)
+                total += len(piece)
+                bar.update(len(piece))
+                if max_tokens is not None and total >= max_tokens:
+                    return pieces, documents
+
+
 def tokenize_chunks(
     docs: Iterable[Document],
     tokenizer: PreTrainedTokenizerBase,
@@ -161,49 +176,14 @@ def tokenize_chunks(
     pad = getattr(tokenizer, "pad_token_id", None)
     pad = eos if pad is None else pad
     specials = special_token_ids(tokenizer) | {int(eos), int(pad)}
-
-    pieces: list[torch.Tensor] = []  # per-document token ids, EOS included
-    documents: list[Document] = []
-    total = 0
-    content = 0  # non-special tokens, to refuse an empty source
-    buffer: list[Document] = []
-    done = False
-    bar = tqdm(total=max_tokens, desc="tokenizing", unit="tok", leave=False)
-
-    def flush() -> None:
-        nonlocal total, content, done
-        for doc, ids in zip(buffer, _encode(tokenizer, [d.text for d in buffer]), strict=True):
-            piece = torch.tensor([*ids, eos], dtype=torch.int64)
-            if max_tokens is not None and total + len(piece) >= max_tokens:
-                piece = piece[: max_tokens - total]
-                done = True
-            pieces.append(piece)
-            documents.append(doc)
-            total += len(piece)
-            content += int((~torch.isin(piece, torch.tensor(sorted(specials)))).sum())
-            bar.update(len(piece))
-            if done:
-                break
-        buffer.clear()
-
-    try:
-        for doc in docs:
-            buffer.append(doc)
-            if len(buffer) >= batch_docs:
-                flush()
-                if done:
-                    break
-        if buffer and not done:
-            flush()
-    finally:
-        bar.close()
-    if content == 0:
+    pieces, documents = _pieces(docs, tokenizer, int(eos), max_tokens, batch_docs)
+    stream = torch.cat(pieces) if pieces else torch.zeros(0, dtype=torch.int64)
+    if not torch.isin(stream, torch.tensor(sorted(specials))).logical_not().any():
         raise DataError(
             f"no tokens to train on ({len(documents)} documents, all empty): the source is empty; "
             "check the dataset path/id and text_field"
         )
-
-    stream = torch.cat(pieces)  # [total]
+    total = len(stream)
     lengths = torch.tensor([len(p) for p in pieces], dtype=torch.int64)
     owner = torch.repeat_interleave(torch.arange(len(pieces), dtype=torch.int32), lengths)
     n_chunks = -(-total // max_length)

@@ -17,7 +17,7 @@ import errno
 import logging
 import sys
 from collections.abc import Callable, Sequence
-from importlib.metadata import entry_points
+from importlib.metadata import EntryPoint, entry_points
 from pathlib import Path
 
 from mlsae_core.config import (
@@ -36,14 +36,6 @@ PLUGIN_GROUP = "mlsae.commands"
 Command = tuple[Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int], str]
 # name -> (add arguments, run, one-line help)
 COMMANDS: dict[str, Command] = {}
-
-
-def _repo_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--repo_id", required=True, help="checkpoint directory or hub repo id")
-
-
-def _eval_cfg(args: argparse.Namespace) -> EvalConfig:
-    return from_args(EvalConfig, args)
 
 
 # ----- train ---------------------------------------------------------------------------------
@@ -81,7 +73,7 @@ EVAL_FLAGS = ("max_tokens", "splice_max_tokens", "batch_size", "delta_dtype", "d
 
 
 def _eval_args(p: argparse.ArgumentParser, eval_fields: Sequence[str]) -> None:
-    _repo_arg(p)
+    p.add_argument("--repo_id", required=True, help="checkpoint directory or hub repo id")
     add_arguments(
         p, DataConfig, only=("dataset", "max_length"), from_checkpoint=("dataset", "max_length")
     )
@@ -106,7 +98,7 @@ def _run_analyses(args: argparse.Namespace, analyses: tuple[str, ...]) -> int:
 
     out = analyse_checkpoint(
         args.repo_id,
-        _eval_cfg(args),
+        from_args(EvalConfig, args),
         analyses=analyses,
         out_dir=args.out,
         dataset=args.dataset,
@@ -307,21 +299,11 @@ COMMANDS["explore"] = (
 
 
 # ----- entry point ---------------------------------------------------------------------------
-def plugin_commands() -> dict[str, Command]:
-    """Commands other installed packages register under the "mlsae.commands" group."""
-    found: dict[str, Command] = {}
-    for ep in entry_points(group=PLUGIN_GROUP):
-        if ep.name not in COMMANDS:
-            found[ep.name] = ep
-    return found
-
-
-def _load_plugin(name: str, ep: object) -> Command:
-    if isinstance(ep, tuple):
-        return ep
-    command = ep.load()  # type: ignore[attr-defined]
+def _plugin(ep: EntryPoint) -> Command:
+    """A command another installed package registers under the "mlsae.commands" group."""
+    command = ep.load()
     if not (isinstance(command, tuple) and len(command) == 3):
-        raise TypeError(f"entry point {name!r} of {PLUGIN_GROUP} is not (add_args, run, help)")
+        raise TypeError(f"entry point {ep.name!r} of {PLUGIN_GROUP} is not (add_args, run, help)")
     return command
 
 
@@ -330,8 +312,9 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Command]]:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     commands = dict(COMMANDS)
-    for name, ep in plugin_commands().items():
-        commands[name] = _load_plugin(name, ep)
+    for ep in entry_points(group=PLUGIN_GROUP):
+        if ep.name not in commands:  # a built-in command's name stays the built-in
+            commands[ep.name] = _plugin(ep)
     for name, (add_args, _, help_text) in commands.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
         add_args(p)

@@ -30,7 +30,6 @@ Device = Literal["cpu", "cuda", "auto"]
 Precision = Literal["auto", "float32", "bfloat16"]
 VALID_DEVICES = typing.get_args(Device)
 PRECISION_CHOICES = typing.get_args(Precision)
-DELTA_DTYPE_CHOICES = PRECISION_CHOICES  # the splice metrics' logit-difference GEMM
 DEFAULT_PROMPT = "When Mary and John went to the store, John gave a drink to"
 DEVICE_HELP = "cpu, cuda, or auto (cuda when available)"
 NO_FLAG = {"cli": False}  # json_schema_extra of a field the CLI does not expose
@@ -397,7 +396,6 @@ def add_arguments(
     cls: type,
     *,
     only: Iterable[str] | None = None,
-    exclude: Iterable[str] = (),
     from_checkpoint: Iterable[str] = (),
 ) -> None:
     """Add one flag per field of `cls` (`--<name>`, or the field's own flag such as `-k`).
@@ -405,10 +403,9 @@ def add_arguments(
     Defaults and help come from the field. Fields in `from_checkpoint` default to None,
     meaning "the value recorded in the checkpoint".
     """
-    keep = set(only) if only is not None else None
-    skip, recorded = set(exclude), set(from_checkpoint)
+    recorded = set(from_checkpoint)
     for name, f in cli_fields(cls).items():
-        if (keep is not None and name not in keep) or name in skip:
+        if only is not None and name not in only:
             continue
         kind, optional, sequence, choices = _field_type(f.annotation)
         flag = (f.json_schema_extra or {}).get("flag") or f"--{name}"

@@ -8,7 +8,6 @@ Every document keeps a stable id, so the split and the examples shown later can 
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -17,16 +16,6 @@ from pathlib import Path
 import zstandard
 
 from mlsae_core.config import DataConfig
-
-__all__ = [
-    "DataError",
-    "Document",
-    "hub_documents",
-    "is_test_document",
-    "load_documents",
-    "local_documents",
-    "split_documents",
-]
 
 
 class DataError(ValueError):
@@ -76,14 +65,10 @@ def _file_documents(file: Path, rel: str, text_field: str) -> Iterator[Document]
     try:
         if name.endswith(".txt"):
             yield Document(id=rel, text=file.read_text(encoding="utf-8"))
-        elif name.endswith(".jsonl"):
-            with open(file, encoding="utf-8") as f:
+        elif name.endswith((".jsonl", ".jsonl.zst")):
+            opener = zstandard.open if name.endswith(".zst") else open
+            with opener(file, "rt", encoding="utf-8") as f:
                 yield from _jsonl_documents(f, rel, file, text_field)
-        elif name.endswith(".jsonl.zst"):
-            with open(file, "rb") as raw:
-                reader = zstandard.ZstdDecompressor().stream_reader(raw)
-                with io.TextIOWrapper(reader, encoding="utf-8") as f:
-                    yield from _jsonl_documents(f, rel, file, text_field)
         elif name.endswith(".parquet"):
             yield from _parquet_documents(file, rel, text_field)
         else:

@@ -53,6 +53,14 @@ class LensError(ValueError):
     """A lens is missing, corrupt, or does not fit the model it is used with."""
 
 
+def _ints(config: dict[str, Any], keys: tuple[str, ...], where: Path) -> list[int]:
+    """The integer settings `keys` of a lens's config.json, or a LensError naming them."""
+    try:
+        return [int(config[key]) for key in keys]
+    except (KeyError, TypeError, ValueError) as exc:
+        raise LensError(f"{where} lacks integer {'/'.join(keys)} ({exc})") from exc
+
+
 class TunedLens(nn.Module):
     """Affine translators `weight` (A, [n_layers, d, d]) and `bias` (b, [n_layers, d])."""
 
@@ -127,17 +135,6 @@ class TunedLens(nn.Module):
 
     # ------------------------------------------------------------------ files
 
-    def config_dict(self) -> dict[str, Any]:
-        return {
-            "format": LENS_FORMAT,
-            "model_name": self.model_name,
-            "n_layers": self.n_layers,
-            "d_model": self.d_model,
-            "settings": self.settings,
-            "kl": self.kl_table,
-            "fingerprint": self.fingerprint(),
-        }
-
     def save(self, directory: str | Path) -> Path:
         """lens.safetensors then config.json, each atomically, both recorded in the manifest."""
         directory = Path(directory)
@@ -148,7 +145,16 @@ class TunedLens(nn.Module):
         }
         with atomic.atomic_path(directory / WEIGHTS_NAME) as tmp:
             save_file(tensors, str(tmp), metadata={"format": "pt", "lens_format": LENS_FORMAT})
-        atomic.write_json(directory / CONFIG_NAME, self.config_dict())
+        config = {
+            "format": LENS_FORMAT,
+            "model_name": self.model_name,
+            "n_layers": self.n_layers,
+            "d_model": self.d_model,
+            "settings": self.settings,
+            "kl": self.kl_table,
+            "fingerprint": self.fingerprint(),
+        }
+        atomic.write_json(directory / CONFIG_NAME, config)
         atomic.record(directory, [WEIGHTS_NAME, CONFIG_NAME])
         return directory
 
@@ -206,12 +212,7 @@ class TunedLens(nn.Module):
         weights = directory / WEIGHTS_NAME
         if not weights.is_file():
             raise LensError(f"{weights} is missing; retrain the lens or restore the file")
-        try:
-            n_layers, d_model = int(config["n_layers"]), int(config["d_model"])
-        except (KeyError, TypeError, ValueError) as exc:
-            raise LensError(
-                f"{directory / CONFIG_NAME} lacks integer n_layers/d_model ({exc})"
-            ) from exc
+        n_layers, d_model = _ints(config, ("n_layers", "d_model"), directory / CONFIG_NAME)
         try:
             atomic.verify(directory, [CONFIG_NAME, WEIGHTS_NAME])
         except atomic.CorruptFileError as exc:
@@ -236,12 +237,8 @@ class TunedLens(nn.Module):
             )
         if not params.is_file():
             raise LensError(f"{params} is missing; restore the tuned-lens package's weights file")
-        try:
-            n_hidden, d_model = int(config["num_hidden_layers"]), int(config["d_model"])
-        except (KeyError, TypeError, ValueError) as exc:
-            raise LensError(
-                f"{directory / CONFIG_NAME} lacks integer num_hidden_layers/d_model ({exc})"
-            ) from exc
+        where = directory / CONFIG_NAME
+        n_hidden, d_model = _ints(config, ("num_hidden_layers", "d_model"), where)
         try:
             state = torch.load(params, map_location="cpu", weights_only=True)
         except Exception as exc:  # noqa: BLE001 - any unpickling failure means the same
@@ -573,13 +570,3 @@ class LensedActivations:
         with torch.autocast(device_type=acts.device.type, enabled=False):
             lens = self.lens.to(acts.device)
             return lens.transform(acts.float(), self.layers)
-
-
-__all__ = [
-    "LensError",
-    "LensedActivations",
-    "TunedLens",
-    "fit_lens",
-    "lens_kl",
-    "train_lens",
-]

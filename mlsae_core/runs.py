@@ -237,18 +237,12 @@ def recorded_data(
     metadata: dict[str, Any], max_tokens: int, dataset: str | None, max_length: int | None
 ) -> DataConfig:
     """The DataConfig a checkpoint was trained with, for its held-out side."""
-    recorded = DataConfig(
-        dataset=metadata.get("dataset", DataConfig.dataset),
-        max_length=int(metadata.get("max_length", DataConfig.max_length)),
-        test_fraction=float(metadata.get("test_fraction", DataConfig.test_fraction)),
-        text_field=metadata.get("text_field", DataConfig.text_field),
-    )
-    overrides: dict[str, Any] = {"max_tokens": max_tokens}
+    recorded = {k: metadata[k] for k in ("dataset", "text_field") if k in metadata}
+    recorded["max_length"] = int(max_length or metadata.get("max_length", DataConfig.max_length))
+    recorded["test_fraction"] = float(metadata.get("test_fraction", DataConfig.test_fraction))
     if dataset:
-        overrides["dataset"] = dataset
-    if max_length:
-        overrides["max_length"] = max_length
-    return from_dict(DataConfig, {**recorded.__dict__, **overrides}, "the checkpoint's data")
+        recorded["dataset"] = dataset
+    return from_dict(DataConfig, {**recorded, "max_tokens": max_tokens}, "the checkpoint's data")
 
 
 def load_for_test(
@@ -367,15 +361,3 @@ def write_metrics_csv(table: pa.Table, out_csv: str | Path) -> Path:
     with atomic.atomic_path(out_csv) as tmp:
         pacsv.write_csv(table, tmp)
     return out_csv
-
-
-__all__ = [
-    "EvalSetup",
-    "check_spec",
-    "corpus_split",
-    "load_for_test",
-    "metrics_table",
-    "resolve_dataset",
-    "train_run",
-    "transformer_split",
-]

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
+import torch.distributed as dist
 
 from mlsae_core import atomic
 from mlsae_core.checkpoint import CheckpointError, load_weights
@@ -130,8 +131,6 @@ def optimizer_step(sae: MLSAE, opt: torch.optim.Optimizer) -> None:
 # ----- distributed helpers ------------------------------------------------------------------
 def dist_info() -> tuple[int, int]:
     """(rank, world_size); initialises torch.distributed under torchrun (gloo on CPU)."""
-    import torch.distributed as dist
-
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return 0, 1
@@ -139,31 +138,6 @@ def dist_info() -> tuple[int, int]:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         dist.init_process_group(backend=backend)
     return dist.get_rank(), dist.get_world_size()
-
-
-def _group() -> Any:
-    """torch.distributed when a process group of more than one rank is running, else None."""
-    import torch.distributed as dist
-
-    grouped = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-    return dist if grouped else None
-
-
-def _all_reduce(t: torch.Tensor, op: str = "sum") -> torch.Tensor:
-    if dist := _group():
-        dist.all_reduce(t, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
-    return t
-
-
-def _broadcast_params(sae: MLSAE) -> None:
-    if dist := _group():
-        for p in sae.parameters():
-            dist.broadcast(p.data, src=0)
-
-
-def _barrier() -> None:
-    if dist := _group():
-        dist.barrier()
 
 
 # ----- the training state -------------------------------------------------------------------
@@ -378,7 +352,9 @@ class Trainer:
         self._check_inputs(x)
         if self.steps_done == 0 and a == 0:
             self.sae.init_pre_encoder_bias(x)
-            _broadcast_params(self.sae)
+            if self.world > 1:  # every rank starts from rank 0's weights
+                for p in self.sae.parameters():
+                    dist.broadcast(p.data, src=0)
         with autocast(self.device, self.precision):
             out = self.sae(x)  # the encoder GEMM in `precision`; decode and losses float32
         loss, main, aux = total_loss(x, out, self.sae_cfg.auxk_coef)
@@ -396,13 +372,16 @@ class Trainer:
         sums = torch.zeros(4, dtype=torch.float64, device=self.device)  # loss fvu aux l0
         for a in range(self.cfg.accumulate_grad_batches):
             self._micro_batch(a, fired, n_tok, sums)
-        if self.world > 1:
+        if self.world > 1:  # dist_info initialised the process group
             for p in self.sae.parameters():
                 if p.grad is not None:
-                    _all_reduce(p.grad).div_(self.world)
-            fired.copy_(_all_reduce(fired.to(torch.uint8), "max"))  # fired on any rank
-            _all_reduce(n_tok)
-            _all_reduce(sums)
+                    dist.all_reduce(p.grad)
+                    p.grad.div_(self.world)
+            any_rank = fired.to(torch.uint8)
+            dist.all_reduce(any_rank, op=dist.ReduceOp.MAX)
+            fired.copy_(any_rank)  # fired on any rank
+            dist.all_reduce(n_tok)
+            dist.all_reduce(sums)
         sums /= self.cfg.accumulate_grad_batches * self.world
         optimizer_step(self.sae, self.opt)
         self.sae.update_dead(fired, int(n_tok))
@@ -531,12 +510,13 @@ def train(
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    rank, _ = dist_info()
+    rank, world = dist_info()
+    barrier = dist.barrier if world > 1 else lambda: None
     with output_lock(out_dir) if rank == 0 else contextlib.nullcontext():
         if rank == 0:
             atomic.remove_stale_temporaries(out_dir)  # litter from a run killed mid-write
             atomic.recover_dir(out_dir / STATE_DIR)
-        _barrier()  # the other ranks read the state rank 0 has recovered
+        barrier()  # the other ranks read the state rank 0 has recovered
         _check_lens(out_dir, lens)
         inputs = lens.fingerprint() if lens is not None else None
         trainer = Trainer(source, masks, sae_cfg, train_cfg, out_dir, batch_size, max_tokens,
@@ -548,5 +528,5 @@ def train(
             if lens is not None and rank == 0 and not (copy / "config.json").is_file():
                 lens.save(copy)  # the run directory is self-contained
             sae = trainer.fit(progress, stop_after_steps, on_step)
-        _barrier()  # every rank returns once rank 0 has written the run
+        barrier()  # every rank returns once rank 0 has written the run
         return sae

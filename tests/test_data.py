@@ -398,16 +398,6 @@ def test_tokenize_chunks_needs_eos() -> None:
         tokenize_chunks([Document("a", "x")], NoEos(), max_length=4)
 
 
-def test_batches_and_order(tokenizer: PreTrainedTokenizerFast) -> None:
-    chunks = tokenize_chunks([Document("a", "hello world " * 20)], tokenizer, max_length=4)
-    n = len(chunks)
-    assert torch.equal(torch.cat(list(chunks.batches(3))), chunks.tokens)
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(0))
-    got = torch.cat(list(chunks.batches(3, start=2, order=order)))
-    assert torch.equal(got, chunks.tokens[order[2:]])
-    assert all(len(b) <= 3 for b in chunks.batches(3))
-
-
 def test_save_load_round_trip(tmp_path: Path, tokenizer: PreTrainedTokenizerFast) -> None:
     docs = [Document("ca01", "hello world", "news"), Document("cb02", "the dog", "editorial")]
     chunks = tokenize_chunks(docs, tokenizer, max_length=3)
