@@ -101,8 +101,10 @@ def test_evaluate_bfloat16_close_to_float32():
 
 def test_resolve_delta_dtype():
     assert resolve_delta_dtype("float32", "cpu") is torch.float32
-    assert resolve_delta_dtype("bf16", "cpu") is torch.bfloat16
+    assert resolve_delta_dtype("bfloat16", "cpu") is torch.bfloat16
     assert resolve_delta_dtype(torch.bfloat16, "cpu") is torch.bfloat16
     assert resolve_delta_dtype("auto", "cpu") in (torch.float32, torch.bfloat16)
     with pytest.raises(ValueError, match="auto, float32, bfloat16"):
         resolve_delta_dtype("float16", "cpu")
+    with pytest.raises(ValueError, match="auto, float32, bfloat16"):
+        resolve_delta_dtype("bf16", "cpu")  # the settings name dtypes in full, as --help says
