@@ -287,10 +287,24 @@ def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def is_extension(changes: dict[str, tuple[Any, Any]]) -> bool:
-    """Only a larger token budget: the core continues the finished run to the weights one
-    longer run reaches (train._is_extension)."""
-    return set(changes) == {"max_tokens"} and changes["max_tokens"][1] > changes["max_tokens"][0]
+def reconcile_run(run: Any, spec: RunSpec, code_change: dict) -> tuple[dict, str]:
+    """({setting: (recorded, now)}, what training does) for the run directory: "trained" when
+    nothing changed (new, resumed or finished); "extended" when only a larger token budget
+    changed (the core continues the finished run to the weights one longer run reaches,
+    train._is_extension); else "restarted", after deleting the directory (other settings, a
+    new mlsae code version in `code_change`, or a checkpoint failing `atomic.verify`)."""
+    import shutil
+
+    changes = {**settings_changes(run.directory, spec), **code_change}
+    if problem := damaged([run.weights, run.config], recorded_only=True):
+        changes["checkpoint"] = (problem, "retrained")  # the pipeline's own output
+    if not changes:
+        return changes, "trained"
+    budget = changes.get("max_tokens")
+    if set(changes) == {"max_tokens"} and budget[1] > budget[0]:
+        return changes, "extended"
+    shutil.rmtree(run.directory)
+    return changes, "restarted"
 
 
 # ----- evaluation ----------------------------------------------------------------------------
@@ -410,6 +424,21 @@ def inline_png(path: Path, alt: str = "figure") -> str:
     """Markdown embedding a PNG (base64) so the Dagster UI shows it inline."""
     data = base64.b64encode(Path(path).read_bytes()).decode()
     return f"![{alt}](data:image/png;base64,{data})"
+
+
+def curve_markdown(run: Any) -> str:
+    """The training curve inline, with every tenth row of the history beside it."""
+    from mlsae_core.train import read_history
+
+    hist = read_history(run.directory)
+    every = max(1, len(hist) // 10)
+    rows = "\n".join(
+        f"| {r['step']} | {r['tokens']} | {r['fvu']:.4f} | {r['dead_fraction']:.3f} | "
+        f"{r['l0']:.1f} |"
+        for r in hist[::every] + hist[-1:]
+    )
+    table = "| step | tokens | fvu | dead | l0 |\n|---|---|---|---|---|\n" + rows
+    return inline_png(run.figure("training_curve"), "training curve") + "\n\n" + table
 
 
 def plain(value: Any) -> Any:
