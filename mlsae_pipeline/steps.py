@@ -29,12 +29,9 @@ if TYPE_CHECKING:
 
 
 def record(*paths: Path) -> None:
-    """Record files just written in their directories' manifests (sizes + sha256)."""
-    by_dir: dict[Path, list[str]] = {}
-    for path in paths:
-        by_dir.setdefault(Path(path).parent, []).append(Path(path).name)
-    for directory, names in by_dir.items():
-        atomic.record(directory, names)
+    """Record files just written into one directory in its manifest (sizes + sha256)."""
+    if paths:
+        atomic.record(Path(paths[0]).parent, [Path(p).name for p in paths])
 
 
 def damaged(paths: list[Path], recorded_only: bool = False) -> str | None:
