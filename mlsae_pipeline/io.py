@@ -34,10 +34,10 @@ def _fmt(v: Any) -> str:
     return str(v).replace("|", "\\|").replace("\n", "\\n")
 
 
-def md_table(table: Any, max_rows: int = 12, columns: list[str] | None = None) -> str:
+def md_table(table: Any, max_rows: int = 12) -> str:
     """A Markdown preview of a pyarrow table (first rows) for the Dagster UI."""
-    cols = columns or table.column_names
-    rows = table.select(cols).slice(0, max_rows).to_pylist()
+    cols = table.column_names
+    rows = table.slice(0, max_rows).to_pylist()
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join(_fmt(r[c]) for c in cols) + " |" for r in rows]
     if table.num_rows > max_rows:
