@@ -117,7 +117,7 @@ def outputs(layout: Any, sw: Any, asset: str, partition: str | None) -> list[Pat
         model, sae_key = split_config_key(partition)
         run = layout.run(model, sae_key)
         paths += {
-            "mlsae": steps.checkpoint_files(layout, model, sae_key),
+            "mlsae": [run.weights, run.config, run.figure("training_curve")],
             "dists_heatmap": [run.figure("dists_heatmap"), run.figure("layer_mean_hist")],
             "prompt_heatmap": [run.figure("prompt_heatmap")],
         }.get(asset, [])

@@ -229,12 +229,6 @@ def training_curve(layout: StorageLayout, model: str, sae_key: str) -> list[Path
     return written
 
 
-def checkpoint_files(layout: StorageLayout, model: str, sae_key: str) -> list[Path]:
-    """What the `mlsae` asset leaves in the run directory: checkpoint and training curve."""
-    run = layout.run(model, sae_key)
-    return [run.weights, run.config, run.figure("training_curve")]
-
-
 def settings_changes(run_dir: Path, spec: RunSpec) -> dict[str, tuple[Any, Any]]:
     """{setting: (recorded, now)} for every setting the run directory records (its
     training state's run config and its config.json) that `spec` changes; {} for a new run.

@@ -10,7 +10,6 @@ in-memory tables. The figures land in the run directory too.
 
 import json
 import sys
-from pathlib import Path
 from typing import Any
 
 import dagster as dg
@@ -215,11 +214,6 @@ def _evaluation_asset(parts: SweepPartitions, sw: Sweep, deps: list[Any]) -> Any
 
 
 # ----- helpers -------------------------------------------------------------------------------
-def _torchrun() -> list[str]:
-    exe = Path(sys.executable).with_name("torchrun")
-    return [str(exe)] if exe.exists() else [sys.executable, "-m", "torch.distributed.run"]
-
-
 def _log_progress(context: dg.AssetExecutionContext) -> Any:
     """An on_step callback: training progress in the run's log, at most every 10 s."""
     last = [0.0]
@@ -278,9 +272,9 @@ def _train(
     job = run.directory.parent / f".{run.directory.name}.ddp.json"
     paths = {"out_dir": str(run.directory), "chunks": str(chunks), "root": str(layout.root)}
     atomic.write_json(job, {"spec": spec_to_dict(spec), **paths})
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
     n = spec.train.nproc_per_node
-    cmd = [*_torchrun(), "--standalone", f"--nproc_per_node={n}", "-m"]
-    cmd += ["mlsae_pipeline.ddp_train", "--job", str(job)]
+    cmd = [*torchrun, f"--nproc_per_node={n}", "-m", "mlsae_pipeline.ddp_train", f"--job={job}"]
     context.log.info("launching %s", " ".join(cmd))
     invocation = client.run(command=cmd, context=context, env={"OMP_NUM_THREADS": "1"})
     reported = invocation.get_materialize_result().metadata or {}
