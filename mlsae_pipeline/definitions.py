@@ -13,7 +13,6 @@ Environment:
 
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
 
 import dagster as dg
@@ -26,10 +25,6 @@ from mlsae_pipeline.partitions import sweep_partitions
 from mlsae_pipeline.resources import Storage, SweepResource, default_data_dir, executor_from_env
 from mlsae_pipeline.run_health import dead_run_monitor
 from mlsae_pipeline.sweep import Sweep, load_sweep
-
-# Output(data_version=...) is "beta" but is how `mlsae` reports its weights' content version.
-warnings.filterwarnings("ignore", message=".*data_version.*", category=dg.BetaWarning)
-
 
 MODEL_JOB = dg.define_asset_job(
     "model_assets",

@@ -317,12 +317,9 @@ def evaluate(
 ) -> tuple[dict[str, pa.Table], dict[str, Any]]:
     """analyse.one_pass -> analyse.analysis_tables over the model's test chunks: every
     per-run table by name, and metadata per table for the UI."""
-    import time
-
     from mlsae_core.analyse import analysis_tables, one_pass
     from mlsae_core.evaluate import resolve_delta_dtype
 
-    t0 = time.perf_counter()
     tr, sae, layers, part, lens = _run_setup(layout, sw, model, point)
     test = load_chunks(layout, model, "test")
     result = one_pass(tr, sae, test, layers, sw.eval, progress=terminal_progress(), lens=lens)
@@ -341,7 +338,6 @@ def evaluate(
         },
         "latent_dists": {"n_live": int(result.dists.live.sum()), "n_latents": sae.n_latents},
         "max_examples": {"n_examples": len(result.examples)},
-        "seconds": time.perf_counter() - t0,
     }
     return out, meta
 
