@@ -64,11 +64,13 @@ def no_nan(table: Any, columns: tuple[str, ...] | list[str], name: str = "no_nan
 
 
 def _avg_rows(table: Any) -> list[dict[str, Any]]:
-    return [r for r in table.to_pylist() if r.get("layer") == "avg"]
+    """The per-config averages: a test_metrics table's "avg" rows, or a summary's rows."""
+    rows = table.to_pylist()
+    return [r for r in rows if r["layer"] == "avg"] if "layer" in table.column_names else rows
 
 
 def fvu_in_bounds(table: Any, bounds: CheckBounds) -> CheckOutcome:
-    rows = _avg_rows(table) if "layer" in table.column_names else table.to_pylist()
+    rows = _avg_rows(table)
     bad = [
         r
         for r in rows
@@ -88,7 +90,7 @@ def fvu_in_bounds(table: Any, bounds: CheckBounds) -> CheckOutcome:
 
 
 def dead_in_bounds(table: Any, bounds: CheckBounds) -> CheckOutcome:
-    rows = _avg_rows(table) if "layer" in table.column_names else table.to_pylist()
+    rows = _avg_rows(table)
     values = [r["dead"] for r in rows]
     bad = [v for v in values if not (isinstance(v, float) and 0 <= v <= bounds.dead_max)]
     return CheckOutcome(

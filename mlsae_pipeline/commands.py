@@ -117,7 +117,7 @@ def outputs(layout: Any, sw: Any, asset: str, partition: str | None) -> list[Pat
         model, sae_key = split_config_key(partition)
         run = layout.run(model, sae_key)
         paths += {
-            "mlsae": steps.checkpoint_files(layout, model, sae_key),
+            "mlsae": [run.weights, run.config, run.figure("training_curve")],
             "dists_heatmap": [run.figure("dists_heatmap"), run.figure("layer_mean_hist")],
             "prompt_heatmap": [run.figure("prompt_heatmap")],
         }.get(asset, [])
@@ -191,6 +191,7 @@ def run_sweep(
     import dagster as dg
 
     from mlsae_pipeline import definitions as d
+    from mlsae_pipeline.run_health import fail_dead_runs
     from mlsae_pipeline.sweep import Sweep, load_sweep, validate_against_models
 
     sw = sweep if isinstance(sweep, Sweep) else load_sweep(sweep)
@@ -200,8 +201,6 @@ def run_sweep(
     if instance is None:
         ensure_dagster_home()
         instance = dg.DagsterInstance.get()
-    from mlsae_pipeline.run_health import fail_dead_runs
-
     fail_dead_runs(instance, report)
     stages = sweep_stages(defs)
     report(
@@ -213,34 +212,50 @@ def run_sweep(
     for i, (label, job_name, partition) in enumerate(stages, start=1):
         t0 = time.perf_counter()
         why = launches(defs, instance, sw, job_name, partition)
-        job = defs.resolve_job_def(job_name)
-        stage = {k.to_user_string() for k in job.asset_layer.selected_asset_keys}
-        row = {"stage": label, "job": job_name, "partition": partition, "success": True,
-               "run_id": None, "launched": why, "skipped": sorted(stage - why.keys()),
-               "failed_checks": []}  # fmt: skip
-        if why:
-            result = job.execute_in_process(
-                partition_key=partition,
-                instance=instance,
-                raise_on_error=not keep_going,
-                tags=run_tags(sw.name, job_name, partition),
-                run_config=quiet_run_config(verbose),
-                asset_selection=[dg.AssetKey(name) for name in why],
-            )
-            row["success"], row["run_id"] = result.success, result.run_id
-            row["failed_checks"] = [
-                e.check_name for e in result.get_asset_check_evaluations() if not e.passed
-            ]
-        row["seconds"] = dt = time.perf_counter() - t0
+        row = run_stage(defs, instance, sw, job_name, partition, why, keep_going, verbose)
+        row.update(stage=label, seconds=time.perf_counter() - t0)
         status = ("ok" if row["success"] else "FAILED") if why else "up to date"
         note = f" (ran {len(why)}, skipped {len(row['skipped'])})" if why else ""
         if row["failed_checks"]:
             note += f" [failed checks: {', '.join(row['failed_checks'])}]"
         run = f"  run {row['run_id'][:8]}" if row["run_id"] else ""
-        report(f"[{i}/{len(stages)}] {label}: {status} in {dt:.1f}s{note}{run}")
+        report(f"[{i}/{len(stages)}] {label}: {status} in {row['seconds']:.1f}s{note}{run}")
         rows.append(row)
     report(f"sweep done in {time.perf_counter() - t_all:.1f}s")
     return rows
+
+
+def run_stage(
+    defs: Any,
+    instance: Any,
+    sw: Any,
+    job_name: str,
+    partition: str | None,
+    why: dict[str, str],
+    keep_going: bool,
+    verbose: bool,
+) -> dict[str, Any]:
+    """One stage's row: its job run in this process over the assets in `why` (none: skipped)."""
+    import dagster as dg
+
+    job = defs.resolve_job_def(job_name)
+    stage = {k.to_user_string() for k in job.asset_layer.selected_asset_keys}
+    row = {"job": job_name, "partition": partition, "success": True, "run_id": None,
+           "launched": why, "skipped": sorted(stage - why.keys()), "failed_checks": []}  # fmt: skip
+    if why:
+        result = job.execute_in_process(
+            partition_key=partition,
+            instance=instance,
+            raise_on_error=not keep_going,
+            tags=run_tags(sw.name, job_name, partition),
+            run_config=quiet_run_config(verbose),
+            asset_selection=[dg.AssetKey(name) for name in why],
+        )
+        row["success"], row["run_id"] = result.success, result.run_id
+        row["failed_checks"] = [
+            e.check_name for e in result.get_asset_check_evaluations() if not e.passed
+        ]
+    return row
 
 
 def sweep(args: argparse.Namespace) -> int:

@@ -13,22 +13,49 @@ Environment:
 
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
 
 import dagster as dg
 
 from mlsae_pipeline.assets.configs import build_config_assets
 from mlsae_pipeline.assets.models import build_model_assets
-from mlsae_pipeline.assets.summary import build_summary_assets, build_summary_checks
+from mlsae_pipeline.assets.summary import SUMMARY_ASSETS, SUMMARY_CHECKS
 from mlsae_pipeline.io import TABLE_ASSETS, ParquetIOManager
 from mlsae_pipeline.partitions import sweep_partitions
 from mlsae_pipeline.resources import Storage, SweepResource, default_data_dir, executor_from_env
 from mlsae_pipeline.run_health import dead_run_monitor
 from mlsae_pipeline.sweep import Sweep, load_sweep
 
-# Output(data_version=...) is "beta" but is how `mlsae` reports its weights' content version.
-warnings.filterwarnings("ignore", message=".*data_version.*", category=dg.BetaWarning)
+MODEL_JOB = dg.define_asset_job(
+    "model_assets",
+    selection=dg.AssetSelection.groups("models"),
+    description="Per model: base transformer, tokenized corpus, residual cosine similarity.",
+)
+CONFIG_JOB = dg.define_asset_job(
+    "config_assets",
+    selection=dg.AssetSelection.groups("training", "evaluation", "figures"),
+    description="Per (model x SAE config): train, evaluate (one pass), figures.",
+)
+SUMMARY_JOB = dg.define_asset_job(
+    "summary_tables",
+    selection=dg.AssetSelection.groups("summary"),
+    description="Cross-config tables, summary figures and the DuckDB results file.",
+)
+NIGHTLY = dg.ScheduleDefinition(
+    name="nightly_summary_refresh",
+    job=SUMMARY_JOB,
+    cron_schedule="0 3 * * *",
+    description="Re-materialize the cross-config tables, summary figures and results_db.",
+)
+AUTOMATION = dg.AutomationConditionSensorDefinition(
+    "mlsae_automation",
+    target=dg.AssetSelection.all(),
+    description=(
+        "Evaluates the eager automation conditions: new or changed configs (new partitions, "
+        "updated upstream data versions) flow downstream. Turn it on in the UI "
+        "(Automation tab) for hands-off re-runs; `mlsae sweep` does not need it."
+    ),
+)
 
 
 def build_definitions(
@@ -41,47 +68,16 @@ def build_definitions(
         sweep = load_sweep(sweep)
     storage = Storage(root=str(Path(data_dir).resolve()) if data_dir else default_data_dir())
     parts = sweep_partitions(sweep)
-    assets = [
-        *build_model_assets(parts, sweep),
-        *build_config_assets(parts, sweep),
-        *build_summary_assets(),
-    ]
-    model_job = dg.define_asset_job(
-        "model_assets",
-        selection=dg.AssetSelection.groups("models"),
-        description="Per model: base transformer, tokenized corpus, residual cosine similarity.",
-    )
-    config_job = dg.define_asset_job(
-        "config_assets",
-        selection=dg.AssetSelection.groups("training", "evaluation", "figures"),
-        description="Per (model x SAE config): train, evaluate (one pass), figures.",
-    )
-    summary_job = dg.define_asset_job(
-        "summary_tables",
-        selection=dg.AssetSelection.groups("summary"),
-        description="Cross-config tables, summary figures and the DuckDB results file.",
-    )
-    refresh = dg.ScheduleDefinition(
-        name="nightly_summary_refresh",
-        job=summary_job,
-        cron_schedule="0 3 * * *",
-        description="Re-materialize the cross-config tables, summary figures and results_db.",
-    )
-    automation = dg.AutomationConditionSensorDefinition(
-        "mlsae_automation",
-        target=dg.AssetSelection.all(),
-        description=(
-            "Evaluates the eager automation conditions: new or changed configs (new partitions, "
-            "updated upstream data versions) flow downstream. Turn it on in the UI "
-            "(Automation tab) for hands-off re-runs; `mlsae sweep` does not need it."
-        ),
-    )
     return dg.Definitions(
-        assets=assets,
-        asset_checks=build_summary_checks(),
-        jobs=[model_job, config_job, summary_job],
-        schedules=[refresh],
-        sensors=[automation, dead_run_monitor],
+        assets=[
+            *build_model_assets(parts, sweep),
+            *build_config_assets(parts, sweep),
+            *SUMMARY_ASSETS,
+        ],
+        asset_checks=SUMMARY_CHECKS,
+        jobs=[MODEL_JOB, CONFIG_JOB, SUMMARY_JOB],
+        schedules=[NIGHTLY],
+        sensors=[AUTOMATION, dead_run_monitor],
         resources={
             "storage": storage,
             "sweep": SweepResource(path=str(sweep.path)),

@@ -14,8 +14,6 @@ partitions that exist, concatenated (missing ones are logged and skipped).
 """
 
 import glob
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -36,10 +34,10 @@ def _fmt(v: Any) -> str:
     return str(v).replace("|", "\\|").replace("\n", "\\n")
 
 
-def md_table(table: Any, max_rows: int = 12, columns: list[str] | None = None) -> str:
+def md_table(table: Any, max_rows: int = 12) -> str:
     """A Markdown preview of a pyarrow table (first rows) for the Dagster UI."""
-    cols = columns or table.column_names
-    rows = table.select(cols).slice(0, max_rows).to_pylist()
+    cols = table.column_names
+    rows = table.slice(0, max_rows).to_pylist()
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join(_fmt(r[c]) for c in cols) + " |" for r in rows]
     if table.num_rows > max_rows:
@@ -66,11 +64,6 @@ def table_path(layout: StorageLayout, asset: str, partition: str | None) -> Path
     if "|" in str(partition):
         return layout.run(*split_config_key(partition)).table(asset)
     return layout.model_table(asset, str(partition))
-
-
-def read_table(path: Path) -> Any:
-    """The table at `path`, checked against its checksum (`atomic.CorruptFileError` if not)."""
-    return atomic.read_parquet(path)
 
 
 class TableIOManager(dg.UPathIOManager):
@@ -118,7 +111,7 @@ class TableIOManager(dg.UPathIOManager):
                 "(e.g. `mlsae sweep`)"
             )
         try:
-            return read_table(Path(path))
+            return atomic.read_parquet(Path(path))
         except atomic.CorruptFileError as exc:
             raise atomic.CorruptFileError(
                 exc.path,
@@ -172,37 +165,22 @@ def view_sources(layout: StorageLayout) -> dict[str, str]:
 
 
 def build_results_db(layout: StorageLayout) -> dict[str, tuple[int, str]]:
-    """Write results.duckdb atomically: build in a temporary file, then rename into place."""
+    """Write results.duckdb atomically (built in a temporary file, renamed into place): one
+    view per table; returns {view: (rows, source)}."""
     import duckdb
 
-    sources = view_sources(layout)
-    target = layout.results_db
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=".results.", suffix=".duckdb", dir=target.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    tmp.unlink()  # duckdb wants to create the file itself
     counts: dict[str, tuple[int, str]] = {}
-    try:
-        con = duckdb.connect(str(tmp))
-        try:
-            for name, src in sources.items():
+    with atomic.atomic_path(layout.results_db) as tmp:
+        tmp.unlink()  # duckdb wants to create the file itself
+        with duckdb.connect(str(tmp)) as con:
+            for name, src in view_sources(layout).items():
                 quoted = src.replace("'", "''")
                 extra = ", filename = true" if name == "training_history" else ""
                 con.execute(
                     f'CREATE VIEW "{name}" AS SELECT * FROM '
                     f"read_parquet('{quoted}', union_by_name = true{extra})"
                 )
-                counts[name] = (
-                    int(con.execute(f'SELECT count(*) FROM "{name}"').fetchone()[0]),
-                    src,
-                )
+                (rows,) = con.execute(f'SELECT count(*) FROM "{name}"').fetchone()
+                counts[name] = (int(rows), src)
             con.execute("CHECKPOINT")
-        finally:
-            con.close()
-        os.replace(tmp, target)
-    finally:
-        for p in (tmp, tmp.with_name(tmp.name + ".wal")):
-            if p.exists():
-                p.unlink()
     return counts

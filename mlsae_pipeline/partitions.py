@@ -44,11 +44,8 @@ def config_key(model: str, sae: str) -> str:
     return str(dg.MultiPartitionKey({MODEL_DIM: model, SAE_DIM: sae}))
 
 
-def split_config_key(key: str | dg.MultiPartitionKey) -> tuple[str, str]:
-    """'smollm2|x2-k16-Lall' -> ('smollm2', 'x2-k16-Lall')."""
-    if isinstance(key, dg.MultiPartitionKey):
-        d = key.keys_by_dimension
-        return d[MODEL_DIM], d[SAE_DIM]
-    # Dimensions are ordered by name: model < sae.
+def split_config_key(key: str) -> tuple[str, str]:
+    """'smollm2|x2-k16-Lall' -> ('smollm2', 'x2-k16-Lall'); a `dg.MultiPartitionKey` is such
+    a string too (dimensions ordered by name: model < sae)."""
     model, sae = str(key).split("|", 1)
     return model, sae

@@ -42,25 +42,21 @@ class SweepResource(dg.ConfigurableResource):
 
 
 def executor_from_env() -> Any:
-    """`MLSAE_EXECUTOR`: multiprocess (default), in_process, or k8s (needs dagster-k8s)."""
+    """`MLSAE_EXECUTOR`: multiprocess (default), in_process, or k8s (needs dagster-k8s); a
+    missing dagster-k8s or an unknown name warns and uses multiprocess."""
     kind = os.environ.get("MLSAE_EXECUTOR", "multiprocess").strip().lower()
     if kind == "in_process":
         return dg.in_process_executor
+    problem = f"MLSAE_EXECUTOR={kind!r} is unknown (multiprocess, in_process, k8s)"
     if kind == "k8s":
         try:
             from dagster_k8s import k8s_job_executor  # type: ignore[import-not-found]
+
+            return k8s_job_executor
         except ImportError:
-            warnings.warn(
-                "MLSAE_EXECUTOR=k8s but dagster-k8s is not installed (pip install dagster-k8s); "
-                "falling back to the multiprocess executor",
-                stacklevel=2,
+            problem = (
+                "MLSAE_EXECUTOR=k8s but dagster-k8s is not installed (pip install dagster-k8s)"
             )
-            return dg.multiprocess_executor
-        return k8s_job_executor
     if kind != "multiprocess":
-        warnings.warn(
-            f"MLSAE_EXECUTOR={kind!r} is unknown (multiprocess, in_process, k8s); "
-            "using multiprocess",
-            stacklevel=2,
-        )
+        warnings.warn(f"{problem}; using the multiprocess executor", stacklevel=2)
     return dg.multiprocess_executor

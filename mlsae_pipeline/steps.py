@@ -29,12 +29,9 @@ if TYPE_CHECKING:
 
 
 def record(*paths: Path) -> None:
-    """Record files just written in their directories' manifests (sizes + sha256)."""
-    by_dir: dict[Path, list[str]] = {}
-    for path in paths:
-        by_dir.setdefault(Path(path).parent, []).append(Path(path).name)
-    for directory, names in by_dir.items():
-        atomic.record(directory, names)
+    """Record files just written into one directory in its manifest (sizes + sha256)."""
+    if paths:
+        atomic.record(Path(paths[0]).parent, [Path(p).name for p in paths])
 
 
 def damaged(paths: list[Path], recorded_only: bool = False) -> str | None:
@@ -232,12 +229,6 @@ def training_curve(layout: StorageLayout, model: str, sae_key: str) -> list[Path
     return written
 
 
-def checkpoint_files(layout: StorageLayout, model: str, sae_key: str) -> list[Path]:
-    """What the `mlsae` asset leaves in the run directory: checkpoint and training curve."""
-    run = layout.run(model, sae_key)
-    return [run.weights, run.config, run.figure("training_curve")]
-
-
 def settings_changes(run_dir: Path, spec: RunSpec) -> dict[str, tuple[Any, Any]]:
     """{setting: (recorded, now)} for every setting the run directory records (its
     training state's run config and its config.json) that `spec` changes; {} for a new run.
@@ -287,10 +278,24 @@ def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def is_extension(changes: dict[str, tuple[Any, Any]]) -> bool:
-    """Only a larger token budget: the core continues the finished run to the weights one
-    longer run reaches (train._is_extension)."""
-    return set(changes) == {"max_tokens"} and changes["max_tokens"][1] > changes["max_tokens"][0]
+def reconcile_run(run: Any, spec: RunSpec, code_change: dict) -> tuple[dict, str]:
+    """({setting: (recorded, now)}, what training does) for the run directory: "trained" when
+    nothing changed (new, resumed or finished); "extended" when only a larger token budget
+    changed (the core continues the finished run to the weights one longer run reaches,
+    train._is_extension); else "restarted", after deleting the directory (other settings, a
+    new mlsae code version in `code_change`, or a checkpoint failing `atomic.verify`)."""
+    import shutil
+
+    changes = {**settings_changes(run.directory, spec), **code_change}
+    if problem := damaged([run.weights, run.config], recorded_only=True):
+        changes["checkpoint"] = (problem, "retrained")  # the pipeline's own output
+    if not changes:
+        return changes, "trained"
+    budget = changes.get("max_tokens")
+    if set(changes) == {"max_tokens"} and budget[1] > budget[0]:
+        return changes, "extended"
+    shutil.rmtree(run.directory)
+    return changes, "restarted"
 
 
 # ----- evaluation ----------------------------------------------------------------------------
@@ -312,12 +317,9 @@ def evaluate(
 ) -> tuple[dict[str, pa.Table], dict[str, Any]]:
     """analyse.one_pass -> analyse.analysis_tables over the model's test chunks: every
     per-run table by name, and metadata per table for the UI."""
-    import time
-
     from mlsae_core.analyse import analysis_tables, one_pass
     from mlsae_core.evaluate import resolve_delta_dtype
 
-    t0 = time.perf_counter()
     tr, sae, layers, part, lens = _run_setup(layout, sw, model, point)
     test = load_chunks(layout, model, "test")
     result = one_pass(tr, sae, test, layers, sw.eval, progress=terminal_progress(), lens=lens)
@@ -336,7 +338,6 @@ def evaluate(
         },
         "latent_dists": {"n_live": int(result.dists.live.sum()), "n_latents": sae.n_latents},
         "max_examples": {"n_examples": len(result.examples)},
-        "seconds": time.perf_counter() - t0,
     }
     return out, meta
 
@@ -410,6 +411,21 @@ def inline_png(path: Path, alt: str = "figure") -> str:
     """Markdown embedding a PNG (base64) so the Dagster UI shows it inline."""
     data = base64.b64encode(Path(path).read_bytes()).decode()
     return f"![{alt}](data:image/png;base64,{data})"
+
+
+def curve_markdown(run: Any) -> str:
+    """The training curve inline, with every tenth row of the history beside it."""
+    from mlsae_core.train import read_history
+
+    hist = read_history(run.directory)
+    every = max(1, len(hist) // 10)
+    rows = "\n".join(
+        f"| {r['step']} | {r['tokens']} | {r['fvu']:.4f} | {r['dead_fraction']:.3f} | "
+        f"{r['l0']:.1f} |"
+        for r in hist[::every] + hist[-1:]
+    )
+    table = "| step | tokens | fvu | dead | l0 |\n|---|---|---|---|---|\n" + rows
+    return inline_png(run.figure("training_curve"), "training curve") + "\n\n" + table
 
 
 def plain(value: Any) -> Any:

@@ -31,7 +31,9 @@ def _write_sweep(path: Path, **changes: dict) -> Path:
 
 def _sweep(sweep: Path, data: Path, instance) -> list[dict]:
     from mlsae_pipeline.commands import run_sweep
+    from tests.tiny import write_smoke_inputs
 
+    write_smoke_inputs(data)  # the smoke sweep's tiny model and text (kept on reruns)
     rows = run_sweep(sweep, data, instance=instance, report=lambda s: None)
     assert all(r["success"] for r in rows), [r["stage"] for r in rows if not r["success"]]
     return rows

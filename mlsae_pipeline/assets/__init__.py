@@ -1,10 +1,18 @@
-"""Asset factories, one module per domain (group): models, training + evaluation, summary."""
+"""Assets, one module per domain (group): models, training + evaluation, summary.
+
+Each asset is a short module-level function whose docstring is its description in the UI;
+the per-model and per-config ones get their partitions (which come from the sweep) when
+`build_*_assets` decorates them with `asset`.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
 from typing import Any
+
+import dagster as dg
 
 # Bump an asset's code version when its computation changes: Dagster then marks it (and what
 # depends on it) unsynced, and `mlsae sweep` (or "Materialize unsynced") recomputes it.
@@ -23,23 +31,30 @@ CODE_VERSIONS = {
     "single_layer_comparison": "3",  # 3: the tuned_lens partition column
     "results_db": "2",  # 2: per-run views glob the run directories
 }
-
-
-def settings_hash(*settings: Any) -> str:
-    """A short hash of JSON-ready settings."""
-    text = json.dumps(settings, sort_keys=True, default=str)
-    return hashlib.sha256(text.encode()).hexdigest()[:12]
+PARQUET = "parquet_io_manager"
 
 
 def code_version(asset: str, *settings: Any) -> str:
     """`CODE_VERSIONS[asset]`, plus a hash of the sweep settings the asset reads: the sweep
     file is part of the code location, so editing a setting marks exactly the assets that read
     it unsynced (the UI says "has a new code version"; `mlsae sweep` re-runs them)."""
-    base = CODE_VERSIONS[asset]
-    return f"{base}.{settings_hash(*settings)}" if settings else base
+    if not settings:
+        return CODE_VERSIONS[asset]
+    text = json.dumps(settings, sort_keys=True, default=str)
+    return f"{CODE_VERSIONS[asset]}.{hashlib.sha256(text.encode()).hexdigest()[:12]}"
 
 
-def eager():
-    import dagster as dg
+def asset(group: str, kinds: set[str], settings: tuple = (), **kwargs: Any) -> Callable:
+    """`@dg.asset` named after the function, in `group`, eager (what changes upstream flows
+    down when the automation sensor is on), its code version `code_version(name, *settings)`."""
 
-    return dg.AutomationCondition.eager()
+    def decorate(fn: Callable) -> dg.AssetsDefinition:
+        return dg.asset(
+            group_name=group,
+            kinds=kinds,
+            code_version=code_version(fn.__name__, *settings),
+            automation_condition=dg.AutomationCondition.eager(),
+            **kwargs,
+        )(fn)
+
+    return decorate

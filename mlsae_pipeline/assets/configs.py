@@ -8,9 +8,8 @@ run directory under the file names `mlsae analyse` uses, and runs their checks o
 in-memory tables. The figures land in the run directory too.
 """
 
-import shutil
+import json
 import sys
-from pathlib import Path
 from typing import Any
 
 import dagster as dg
@@ -18,7 +17,7 @@ import dagster as dg
 from mlsae_core import atomic
 from mlsae_core.config import to_dict
 from mlsae_core.layout import RUN_TABLES
-from mlsae_pipeline.assets import CODE_VERSIONS, code_version, eager
+from mlsae_pipeline.assets import CODE_VERSIONS, PARQUET, asset, code_version
 from mlsae_pipeline.partitions import SweepPartitions, split_config_key
 from mlsae_pipeline.resources import Storage, SweepResource
 from mlsae_pipeline.sweep import Sweep
@@ -59,11 +58,162 @@ EVAL_CHECKS = {
 }
 
 
-def _torchrun() -> list[str]:
-    exe = Path(sys.executable).with_name("torchrun")
-    return [str(exe)] if exe.exists() else [sys.executable, "-m", "torch.distributed.run"]
+def mlsae(
+    context: dg.AssetExecutionContext,
+    storage: Storage,
+    sweep: SweepResource,
+    pipes_subprocess_client: dg.PipesSubprocessClient,
+):
+    """A trained MLSAE (one TopK SAE over the residual stream of every layer in the config's
+    layer set; one layer = a single-layer baseline): the run directory saes/<model>/<sae>/
+    with model.safetensors + config.json, history.parquet and training_curve.png. A larger
+    data.max_tokens continues the finished run; any other settings change (or a new mlsae
+    code version, or a damaged checkpoint) starts it over (metadata: changed).
+
+    The one short-circuit inside a run is the core's own: train_run resumes a directory that
+    holds the same settings and returns a finished run untouched. "Materialize all" in the UI
+    launches up-to-date partitions too, and a crashed run's retry must resume, not retrain
+    (`mlsae sweep` launches only what is missing, unsynced or corrupt)."""
+    from mlsae_pipeline import steps
+
+    layout, sw = storage.layout, sweep.load()
+    model, sae_key = split_config_key(context.partition_key)
+    run = layout.run(model, sae_key)
+    spec = sw.run_spec(sw.point(sae_key), sw.model_name(model), layout.lens_dir(model))
+    changes, outcome = steps.reconcile_run(run, spec, _code_change(context))
+    if outcome == "restarted":
+        context.log.info("settings changed: started %s over", run.directory)
+    meta = _train(context, pipes_subprocess_client, spec, layout, model, run, len(sw.points))
+    steps.training_curve(layout, model, sae_key)
+    weights = atomic.read_manifest(run.directory)[run.weights.name]["sha256"]
+    return dg.MaterializeResult(
+        metadata={
+            **meta,
+            "run": outcome,
+            "changed": [f"{k}: {old!r} -> {new!r}" for k, (old, new) in changes.items()],
+            "checkpoint": dg.MetadataValue.path(str(run.directory)),
+            "training_curve": dg.MetadataValue.md(steps.curve_markdown(run)),
+        },
+        data_version=dg.DataVersion(weights[:16]),  # the weights: a no-op run changes nothing
+    )
 
 
+def evaluation(context: dg.AssetExecutionContext, storage: Storage, sweep: SweepResource):
+    """One evaluation pass (analyse.one_pass): test metrics, layer distributions, layer
+    variance, max examples; every table of analyse.analysis_tables."""
+    from mlsae_pipeline import checks, steps
+
+    sw = sweep.load()
+    model, sae_key = split_config_key(context.partition_key)
+    tables, meta = steps.evaluate(storage.layout, sw, model, sw.point(sae_key))
+    for name in EVAL_TABLES:
+        yield dg.Output(tables[name], output_name=name, metadata=steps.plain(meta.get(name, {})))
+    outcomes = checks.evaluation_checks(tables, sw.checks, sw.eval.spliced_tokens > 0)
+    for asset_name, results in outcomes.items():
+        for outcome in results:
+            yield outcome.result(asset_name)
+
+
+def dists_heatmap(
+    context: dg.AssetExecutionContext,
+    storage: Storage,
+    sweep: SweepResource,
+    latent_layer_dists: Any,
+):
+    """Heatmap of p[layer, latent] for live latents sorted by mean layer, plus the histogram
+    of latents' mean layers (dists_heatmap / layer_mean_hist .png + .pdf in the run directory,
+    as `mlsae analyse` writes them; shown inline)."""
+    from mlsae_pipeline import steps
+
+    sw = sweep.load()
+    model, sae_key = split_config_key(context.partition_key)
+    pngs, meta = steps.dists_figures(storage.layout, sw, model, sae_key, latent_layer_dists)
+    md = "\n\n".join(steps.inline_png(p, p.stem) for p in pngs)
+    return dg.MaterializeResult(metadata={**meta, "heatmap": dg.MetadataValue.md(md)})
+
+
+def prompt_heatmap(context: dg.AssetExecutionContext, storage: Storage, sweep: SweepResource):
+    """For the sweep's eval.prompt: each latent's activation summed over tokens per layer,
+    normalised over layers, latents sorted by mean layer: the long-form table
+    (prompt_heatmap.parquet) and the figure (PNG + PDF, inline) in the run directory."""
+    from mlsae_pipeline import steps
+
+    layout, sw = storage.layout, sweep.load()
+    model, sae_key = split_config_key(context.partition_key)
+    table, meta = steps.prompt_heatmap(layout, sw, model, sw.point(sae_key))
+    png = layout.run(model, sae_key).figure("prompt_heatmap")
+    md = dg.MetadataValue.md(steps.inline_png(png, "prompt heatmap"))
+    return dg.Output(table, metadata={**meta, "heatmap": md})
+
+
+def build_config_assets(parts: SweepPartitions, sw: Sweep) -> list[Any]:
+    """The per-config assets, partitioned (model x SAE config); each reads its model's
+    assets through the `model` dimension, and its code version hashes the settings it reads."""
+    per_config = {"partitions_def": parts.configs}
+    to_model = parts.to_model
+    transformer = dg.AssetDep("transformer", partition_mapping=to_model)
+    corpus = dg.AssetDep("corpus", partition_mapping=to_model)
+    lens = dg.AssetDep("tuned_lens", partition_mapping=to_model)
+    run_settings = (to_dict(sw.sae), to_dict(sw.data), to_dict(sw.train))
+    return [
+        asset(
+            "training",
+            {"pytorch", "safetensors"},
+            run_settings,
+            deps=[transformer, corpus, lens],
+            pool="mlsae_train",
+            **per_config,
+        )(mlsae),
+        _evaluation_asset(parts, sw, deps=["mlsae", transformer, corpus]),
+        asset(
+            "figures",
+            {"matplotlib", "pdf"},
+            ins={"latent_layer_dists": dg.AssetIn("latent_layer_dists")},
+            **per_config,
+        )(dists_heatmap),
+        asset(
+            "figures",
+            {"matplotlib", "pdf", "parquet"},
+            (sw.eval.prompt,),
+            deps=["mlsae", transformer],
+            io_manager_key=PARQUET,
+            pool="mlsae_eval",
+            **per_config,
+        )(prompt_heatmap),
+    ]
+
+
+def _evaluation_asset(parts: SweepPartitions, sw: Sweep, deps: list[Any]) -> Any:
+    """`evaluation` as one multi-asset: an output per table, the per-config checks."""
+    eval_settings = {k: v for k, v in to_dict(sw.eval).items() if k not in ("prompt", "device")}
+    outs = {
+        name: dg.AssetOut(
+            group_name="evaluation",
+            io_manager_key=PARQUET,
+            kinds={"parquet", "pytorch"},
+            code_version=code_version("evaluation", eval_settings),
+            automation_condition=dg.AutomationCondition.eager(),
+            description=EVAL_DESCRIPTIONS[name],
+        )
+        for name in EVAL_TABLES
+    }
+    check_specs = [
+        dg.AssetCheckSpec(name, asset=table)
+        for table, names in EVAL_CHECKS.items()
+        for name in names
+    ]
+    return dg.multi_asset(
+        name="evaluation",
+        outs=outs,
+        partitions_def=parts.configs,
+        deps=deps,
+        check_specs=check_specs,
+        pool="mlsae_eval",
+        description=evaluation.__doc__,
+    )(evaluation)
+
+
+# ----- helpers -------------------------------------------------------------------------------
 def _log_progress(context: dg.AssetExecutionContext) -> Any:
     """An on_step callback: training progress in the run's log, at most every 10 s."""
     last = [0.0]
@@ -83,181 +233,6 @@ def _log_progress(context: dg.AssetExecutionContext) -> Any:
     return on_step
 
 
-def build_config_assets(parts: SweepPartitions, sw: Sweep) -> list[Any]:
-    model_dep = parts.to_model
-    run_settings = [to_dict(sw.sae), to_dict(sw.data), to_dict(sw.train)]
-
-    @dg.asset(
-        name="mlsae",
-        group_name="training",
-        partitions_def=parts.configs,
-        deps=[
-            dg.AssetDep("transformer", partition_mapping=model_dep),
-            dg.AssetDep("corpus", partition_mapping=model_dep),
-            dg.AssetDep("tuned_lens", partition_mapping=model_dep),
-        ],
-        kinds={"pytorch", "safetensors"},
-        code_version=code_version("mlsae", *run_settings),
-        automation_condition=eager(),
-        pool="mlsae_train",
-        description=(
-            "A trained MLSAE (one TopK SAE over the residual stream of every layer in the "
-            "config's layer set; one layer = a single-layer baseline): the run directory "
-            "saes/<model>/<sae>/ with model.safetensors + config.json, history.parquet and "
-            "training_curve.png. A larger data.max_tokens continues the finished run; any "
-            "other settings change starts it over (metadata: changed)."
-        ),
-    )
-    def mlsae(
-        context: dg.AssetExecutionContext,
-        storage: Storage,
-        sweep: SweepResource,
-        pipes_subprocess_client: dg.PipesSubprocessClient,
-    ):
-        """Train the config into its run directory, comparing the settings it records first:
-        only a larger budget -> the core extends the finished run; any other change (or a new
-        mlsae code version) -> the run starts over.
-
-        The one short-circuit inside a run is the core's own: train_run resumes a directory
-        that holds the same settings and returns a finished run untouched. "Materialize all"
-        in the UI launches up-to-date partitions too, and a crashed run's retry must resume,
-        not retrain (`mlsae sweep` launches only what is missing, unsynced or corrupt).
-        """
-        from mlsae_pipeline import steps
-
-        layout, sw = storage.layout, sweep.load()
-        model, sae_key = split_config_key(context.partition_key)
-        run = layout.run(model, sae_key)
-        spec = sw.run_spec(sw.point(sae_key), sw.model_name(model), layout.lens_dir(model))
-        changes = {**steps.settings_changes(run.directory, spec), **_code_change(context)}
-        if problem := steps.damaged([run.weights, run.config], recorded_only=True):
-            changes["checkpoint"] = (problem, "retrained")  # the pipeline's own output
-        extends = steps.is_extension(changes)
-        if changes and not extends:
-            context.log.info("settings changed: starting %s over", run.directory)
-            shutil.rmtree(run.directory)
-        meta = _train(context, pipes_subprocess_client, spec, model, run, layout, sw)
-        steps.training_curve(layout, model, sae_key)
-        steps.record(run.weights, run.config)
-        weights = atomic.read_manifest(run.directory)[run.weights.name]["sha256"]
-        return dg.MaterializeResult(
-            metadata={
-                **meta,
-                "run": ("extended" if extends else "restarted") if changes else "trained",
-                "changed": [f"{k}: {old!r} -> {new!r}" for k, (old, new) in changes.items()],
-                "checkpoint": dg.MetadataValue.path(str(run.directory)),
-                "training_curve": dg.MetadataValue.md(_curve_md(run)),
-            },
-            data_version=dg.DataVersion(weights[:16]),  # the weights: a no-op run changes nothing
-        )
-
-    eval_settings = {k: v for k, v in to_dict(sw.eval).items() if k not in ("prompt", "device")}
-    outs = {
-        name: dg.AssetOut(
-            group_name="evaluation",
-            io_manager_key="parquet_io_manager",
-            kinds={"parquet", "pytorch"},
-            code_version=code_version("evaluation", eval_settings),
-            automation_condition=eager(),
-            description=EVAL_DESCRIPTIONS[name],
-        )
-        for name in EVAL_TABLES
-    }
-    check_specs = [
-        dg.AssetCheckSpec(name, asset=asset)
-        for asset, names in EVAL_CHECKS.items()
-        for name in names
-    ]
-
-    @dg.multi_asset(
-        name="evaluation",
-        outs=outs,
-        partitions_def=parts.configs,
-        deps=[
-            "mlsae",
-            dg.AssetDep("transformer", partition_mapping=model_dep),
-            dg.AssetDep("corpus", partition_mapping=model_dep),
-        ],
-        check_specs=check_specs,
-        pool="mlsae_eval",
-        description=(
-            "One evaluation pass (analyse.one_pass): test metrics, layer distributions, layer "
-            "variance, max examples; every table of analyse.analysis_tables."
-        ),
-    )
-    def evaluation(context: dg.AssetExecutionContext, storage: Storage, sweep: SweepResource):
-        from mlsae_pipeline import checks, steps
-
-        sw = sweep.load()
-        model, sae_key = split_config_key(context.partition_key)
-        tables, meta = steps.evaluate(storage.layout, sw, model, sw.point(sae_key))
-        for name in EVAL_TABLES:
-            yield dg.Output(
-                tables[name], output_name=name, metadata=steps.plain(meta.get(name, {}))
-            )
-        outcomes = checks.evaluation_checks(tables, sw.checks, sw.eval.spliced_tokens > 0)
-        for asset, results in outcomes.items():
-            for outcome in results:
-                yield outcome.result(asset)
-
-    @dg.asset(
-        name="dists_heatmap",
-        group_name="figures",
-        partitions_def=parts.configs,
-        ins={"latent_layer_dists": dg.AssetIn("latent_layer_dists")},
-        kinds={"matplotlib", "pdf"},
-        code_version=code_version("dists_heatmap"),
-        automation_condition=eager(),
-        description=(
-            "Heatmap of p[layer, latent] for live latents sorted by mean layer, plus the "
-            "histogram of latents' mean layers (dists_heatmap / layer_mean_hist .png + .pdf in "
-            "the run directory, as `mlsae analyse` writes them; shown inline)."
-        ),
-    )
-    def dists_heatmap(
-        context: dg.AssetExecutionContext,
-        storage: Storage,
-        sweep: SweepResource,
-        latent_layer_dists: Any,
-    ):
-        from mlsae_pipeline import steps
-
-        sw = sweep.load()
-        model, sae_key = split_config_key(context.partition_key)
-        pngs, meta = steps.dists_figures(storage.layout, sw, model, sae_key, latent_layer_dists)
-        md = "\n\n".join(steps.inline_png(p, p.stem) for p in pngs)
-        return dg.MaterializeResult(metadata={**meta, "heatmap": dg.MetadataValue.md(md)})
-
-    @dg.asset(
-        name="prompt_heatmap",
-        group_name="figures",
-        partitions_def=parts.configs,
-        deps=["mlsae", dg.AssetDep("transformer", partition_mapping=model_dep)],
-        io_manager_key="parquet_io_manager",
-        kinds={"matplotlib", "pdf", "parquet"},
-        code_version=code_version("prompt_heatmap", sw.eval.prompt),
-        automation_condition=eager(),
-        pool="mlsae_eval",
-        description=(
-            "For the sweep's eval.prompt: each latent's activation summed over tokens per "
-            "layer, normalised over layers, latents sorted by mean layer: the long-form table "
-            "(prompt_heatmap.parquet) and the figure (PNG + PDF, inline) in the run directory."
-        ),
-    )
-    def prompt_heatmap(context: dg.AssetExecutionContext, storage: Storage, sweep: SweepResource):
-        from mlsae_pipeline import steps
-
-        layout, sw = storage.layout, sweep.load()
-        model, sae_key = split_config_key(context.partition_key)
-        table, meta = steps.prompt_heatmap(layout, sw, model, sw.point(sae_key))
-        png = layout.run(model, sae_key).figure("prompt_heatmap")
-        md = dg.MetadataValue.md(steps.inline_png(png, "prompt heatmap"))
-        return dg.Output(table, metadata={**meta, "heatmap": md})
-
-    return [mlsae, evaluation, dists_heatmap, prompt_heatmap]
-
-
-# ----- helpers -------------------------------------------------------------------------------
 def _code_change(context: dg.AssetExecutionContext) -> dict[str, tuple[Any, Any]]:
     """{"code_version": (then, now)} when the partition's last materialization (Dagster's
     record of it) was made by another CODE_VERSIONS["mlsae"]: such a run starts over."""
@@ -276,79 +251,32 @@ def _train(
     context: dg.AssetExecutionContext,
     client: dg.PipesSubprocessClient,
     spec: Any,
+    layout: Any,
     model: str,
     run: Any,
-    layout: Any,
-    sw: Sweep,
+    n_configs: int,
 ) -> dict[str, Any]:
-    """In this process, or across train.nproc_per_node processes through torchrun."""
+    """In this process, or across train.nproc_per_node processes: torchrun runs
+    mlsae_pipeline.ddp_train through Dagster Pipes."""
+    from mlsae_core.config import spec_to_dict
     from mlsae_pipeline import steps
 
     chunks = layout.corpus_path(model, "train")
-    if spec.train.nproc_per_node > 1:
-        return _train_with_torchrun(context, client, spec, run, chunks, layout.root)
-    # several configs of one model share one transformer pass (activation cache)
-    shared = layout.cache_dir(model) if len(sw.points) > 1 else None
-    return steps.train_sae(
-        spec, run.directory, chunks, layout.root, _log_progress(context),
-        steps.terminal_progress(), shared,
-    )  # fmt: skip
-
-
-def _curve_md(run: Any) -> str:
-    """The training curve inline, with every tenth row of the history beside it."""
-    from mlsae_core.train import read_history
-    from mlsae_pipeline import steps
-
-    hist = read_history(run.directory)
-    every = max(1, len(hist) // 10)
-    rows = "\n".join(
-        f"| {r['step']} | {r['tokens']} | {r['fvu']:.4f} | {r['dead_fraction']:.3f} | "
-        f"{r['l0']:.1f} |"
-        for r in hist[::every] + hist[-1:]
-    )
-    table = "| step | tokens | fvu | dead | l0 |\n|---|---|---|---|---|\n" + rows
-    return steps.inline_png(run.figure("training_curve"), "training curve") + "\n\n" + table
-
-
-def _train_with_torchrun(
-    context: dg.AssetExecutionContext,
-    client: dg.PipesSubprocessClient,
-    spec: Any,
-    run: Any,
-    chunks: Path,
-    root: Path,
-) -> dict[str, Any]:
-    """Train across train.nproc_per_node processes: torchrun runs mlsae_pipeline.ddp_train."""
-    import json
-
-    from mlsae_core import atomic
-    from mlsae_core.config import spec_to_dict
-
-    out = run.directory
-    job = out.parent / f".{out.name}.ddp.json"
-    atomic.write_json(
-        job,
-        {
-            "spec": spec_to_dict(spec),
-            "out_dir": str(out),
-            "chunks": str(chunks),
-            "root": str(root),
-        },
-    )
-    cmd = [
-        *_torchrun(),
-        "--standalone",
-        "--nproc_per_node",
-        str(spec.train.nproc_per_node),
-        "-m",
-        "mlsae_pipeline.ddp_train",
-        "--job",
-        str(job),
-    ]
+    if spec.train.nproc_per_node < 2:
+        # several configs of one model share one transformer pass (activation cache)
+        shared = layout.cache_dir(model) if n_configs > 1 else None
+        return steps.train_sae(
+            spec, run.directory, chunks, layout.root, _log_progress(context),
+            steps.terminal_progress(), shared,
+        )  # fmt: skip
+    job = run.directory.parent / f".{run.directory.name}.ddp.json"
+    paths = {"out_dir": str(run.directory), "chunks": str(chunks), "root": str(layout.root)}
+    atomic.write_json(job, {"spec": spec_to_dict(spec), **paths})
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    n = spec.train.nproc_per_node
+    cmd = [*torchrun, f"--nproc_per_node={n}", "-m", "mlsae_pipeline.ddp_train", f"--job={job}"]
     context.log.info("launching %s", " ".join(cmd))
     invocation = client.run(command=cmd, context=context, env={"OMP_NUM_THREADS": "1"})
-    reported = invocation.get_materialize_result()
-    meta = {k: getattr(v, "value", v) for k, v in (reported.metadata or {}).items()}
-    meta["launcher"] = "torchrun via Dagster Pipes"
-    return json.loads(json.dumps(meta, default=str))
+    reported = invocation.get_materialize_result().metadata or {}
+    meta = {k: getattr(v, "value", v) for k, v in reported.items()}
+    return json.loads(json.dumps({**meta, "launcher": "torchrun via Dagster Pipes"}, default=str))

@@ -10,184 +10,148 @@ from typing import Any
 
 import dagster as dg
 
-from mlsae_pipeline.assets import code_version, eager
-from mlsae_pipeline.io import ALLOW_MISSING, TABLE_ASSETS, build_results_db, md_table, read_table
+from mlsae_core import atomic
+from mlsae_pipeline import checks
+from mlsae_pipeline.assets import PARQUET, asset
+from mlsae_pipeline.io import ALLOW_MISSING, TABLE_ASSETS, build_results_db, md_table
 from mlsae_pipeline.resources import Storage, SweepResource
 
 GROUP = "summary"
+TEST_METRICS = {"test_metrics": dg.AssetIn("test_metrics", metadata=ALLOW_MISSING)}
 
 
 def _preview(table: Any) -> dict[str, Any]:
     return {"table": dg.MetadataValue.md(md_table(table, max_rows=30))}
 
 
-def build_summary_assets() -> list[Any]:
-    @dg.asset(
-        name="test_summary",
-        group_name=GROUP,
-        ins={"test_metrics": dg.AssetIn("test_metrics", metadata=ALLOW_MISSING)},
-        io_manager_key="parquet_io_manager",
-        kinds={"parquet", "matplotlib"},
-        code_version=code_version("test_summary"),
-        automation_condition=eager(),
-        description=(
-            "One row per config (model, expansion_factor, k, layers) with the test metrics "
-            "averaged over layers (summaries.summarize_test_metrics), plus figures of each metric by k "
-            "and by expansion factor (figures/test_<metric>_by_{k,expansion})."
-        ),
-    )
-    def test_summary(context: dg.AssetExecutionContext, storage: Storage, test_metrics: Any):
-        from mlsae_core import figures
-        from mlsae_core.analysis import summaries
-        from mlsae_pipeline import steps
+@asset(GROUP, {"parquet", "matplotlib"}, ins=TEST_METRICS, io_manager_key=PARQUET)
+def test_summary(context: dg.AssetExecutionContext, storage: Storage, test_metrics: Any):
+    """One row per config (model, expansion_factor, k, layers) with the test metrics averaged
+    over layers (summaries.summarize_test_metrics), plus figures of each metric by k and by
+    expansion factor (figures/test_<metric>_by_{k,expansion})."""
+    from mlsae_core import figures
+    from mlsae_core.analysis import summaries
+    from mlsae_pipeline import steps
 
-        table = summaries.summarize_test_metrics(test_metrics)
-        try:
-            written = figures.summary_figures(
-                table, storage.layout.figures_dir, metrics=("fvu", "l0", "dce")
-            )
-        except ValueError as exc:  # nothing to plot
-            context.log.warning("summary figures skipped: %s", exc)
-            written = []
-        pngs = [p for p in written if p.suffix == ".png"]
-        ui = _preview(table)
-        if pngs:
-            plots = "\n\n".join(steps.inline_png(p, p.stem) for p in pngs[:2])
-            ui["plots"] = dg.MetadataValue.md(plots)
-        return dg.Output(table, metadata={**ui, "figures": [str(p) for p in pngs]})
-
-    @dg.asset(
-        name="dists_layer_std",
-        group_name=GROUP,
-        ins={"dists_summary": dg.AssetIn("dists_summary", metadata=ALLOW_MISSING)},
-        io_manager_key="parquet_io_manager",
-        kinds={"parquet"},
-        code_version=code_version("dists_layer_std"),
-        automation_condition=eager(),
-        description=(
-            "Per config: mean/var/std/sem of each live latent's layer_std (how spread over "
-            "layers latents are), and the same divided by n_layers (*_rel), as the paper's "
-            "tables: every run's dists_summary row (summaries.dists_layer_std)."
-        ),
-    )
-    def dists_layer_std(dists_summary: Any):
-        from mlsae_core.analysis import summaries
-
-        table = summaries.dists_layer_std(dists_summary)
-        return dg.Output(table, metadata=_preview(table))
-
-    @dg.asset(
-        name="mmcs",
-        group_name=GROUP,
-        deps=["mlsae"],
-        io_manager_key="parquet_io_manager",
-        kinds={"parquet", "pytorch"},
-        code_version=code_version("mmcs"),
-        automation_condition=eager(),
-        description=(
-            "Mean max cosine similarity of decoder columns, read from every config's "
-            "checkpoint: within each dictionary (reference='self') and between each MLSAE and "
-            "the single-layer SAEs of the same model, expansion factor and k "
-            "(reference='layers=<l>'); summaries.mmcs."
-        ),
-    )
-    def mmcs(context: dg.AssetExecutionContext, storage: Storage, sweep: SweepResource):
-        from mlsae_core.analysis import summaries
-        from mlsae_pipeline import steps
-
-        found, missing = steps.decoders(storage.layout, sweep.load())
-        for key in missing:
-            context.log.warning("no checkpoint for %s yet; skipped", key)
-        if not found:
-            raise FileNotFoundError(
-                f"no trained checkpoints under {storage.layout.root / 'saes'}; "
-                "materialize mlsae first"
-            )
-        table = summaries.mmcs(found)
-        return dg.Output(table, metadata={**_preview(table), "n_configs": len(found)})
-
-    @dg.asset(
-        name="single_layer_comparison",
-        group_name=GROUP,
-        ins={"test_metrics": dg.AssetIn("test_metrics", metadata=ALLOW_MISSING)},
-        io_manager_key="parquet_io_manager",
-        kinds={"parquet"},
-        code_version=code_version("single_layer_comparison"),
-        automation_condition=eager(),
-        description=(
-            "The paper's baseline: at each layer l that has a single-layer SAE in the sweep "
-            "(same model, expansion factor, k and token budget), the MLSAE's test metrics at l "
-            "next to the single-layer SAE's (mlsae_*, single_*, and fvu_ratio = mlsae/single)."
-        ),
-    )
-    def single_layer_comparison(test_metrics: Any):
-        from mlsae_core.analysis import summaries
-
-        table = summaries.single_layer_comparison(test_metrics)
-        return dg.Output(table, metadata=_preview(table))
-
-    @dg.asset(
-        name="results_db",
-        group_name=GROUP,
-        deps=[*TABLE_ASSETS, "mlsae"],
-        kinds={"duckdb"},
-        code_version=code_version("results_db"),
-        automation_condition=eager(),
-        description=(
-            "$MLSAE_DATA_DIR/results.duckdb: one view per table asset (named as the asset) "
-            "over its Parquet files (a glob over the run directories for per-run tables), plus "
-            "training_history. Built in a temporary file and renamed into place. Query it "
-            'with `mlsae query "SQL"`.'
-        ),
-    )
-    def results_db(storage: Storage):
-        from mlsae_pipeline import steps
-
-        layout = storage.layout
-        views = build_results_db(layout)
-        steps.record(layout.results_db)
-        lines = ["| view | rows | source |", "|---|---|---|"]
-        lines += [f"| {name} | {n} | `{src}` |" for name, (n, src) in views.items()]
-        return dg.MaterializeResult(
-            metadata={
-                "path": dg.MetadataValue.path(str(layout.results_db)),
-                "views": dg.MetadataValue.md("\n".join(lines)),
-                "n_views": len(views),
-            }
+    table = summaries.summarize_test_metrics(test_metrics)
+    try:
+        written = figures.summary_figures(
+            table, storage.layout.figures_dir, metrics=("fvu", "l0", "dce")
         )
+    except ValueError as exc:  # nothing to plot
+        context.log.warning("summary figures skipped: %s", exc)
+        written = []
+    pngs = [p for p in written if p.suffix == ".png"]
+    ui = _preview(table)
+    if pngs:
+        plots = "\n\n".join(steps.inline_png(p, p.stem) for p in pngs[:2])
+        ui["plots"] = dg.MetadataValue.md(plots)
+    return dg.Output(table, metadata={**ui, "figures": [str(p) for p in pngs]})
 
-    return [test_summary, dists_layer_std, mmcs, single_layer_comparison, results_db]
+
+@asset(
+    GROUP,
+    {"parquet"},
+    ins={"dists_summary": dg.AssetIn("dists_summary", metadata=ALLOW_MISSING)},
+    io_manager_key=PARQUET,
+)
+def dists_layer_std(dists_summary: Any):
+    """Per config: mean/var/std/sem of each live latent's layer_std (how spread over layers
+    latents are), and the same divided by n_layers (*_rel), as the paper's tables: every run's
+    dists_summary row (summaries.dists_layer_std)."""
+    from mlsae_core.analysis import summaries
+
+    table = summaries.dists_layer_std(dists_summary)
+    return dg.Output(table, metadata=_preview(table))
 
 
-def build_summary_checks() -> list[Any]:
-    from mlsae_pipeline import checks
+@asset(GROUP, {"parquet", "pytorch"}, deps=["mlsae"], io_manager_key=PARQUET)
+def mmcs(context: dg.AssetExecutionContext, storage: Storage, sweep: SweepResource):
+    """Mean max cosine similarity of decoder columns, read from every config's checkpoint:
+    within each dictionary (reference='self') and between each MLSAE and the single-layer SAEs
+    of the same model, expansion factor and k (reference='layers=<l>'); summaries.mmcs."""
+    from mlsae_core.analysis import summaries
+    from mlsae_pipeline import steps
 
-    def stored(storage: Storage, name: str) -> Any:
-        return read_table(storage.layout.table(name))
+    found, missing = steps.decoders(storage.layout, sweep.load())
+    for key in missing:
+        context.log.warning("no checkpoint for %s yet; skipped", key)
+    if not found:
+        raise FileNotFoundError(
+            f"no trained checkpoints under {storage.layout.root / 'saes'}; materialize mlsae first"
+        )
+    table = summaries.mmcs(found)
+    return dg.Output(table, metadata={**_preview(table), "n_configs": len(found)})
 
-    @dg.asset_check(asset="test_summary", name="no_nan", description="No NaN in average metrics")
-    def test_summary_no_nan(storage: Storage) -> dg.AssetCheckResult:
-        table = stored(storage, "test_summary")
-        return checks.no_nan(table, list(checks.RECON_COLUMNS)).result("test_summary")
 
-    @dg.asset_check(
-        asset="test_summary",
-        name="fvu_in_bounds",
-        description="Every config's average FVU within the sweep's checks: bounds",
+@asset(GROUP, {"parquet"}, ins=TEST_METRICS, io_manager_key=PARQUET)
+def single_layer_comparison(test_metrics: Any):
+    """The paper's baseline: at each layer l that has a single-layer SAE in the sweep (same
+    model, expansion factor, k and token budget), the MLSAE's test metrics at l next to the
+    single-layer SAE's (mlsae_*, single_*, and fvu_ratio = mlsae/single)."""
+    from mlsae_core.analysis import summaries
+
+    table = summaries.single_layer_comparison(test_metrics)
+    return dg.Output(table, metadata=_preview(table))
+
+
+@asset(GROUP, {"duckdb"}, deps=[*TABLE_ASSETS, "mlsae"])
+def results_db(storage: Storage):
+    """$MLSAE_DATA_DIR/results.duckdb: one view per table asset (named as the asset) over its
+    Parquet files (a glob over the run directories for per-run tables), plus
+    training_history. Built in a temporary file and renamed into place. Query it with
+    `mlsae query "SQL"`."""
+    from mlsae_pipeline import steps
+
+    layout = storage.layout
+    views = build_results_db(layout)
+    steps.record(layout.results_db)
+    lines = ["| view | rows | source |", "|---|---|---|"]
+    lines += [f"| {name} | {n} | `{src}` |" for name, (n, src) in views.items()]
+    return dg.MaterializeResult(
+        metadata={
+            "path": dg.MetadataValue.path(str(layout.results_db)),
+            "views": dg.MetadataValue.md("\n".join(lines)),
+            "n_views": len(views),
+        }
     )
-    def test_summary_fvu(storage: Storage, sweep: SweepResource) -> dg.AssetCheckResult:
-        table = stored(storage, "test_summary")
-        return checks.fvu_in_bounds(table, sweep.load().checks).result("test_summary")
 
-    @dg.asset_check(asset="mmcs", name="no_nan", description="No NaN MMCS statistics")
-    def mmcs_no_nan(storage: Storage) -> dg.AssetCheckResult:
-        return checks.no_nan(stored(storage, "mmcs"), ["mean"]).result("mmcs")
 
-    @dg.asset_check(
-        asset="dists_layer_std", name="no_nan", description="No NaN mean layer_std per config"
-    )
-    def dists_no_nan(storage: Storage) -> dg.AssetCheckResult:
-        table = stored(storage, "dists_layer_std")
-        return checks.no_nan(table, ["mean", "mean_rel"]).result("dists_layer_std")
+SUMMARY_ASSETS = [test_summary, dists_layer_std, mmcs, single_layer_comparison, results_db]
 
-    return [test_summary_no_nan, test_summary_fvu, mmcs_no_nan, dists_no_nan]
+
+# ----- checks on the stored cross-config tables ------------------------------------------------
+def _stored(storage: Storage, name: str) -> Any:
+    return atomic.read_parquet(storage.layout.table(name))
+
+
+@dg.asset_check(asset="test_summary", name="no_nan", description="No NaN in average metrics")
+def test_summary_no_nan(storage: Storage) -> dg.AssetCheckResult:
+    table = _stored(storage, "test_summary")
+    return checks.no_nan(table, list(checks.RECON_COLUMNS)).result("test_summary")
+
+
+@dg.asset_check(
+    asset="test_summary",
+    name="fvu_in_bounds",
+    description="Every config's average FVU within the sweep's checks: bounds",
+)
+def test_summary_fvu(storage: Storage, sweep: SweepResource) -> dg.AssetCheckResult:
+    table = _stored(storage, "test_summary")
+    return checks.fvu_in_bounds(table, sweep.load().checks).result("test_summary")
+
+
+@dg.asset_check(asset="mmcs", name="no_nan", description="No NaN MMCS statistics")
+def mmcs_no_nan(storage: Storage) -> dg.AssetCheckResult:
+    return checks.no_nan(_stored(storage, "mmcs"), ["mean"]).result("mmcs")
+
+
+@dg.asset_check(
+    asset="dists_layer_std", name="no_nan", description="No NaN mean layer_std per config"
+)
+def dists_no_nan(storage: Storage) -> dg.AssetCheckResult:
+    table = _stored(storage, "dists_layer_std")
+    return checks.no_nan(table, ["mean", "mean_rel"]).result("dists_layer_std")
+
+
+SUMMARY_CHECKS = [test_summary_no_nan, test_summary_fvu, mmcs_no_nan, dists_no_nan]
