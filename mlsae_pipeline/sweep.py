@@ -292,7 +292,7 @@ def sweep_path(name_or_path: str | os.PathLike[str] | None = None) -> Path:
     """`MLSAE_SWEEP` (a path, or a name under data/sweeps/), else data/sweeps/default.yaml."""
     value = str(name_or_path or os.environ.get("MLSAE_SWEEP") or DEFAULT_SWEEP)
     path = Path(value).expanduser()
-    if path.suffix not in (".yaml", ".yml") and not path.exists():
+    if path.suffix not in (".yaml", ".yml") and not path.is_file():
         path = SWEEPS_DIR / f"{value}.yaml"
     if not path.is_file():
         known = sorted(p.stem for p in SWEEPS_DIR.glob("*.yaml"))

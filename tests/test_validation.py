@@ -135,3 +135,13 @@ def test_the_sweep_model_refuses_unknown_keys_by_section():
         parse_sweep({**base, "checks": {"dead_max": 2}}, Path("x.yaml"))
     with pytest.raises(ConfigError, match="sweep file x.yaml: k=0 is not allowed: an integer >= 1"):
         parse_sweep({**base, "grid": {"k": [4, 0]}}, Path("x.yaml"))  # SAEConfig's own range
+
+
+def test_a_sweep_name_is_not_shadowed_by_a_directory_of_that_name(tmp_path, monkeypatch) -> None:
+    """MLSAE_SWEEP=smoke run from a folder holding a `smoke/` directory (e.g. a storage root
+    named after the sweep) still means data/sweeps/smoke.yaml."""
+    from mlsae_pipeline.sweep import SWEEPS_DIR, sweep_path
+
+    (tmp_path / "smoke").mkdir()
+    monkeypatch.chdir(tmp_path)
+    assert sweep_path("smoke") == SWEEPS_DIR / "smoke.yaml"
