@@ -186,16 +186,17 @@ def write_parquet(path: str | os.PathLike[str], table: Any) -> None:
 
 def read_parquet(path: str | os.PathLike[str], columns: list[str] | None = None) -> Any:
     """`pyarrow.parquet.read_table` of a file `verify` accepts; a missing, corrupt or
-    unrecorded file raises CorruptFileError naming it."""
-    import pyarrow as pa
+    unrecorded file raises CorruptFileError naming it.
+
+    Read by path, not from an in-memory `BufferReader`: with pyarrow 26 and torch in one
+    process, reading from a buffer makes the interpreter abort at exit now and then
+    ("terminate called without an active exception", exit status 134)."""
     import pyarrow.parquet as pq
 
     path = Path(path)
     verify(path.parent, [path.name])
     try:
-        return pq.read_table(
-            pa.BufferReader(path.read_bytes()), columns=columns, page_checksum_verification=True
-        )
+        return pq.read_table(path, columns=columns, page_checksum_verification=True)
     except Exception as exc:  # noqa: BLE001 - pyarrow raises OSError, ArrowInvalid, ...
         msg = " ".join(str(exc).split())
         raise CorruptFileError(path, f"{path} cannot be decoded ({msg})") from exc

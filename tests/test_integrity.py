@@ -254,3 +254,24 @@ def test_corrupted_checkpoint_is_refused_by_the_cli(smoke, tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1, err
     assert f"{ckpt / 'model.safetensors'} does not match the sha256" in err, err
+
+
+def test_a_process_that_reads_tables_exits_cleanly(tmp_path: Path) -> None:
+    """Reading a table through atomic.read_parquet with torch loaded must not make the
+    interpreter abort at exit (pyarrow 26 did so now and then from an in-memory buffer, exit
+    status 134 after the work had succeeded); eight children make a 40% failure visible."""
+    import subprocess
+    import sys
+
+    import pyarrow as pa
+
+    from mlsae_core import atomic
+
+    path = tmp_path / "t.parquet"
+    atomic.write_parquet(path, pa.table({"step": list(range(100))}))
+    child = (
+        "import torch\nfrom mlsae_core import atomic\n"
+        f"assert atomic.read_parquet({str(path)!r}).num_rows == 100\n"
+    )
+    codes = [subprocess.run([sys.executable, "-c", child]).returncode for _ in range(8)]
+    assert codes == [0] * 8
