@@ -66,9 +66,11 @@ def _is_local(dataset: str) -> bool:
     return dataset == BROWN or Path(dataset).expanduser().exists()
 
 
-def _documents(data: DataConfig, seed: int) -> tuple[Iterable[Document], Iterable[Document]]:
+def _documents(
+    data: DataConfig, seed: int, sources_dir: Path | None = None
+) -> tuple[Iterable[Document], Iterable[Document]]:
     """(train docs, test docs) split by document; local sources are shuffled with `seed`."""
-    dataset = resolve_dataset(data.dataset)
+    dataset = resolve_dataset(data.dataset, sources_dir)
     if dataset == BROWN:
         docs: Iterable[Document] = brown_documents()
     else:
@@ -103,10 +105,12 @@ def corpus_split(
     max_tokens: int | None,
     tokenizer: Any,
     max_context: int,
+    sources_dir: Path | None = None,
 ) -> TokenChunks:
-    """Token chunks of one side ('train' or 'test') of the document split."""
+    """Token chunks of one side ('train' or 'test') of the document split; a dataset named
+    like a directory under `sources_dir` (default: the storage root's) is that directory."""
     check_context(data, max_context, getattr(tokenizer, "name_or_path", "the model"))
-    train_docs, test_docs = _documents(data, seed)
+    train_docs, test_docs = _documents(data, seed, sources_dir)
     docs = train_docs if which == "train" else test_docs
     chunks = tokenize_chunks(docs, tokenizer, data.max_length, max_tokens=max_tokens)
     if chunks.n_tokens == 0:

@@ -109,7 +109,9 @@ def build_corpus(layout: StorageLayout, sw: Sweep, model: str) -> dict[str, Any]
         for p in sw.points
     )
     for split, budget in (("train", train_tokens), ("test", held_out_tokens(sw))):
-        chunks = corpus_split(sw.data, sw.train.seed, split, budget, tokenizer, context)
+        chunks = corpus_split(
+            sw.data, sw.train.seed, split, budget, tokenizer, context, layout.sources_dir
+        )
         out = layout.corpus_path(model, split)
         out.parent.mkdir(parents=True, exist_ok=True)
         chunks.save(out)
