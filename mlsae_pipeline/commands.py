@@ -107,7 +107,7 @@ def quiet_run_config(verbose: bool) -> dict[str, Any]:
 
 def outputs(layout: Any, sw: Any, asset: str, partition: str | None) -> list[Path]:
     """The files asset `asset` of `partition` leaves, each recorded in its directory's
-    manifest (tables by `atomic.write_parquet`, the rest by `steps.record`)."""
+    manifest (tables by `atomic.write_parquet`, the rest by the core writer that wrote them)."""
     from mlsae_pipeline import steps
     from mlsae_pipeline.io import TABLE_ASSETS, table_path
     from mlsae_pipeline.partitions import split_config_key

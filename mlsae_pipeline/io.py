@@ -165,8 +165,8 @@ def view_sources(layout: StorageLayout) -> dict[str, str]:
 
 
 def build_results_db(layout: StorageLayout) -> dict[str, tuple[int, str]]:
-    """Write results.duckdb atomically (built in a temporary file, renamed into place): one
-    view per table; returns {view: (rows, source)}."""
+    """Write results.duckdb atomically (built in a temporary file, renamed into place) and
+    record it in its directory's manifest: one view per table; returns {view: (rows, source)}."""
     import duckdb
 
     counts: dict[str, tuple[int, str]] = {}
@@ -183,4 +183,5 @@ def build_results_db(layout: StorageLayout) -> dict[str, tuple[int, str]]:
                 (rows,) = con.execute(f'SELECT count(*) FROM "{name}"').fetchone()
                 counts[name] = (int(rows), src)
             con.execute("CHECKPOINT")
+    atomic.record(layout.results_db.parent, [layout.results_db.name])
     return counts

@@ -1,9 +1,9 @@
 """The assets' steps, as short calls into `mlsae_core` (heavy imports stay inside).
 
 Nothing here knows Dagster and nothing here computes a number: each function fetches the
-inputs a core function needs from the storage layout, calls it, records what it wrote in its
-directory's manifest (`atomic.record`, so `mlsae sweep` can `atomic.verify` it before skipping
-it), and returns its tables plus a little JSON metadata for the UI.
+inputs a core function needs from the storage layout, calls it, and returns its tables plus a
+little JSON metadata for the UI. The core's writers record every file in its directory's
+manifest (`atomic.record`), so `mlsae sweep` can `atomic.verify` it before skipping it.
 """
 
 from __future__ import annotations
@@ -26,12 +26,6 @@ if TYPE_CHECKING:
     from mlsae_core.config import RunSpec
     from mlsae_core.transformer import Transformer
     from mlsae_pipeline.sweep import SAEPoint, Sweep
-
-
-def record(*paths: Path) -> None:
-    """Record files just written into one directory in its manifest (sizes + sha256)."""
-    if paths:
-        atomic.record(Path(paths[0]).parent, [Path(p).name for p in paths])
 
 
 def damaged(paths: list[Path], recorded_only: bool = False) -> str | None:
@@ -119,7 +113,6 @@ def build_corpus(layout: StorageLayout, sw: Sweep, model: str) -> dict[str, Any]
         meta[f"{split}_chunks"] = len(chunks)
         meta[f"{split}_tokens"] = chunks.n_tokens
         meta[f"{split}_documents"] = len(chunks.documents)
-    record(*corpus_files(layout, model))
     return meta
 
 
@@ -142,7 +135,6 @@ def train_model_lens(layout: StorageLayout, sw: Sweep, model: str) -> dict[str, 
     train, test = load_chunks(layout, model, "train"), load_chunks(layout, model, "test")
     lens = fit_lens(tr, train, test, sw.lens, progress=terminal_progress())
     lens.save(layout.lens_dir(model))
-    record(*lens_files(layout, model))
     rows = lens.kl_table or []
     return {
         "lens": str(layout.lens_dir(model)),
@@ -224,11 +216,9 @@ def training_curve(layout: StorageLayout, model: str, sae_key: str) -> list[Path
 
     run = layout.run(model, sae_key)
     hist = read_history(run.directory)
-    written = figures.training_curve_figure(
+    return figures.training_curve_figure(
         hist, run.figure_stem("training_curve"), f"{model} {sae_key}"
     )
-    record(*written)
-    return written
 
 
 def settings_changes(run_dir: Path, spec: RunSpec) -> dict[str, tuple[Any, Any]]:
@@ -356,7 +346,6 @@ def dists_figures(
     point = sw.point(sae_key)
     title = figure_title(run_id(model, point.expansion_factor, point.k, dists.layers))
     written = write_run_figures(layout.run(model, sae_key), dists, title)
-    record(*written)
     pngs = [p for p in written if p.suffix == ".png"]
     return pngs, {"files": [str(p) for p in written], "n_live": int(dists.live.sum())}
 
@@ -371,7 +360,7 @@ def prompt_heatmap(
     tr, sae, layers, part, lens = _run_setup(layout, sw, model, point)
     heat = prompts.prompt_heatmap(tr, sae, layers, prompt=sw.eval.prompt, lens=lens)
     run = layout.run(model, point.key)
-    record(*figures.prompt_heatmap_figure(heat, run.figure_stem("prompt_heatmap")))
+    figures.prompt_heatmap_figure(heat, run.figure_stem("prompt_heatmap"))
     meta = {"n_latents_active": int(heat.latents.numel()), "tokens": " ".join(heat.tokens)}
     return tables.prompt_heatmap_table(heat, part), meta
 
@@ -389,7 +378,7 @@ def resid_cos_sim(layout: StorageLayout, sw: Sweep, model: str) -> tuple[pa.Tabl
     )
     res = geometry.resid_cos_sim(source, list(range(tr.n_layers)))
     stem = layout.model_figure_stem("resid_cos_sim", model)
-    record(*figures.resid_cos_sim_figure(res, stem, title=f"{model}: residual stream"))
+    figures.resid_cos_sim_figure(res, stem, title=f"{model}: residual stream")
     return tables.resid_cos_sim_table(res, {"model": model}), {"n_tokens": res.n_tokens}
 
 

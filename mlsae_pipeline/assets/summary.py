@@ -101,11 +101,8 @@ def results_db(storage: Storage):
     Parquet files (a glob over the run directories for per-run tables), plus
     training_history. Built in a temporary file and renamed into place. Query it with
     `mlsae query "SQL"`."""
-    from mlsae_pipeline import steps
-
     layout = storage.layout
     views = build_results_db(layout)
-    steps.record(layout.results_db)
     lines = ["| view | rows | source |", "|---|---|---|"]
     lines += [f"| {name} | {n} | `{src}` |" for name, (n, src) in views.items()]
     return dg.MaterializeResult(
