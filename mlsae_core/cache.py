@@ -185,7 +185,6 @@ class ActivationCache:
             )
         expected: dict[str, Any] = {}
         if transformer is not None:
-            expected["model_name"] = transformer.name
             expected["d_model"] = transformer.d_model
             expected["model_fingerprint"] = model_fingerprint(transformer)
         if tokens is not None:

@@ -36,6 +36,23 @@ PLUGIN_GROUP = "mlsae.commands"
 Command = tuple[Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int], str]
 # name -> (add arguments, run, one-line help)
 COMMANDS: dict[str, Command] = {}
+# Names that look like a file: every `--out` names a directory (each command writes several
+# files into it), so `--out results.csv` is refused instead of becoming a directory.
+FILE_SUFFIXES = {".csv", ".tsv", ".parquet", ".json", ".txt", ".png", ".pdf", ".svg", ".html",
+                 ".safetensors", ".pt", ".npy", ".duckdb", ".yaml", ".yml"}  # fmt: skip
+
+
+def out_dir(value: str) -> Path:
+    """The `type` of every `--out`: a directory, refused in one line if it looks like a file."""
+    path = Path(value)
+    looks = "is a file" if path.is_file() else "looks like a file"
+    if path.is_file() or (path.suffix.lower() in FILE_SUFFIXES and not path.is_dir()):
+        hint = path.with_suffix("") if path.suffix else f"{path}-out"
+        raise argparse.ArgumentTypeError(
+            f"{value} {looks}, but --out names a directory (the command writes several files "
+            f"into it); pass a directory, e.g. --out {hint}"
+        )
+    return path
 
 
 # ----- train ---------------------------------------------------------------------------------
@@ -44,7 +61,7 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     add_arguments(p, SAEConfig)
     add_arguments(p, DataConfig)
     add_arguments(p, TrainConfig)
-    p.add_argument("--out", required=True, type=Path, help="checkpoint directory (resumes)")
+    p.add_argument("--out", required=True, type=out_dir, help="checkpoint directory (resumes)")
     p.add_argument("--push_to_hub", default=None, help="also upload to this hub repo id")
 
 
@@ -81,7 +98,7 @@ def _eval_args(p: argparse.ArgumentParser, eval_fields: Sequence[str]) -> None:
     add_arguments(p, RunSpec, only=("tuned_lens",), from_checkpoint=("tuned_lens",))
     p.add_argument(
         "--out",
-        type=Path,
+        type=out_dir,
         default=None,
         help="output directory (default: the checkpoint directory, where mlsae explore looks)",
     )
@@ -158,7 +175,7 @@ def _figures_args(p: argparse.ArgumentParser) -> None:
     add_arguments(p, RunSpec, only=("model_name",))
     add_arguments(p, DataConfig, only=("dataset", "max_length"))
     add_arguments(p, EvalConfig, only=("resid_tokens", "prompt", "batch_size", "device"))
-    p.add_argument("--out", type=Path, default=Path("figures"), help="output directory")
+    p.add_argument("--out", type=out_dir, default=Path("figures"), help="output directory")
 
 
 def _figures(args: argparse.Namespace) -> int:
@@ -210,7 +227,7 @@ def _lens_args(p: argparse.ArgumentParser) -> None:
     add_arguments(t, DataConfig, only=LENS_DATA_FLAGS)
     add_arguments(t, LensConfig)
     t.add_argument(
-        "--out", required=True, type=Path, help="lens directory (lens.safetensors + config.json)"
+        "--out", required=True, type=out_dir, help="lens directory (lens.safetensors + config.json)"
     )
 
 

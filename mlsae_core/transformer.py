@@ -108,7 +108,6 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
     plain.generation_config = quant.generation_config
     plain.eval()
     with atomic_dir(out_dir) as tmp:
-        tmp.chmod(0o755)  # mkdtemp makes it private; the converted model is shared data
         plain.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         source = {
@@ -117,8 +116,6 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
             "gguf_size": gguf_path.stat().st_size,
         }
         (tmp / _SOURCE_FILE).write_text(json.dumps(source, indent=2) + "\n")
-        for f in tmp.iterdir():
-            f.chmod(0o644)
     return out_dir
 
 

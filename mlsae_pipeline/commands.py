@@ -2,7 +2,8 @@
 
 `mlsae sweep` materializes every asset of every partition of the current sweep THROUGH
 Dagster, stage by stage (per model; per (model x SAE config); the cross-config tables), as
-in-process runs recorded in the Dagster instance at $DAGSTER_HOME, so they show in
+in-process runs recorded in the Dagster instance at $DAGSTER_HOME (default <root>/dagster,
+so the record moves with the results), so they show in
 `dagster dev`'s UI. What to launch is decided here, once per stage, from Dagster's own record
 (`launches`): an asset partition runs when it was never materialized, when Dagster marks it
 unsynced (a new code version, which includes the sweep settings it reads, or new upstream
@@ -54,11 +55,14 @@ telemetry:
 """
 
 
-def ensure_dagster_home() -> Path:
-    """$DAGSTER_HOME, or ./.dagster_home (created, with dagster.yaml) so runs show in the UI."""
+def ensure_dagster_home(root: Path | None = None) -> Path:
+    """$DAGSTER_HOME, else `<storage root>/dagster` (created, with dagster.yaml): Dagster's
+    record of what was built lives beside what was built, so a moved or copied root keeps it."""
     home = os.environ.get("DAGSTER_HOME")
     if not home:
-        home = str(Path.cwd() / ".dagster_home")
+        from mlsae_core.layout import data_root
+
+        home = str(((root or data_root()) / "dagster").resolve())
         os.environ["DAGSTER_HOME"] = home
     Path(home).mkdir(parents=True, exist_ok=True)
     settings = Path(home) / "dagster.yaml"
@@ -199,7 +203,7 @@ def run_sweep(
     layout = defs.resources["storage"].layout
     validate_against_models(sw, layout.models_dir)  # before any compute
     if instance is None:
-        ensure_dagster_home()
+        ensure_dagster_home(layout.root)
         instance = dg.DagsterInstance.get()
     fail_dead_runs(instance, report)
     stages = sweep_stages(defs)

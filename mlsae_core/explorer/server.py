@@ -205,17 +205,16 @@ def create_app(
 
 # ----- loading a checkpoint and the CLI ------------------------------------------------------
 def _moved_model(name: str, directory: Path) -> str:
-    """A pipeline checkpoint's model directory after its storage root was copied elsewhere:
-    the recorded path if it still exists, else `<root>/models/<its name>` or
-    `<root>/models/<model>` of the root that holds the checkpoint."""
-    looks_like_path = str(name).startswith(("/", ".", "~"))
+    """The checkpoint's model as the storage root that holds the checkpoint has it: the
+    recorded path if it still exists, else `<root>/models/<its name>` or `<root>/models/<model>`
+    (a moved or copied root, or a model key that the root, not $MLSAE_DATA_DIR, resolves)."""
     found = StorageLayout.containing(directory)
-    if not looks_like_path or Path(name).expanduser().exists() or found is None:
+    if Path(name).expanduser().exists() or found is None:
         return name
     layout, model, _ = found
     for moved in (layout.model_dir(Path(name).name), layout.model_dir(model)):
         if (moved / "config.json").is_file():
-            logger.info("model %s is gone; using %s", name, moved)
+            logger.info("model %s: using %s", name, moved)
             return str(moved)
     return name
 
