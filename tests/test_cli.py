@@ -141,3 +141,34 @@ def test_analyse_and_figures_commands(tiny_model_dir, corpus_dir, tmp_path):
     assert (figs / f"test_{test_csv[1].split(',')[0]}_k.csv").exists()
     header = (figs / "mmcs.csv").read_text().splitlines()[0]
     assert header.split(",") == ["model_name", "expansion_factor", "k", "mean", "var", "std", "sem"]
+
+
+@pytest.mark.slow
+def test_two_torchrun_nodes_train_the_weights_of_one_process(tiny_model_dir, corpus_dir, tmp_path):
+    """Two `torchrun --nnodes 2` agents (one process each, c10d rendezvous over 127.0.0.1, gloo)
+    train to the weights one process reaches with the same global batch: per step, ranks x
+    accumulation covers the same micro-batches as one process accumulating them all."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "two-nodes"
+    agent = [
+        sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
+        "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "mlsae",
+        "-m", "mlsae_core.cli", *train_args(tiny_model_dir, corpus_dir, out),
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    nodes = [subprocess.Popen(agent, cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for _ in range(2)]  # fmt: skip
+    logs = [node.communicate(timeout=300)[0] for node in nodes]
+    assert all(node.returncode == 0 for node in nodes), "\n".join(log[-2000:] for log in logs)
+    one = tmp_path / "one-process"
+    assert main(train_args(tiny_model_dir, corpus_dir, one, "--accumulate_grad_batches", "4")) == 0
+    state = json.loads((out / "training_state" / "state.json").read_text())
+    assert state["run_config"]["world_size"] == 2 and state["step"] == 4
+    two_nodes, single = MLSAE.from_pretrained(out), MLSAE.from_pretrained(one)
+    want = single.state_dict()
+    for name, got in two_nodes.state_dict().items():
+        torch.testing.assert_close(got, want[name], rtol=1e-5, atol=1e-6, msg=name)
