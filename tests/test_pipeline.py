@@ -200,8 +200,8 @@ def test_k8s_executor_switch_loads_without_dagster_k8s(tmp_path):
         ({"eval": {"splice_max_tokens": -1}}, "splice_max_tokens=-1 is not allowed"),
         ({"checks": {"fvu_max": -1}}, "fvu_max"),
         ({"train": {"device": "tpu"}}, "device='tpu' is not allowed"),
-        ({"expansion_factors": [2]}, "expansion_factors -> grid.expansion_factor"),
-        ({"eval": {"tokens": 10}}, "eval.tokens -> eval.max_tokens"),
+        ({"expansion_factors": [2]}, "unknown key(s) ['expansion_factors'] in sweep file"),
+        ({"eval": {"tokens": 10}}, "unknown key(s) ['tokens'] in eval of sweep file"),
     ],
 )
 def test_sweep_validation_messages(tmp_path, patch, message):
@@ -310,12 +310,11 @@ def test_tables_columns_and_rows(smoke):
 
 
 def test_duckdb_views_and_query(smoke, capsys):
-    import duckdb
-
     from mlsae_core.cli import main
+    from mlsae_core.query import connect
 
     db = smoke["data"] / "results.duckdb"
-    con = duckdb.connect(str(db), read_only=True)
+    con = connect(db)  # the views' paths are relative to the storage root
     try:
         views = {r[0] for r in con.execute("SELECT view_name FROM duckdb_views()").fetchall()}
         assert set(TABLES) <= views
