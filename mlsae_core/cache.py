@@ -1,33 +1,19 @@
 """An on-disk activation cache, so a sweep of MLSAEs shares one pass of the transformer.
 
-`ActivationCache.build(transformer, tokens, layers, out_dir)` runs the transformer once over
-the token chunks and writes the block outputs as float16 shards (`shard_00000.npy`, each
-`[n_layers, shard_rows, pos, d]`, memory-mapped on read). `cache.json` records which
-activations these are (model name and a fingerprint of its weights, the layers, a hash of the
-tokens, shapes); the shards and `cache.json` are then recorded in the directory's
-`manifest.json` (`atomic.record`), all inside a directory that appears atomically.
+`build` writes the block outputs as memory-mapped float16 shards (`[n_layers, shard_rows, pos,
+d]`) and `cache.json` (model fingerprint, layers, tokens hash, shapes, the forward's precision),
+all recorded in the manifest, in a directory that appears atomically. `open` refuses a cache
+whose `cache.json` mismatches what it is given (naming the field) or whose files fail
+`atomic.verify`, so `open_or_build` rebuilds it. The reader is a `train.ActivationSource`.
 
-`ActivationCache.open(out_dir, transformer=..., tokens=..., layers=...)` checks whatever it
-is given against `cache.json` and refuses a mismatch with a message naming the field. The
-reader implements `train.ActivationSource` (`n_layers`, `d_model`, `__call__(rows)`), so
-`train()` uses it unchanged. Values equal the live activations up to float16 rounding
-(relative error <= 2^-11); a value beyond float16's range (65504) is refused at build time.
-
-Precision: the forward runs in the precision of the runs it serves (`precision`, training's
-`--precision` resolved), recorded in the manifest and checked on open, so a run trained from
-the cache sees what the same run computing its activations live would see (to float16
-rounding). Storage is float16 in every case: its 11-bit significand is finer than bfloat16's
-8, so it adds less error than a bf16 forward already has, and it halves the disk and the
-read bandwidth of float32.
-
-Integrity (the project's one rule): `open` runs `atomic.verify` over `cache.json` and every
-shard before anything is read, so `open_or_build` rebuilds a cache with a truncated, modified
-or unrecorded file instead of training on it (`CacheCorruptError` names the file). Costs:
-docs/pipeline.md (Re-runs).
+The forward runs in the precision of the runs it serves, so a cached run sees what a live one
+would, to float16 rounding (relative error <= 2^-11; values beyond 65504 are refused). float16's
+11-bit significand adds less error than a bf16 forward has, at half float32's disk and bandwidth.
 """
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import logging
@@ -82,6 +68,7 @@ class ActivationCache:
         self.directory = Path(directory)
         self.layers: list[int] = list(info["layers"])
         self.n_layers = len(self.layers)
+        self.index = list(range(self.n_layers))  # the cached layers __call__ reads
         self.d_model = int(info["d_model"])
         self.n_rows = int(info["n_rows"])
         self.pos = int(info["pos"])
@@ -108,14 +95,10 @@ class ActivationCache:
     # ----- ActivationSource ---------------------------------------------------------------
     def __call__(self, rows: torch.Tensor) -> torch.Tensor:
         """[n_layers, len(rows), pos, d] float32 for chunk rows `rows`."""
-        return self.read(rows)
-
-    def read(self, rows: torch.Tensor, layer_index: Sequence[int] | None = None) -> torch.Tensor:
-        """Chunk rows `rows` of the cached layers at positions `layer_index` (default all)."""
         rows_np = np.asarray(torch.as_tensor(rows).reshape(-1).cpu().numpy(), dtype=np.int64)
         if rows_np.size and (rows_np.min() < 0 or rows_np.max() >= self.n_rows):
             raise IndexError(f"rows out of range: the cache holds {self.n_rows} chunks")
-        index = np.arange(self.n_layers) if layer_index is None else np.asarray(layer_index)
+        index = np.asarray(self.index)
         out = np.empty((index.size, rows_np.size, self.pos, self.d_model), dtype=np.float32)
         shard_of, offset = np.divmod(rows_np, self.shard_rows)
         for s in np.unique(shard_of):
@@ -126,15 +109,18 @@ class ActivationCache:
     def __len__(self) -> int:
         return self.n_rows
 
-    def select(self, layers: Sequence[int]) -> LayerSelection:
-        """An ActivationSource over a subset of the cached layers (e.g. one layer's baseline)."""
+    def select(self, layers: Sequence[int]) -> ActivationCache:
+        """The cache read at a subset of its layers (e.g. one layer's baseline)."""
         missing = [int(x) for x in layers if int(x) not in self.layers]
         if missing:
             raise CacheMismatchError(
                 f"layers {missing} are not in the activation cache {self.directory} "
                 f"(it holds {self.layers}); rebuild it with those layers"
             )
-        return LayerSelection(self, [self.layers.index(int(x)) for x in layers])
+        view = copy.copy(self)
+        view.index = [self.index[self.layers.index(int(x))] for x in layers]
+        view.layers, view.n_layers = [int(x) for x in layers], len(view.index)
+        return view
 
     @classmethod
     def open_or_build(
@@ -289,14 +275,3 @@ def _verify(directory: Path, names: list[str]) -> None:
         atomic.verify(directory, names)
     except atomic.CorruptFileError as exc:
         raise CacheCorruptError(str(exc)) from exc
-
-
-class LayerSelection:
-    """Some layers of an ActivationCache, as an ActivationSource."""
-
-    def __init__(self, cache: ActivationCache, index: list[int]) -> None:
-        self.cache, self.index = cache, index
-        self.n_layers, self.d_model = len(index), cache.d_model
-
-    def __call__(self, rows: torch.Tensor) -> torch.Tensor:
-        return self.cache.read(rows, self.index)  # [len(index), rows, pos, d]

@@ -1,17 +1,11 @@
 """The MLSAE checkpoint format: a directory holding model.safetensors and config.json.
 
-The config is also embedded in the weights file's header, so a config.json that disagrees
-with its weights (a hand edit, or a kill between the two renames) is refused instead of used
-with the wrong settings. Both files are recorded in the directory's `manifest.json` (the
-project's one integrity rule, `atomic.record`/`atomic.verify`) and checked before they are
-parsed: a checkpoint is user data, so a mismatch is refused naming the file, never repaired.
-A directory without a manifest is a foreign format (the reference code's layout, a `-tfm`
-file, a hub repo written by other tools) and loads as it is. Hub repo ids resolve to a
-downloaded snapshot of such a directory.
-
-The reference's `...-tfm` repos are read too: one model.safetensors holding the autoencoder
-under `autoencoder.*` and the transformer under `transformer.model.*`, with a config.json of
-the training module's settings (no n_inputs/n_latents: those come from the tensor shapes).
+The config is also embedded in the weights' header, so a config.json that disagrees with its
+weights (a hand edit, an interrupted save) is refused. Both files are recorded in the manifest
+and verified before they are parsed; a mismatch is refused naming the file, never repaired. A
+directory without a manifest is a foreign format (the reference's layout, a hub repo by other
+tools), loaded as it is. The reference's `...-tfm` repos hold `autoencoder.*` and
+`transformer.model.*` in one file, with the training module's settings as config.json.
 """
 
 from __future__ import annotations
@@ -61,8 +55,8 @@ class CheckpointError(ValueError):
 
 
 def save_sae(sae: MLSAE, directory: str | Path) -> Path:
-    """Write model.safetensors then config.json, each atomically, into `directory`, and record
-    both in its manifest. Other files in the directory (history, analyses) are kept."""
+    """Write model.safetensors then config.json, each atomically, recorded in the manifest;
+    other files in `directory` are kept."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     config = sae.config_dict()
@@ -77,12 +71,8 @@ def save_sae(sae: MLSAE, directory: str | Path) -> Path:
 def read_sae(
     path_or_repo_id: str | Path, **expect: Any
 ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """A checkpoint directory's (or a hub repo id's) MLSAE constructor arguments and tensors;
-    `MLSAE.from_pretrained` builds the model from them, so this module needs no model class.
-
-    Keyword arguments (e.g. n_inputs=576, k=32) are expectations: a checkpoint that
-    disagrees is refused rather than silently used.
-    """
+    """A checkpoint directory's (or hub repo id's) MLSAE constructor arguments and tensors;
+    keyword arguments (e.g. n_inputs=576, k=32) are expectations, refused when not met."""
     directory = resolve_checkpoint(path_or_repo_id)
     config = read_checkpoint_config(directory)
     for key, want in expect.items():
@@ -127,9 +117,8 @@ def load_weights(sae: MLSAE, tensors: dict[str, torch.Tensor]) -> None:
             )
         if not torch.isfinite(t).all():
             raise CheckpointError(f"checkpoint tensor {name} contains NaN or Inf")
-    sae.encoder.weight.copy_(tensors["encoder.weight"])
-    sae.decoder.weight.copy_(tensors["decoder.weight"])
-    sae.pre_encoder_bias.copy_(tensors["pre_encoder_bias"])
+    for name in want:
+        sae.get_parameter(name).copy_(tensors[name])
 
 
 def push_to_hub(sae: MLSAE, repo_id: str, private: bool = False, token: str | None = None) -> str:
@@ -151,10 +140,7 @@ def resolve_checkpoint(path_or_repo_id: str | Path) -> Path:
         if not path.is_dir():
             raise CheckpointError(f"{path} is a file; pass the checkpoint directory holding it")
         return path
-    looks_local = (
-        str(path_or_repo_id).startswith((".", "/", "~")) or str(path_or_repo_id).count("/") > 1
-    )
-    if looks_local:
+    if str(path_or_repo_id).startswith((".", "/", "~")) or str(path_or_repo_id).count("/") > 1:
         raise CheckpointError(f"checkpoint directory {path} does not exist")
     try:
         from huggingface_hub import snapshot_download  # optional, as in push_to_hub
@@ -176,15 +162,11 @@ def read_checkpoint_config(directory: Path) -> dict[str, Any]:
     if embedded is not None:
         if cfg_path.exists():
             try:
-                on_disk = json.loads(cfg_path.read_text())
+                on_disk = json.loads(cfg_path.read_text()) or {}
             except json.JSONDecodeError:
-                on_disk = None
+                on_disk = {}
             if on_disk != embedded:
-                keys = sorted(
-                    k
-                    for k in set(embedded) | set(on_disk or {})
-                    if (on_disk or {}).get(k) != embedded.get(k)
-                )
+                keys = sorted(k for k in {*embedded, *on_disk} if on_disk.get(k) != embedded.get(k))
                 raise CheckpointError(
                     f"{cfg_path} disagrees with the config saved inside {WEIGHTS_NAME} on "
                     f"{keys} (edited by hand, or a save was interrupted between the two "
@@ -213,10 +195,8 @@ def read_checkpoint_config(directory: Path) -> dict[str, Any]:
 
 
 def verify_checkpoint(directory: Path) -> None:
-    """Refuse, naming the file, a checkpoint whose weights or config.json do not match its
-    manifest (truncated, modified, or not recorded). The one exception: a directory without a
-    manifest is a foreign format (reference layout, `-tfm` file, a hub repo written by other
-    tools), loaded as it is; safetensors' own header checks still apply."""
+    """Refuse, naming the file, a checkpoint whose files do not match its manifest; one without
+    a manifest is a foreign format, loaded as it is."""
     if not (directory / atomic.MANIFEST_NAME).is_file():
         logger.debug("%s has no %s: a foreign checkpoint, loaded as it is", directory,
                      atomic.MANIFEST_NAME)  # fmt: skip
@@ -228,8 +208,7 @@ def verify_checkpoint(directory: Path) -> None:
 
 
 def _embedded_config(weights: Path) -> dict[str, Any] | None:
-    """The config saved in the safetensors header by save_sae, if any (None if unreadable:
-    the weights loader then reports the corruption)."""
+    """The config save_sae put in the safetensors header, or None (also if unreadable)."""
     if not weights.exists():
         return None
     try:
@@ -241,8 +220,7 @@ def _embedded_config(weights: Path) -> dict[str, Any] | None:
 
 
 def _tensor_shapes(weights: Path) -> dict[str, tuple[int, ...]]:
-    """Tensor name -> shape, from a weights file's header ({} if absent or unreadable: the
-    weights loader then reports it)."""
+    """Tensor name -> shape, from a weights file's header ({} if absent or unreadable)."""
     try:
         with safe_open(str(weights), framework="pt") as f:
             return {n: tuple(f.get_slice(n).get_shape()) for n in f.keys()}
@@ -256,8 +234,7 @@ def _has_prefix(directory: Path, prefix: str) -> bool:
 
 def _tfm_config(directory: Path) -> dict[str, Any]:
     """An MLSAE config from a reference training-module checkpoint: its settings as metadata,
-    the shapes from the `autoencoder.*` tensors; `tuned_lens` is true when it holds a lens
-    (`lens.*`, read by `tfm_lens`)."""
+    shapes from the `autoencoder.*` tensors, `tuned_lens` when it holds `lens.*`."""
     cfg_path = directory / CONFIG_NAME
     weights = directory / WEIGHTS_NAME
     try:
@@ -296,9 +273,7 @@ def _tfm_config(directory: Path) -> dict[str, Any]:
 
 def read_tensors(directory: Path, prefix: str = "") -> dict[str, torch.Tensor]:
     """The tensors of model.safetensors under `prefix` (default: all), the prefix stripped;
-    an unreadable file gives a one-line error naming it. Checked against the manifest by
-    `read_checkpoint_config`, which `read_sae` calls first; a training-module checkpoint is a
-    foreign format without one (see `verify_checkpoint`)."""
+    an unreadable file gives a one-line error naming it."""
     weights = directory / WEIGHTS_NAME
     if not weights.exists():
         raise CheckpointError(f"{weights} is missing (only safetensors checkpoints are loaded)")

@@ -1,13 +1,6 @@
-"""Documents -> fixed-length token chunks (docs/method.md §2).
-
-Documents are concatenated, each followed by EOS, and the stream is cut into rows of
-`max_length`. Positions holding BOS/EOS/PAD are excluded from training and metrics
-downstream via `TokenChunks.mask()` rather than zeroed as in the reference code.
-
-`TokenChunks.save` records the safetensors file and its JSON sidecar in the directory's
-`manifest.json` (`atomic.record`) and `load` verifies both first: token chunks are derived
-data, so a mismatch names the file and asks for a re-tokenization (the pipeline's `corpus`
-asset does it by itself).
+"""Documents -> fixed-length token chunks (docs/method.md §2): documents concatenated, each
+followed by EOS, cut into rows of `max_length`; BOS/EOS/PAD positions are excluded downstream
+via `TokenChunks.mask()`. Saved chunks are recorded in the manifest and verified on load.
 """
 
 from __future__ import annotations
@@ -20,6 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
@@ -59,8 +53,7 @@ class TokenChunks:
         return int(self.tokens.shape[0])
 
     def save(self, path: Path) -> None:
-        """safetensors for the tensors + `<path>.json` for documents (ids, genres) and specials,
-        both recorded in the directory's manifest."""
+        """safetensors + a `<path>.json` sidecar (document ids, genres, specials), in the manifest."""
         path = Path(path)
         with atomic.atomic_path(path) as tmp:
             save_file(
@@ -187,10 +180,8 @@ def tokenize_chunks(
     lengths = torch.tensor([len(p) for p in pieces], dtype=torch.int64)
     owner = torch.repeat_interleave(torch.arange(len(pieces), dtype=torch.int32), lengths)
     n_chunks = -(-total // max_length)
-    tokens = torch.full((n_chunks * max_length,), int(pad), dtype=torch.int64)
-    doc_index = torch.full((n_chunks * max_length,), -1, dtype=torch.int32)
-    tokens[:total] = stream
-    doc_index[:total] = owner
+    tokens = F.pad(stream, (0, n_chunks * max_length - total), value=int(pad))
+    doc_index = F.pad(owner, (0, n_chunks * max_length - total), value=-1)
     logger.info(
         "tokenized %d documents into %d tokens -> %d chunks of %d",
         len(documents),

@@ -139,27 +139,22 @@ def _run_analyses(args: argparse.Namespace, analyses: tuple[str, ...]) -> int:
     return 0
 
 
-COMMANDS["test"] = (
-    lambda p: _eval_args(p, EVAL_FLAGS),
-    lambda a: _run_analyses(a, ("metrics",)),
-    "evaluate a trained MLSAE: MSE, FVU, L0, dCE, KL, ... (test_metrics.csv and .parquet)",
-)
 _ANALYSIS_FLAGS = (*EVAL_FLAGS, "n_examples", "n_context")
-COMMANDS["analyse"] = (
-    lambda p: _eval_args(p, _ANALYSIS_FLAGS),
-    lambda a: _run_analyses(a, ("metrics", "dists", "variance", "examples")),
-    "metrics, layer distributions, layer variance and examples in ONE pass",
-)
-COMMANDS["dists"] = (
-    lambda p: _eval_args(p, _ANALYSIS_FLAGS),
-    lambda a: _run_analyses(a, ("dists", "variance")),
-    "latent activation distributions over layers (+ token vs aggregate variance)",
-)
-COMMANDS["examples"] = (
-    lambda p: _eval_args(p, _ANALYSIS_FLAGS),
-    lambda a: _run_analyses(a, ("examples",)),
-    "max-activating examples for every (latent, layer)",
-)
+for _name, _flags, _analyses, _help in (
+    ("test", EVAL_FLAGS, ("metrics",),
+     "evaluate a trained MLSAE: MSE, FVU, L0, dCE, KL, ... (test_metrics.csv and .parquet)"),
+    ("analyse", _ANALYSIS_FLAGS, ("metrics", "dists", "variance", "examples"),
+     "metrics, layer distributions, layer variance and examples in ONE pass"),
+    ("dists", _ANALYSIS_FLAGS, ("dists", "variance"),
+     "latent activation distributions over layers (+ token vs aggregate variance)"),
+    ("examples", _ANALYSIS_FLAGS, ("examples",),
+     "max-activating examples for every (latent, layer)"),
+):  # fmt: skip
+    COMMANDS[_name] = (
+        lambda p, flags=_flags: _eval_args(p, flags),
+        lambda a, analyses=_analyses: _run_analyses(a, analyses),
+        _help,
+    )
 
 
 # ----- figures ---------------------------------------------------------------------------------

@@ -1,13 +1,7 @@
-"""Every setting of a run, defined once: SAE, data, training and evaluation settings.
-
-Each class is a frozen pydantic dataclass: a field's default, help (`description`) and range
-(`ge`/`gt`/`lt`, `Literal` choices) are declared once, and pydantic checks them and refuses
-unknown keys (`extra="forbid"`). The CLI's flags are generated from the same fields
-(`add_arguments`), the sweep YAML is a pydantic model of these classes (mlsae_pipeline/sweep.py),
-and the pipeline builds the same classes, so a default cannot drift between them. A bad value
-raises `ConfigError` with one line naming the field, the value and what is allowed, before any
-compute starts. They stay dataclasses, so `dataclasses.asdict`/`replace` (which re-validates)
-work on them.
+"""Every setting of a run, defined once (docs/architecture.md, "Settings, defined once"): frozen
+dataclasses whose fields carry the default, help and range; the CLI's flags, the sweep YAML and
+the pipeline are built from them. A bad value raises `ConfigError`, one line naming the field,
+the value and what is allowed, before any compute starts.
 
 Kept free of torch so the CLI and Dagster's code server start quickly.
 """
@@ -28,8 +22,6 @@ from pydantic.dataclasses import dataclass as pydantic_dataclass
 Device = Literal["cpu", "cuda", "auto"]
 # Precisions (precision.resolve_precision): auto = bfloat16 where native, else float32.
 Precision = Literal["auto", "float32", "bfloat16"]
-VALID_DEVICES = typing.get_args(Device)
-PRECISION_CHOICES = typing.get_args(Precision)
 DEFAULT_PROMPT = "When Mary and John went to the store, John gave a drink to"
 DEVICE_HELP = "cpu, cuda, or auto (cuda when available)"
 NO_FLAG = {"cli": False}  # json_schema_extra of a field the CLI does not expose
@@ -38,11 +30,6 @@ T = TypeVar("T")
 
 class ConfigError(ValueError):
     """A setting is out of range or unknown; the message says which and what is allowed."""
-
-
-def _check(cond: bool, name: str, value: Any, allowed: str) -> None:
-    if not cond:
-        raise ConfigError(f"{name}={value!r} is not allowed: {allowed}")
 
 
 # ----- pydantic's errors as one line -------------------------------------------------------
@@ -146,7 +133,9 @@ class SAEConfig:
 
     def n_latents(self, d_model: int) -> int:
         n = self.expansion_factor * d_model
-        _check(self.k <= n, "k", self.k, f"at most n_latents = expansion_factor*d = {n}")
+        if self.k > n:
+            allowed = f"at most n_latents = expansion_factor*d = {n}"
+            raise ConfigError(f"k={self.k!r} is not allowed: {allowed}")
         return n
 
 
@@ -246,13 +235,8 @@ class EvalConfig:
 
 @settings
 class LensConfig:
-    """Training a tuned lens (Belrose et al. 2023; mlsae_core/lens.py), sized for a CPU.
-
-    The paper's SGD (Nesterov 0.9, lr 1.0, 250 steps of 2^18 tokens) is ~10^4 x what two CPU
-    cores do in minutes: every trained (token, layer) costs a full-vocabulary head forward
-    and backward (~6 d V FLOPs). Adam reaches most of the KL reduction in ~10^2 steps of a
-    few hundred tokens, on block outputs computed once and cached in memory.
-    """
+    """Training a tuned lens (Belrose et al. 2023; mlsae_core/lens.py), sized for a CPU (why
+    not the paper's schedule: docs/tuned_lens.md)."""
 
     max_tokens: StrictInt = Field(
         8192,
@@ -323,7 +307,6 @@ def resolve_device(device: str) -> str:
     """'auto' -> 'cuda' when available, else 'cpu'; an explicit 'cuda' without one is an error."""
     import torch
 
-    _check(device in VALID_DEVICES, "device", device, f"one of {VALID_DEVICES}")
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda" and not torch.cuda.is_available():
@@ -410,14 +393,9 @@ def add_arguments(
         kind, optional, sequence, choices = _field_type(f.annotation)
         flag = (f.json_schema_extra or {}).get("flag") or f"--{name}"
         help_text = f.description
-        if kind is bool:
-            if f.default:
-                parser.add_argument(
-                    f"--no_{name}", dest=name, action="store_false", help=f"do not {help_text}"
-                )
-            else:
-                parser.add_argument(flag, dest=name, action="store_true", help=help_text)
-            parser.set_defaults(**{name: f.default})
+        if kind is bool:  # every bool setting defaults to true: its flag turns it off
+            help_text = f"do not {help_text}"
+            parser.add_argument(f"--no_{name}", dest=name, action="store_false", help=help_text)
             continue
         kwargs: dict[str, Any] = {"dest": name, "help": help_text, "choices": choices}
         kwargs["type"] = _optional(kind) if optional else kind

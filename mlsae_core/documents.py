@@ -1,8 +1,5 @@
-"""Text sources as documents: local files (.txt, .jsonl, .jsonl.zst, .parquet) and the dataset
-hub, and the train/test split by document. The Brown corpus (`brown.py`) builds on this
-module, and `runs` picks it by the name 'brown'.
-
-Every document keeps a stable id, so the split and the examples shown later can name it.
+"""Text sources as documents (local files .txt, .jsonl, .jsonl.zst, .parquet; the dataset hub),
+each with a stable id so the train/test split by document and the examples can name it.
 """
 
 from __future__ import annotations
@@ -105,11 +102,8 @@ def _parquet_documents(file: Path, rel: str, text_field: str) -> Iterator[Docume
 
 
 def local_documents(path: Path, text_field: str = "text") -> Iterator[Document]:
-    """Documents from a local file or a directory of files (recursive, sorted, hidden skipped).
-
-    Ids are the path relative to `path` (its name for a single file), plus the line number
-    (1-based, .jsonl) or row number (0-based, .parquet).
-    """
+    """Documents from a local file or a directory of files (recursive, sorted, hidden skipped),
+    with ids: the relative path plus the line (1-based, .jsonl) or row (0-based, .parquet)."""
     path = Path(path)
     if path.is_file():
         yield from _file_documents(path, path.name, text_field)
@@ -175,13 +169,9 @@ def is_test_document(doc: Document, test_fraction: float, seed: int = 0) -> bool
 def split_documents(
     docs: Iterable[Document], test_fraction: float = DataConfig.test_fraction, seed: int = 0
 ) -> tuple[list[Document], list[Document]]:
-    """Split by document so no test text leaks into training; order within each side is kept.
-
-    A document is test iff blake2b(f"{seed}:{id}") maps below `test_fraction`, so its side
-    depends only on its own id, not on the other documents. Exception: when 0 < fraction < 1
-    and at least two documents exist but one side would be empty, the document closest to the
-    threshold moves across (the smallest hash into test, the largest into train).
-    """
+    """Split by document (order kept): test iff blake2b(f"{seed}:{id}") maps below
+    `test_fraction`, so a side depends only on the id; but when 0 < fraction < 1 would leave a
+    side of two or more documents empty, the one closest to the threshold moves across."""
     if not 0.0 <= test_fraction <= 1.0:
         raise ValueError(f"test_fraction must be in [0, 1], got {test_fraction}")
     docs = list(docs)

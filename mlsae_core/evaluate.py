@@ -76,7 +76,6 @@ class Collector(Protocol):
 @dataclass
 class EvalResult:
     rows: list[dict[str, Any]]  # one per layer plus 'avg' (metrics.METRIC_COLUMNS)
-    recon: ReconstructionMetrics
     splice: SpliceMetrics | None
     n_tokens: int
     # How the splice metrics were computed: True = logit-difference shortcut W dh (linear
@@ -165,9 +164,8 @@ def evaluate(
         bar.update(len(rows) * pos)
     bar.close()
     spl = splicer.metrics if splicer is not None else None
-    rows = metrics_rows(layers, recon, spl)
     linear = splicer.linear if splicer is not None else None
-    return EvalResult(rows, recon, spl, recon.n_tokens, linear)
+    return EvalResult(metrics_rows(layers, recon, spl), spl, recon.n_tokens, linear)
 
 
 class _Splicer:

@@ -53,9 +53,8 @@ def _need_repos(args: argparse.Namespace) -> list[Path]:
     return [Path(r) for r in args.repo_id]
 
 
-def _run_id(sae_or_dir: MLSAE | Path) -> dict[str, Any]:
-    sae = sae_or_dir if not isinstance(sae_or_dir, Path) else MLSAE.from_pretrained(sae_or_dir)
-    return run_id_of(sae)
+def _run_id(repo: Path) -> dict[str, Any]:
+    return run_id_of(MLSAE.from_pretrained(repo))
 
 
 # ----- the cross-config tables (the pipeline's summary assets compute the same) -------------
@@ -135,17 +134,15 @@ def run_figure(args: argparse.Namespace) -> list[Path]:
             layers = resolve_layers(sae.metadata.get("layers"), transformer.n_layers)
             lens = checkpoint_lens(repo, sae.metadata, transformer)
             heat = prompt_heatmap(transformer, sae, layers, args.prompt, lens=lens)
-            slug = run_slug(_run_id(sae))
+            slug = run_slug(run_id_of(sae))
             written += figures.prompt_heatmap_figure(heat, out / f"prompt_heatmap_{slug}")
     elif args.name == "test_summary":
         metrics = concat_test_metrics(repos)
         table = summaries.summarize_test_metrics(metrics)
         written.append(_write_table(out / "test_summary.parquet", table))
         # the reference's CSVs also give each config's dictionary size
-        n_latents = {}
-        for repo in repos:
-            sae = MLSAE.from_pretrained(repo)
-            n_latents[run_slug(run_id_of(sae))] = sae.n_latents
+        saes = map(MLSAE.from_pretrained, repos)
+        n_latents = {run_slug(run_id_of(sae)): sae.n_latents for sae in saes}
         rows = [{**r, "n_latents": n_latents[run_slug(r)]} for r in metrics.to_pylist()]
         written += tables.write_reference_test_csvs(rows, out)
         written += figures.summary_figures(table, out)
@@ -156,6 +153,6 @@ def run_figure(args: argparse.Namespace) -> list[Path]:
             hist = geometry.decoder_sim_vs_layer_distance(
                 sae.decoder.weight.detach(), dists.layer_mean, dists.n_layers
             )
-            slug = run_slug(_run_id(sae))
+            slug = run_slug(run_id_of(sae))
             written += figures.decoder_sim_figure(hist, out / f"decoder_sim_{slug}", slug)
     return written

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from os import PathLike
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 from mlsae_core.atomic import atomic_path, record
 
 if TYPE_CHECKING:
+    import pyarrow as pa
     from matplotlib.figure import Figure
 
     from mlsae_core.analysis.dists import DistsResult
@@ -202,27 +203,15 @@ def decoder_sim_figure(
     return save_figure(fig, path, title)
 
 
-def _rows(data: Any) -> list[dict[str, Any]]:
-    """Rows from a pyarrow Table or an iterable of dicts."""
-    if hasattr(data, "to_pylist"):
-        return list(data.to_pylist())
-    return [dict(r) for r in data]
-
-
 def summary_figures(
-    data: Iterable[Mapping[str, Any]] | Any,
-    out_dir: str | PathLike[str],
-    metrics: Sequence[str] = SUMMARY_METRICS,
-    layer: str | None = "avg",
+    table: pa.Table, out_dir: str | PathLike[str], metrics: Sequence[str] = SUMMARY_METRICS
 ) -> list[Path]:
     """For each metric: one plot vs k (a line per expansion factor), one vs expansion factor
-    (a line per k). Rows: model, expansion_factor, k, layers, metric columns; a `layer`
-    column, when present, is filtered to `layer` (the avg row by default). Distinct (model,
-    layers) get separate line styles. Files: test_<metric>_by_k / test_<metric>_by_expansion.
+    (a line per k), from the test_summary table (model, expansion_factor, k, layers, metric
+    columns). Distinct (model, layers) get separate line styles. Files: test_<metric>_by_k /
+    test_<metric>_by_expansion.
     """
-    rows = _rows(data)
-    if layer is not None:
-        rows = [r for r in rows if "layer" not in r or str(r["layer"]) == layer]
+    rows = table.to_pylist()
     if not rows:
         raise ValueError("no test-summary rows to plot")
     out_dir = Path(out_dir)
@@ -240,6 +229,7 @@ def summary_figures(
         ):
             fig, ax = _axes()
             for gi, (model, layers) in enumerate(groups):
+                style = styles[gi % len(styles)]
                 sub = [r for r in have if (str(r["model"]), str(r["layers"])) == (model, layers)]
                 for value in sorted({int(r[line_key]) for r in sub}):
                     pts = sorted(
@@ -248,14 +238,7 @@ def summary_figures(
                     label = f"{line_key.replace('_', ' ')} {value}"
                     if len(groups) > 1:
                         label += f" ({model}, layers {layers})"
-                    ax.plot(
-                        [p[0] for p in pts],
-                        [p[1] for p in pts],
-                        marker="o",
-                        ms=3,
-                        ls=styles[gi % len(styles)],
-                        label=label,
-                    )
+                    ax.plot(*zip(*pts, strict=True), marker="o", ms=3, ls=style, label=label)
             ax.set_xscale("log", base=2)
             xs = sorted({int(r[x_key]) for r in have})
             ax.set_xticks(xs, [str(v) for v in xs])

@@ -65,10 +65,6 @@ class RunLayout:
         return self.directory / "history.parquet"
 
     @property
-    def training_state(self) -> Path:
-        return self.directory / "training_state"
-
-    @property
     def metrics_csv(self) -> Path:
         return self.directory / "test_metrics.csv"
 

@@ -1,18 +1,13 @@
 """A tuned lens (Belrose et al. 2023, arXiv 2303.08112): one affine translator per layer.
 
-Layer l is block l's output (docs/method.md §2). Its translator is T_l(h) = h + h A_l^T + b_l,
-initialised to the identity (A = 0, b = 0); the lens's prediction at layer l is the model's own
-head on the final norm of T_l(h_l). With every T the identity this is the logit lens. The last
-layer's state is already the final one, so its translator stays the identity and is never
-trained. Training minimises KL(final distribution || lens distribution), summed over the
-trained layers and averaged over counted positions (no BOS/EOS/PAD), the final distribution
-being the model's own output, detached.
+Layer l's translator is T_l(h) = h + h A_l^T + b_l on block l's output, initialised to the
+identity (the logit lens); the prediction is the model's own head on the final norm of T_l(h_l).
+The last layer's state is already the final one, so its translator stays the identity. Training
+minimises KL(model's output || lens), summed over layers, averaged over counted positions.
 
-Saved as `lens.safetensors` + `config.json` (format marker, model, shape, settings, per-layer
-KL table, the lens's `fingerprint`), both recorded in the directory's `manifest.json` and
-verified on load (`atomic.verify`). `TunedLens.load` also reads the `tuned-lens` package's
-layout (config.json + params.pt, a foreign format without a manifest, unpickled only with
-`weights_only=True`); see `from_state_dict` for how its translator indices map onto our layers.
+Saved as `lens.safetensors` + `config.json`, both recorded in the manifest and verified on load.
+`TunedLens.load` also reads the `tuned-lens` package's layout (config.json + params.pt, without a
+manifest, unpickled only with `weights_only=True`; see `from_state_dict`).
 """
 
 from __future__ import annotations
@@ -237,8 +232,7 @@ class TunedLens(nn.Module):
             )
         if not params.is_file():
             raise LensError(f"{params} is missing; restore the tuned-lens package's weights file")
-        where = directory / CONFIG_NAME
-        n_hidden, d_model = _ints(config, ("num_hidden_layers", "d_model"), where)
+        n_hidden, d_model = _ints(config, ("num_hidden_layers", "d_model"), directory / CONFIG_NAME)
         try:
             state = torch.load(params, map_location="cpu", weights_only=True)
         except Exception as exc:  # noqa: BLE001 - any unpickling failure means the same
@@ -268,18 +262,10 @@ class TunedLens(nn.Module):
         model_name: str = "custom",
         where: Any = "state dict",
     ) -> TunedLens:
-        """A lens from `{prefix}{i}.weight` / `{prefix}{i}.bias` tensors (nn.Linear translators,
-        T(h) = h + Linear(h)), translator i going to our layer i - index_offset.
-
-        * tuned-lens package (`params.pt`): prefix "", index_offset 1. Its translator i is for
-          hidden_states[i], i.e. the embeddings (i = 0, which has no layer here and is
-          dropped) or block i-1's output; it has translators 0..L-1 and uses the identity for
-          hidden_states[L], so our last layer stays the identity.
-        * the original MLSAE code's "-tfm" checkpoints: prefix "lens.layer_translators.",
-          index_offset 0 (its translator i was applied to block i's output).
-
-        Every layer but the last needs a translator; the last one is loaded if present.
-        Biases are optional (a bias-free lens). Other names under `prefix` are refused.
+        """A lens from `{prefix}{i}.weight` / `.bias` tensors (T(h) = h + Linear(h)), translator i
+        going to our layer i - index_offset: 1 for the tuned-lens package (its translator 0 is
+        the embeddings', dropped), 0 for the original code's "-tfm" checkpoints. Every layer but
+        the last needs a weight; biases are optional; other names under `prefix` are refused.
         """
         pattern = re.compile(rf"^{re.escape(prefix)}(\d+)\.(weight|bias)$")
         found: dict[tuple[int, str], torch.Tensor] = {}
@@ -309,30 +295,27 @@ class TunedLens(nn.Module):
                 f"(index offset {index_offset})"
             )
         lens = cls(n_layers, d_model, model_name)
-        weight = torch.zeros(n_layers, d_model, d_model)
-        bias = torch.zeros(n_layers, d_model)
+        out = {
+            "weight": torch.zeros(n_layers, d_model, d_model),
+            "bias": torch.zeros(n_layers, d_model),
+        }
         for layer in range(n_layers):
             i = layer + index_offset
-            w = found.get((i, "weight"))
-            if w is None:
+            if (i, "weight") not in found:
                 if layer == n_layers - 1:
                     continue  # the last layer: identity
                 raise LensError(
                     f"{where} lacks {prefix}{i}.weight (the translator of layer {layer})"
                 )
-            if tuple(w.shape) != (d_model, d_model):
-                raise LensError(
-                    f"{where}: {prefix}{i}.weight has shape {tuple(w.shape)}, want {(d_model, d_model)}"
-                )
-            weight[layer] = w.float()
-            b = found.get((i, "bias"))
-            if b is not None:
-                if tuple(b.shape) != (d_model,):
+            for kind, into in out.items():
+                t, want = found.get((i, kind)), tuple(into.shape[1:])
+                if t is not None and tuple(t.shape) != want:
                     raise LensError(
-                        f"{where}: {prefix}{i}.bias has shape {tuple(b.shape)}, want {(d_model,)}"
+                        f"{where}: {prefix}{i}.{kind} has shape {tuple(t.shape)}, want {want}"
                     )
-                bias[layer] = b.float()
-        lens._copy(weight, bias, where)
+                if t is not None:
+                    into[layer] = t.float()
+        lens._copy(out["weight"], out["bias"], where)
         return lens
 
     @torch.no_grad()
@@ -358,7 +341,7 @@ def _counted_states(
     transformer: Transformer, tokens: torch.Tensor, masks: torch.Tensor, max_tokens: int | None
 ) -> torch.Tensor:
     """Block outputs `[n, n_layers, d]` (float32, CPU) at the first `max_tokens` counted
-    positions, one no-grad forward per few rows."""
+    positions."""
     if tokens.shape != masks.shape or tokens.ndim != 2:
         raise ValueError(
             f"tokens {tuple(tokens.shape)} and masks {tuple(masks.shape)} must both be [rows, positions]"
@@ -388,12 +371,8 @@ def _counted_states(
 
 
 class _FusedKL:
-    """KL(p || softmax(z)) and its gradient for a linear head z = s (W n + c), by hand.
-
-    d KL / d z = softmax(z) - p, so one GEMM forward, one backward and a few in-place passes
-    over the [b, V] logits replace autograd's chain (log_softmax, its backward, casts), which
-    on a CPU costs more than the GEMMs. The weight is cast to the GEMM dtype once.
-    """
+    """KL(p || softmax(z)) and its gradient softmax(z) - p for a linear head z = s (W n + c), by
+    hand: on a CPU autograd's chain (log_softmax, its backward, casts) costs more than the GEMMs."""
 
     def __init__(self, transformer: Transformer, dtype: torch.dtype) -> None:
         unembed = transformer.unembed
@@ -428,13 +407,9 @@ def train_lens(
     cfg: LensConfig,
     progress: bool = True,
 ) -> TunedLens:
-    """Fit a tuned lens on the counted positions of `tokens` (deterministic given cfg.seed).
-
-    Block outputs are computed once (no grad) and cached; each step draws `batch_size` cached
-    positions (a seeded permutation, epoch after epoch) and, layer by layer, backpropagates
-    KL(final || lens) through the final norm and the head into that layer's translator.
-    AdamW, learning rate decayed linearly to 0 over `steps`.
-    """
+    """Fit a tuned lens on the counted positions of `tokens` (deterministic given cfg.seed):
+    block outputs cached once; each step, `batch_size` of them (seeded permutations) and, layer
+    by layer, KL(final || lens) backpropagated into its translator; AdamW, linear decay to 0."""
     from tqdm.auto import tqdm
 
     from mlsae_core.precision import resolve_precision
@@ -555,11 +530,8 @@ def fit_lens(
 
 
 class LensedActivations:
-    """An `ActivationSource` through a tuned lens: T_l of another source's block outputs.
-
-    The translation runs in float32 whatever autocast is in force around it (mixed precision
-    covers the transformer forward, not the lens), so a run's inputs do not depend on it.
-    """
+    """An `ActivationSource` through a tuned lens: T_l of another source's block outputs, in
+    float32 whatever autocast is in force (mixed precision covers the forward, not the lens)."""
 
     def __init__(self, source: Any, lens: TunedLens, layers: Sequence[int]) -> None:
         self.source, self.lens, self.layers = source, lens, [int(x) for x in layers]

@@ -277,16 +277,10 @@ def metrics_rows(
     values = recon.compute()
     if splice is not None:
         values.update(splice.compute())
-    rows: list[dict[str, Any]] = []
-    for i, layer in enumerate(layers):
-        row: dict[str, Any] = {"layer": str(layer)}
-        for col in METRIC_COLUMNS:
-            row[col] = float(values[col][i]) if col in values else math.nan
-        rows.append(row)
-    avg: dict[str, Any] = {"layer": "avg"}
-    for col in METRIC_COLUMNS:
-        col_vals = [r[col] for r in rows]
-        avg[col] = float(sum(col_vals) / len(col_vals)) if col_vals else math.nan
-    avg["dead"] = recon.dead_fraction()
-    rows.append(avg)
-    return rows
+    rows: list[dict[str, Any]] = [
+        {"layer": str(layer)}
+        | {c: float(values[c][i]) if c in values else math.nan for c in METRIC_COLUMNS}
+        for i, layer in enumerate(layers)
+    ]
+    avg = {c: float(sum(r[c] for r in rows) / len(rows)) for c in METRIC_COLUMNS}
+    return [*rows, {"layer": "avg", **avg, "dead": recon.dead_fraction()}]

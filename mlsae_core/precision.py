@@ -1,6 +1,6 @@
 """Which dtype a computation runs in: the `precision` and `delta_dtype` settings, resolved.
 
-Both settings take "auto", "float32" or "bfloat16" (config.PRECISION_CHOICES); "auto" is
+Both settings take "auto", "float32" or "bfloat16" (config.Precision); "auto" is
 bfloat16 where bf16 GEMMs are native (a GPU with bf16, a CPU with AVX512-BF16/AMX) and float32
 elsewhere, because only there is bf16 faster. Training precision means `torch.autocast`
 around the transformer forward and the SAE's encoder GEMM (the TopK selection); everything that

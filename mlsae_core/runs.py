@@ -62,10 +62,6 @@ def resolve_dataset(dataset: str, sources_dir: Path | None = None) -> str:
     return dataset
 
 
-def _is_local(dataset: str) -> bool:
-    return dataset == BROWN or Path(dataset).expanduser().exists()
-
-
 def _documents(
     data: DataConfig, seed: int, sources_dir: Path | None = None
 ) -> tuple[Iterable[Document], Iterable[Document]]:
@@ -75,7 +71,7 @@ def _documents(
         docs: Iterable[Document] = brown_documents()
     else:
         docs = load_documents(dataset, text_field=data.text_field, split=data.split)
-    if _is_local(dataset):
+    if dataset == BROWN or Path(dataset).expanduser().exists():  # local: shuffled
         train_docs, test_docs = split_documents(docs, data.test_fraction, seed)
         rng = random.Random(seed)
         rng.shuffle(train_docs)
@@ -156,16 +152,13 @@ def checkpoint_metadata(
 ) -> dict[str, Any]:
     """What config.json records beside the SAE's own settings: where the data came from and
     whether it went through a tuned lens (whose copy is in the run directory)."""
+    data = ("dataset", "text_field", "max_length", "max_tokens", "test_fraction")
     return {
         "model_name": spec.model_name,
         "layers": layers,
         "n_model_layers": n_layers,
         "expansion_factor": spec.sae.expansion_factor,
-        "dataset": spec.data.dataset,
-        "text_field": spec.data.text_field,
-        "max_length": spec.data.max_length,
-        "max_tokens": spec.data.max_tokens,
-        "test_fraction": spec.data.test_fraction,
+        **{k: getattr(spec.data, k) for k in data},
         "split_seed": spec.train.seed,
         "auxk_coef": spec.sae.auxk_coef,
         "tuned_lens": lens is not None,
@@ -237,18 +230,6 @@ class EvalSetup:
         return run_id_of(self.sae)
 
 
-def recorded_data(
-    metadata: dict[str, Any], max_tokens: int, dataset: str | None, max_length: int | None
-) -> DataConfig:
-    """The DataConfig a checkpoint was trained with, for its held-out side."""
-    recorded = {k: metadata[k] for k in ("dataset", "text_field") if k in metadata}
-    recorded["max_length"] = int(max_length or metadata.get("max_length", DataConfig.max_length))
-    recorded["test_fraction"] = float(metadata.get("test_fraction", DataConfig.test_fraction))
-    if dataset:
-        recorded["dataset"] = dataset
-    return from_dict(DataConfig, {**recorded, "max_tokens": max_tokens}, "the checkpoint's data")
-
-
 def load_for_test(
     repo_id: str | Path,
     cfg: EvalConfig,
@@ -290,7 +271,14 @@ def load_for_test(
     if tfm and not max_length and "max_length" not in meta:
         # Unrecorded: the default, cut to what the model can read.
         max_length = min(DataConfig.max_length, transformer.max_context)
-    data = recorded_data(meta, cfg.max_tokens, dataset, max_length)
+    # the data it was trained with, for its held-out side
+    recorded = {k: meta[k] for k in ("dataset", "text_field") if k in meta}
+    recorded["max_length"] = int(max_length or meta.get("max_length", DataConfig.max_length))
+    recorded["test_fraction"] = float(meta.get("test_fraction", DataConfig.test_fraction))
+    if dataset:
+        recorded["dataset"] = dataset
+    recorded["max_tokens"] = cfg.max_tokens
+    data = from_dict(DataConfig, recorded, "the checkpoint's data")
     seed = int(meta.get("split_seed", 0))
     chunks = transformer_split(transformer, data, seed, "test", cfg.max_tokens)
     return EvalSetup(sae, transformer, layers, chunks, lens)
@@ -349,13 +337,8 @@ def checkpoint_lens(
 
 def metrics_table(rows: list[dict[str, Any]], run_id: dict[str, Any]) -> pa.Table:
     """The test metrics as a pyarrow Table with an explicit schema."""
-    schema = pa.schema(
-        [
-            *RUN_ID_FIELDS,
-            ("layer", pa.string()),
-            *[(c, pa.float64()) for c in METRIC_COLUMNS],
-        ]
-    )
+    metrics = [(c, pa.float64()) for c in METRIC_COLUMNS]
+    schema = pa.schema([*RUN_ID_FIELDS, ("layer", pa.string()), *metrics])
     return pa.Table.from_pylist([{**run_id, **r} for r in rows], schema=schema)
 
 

@@ -1,13 +1,8 @@
 """The multi-layer sparse autoencoder (docs/method.md §3): one TopK dictionary for every layer.
 
-Inputs are residual-stream vectors from any number of layers, `[n_layers, *tokens, d]` or
-flattened `[N, d]`; every vector is an independent example for the same dictionary. The
-public names follow the original code (`MLSAE`, `TopK`, `AutoencoderOutput`, `encode`,
-`decode`, `forward`, `from_pretrained`) so its users feel at home.
-
-The checkpoint format lives in `mlsae_core.checkpoint` (which needs no model class), the losses
-in `mlsae_core.losses`, mixed precision in `mlsae_core.precision`; `save_pretrained`,
-`from_pretrained` and `push_to_hub` stay here as thin methods for the reference's API.
+Inputs are residual-stream vectors, `[n_layers, *tokens, d]` or `[N, d]`, each an independent
+example. The public names follow the original code (`MLSAE`, `TopK`, `encode`, `decode`,
+`from_pretrained`, ...); the checkpoint format lives in `mlsae_core.checkpoint`.
 """
 
 from __future__ import annotations
@@ -30,9 +25,7 @@ ENCODE_CHUNK_ELEMENTS = 1 << 26
 def _autocast_dtype(device: torch.device) -> torch.dtype | None:
     """The low precision torch.autocast is running in on `device`, or None."""
     kind = device.type
-    if not torch.is_autocast_enabled(kind):
-        return None
-    dtype = torch.get_autocast_dtype(kind)
+    dtype = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else None
     return dtype if dtype != torch.float32 else None
 
 
@@ -93,10 +86,8 @@ def geometric_median(
 class MLSAE(nn.Module):
     """A TopK sparse autoencoder shared by the residual streams of many layers.
 
-    encoder.weight [n_latents, n_inputs]; decoder.weight [n_inputs, n_latents] with unit-norm
-    columns, stored so that `decoder.weight.t()` is contiguous (the sparse decode gathers
-    its rows); pre_encoder_bias [n_inputs]. The optional settings default to `SAEConfig`'s,
-    the one place those defaults are written.
+    encoder.weight [n_latents, n_inputs]; decoder.weight [n_inputs, n_latents], unit-norm
+    columns, stored so that `decoder.weight.t()` (whose rows the decode gathers) is contiguous.
     """
 
     def __init__(
@@ -249,11 +240,6 @@ class MLSAE(nn.Module):
             auxk = TopK(torch.relu(auxk.values), auxk.indices)
             auxk_recons = sparse_decode(auxk.indices, auxk.values, self.decoder.weight.t())
         return AutoencoderOutput(topk, recons, auxk, auxk_recons, dead, stats, fired)
-
-    def latents_dense(self, topk: TopK) -> torch.Tensor:
-        """[..., n_latents] dense latents: for small inputs only (tests, the explorer)."""
-        out = torch.zeros(*topk.values.shape[:-1], self.n_latents, dtype=topk.values.dtype)
-        return out.scatter_(-1, topk.indices, topk.values)
 
     # ----- persistence: the format is mlsae_core.checkpoint's ----------------------------
     def config_dict(self) -> dict[str, Any]:

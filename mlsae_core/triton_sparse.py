@@ -1,20 +1,15 @@
-"""Triton kernels for the k-sparse products of a TopK SAE, used on CUDA.
-
-Three kernels cover the decode and both of its gradients (and the encoder's, which is the
-same pair of products with the roles swapped):
+"""Triton kernels for the k-sparse products of a TopK SAE, used on CUDA: the decode and both of
+its gradients (the encoder's are the same pair of products with the roles swapped).
 
 * `decode`: out[i] = sum_j values[i, j] * table[indices[i, j]]            (gather k rows)
 * `gather_dot`: out[i, j] = <table[indices[i, j]], x[i]>                 (grad of values)
 * `outer_sum`: out[l] = sum over (i, j) with indices[i, j] == l of coefs[i, j] * rows[i]
-  (grad of the table). Deterministic: the N*k entries are sorted by latent once and each
-  latent sums its own segment in a fixed order (no atomics), so a resumed run stays
-  bit-identical on the GPU as it does on the CPU.
+  (grad of the table), deterministic: sorted by latent once, each latent sums its segment in
+  a fixed order (no atomics), so a resumed GPU run stays bit-identical.
 
-The pure-torch versions in `sparse.py` are the fallback everywhere else and the test oracle.
-`sparse.py` dispatches here only for CUDA tensors when Triton imports and MLSAE_TRITON is not
-"0". The tests run these kernels on the CPU under Triton's interpreter (TRITON_INTERPRET=1,
-set by tests/conftest.py when no GPU is present). Accumulation is float32 (float64 for
-float64 inputs), as embedding_bag's.
+`sparse.py` dispatches here for CUDA tensors when Triton imports and MLSAE_TRITON is not "0";
+the tests run the kernels under Triton's CPU interpreter (tests/conftest.py). Accumulation is
+float32 (float64 for float64 inputs), as embedding_bag's.
 """
 
 from __future__ import annotations
@@ -38,29 +33,18 @@ def _triton() -> Any:
     return triton, tl
 
 
-def available() -> bool:
-    """Triton can be imported (it ships with CUDA builds of torch)."""
-    return _triton() is not None
-
-
 def enabled_for(*tensors: torch.Tensor) -> bool:
-    """Use the kernels for these tensors: all on CUDA, Triton present, not MLSAE_TRITON=0.
-
-    The device is checked first, so CPU calls never import Triton (a hot path)."""
+    """All on CUDA (checked first: CPU calls never import Triton), Triton present, and not
+    MLSAE_TRITON=0."""
     if not all(t.is_cuda for t in tensors):
         return False
-    return os.environ.get("MLSAE_TRITON", "1").strip() != "0" and available()
+    return os.environ.get("MLSAE_TRITON", "1").strip() != "0" and _triton() is not None
 
 
 @functools.cache
 def _kernels() -> dict[str, Any]:
-    """The kernels, defined on first use (so importing this module never needs Triton)."""
-    return build_kernels()
-
-
-def build_kernels() -> dict[str, Any]:
-    """Define the kernels: compiled per GPU on first launch, or interpreted when
-    TRITON_INTERPRET=1 at definition time. Uncached, so tests can build both kinds."""
+    """The kernels, defined on first use (so importing this module never needs Triton):
+    compiled per GPU on first launch, or interpreted when TRITON_INTERPRET=1 at definition."""
     found = _triton()
     if found is None:
         raise RuntimeError(
@@ -77,10 +61,7 @@ def build_kernels() -> dict[str, Any]:
         row = tl.program_id(0)
         offs = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
         dmask = offs < D
-        if F64:
-            acc = tl.zeros([BLOCK_D], dtype=tl.float64)
-        else:
-            acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_D], dtype=tl.float64 if F64 else tl.float32)
         for j in range(K):
             lat = tl.load(idx_ptr + row * K + j)
             v = tl.load(val_ptr + row * K + j).to(acc.dtype)
@@ -97,10 +78,7 @@ def build_kernels() -> dict[str, Any]:
         ks = tl.arange(0, BLOCK_K)
         kmask = ks < K
         lat = tl.load(idx_ptr + row * K + ks, mask=kmask, other=0)
-        if F64:
-            acc = tl.zeros([BLOCK_K], dtype=tl.float64)
-        else:
-            acc = tl.zeros([BLOCK_K], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_K], dtype=tl.float64 if F64 else tl.float32)
         for d0 in range(0, D, BLOCK_D):
             offs = d0 + tl.arange(0, BLOCK_D)
             dmask = offs < D
@@ -123,10 +101,7 @@ def build_kernels() -> dict[str, Any]:
         dmask = offs < D
         start = tl.load(start_ptr + lat)
         count = tl.load(count_ptr + lat)
-        if F64:
-            acc = tl.zeros([BLOCK_D], dtype=tl.float64)
-        else:
-            acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_D], dtype=tl.float64 if F64 else tl.float32)
         for e in range(start, start + count):
             flat = tl.load(order_ptr + e)
             c = tl.load(coef_ptr + flat).to(acc.dtype)
@@ -218,51 +193,6 @@ class SparseDecode(torch.autograd.Function):
 
 
 def sparse_decode(indices: torch.Tensor, values: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
-    """Differentiable Triton decode (the same contract as `sparse.sparse_decode`).
-
-    The SAE passes its decoder weight [d, n] transposed; gathering rows of that view would
-    read memory n elements apart, so the table is made row-contiguous first (one n*d copy,
-    through which autograd returns the gradient to the view).
-    """
+    """Differentiable `sparse.sparse_decode`. The table (the decoder weight [d, n] transposed)
+    is made row-contiguous first, so gathered rows are not read n elements apart."""
     return SparseDecode.apply(indices, values.to(table.dtype), table.contiguous())
-
-
-def _signature(name: str, f64: bool) -> dict[str, str]:
-    """Argument types of kernel `name` for an ahead-of-time compile."""
-    fp = "*fp64" if f64 else "*fp32"
-    if name == "decode":
-        ptrs = {"idx_ptr": "*i64", "val_ptr": fp, "tab_ptr": fp, "out_ptr": fp}
-        ints = ("K", "D", "s_t0", "s_t1")
-    elif name == "gather_dot":
-        ptrs = {"idx_ptr": "*i64", "x_ptr": fp, "tab_ptr": fp, "out_ptr": fp}
-        ints = ("K", "D", "s_x0", "s_x1", "s_t0", "s_t1")
-    else:
-        names = ("order_ptr", "start_ptr", "count_ptr", "coef_ptr", "rows_ptr", "out_ptr")
-        ptrs = dict(zip(names, ("*i64", "*i64", "*i64", fp, fp, fp), strict=True))
-        ints = ("K", "D", "s_r0", "s_r1")
-    return {**ptrs, **dict.fromkeys(ints, "i32")}
-
-
-def compile_all(arch: int = 90) -> dict[str, int]:
-    """Compile every kernel (float32 and float64) for CUDA compute capability `arch` down to a
-    cubin, without a GPU; returns {"name/f32|f64": cubin size}. A check that the kernels build
-    for a card before one is at hand. Needs TRITON_INTERPRET unset for the whole process."""
-    triton, _ = _triton() or (None, None)
-    if triton is None:
-        raise RuntimeError("Triton is not installed: pip install triton")
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # Triton 3.9 warns when unset
-    kernels = build_kernels()
-    sizes = {}
-    for name, kernel in kernels.items():
-        for f64 in (False, True):
-            constexprs: dict[str, Any] = {"F64": f64, "BLOCK_D": _BLOCK_D}
-            if name == "gather_dot":
-                constexprs["BLOCK_K"] = 32
-            sig = {**_signature(name, f64), **dict.fromkeys(constexprs, "constexpr")}
-            src = ASTSource(fn=kernel, signature=sig, constexprs=constexprs)
-            compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32))
-            sizes[f"{name}/{'f64' if f64 else 'f32'}"] = len(compiled.asm["cubin"])
-    return sizes

@@ -29,7 +29,7 @@ from mlsae_core.explorer.prompt import prompt_metrics
 from mlsae_core.layout import RunLayout
 from mlsae_core.losses import fvu_per_layer
 from mlsae_core.sae import MLSAE
-from tests.tiny import tiny_transformer
+from tests.tiny import dense_latents, splice_logits, tiny_transformer
 
 LAYERS = [0, 1, 2]
 N_LATENTS, K = 64, 4
@@ -167,7 +167,7 @@ def direct(pair):
     acts = tf.activations(tokens, LAYERS)[:, 0].float()  # [L, P, d]
     with torch.no_grad():
         out = sae(acts)
-    dense = sae.latents_dense(out.topk).double()  # [L, P, n]
+    dense = dense_latents(out.topk, sae.n_latents).double()  # [L, P, n]
     return ids, tokens, acts, out, dense
 
 
@@ -368,7 +368,7 @@ def test_logits_clean_and_reconstruction(client, pair, direct) -> None:
     assert [t["logit"] for t in body["clean"]["top"]] == pytest.approx(
         top.values.tolist(), abs=1e-4
     )
-    spliced, _ = tf.splice(tokens, layer, out.recons[layer][None])
+    spliced = splice_logits(tf, tokens, layer, out.recons[layer][None])
     delta = spliced[0, pos].float() - clean
     rec = body["recons"]
     assert [t["token_id"] for t in rec["top"]] == torch.topk(spliced[0, pos], 5).indices.tolist()
@@ -394,7 +394,7 @@ def test_steering_scale_mode(client, pair, direct) -> None:
     s = out.stats.std[layer]  # [P, 1]
     v = dense[layer, :, j].float()[:, None]  # [P, 1]
     repl = acts[layer] - v * s * sae.decoder.weight[:, j].detach()[None, :]
-    want, _ = tf.splice(tokens, layer, repl[None])
+    want = splice_logits(tf, tokens, layer, repl[None])
     with torch.no_grad():
         clean = tf.model(input_ids=tokens).logits[0, pos].float()
     got = post(client, "/api/logits", **base, factor=0.0, top_k=3).json()["steer"]
@@ -532,11 +532,11 @@ def test_byte_lru_bounds() -> None:
     lru = ByteLRU(max_entries=3, max_bytes=100)
     for i in range(5):
         lru.put(i, i, 10)
-    assert len(lru) == 3 and lru.get(0) is None and lru.get(4) == 4
+    assert lru.stats()["entries"] == 3 and lru.get(0) is None and lru.get(4) == 4
     lru.put("big", 1, 90)  # evicts by bytes, oldest first
-    assert lru.nbytes <= 100 and lru.get("big") == 1 and lru.get(3) is None
+    assert lru.stats()["bytes"] <= 100 and lru.get("big") == 1 and lru.get(3) is None
     lru.put("huge", 1, 101)  # larger than the budget: not kept
-    assert lru.get("huge") is None and lru.nbytes <= 100
+    assert lru.get("huge") is None and lru.stats()["bytes"] <= 100
 
 
 def test_prompt_cache_is_bounded_and_fast(pair) -> None:
@@ -554,7 +554,7 @@ def test_prompt_cache_is_bounded_and_fast(pair) -> None:
                 post(c, "/api/logits", prompt=f"{PROMPT} {i}", position=0, layer=0).status_code
                 == 200
             )
-        assert len(ex.cache) == 3 and len(ex.splices) == 2
+        assert ex.cache.stats()["entries"] == 3 and ex.splices.stats()["entries"] == 2
         first = ex.cache.stats()
         t0 = time.perf_counter()
         assert post(c, "/api/heatmap", prompt=f"{PROMPT} 5").status_code == 200

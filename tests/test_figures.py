@@ -105,8 +105,10 @@ def summary_rows() -> list[dict]:
 
 
 def test_summary_figures_from_rows_and_table(tmp_path: Path) -> None:
-    rows = summary_rows()
-    paths = figures.summary_figures(rows, tmp_path / "rows", metrics=("fvu", "kl"))
+    rows = [r for r in summary_rows() if r["layer"] == "avg"]
+    paths = figures.summary_figures(
+        pa.Table.from_pylist(rows), tmp_path / "rows", metrics=("fvu", "kl")
+    )
     stems = sorted({p.with_suffix("").name for p in paths})
     assert stems == [
         "test_fvu_by_expansion",
@@ -122,7 +124,7 @@ def test_summary_figures_from_rows_and_table(tmp_path: Path) -> None:
     paths = figures.summary_figures(table, tmp_path / "table", metrics=("l0",))
     assert len(paths) == 4
     with pytest.raises(ValueError):
-        figures.summary_figures([], tmp_path / "none")
+        figures.summary_figures(pa.table({}), tmp_path / "none")
 
 
 def test_png_pixels_reflect_data(tmp_path: Path, dists) -> None:

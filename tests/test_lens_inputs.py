@@ -25,7 +25,15 @@ from mlsae_core.sae import MLSAE
 from mlsae_core.train import LiveActivations, read_history, train
 from tests.test_cli import corpus_dir, tiny_model_dir, train_args  # noqa: F401 - fixtures
 from tests.test_families import _hf_logits  # the unmodified model, a block's output hooked
-from tests.tiny import BOS_ID, EOS_ID, PAD_ID, tiny_transformer, write_smoke_inputs
+from tests.tiny import (
+    BOS_ID,
+    EOS_ID,
+    PAD_ID,
+    dense_latents,
+    splice_logits,
+    tiny_transformer,
+    write_smoke_inputs,
+)
 
 L, D = 3, 32
 
@@ -268,21 +276,21 @@ def test_explorer_through_a_lens(tmp_path):
     b = lens.bias[layer].detach().double()
     eye = torch.eye(D, dtype=torch.float64)
     back = torch.linalg.solve(eye + a, (out.recons[0].double() - b).T).T.float()
-    want_recons, _ = tt.splice(tokens, layer, back[None])
+    want_recons = splice_logits(tt, tokens, layer, back[None])
     with TestClient(create_app(sae, tt, lens=lens), raise_server_exceptions=False) as c:
         assert c.get("/api/info").json()["sae"]["tuned_lens"] is True
         body = {"prompt": prompt, "position": pos, "layer": layer, "top_k": 3}
         got = c.post("/api/logits", json=body).json()
         delta = want_recons[0, pos].double() - clean
         assert got["recons"]["max_abs_delta"] == pytest.approx(float(delta.abs().max()), rel=1e-4)
-        dense = sae.latents_dense(out.topk)[0]  # [P, n]
+        dense = dense_latents(out.topk, sae.n_latents)[0]  # [P, n]
         j = int(dense[: pos + 1].sum(0).argmax())
         steer = c.post("/api/logits", json={**body, "latent": j, "factor": 0.0}).json()["steer"]
     v = dense[:, j].double()[:, None]
     s = out.stats.std[0].double()
     step = -(v * s) * sae.decoder.weight[:, j].detach().double()[None, :]  # lens space
     repl = h.double() + torch.linalg.solve(eye + a, step.T).T
-    want, _ = tt.splice(tokens, layer, repl.float()[None])
+    want = splice_logits(tt, tokens, layer, repl.float()[None])
     assert steer["max_abs_delta"] == pytest.approx(
         float((want[0, pos].double() - clean).abs().max()), rel=1e-4
     )

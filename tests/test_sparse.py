@@ -10,12 +10,12 @@ from mlsae_core.evaluate import evaluate, prediction_mask
 from mlsae_core.losses import total_loss
 from mlsae_core.metrics import SpliceMetrics
 from mlsae_core.sae import MLSAE
-from mlsae_core.sparse import gathered_preacts, sparse_outer_sum, sparse_outer_sum_plain
+from mlsae_core.sparse import sparse_outer_sum
 from mlsae_core.train import make_optimizer, optimizer_step
 from tests.tiny import tiny_transformer
 
 
-def test_sparse_outer_sum_equals_index_add_and_dense_float64():
+def test_sparse_outer_sum_equals_dense_float64():
     g = torch.Generator().manual_seed(0)
     N, k, d, n = 50, 4, 7, 30
     idx = torch.stack([torch.randperm(n, generator=g)[:k] for _ in range(N)])
@@ -24,15 +24,6 @@ def test_sparse_outer_sum_equals_index_add_and_dense_float64():
     dense = torch.zeros(N, n, dtype=torch.float64).scatter_(1, idx, coefs)
     want = dense.t() @ rows  # [n, d]
     torch.testing.assert_close(sparse_outer_sum(idx, coefs, rows, n), want)
-    torch.testing.assert_close(sparse_outer_sum_plain(idx, coefs, rows, n), want)
-
-
-def test_gathered_preacts_equal_dense_float64():
-    g = torch.Generator().manual_seed(1)
-    x = torch.randn(20, 9, generator=g, dtype=torch.float64)
-    w = torch.randn(25, 9, generator=g, dtype=torch.float64)
-    idx = torch.randint(0, 25, (20, 3), generator=g)
-    torch.testing.assert_close(gathered_preacts(x, w, idx), (x @ w.t()).gather(1, idx))
 
 
 def _steps(fused: bool) -> MLSAE:

@@ -171,6 +171,21 @@ def tiny_transformer(
     return Transformer.from_model(model, tiny_tokenizer(), name=f"tiny-{family}")
 
 
+def splice_logits(
+    tt: Transformer, tokens: torch.Tensor, layer: int, replacement: torch.Tensor
+) -> torch.Tensor:
+    """Logits [b, p, V] with block `layer`'s output replaced by `replacement`."""
+    return tt.logits(tt.run_from(tt.clean_pass(tokens, with_logits=False), layer, replacement))
+
+
+def dense_latents(topk: Any, n_latents: int) -> torch.Tensor:
+    """[..., n_latents] dense latents of a TopK (the tests' small inputs only)."""
+    import torch
+
+    out = torch.zeros(*topk.values.shape[:-1], n_latents, dtype=topk.values.dtype)
+    return out.scatter_(-1, topk.indices, topk.values)
+
+
 # ----- the smoke sweep's tiny models and synthetic text, written under a storage root -------
 def parse_tiny_name(name: str) -> tuple[str, int, int]:
     """`tiny-llama-L4-d32` -> ("llama", 4, 32); layers default to 4 and width to 32."""

@@ -127,18 +127,15 @@ class DistsResult:
         The `_rel` numbers compare models with different depths (the reference's columns).
         """
         std = self.layer_std[self.live]
-        out: dict[str, Any] = {
+        stats, rel = describe(std), describe(std / self.n_layers)
+        return {
             "n_layers": self.n_layers,
             "n_latents": self.n_latents,
             "n_live": int(self.live.sum()),
             "n_tokens": self.n_tokens,
+            **{k: stats[k] for k in ("mean", "var", "std", "sem")},
+            **{f"{k}_rel": rel[k] for k in ("mean", "var", "std", "sem")},
         }
-        abs_stats = describe(std)
-        rel_stats = describe(std / self.n_layers)
-        for key in ("mean", "var", "std", "sem"):
-            out[key] = abs_stats[key]
-            out[f"{key}_rel"] = rel_stats[key]
-        return out
 
     def histogram(self, bins: int = 30) -> tuple[np.ndarray, np.ndarray]:
         """(counts [bins], edges [bins + 1]) of layer_mean over live latents on [0, L-1]."""

@@ -89,7 +89,6 @@ class ExamplesResult:
 
     layers: list[int]
     n_context: int
-    seq_len: int
     latent: torch.Tensor  # [M] int64
     layer_index: torch.Tensor  # [M] int64 position in `layers`
     rank: torch.Tensor  # [M] int64 0 = highest activation
@@ -118,24 +117,6 @@ class ExamplesResult:
         """[M] offset of the example token within its clipped context window."""
         return torch.clamp(self.pos, max=self.n_context)
 
-    def example(self, m: int) -> dict[str, Any]:
-        """One example as plain Python (clipped context), for tests and the explorer."""
-        valid = self.context_valid[m]
-        ids = self.context_ids[m][valid].tolist()
-        return {
-            "latent": int(self.latent[m]),
-            "layer": int(self.layers[int(self.layer_index[m])]),
-            "rank": int(self.rank[m]),
-            "activation": float(self.activation[m]),
-            "row": int(self.row[m]),
-            "pos": int(self.pos[m]),
-            "token": self.strings[int(self.token_id[m])],
-            "context_ids": ids,
-            "context_tokens": [self.strings[i] for i in ids],
-            "context_activations": self.context_acts[m][valid].tolist(),
-            "centre": int(self.centre[m]),
-        }
-
 
 class MaxExamples(TopKCollector):
     """Collector for `evaluate`: top `n_examples` tokens per (layer, latent), fixed memory."""
@@ -158,9 +139,6 @@ class MaxExamples(TopKCollector):
         self.values = torch.full(shape, -math.inf, dtype=torch.float32, device=self.device)
         self.locs = torch.full(shape, -1, dtype=torch.int64, device=self.device)  # row*P + pos
         self.seq_len: int | None = None
-
-    def nbytes(self) -> int:
-        return self.values.numel() * 4 + self.locs.numel() * 8
 
     def update(self, batch: EvalBatch) -> None:
         self.check_layers(batch)
@@ -204,7 +182,7 @@ class MaxExamples(TopKCollector):
         """Merge candidates (value, latent, location) of one layer into the kept top-E."""
         if v.numel() == 0:
             return
-        order = _order(v, loc)
+        order = _order_rows(v[None], loc[None])[0]  # by value descending, ties by location
         order = order[torch.sort(j[order], stable=True).indices]  # by latent, then rank
         v, j, loc = v[order], j[order], loc[order]
         touched, counts = torch.unique_consecutive(j, return_counts=True)  # [T]
@@ -223,22 +201,6 @@ class MaxExamples(TopKCollector):
         keep = _order_rows(mv, ml)[:, :e]
         self.values[li, touched] = mv.gather(1, keep)
         self.locs[li, touched] = ml.gather(1, keep)
-
-    def merge(self, other: MaxExamples) -> None:
-        """Merge another collector's kept examples (same layers, latents, sequence length)."""
-        if other.seq_len is None:
-            return
-        if self.seq_len is None:
-            self.seq_len = other.seq_len
-        if self.seq_len != other.seq_len:
-            raise ValueError("cannot merge examples over different sequence lengths")
-        e = self.n_examples
-        ov, ol = other.values.to(self.device), other.locs.to(self.device)
-        mv = torch.cat([self.values, ov], -1).flatten(0, 1)  # [L*n, 2E]
-        ml = torch.cat([self.locs, ol], -1).flatten(0, 1)
-        keep = _order_rows(mv, ml)[:, :e]
-        self.values = mv.gather(1, keep).reshape(self.values.shape)
-        self.locs = ml.gather(1, keep).reshape(self.locs.shape)
 
     @torch.no_grad()
     def result(
@@ -282,7 +244,6 @@ class MaxExamples(TopKCollector):
         return ExamplesResult(
             layers=self.layers,
             n_context=c,
-            seq_len=seq_len,
             latent=lat,
             layer_index=li,
             rank=rank,
@@ -294,12 +255,6 @@ class MaxExamples(TopKCollector):
             context_acts=ctx_acts,
             strings=strings,
         )
-
-
-def _order(v: torch.Tensor, loc: torch.Tensor) -> torch.Tensor:
-    """Permutation sorting 1-D candidates by value descending, ties by location ascending."""
-    by_loc = torch.sort(loc, stable=True).indices
-    return by_loc[torch.sort(v[by_loc], descending=True, stable=True).indices]
 
 
 def _order_rows(v: torch.Tensor, loc: torch.Tensor) -> torch.Tensor:

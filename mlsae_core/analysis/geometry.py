@@ -6,8 +6,6 @@
   two, in column blocks so n = 32k+ latents fit in memory.
 - Decoder similarity vs layer distance: do latents with nearby layer means point in similar
   directions? A 2-D histogram over (sampled) pairs of live latents.
-- Embedding similarity: cosine of each decoder column with the input and output token
-  embeddings, and each latent's top tokens.
 """
 
 from __future__ import annotations
@@ -102,24 +100,13 @@ def _unit_columns(w: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return w / w.norm(dim=0, keepdim=True).clamp_min(1e-12)
 
 
-@dataclass
-class MaxCos:
-    """Per column of A: the max cosine similarity to (other) columns of B, and which."""
-
-    values: torch.Tensor  # [n_A]
-    indices: torch.Tensor  # [n_A] int64 column of B
-
-    def summary(self) -> dict[str, float]:
-        return describe(self.values)
-
-
 @torch.no_grad()
 def max_cos(
     a: torch.Tensor,
     b: torch.Tensor | None = None,
     chunk_size: int = 2048,
     dtype: torch.dtype = torch.float32,
-) -> MaxCos:
+) -> torch.Tensor:
     """For each column of a [d, n_A], max cosine to any column of b [d, n_B].
 
     b=None compares a with itself, excluding each column's own index (MMCS within one
@@ -132,21 +119,19 @@ def max_cos(
         raise ValueError(f"dictionaries live in different spaces: d={ua.shape[0]} vs {ub.shape[0]}")
     if same and ua.shape[1] < 2:
         raise ValueError("MMCS within a dictionary needs at least two columns")
-    vals, idxs = [], []
+    vals = []
     for s in range(0, ua.shape[1], chunk_size):
         sims = ua[:, s : s + chunk_size].t() @ ub  # [c, n_B]
         if same:
             r = torch.arange(sims.shape[0])
             sims[r, r + s] = -math.inf
-        v, i = sims.max(dim=1)
-        vals.append(v)
-        idxs.append(i)
-    return MaxCos(torch.cat(vals), torch.cat(idxs))
+        vals.append(sims.amax(dim=1))
+    return torch.cat(vals)
 
 
 def mmcs(decoder: torch.Tensor, other: torch.Tensor | None = None, **kw: Any) -> dict[str, float]:
     """mean/var/std/sem of max cosine similarity of decoder [d, n] columns (to `other`)."""
-    return max_cos(decoder, other, **kw).summary()
+    return describe(max_cos(decoder, other, **kw))
 
 
 @dataclass
@@ -156,9 +141,7 @@ class SimDistHistogram:
     counts: np.ndarray  # [n_dist_bins, n_cos_bins]
     dist_edges: np.ndarray  # [n_dist_bins + 1]
     cos_edges: np.ndarray  # [n_cos_bins + 1]
-    n_pairs: int
     sampled: bool
-    correlation: float  # Pearson r between |distance| and cosine over the pairs
     mean_cos_by_dist: np.ndarray  # [n_dist_bins] mean cosine per distance bin (NaN if empty)
 
 
@@ -180,8 +163,7 @@ def decoder_sim_vs_layer_distance(
     m = int(live.numel())
     if m < 2:
         raise ValueError("need at least two live latents")
-    total = m * (m - 1) // 2
-    sampled = total > max_pairs
+    sampled = m * (m - 1) // 2 > max_pairs
     if sampled:
         g = torch.Generator().manual_seed(seed)
         i = torch.randint(0, m, (max_pairs,), generator=g)
@@ -201,51 +183,5 @@ def decoder_sim_vs_layer_distance(
     which = np.clip(np.digitize(dist, dist_edges) - 1, 0, dist_bins - 1)
     sums = np.bincount(which, weights=cos, minlength=dist_bins)
     ns = np.bincount(which, minlength=dist_bins)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        mean_by = np.where(ns > 0, sums / np.maximum(ns, 1), np.nan)
-        corr = float(np.corrcoef(dist, cos)[0, 1]) if dist.std() > 0 and cos.std() > 0 else math.nan
-    return SimDistHistogram(counts, dist_edges, cos_edges, len(cos), sampled, corr, mean_by)
-
-
-@dataclass
-class EmbeddingSim:
-    """Top tokens per latent by cosine of its decoder column with token embeddings."""
-
-    input_values: torch.Tensor  # [n, top] cosine with input (token) embeddings
-    input_ids: torch.Tensor  # [n, top] token ids
-    output_values: torch.Tensor  # [n, top] cosine with output (unembedding) rows
-    output_ids: torch.Tensor  # [n, top]
-
-
-@torch.no_grad()
-def top_cosine(
-    decoder: torch.Tensor, embeddings: torch.Tensor, top: int = 10, chunk_size: int = 512
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """([n, top] cosines, [n, top] ids): each decoder column [d, n] vs rows of [V, d]."""
-    ue = _unit_columns(embeddings.t(), torch.float32)  # [d, V]
-    ud = _unit_columns(decoder, torch.float32)  # [d, n]
-    top = min(top, ue.shape[1])
-    vals, ids = [], []
-    for s in range(0, ud.shape[1], chunk_size):
-        v, i = torch.topk(ud[:, s : s + chunk_size].t() @ ue, top, dim=1)  # [c, top]
-        vals.append(v)
-        ids.append(i)
-    return torch.cat(vals), torch.cat(ids)
-
-
-def embedding_similarity(
-    decoder: torch.Tensor,
-    input_embeddings: torch.Tensor,
-    output_embeddings: torch.Tensor,
-    top: int = 10,
-    chunk_size: int = 512,
-) -> EmbeddingSim:
-    """Decoder columns vs input and output embeddings.
-
-    The SAE works on standardized residuals (docs/method.md §3.1): per-vector centring removes the
-    all-ones direction, which cosine similarity is only mildly sensitive to; we compare raw
-    directions as the paper does.
-    """
-    iv, ii = top_cosine(decoder, input_embeddings, top, chunk_size)
-    ov, oi = top_cosine(decoder, output_embeddings, top, chunk_size)
-    return EmbeddingSim(iv, ii, ov, oi)
+    mean_by = np.where(ns > 0, sums / np.maximum(ns, 1), np.nan)
+    return SimDistHistogram(counts, dist_edges, cos_edges, sampled, mean_by)

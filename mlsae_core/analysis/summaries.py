@@ -19,8 +19,8 @@ import torch
 from mlsae_core.analysis import geometry
 from mlsae_core.analysis.tables import (
     DISTS_LAYER_STD_CSV_COLUMNS,
+    LAYER_STD_STATS,
     MMCS_CSV_COLUMNS,
-    STAT_NAMES,
     mmcs_table,
 )
 from mlsae_core.identity import RUN_ID_COLUMNS, RUN_ID_FIELDS, is_single_layer, run_id_of
@@ -28,7 +28,6 @@ from mlsae_core.sae import MLSAE
 
 # Metrics of single_layer_comparison: the MLSAE's value at a layer next to the baseline's.
 COMPARE_METRICS = ("mse", "fvu", "l0", "dead", "dce", "kl", "loss_recovered")
-_REL_NAMES = tuple(f"{s}_rel" for s in STAT_NAMES)
 
 
 def n_layers_of(label: str) -> int:
@@ -54,14 +53,7 @@ def summarize_test_metrics(test_metrics: pa.Table) -> pa.Table:
 
 
 # ----- dists_layer_std ---------------------------------------------------------------------
-DISTS_LAYER_STD_COLUMNS = (
-    *RUN_ID_COLUMNS,
-    "n_layers",
-    "n_latents",
-    "n_live",
-    *STAT_NAMES,
-    *_REL_NAMES,
-)
+DISTS_LAYER_STD_COLUMNS = (*RUN_ID_COLUMNS, "n_layers", "n_latents", "n_live", *LAYER_STD_STATS)
 
 
 def dists_layer_std(dists_summary: pa.Table) -> pa.Table:

@@ -19,98 +19,61 @@ from typing import TYPE_CHECKING, Any
 import pyarrow as pa
 
 from mlsae_core import atomic
-from mlsae_core.identity import (  # layers_label re-exported: the run-id value
-    MODEL_COLUMNS,
-    RUN_ID_COLUMNS,
-    layers_label,  # noqa: F401
-    run_id_fields,
-)
+from mlsae_core.identity import MODEL_COLUMNS, RUN_ID_COLUMNS, run_id_fields
 
 if TYPE_CHECKING:
     from mlsae_core.analysis.dists import DistsResult
     from mlsae_core.analysis.examples import ExamplesResult
-    from mlsae_core.analysis.geometry import EmbeddingSim, ResidCosSim, SimDistHistogram
+    from mlsae_core.analysis.geometry import ResidCosSim
     from mlsae_core.analysis.prompts import PromptHeatmap
     from mlsae_core.analysis.variance import VarianceResult
 
 STAT_NAMES = ("mean", "var", "std", "sem")
+# dists_summary's statistics of layer_std, and of layer_std / n_layers (`_rel`)
+LAYER_STD_STATS = (*STAT_NAMES, *(f"{s}_rel" for s in STAT_NAMES))
+I32, I64, F32, F64, STR = pa.int32(), pa.int64(), pa.float32(), pa.float64(), pa.string()
 
-DISTS_LAYER_STD_CSV_COLUMNS = (
-    "model_name",
-    "n_layers",
-    "expansion_factor",
-    "k",
-    *STAT_NAMES,
-    *(f"{s}_rel" for s in STAT_NAMES),
-)
+DISTS_LAYER_STD_CSV_COLUMNS = ("model_name", "n_layers", "expansion_factor", "k", *LAYER_STD_STATS)
 MMCS_CSV_COLUMNS = ("model_name", "expansion_factor", "k", *STAT_NAMES)
 
 
 def _table(
     run_id: Mapping[str, Any],
-    fields: Sequence[pa.Field],
-    columns: Mapping[str, Any],
+    columns: Mapping[str, tuple[pa.DataType, Any]],
     required: Sequence[str] = RUN_ID_COLUMNS,
 ) -> pa.Table:
-    """Build a table: run-id columns (repeated) then `columns`, under an explicit schema."""
+    """Run-id columns (repeated) then `columns` (name -> (type, values)), explicit schema."""
     id_fields = run_id_fields(run_id, required)
-    arrays: list[pa.Array] = [pa.array(columns[f.name], type=f.type) for f in fields]
+    arrays = [pa.array(values, type=t) for t, values in columns.values()]
     n = len(arrays[0]) if arrays else 0
     id_arrays = [pa.repeat(pa.scalar(run_id[f.name], type=f.type), n) for f in id_fields]
-    schema = pa.schema([*id_fields, *fields])
-    return pa.Table.from_arrays([*id_arrays, *arrays], schema=schema)
+    fields = [pa.field(name, t) for name, (t, _) in columns.items()]
+    return pa.Table.from_arrays([*id_arrays, *arrays], schema=pa.schema([*id_fields, *fields]))
 
 
 def _summary_table(
-    run_id: Mapping[str, Any], fields: Sequence[pa.Field], summary: Mapping[str, Any]
+    run_id: Mapping[str, Any], types: Mapping[str, pa.DataType], summary: Mapping[str, Any]
 ) -> pa.Table:
-    """One row: the `fields` of a result's `summary()`."""
-    return _table(run_id, fields, {f.name: [summary[f.name]] for f in fields})
-
-
-def _f64(x: Any) -> list[float]:
-    return [float(v) for v in x]
+    """One row: the `types` columns of a result's `summary()`."""
+    return _table(run_id, {name: (t, [summary[name]]) for name, t in types.items()})
 
 
 # ----- dists ---------------------------------------------------------------------------------
-LATENT_DISTS_FIELDS = (
-    pa.field("latent", pa.int64()),
-    pa.field("layer_mean", pa.float64()),
-    pa.field("layer_var", pa.float64()),
-    pa.field("layer_std", pa.float64()),
-    pa.field("count", pa.int64()),
-    pa.field("total", pa.float64()),
-    pa.field("n_layers_active", pa.int32()),
-    pa.field("live", pa.bool_()),
-)
-
-
 def latent_dists_table(result: DistsResult, run_id: Mapping[str, Any]) -> pa.Table:
     """One row per latent: its layer distribution's statistics (NaN for dead latents)."""
     return _table(
         run_id,
-        LATENT_DISTS_FIELDS,
         {
-            "latent": range(result.n_latents),
-            "layer_mean": result.layer_mean.numpy(),
-            "layer_var": result.layer_var.numpy(),
-            "layer_std": result.layer_std.numpy(),
-            "count": result.count.round().long().numpy(),
-            "total": result.total.numpy(),
-            "n_layers_active": result.n_layers_active.int().numpy(),
-            "live": result.live.numpy(),
+            "latent": (I64, range(result.n_latents)),
+            "layer_mean": (F64, result.layer_mean.numpy()),
+            "layer_var": (F64, result.layer_var.numpy()),
+            "layer_std": (F64, result.layer_std.numpy()),
+            "count": (I64, result.count.round().long().numpy()),
+            "total": (F64, result.total.numpy()),
+            "n_layers_active": (I32, result.n_layers_active.int().numpy()),
+            "live": (pa.bool_(), result.live.numpy()),
         },
     )
-
-
-LATENT_LAYER_DISTS_FIELDS = (
-    pa.field("layer", pa.int32()),
-    pa.field("layer_index", pa.int32()),
-    pa.field("latent", pa.int64()),
-    pa.field("count", pa.int64()),
-    pa.field("total", pa.float64()),
-    pa.field("p", pa.float64()),
-)
 
 
 # Schema metadata of latent_layer_dists: what `dists_from_layer_table` needs to rebuild the
@@ -128,22 +91,18 @@ def latent_layer_dists_table(
     """
     import torch
 
-    li, lat = (
-        (result.counts > 0).nonzero(as_tuple=True)
-        if nonzero_only
-        else torch.ones_like(result.counts, dtype=torch.bool).nonzero(as_tuple=True)
-    )
+    fired = result.counts > 0 if nonzero_only else torch.ones_like(result.counts, dtype=torch.bool)
+    li, lat = fired.nonzero(as_tuple=True)
     layer_ids = torch.tensor(result.layers, dtype=torch.int32)
     table = _table(
         run_id,
-        LATENT_LAYER_DISTS_FIELDS,
         {
-            "layer": layer_ids[li].numpy(),
-            "layer_index": li.int().numpy(),
-            "latent": lat.numpy(),
-            "count": result.counts[li, lat].round().long().numpy(),
-            "total": result.totals[li, lat].numpy(),
-            "p": result.p[li, lat].numpy(),
+            "layer": (I32, layer_ids[li].numpy()),
+            "layer_index": (I32, li.int().numpy()),
+            "latent": (I64, lat.numpy()),
+            "count": (I64, result.counts[li, lat].round().long().numpy()),
+            "total": (F64, result.totals[li, lat].numpy()),
+            "p": (F64, result.p[li, lat].numpy()),
         },
     )
     meta = {
@@ -179,84 +138,38 @@ def dists_from_layer_table(table: pa.Table) -> DistsResult:
     return DistsResult(list(meta["layers"]), counts, totals, int(meta["n_tokens"]))
 
 
-DISTS_SUMMARY_FIELDS = (
-    pa.field("n_layers", pa.int32()),
-    pa.field("n_latents", pa.int64()),
-    pa.field("n_live", pa.int64()),
-    pa.field("n_tokens", pa.int64()),
-    *(pa.field(s, pa.float64()) for s in STAT_NAMES),
-    *(pa.field(f"{s}_rel", pa.float64()) for s in STAT_NAMES),
-)
-
-
 def dists_summary_table(result: DistsResult, run_id: Mapping[str, Any]) -> pa.Table:
     """One row per config: stats of layer_std over live latents (and / n_layers)."""
-    return _summary_table(run_id, DISTS_SUMMARY_FIELDS, result.summary())
+    types = {"n_layers": I32, "n_latents": I64, "n_live": I64, "n_tokens": I64}
+    return _summary_table(run_id, types | dict.fromkeys(LAYER_STD_STATS, F64), result.summary())
 
 
 # ----- variance ------------------------------------------------------------------------------
-LAYER_VARIANCE_FIELDS = (
-    pa.field("n_layers", pa.int32()),
-    pa.field("n_live", pa.int64()),
-    pa.field("n_tokens", pa.int64()),
-    pa.field("token_var_mean", pa.float64()),
-    pa.field("aggregate_var_mean", pa.float64()),
-    pa.field("ratio", pa.float64()),
-    pa.field("token_var_weighted", pa.float64()),
-    pa.field("aggregate_var_weighted", pa.float64()),
-    pa.field("ratio_weighted", pa.float64()),
-    pa.field("mean_layers_per_token", pa.float64()),
-)
+_VARIANCE_STATS = ("token_var_mean", "aggregate_var_mean", "ratio", "token_var_weighted",
+                   "aggregate_var_weighted", "ratio_weighted", "mean_layers_per_token")  # fmt: skip
 
 
 def layer_variance_table(result: VarianceResult, run_id: Mapping[str, Any]) -> pa.Table:
     """One row per config: token-level vs aggregate layer variance (analysis.variance)."""
-    return _summary_table(run_id, LAYER_VARIANCE_FIELDS, result.summary())
-
-
-LATENT_VARIANCE_FIELDS = (
-    pa.field("latent", pa.int64()),
-    pa.field("token_var", pa.float64()),
-    pa.field("aggregate_var", pa.float64()),
-    pa.field("weight", pa.float64()),
-    pa.field("pairs", pa.int64()),
-)
+    types = {"n_layers": I32, "n_live": I64, "n_tokens": I64}
+    return _summary_table(run_id, types | dict.fromkeys(_VARIANCE_STATS, F64), result.summary())
 
 
 def latent_variance_table(result: VarianceResult, run_id: Mapping[str, Any]) -> pa.Table:
     """One row per latent: V_tok, V_agg, total activation, (token, latent) pairs."""
     return _table(
         run_id,
-        LATENT_VARIANCE_FIELDS,
         {
-            "latent": range(int(result.weight.numel())),
-            "token_var": result.token_var.numpy(),
-            "aggregate_var": result.aggregate_var.numpy(),
-            "weight": result.weight.numpy(),
-            "pairs": result.pairs.round().long().numpy(),
+            "latent": (I64, range(int(result.weight.numel()))),
+            "token_var": (F64, result.token_var.numpy()),
+            "aggregate_var": (F64, result.aggregate_var.numpy()),
+            "weight": (F64, result.weight.numpy()),
+            "pairs": (I64, result.pairs.round().long().numpy()),
         },
     )
 
 
 # ----- examples ------------------------------------------------------------------------------
-MAX_EXAMPLES_FIELDS = (
-    pa.field("latent", pa.int64()),
-    pa.field("layer", pa.int32()),
-    pa.field("rank", pa.int32()),
-    pa.field("activation", pa.float32()),
-    pa.field("row", pa.int64()),
-    pa.field("pos", pa.int32()),
-    pa.field("token_id", pa.int64()),
-    pa.field("token", pa.string()),
-    pa.field("centre", pa.int32()),
-    pa.field("context_ids", pa.list_(pa.int64())),
-    pa.field("context_tokens", pa.list_(pa.string())),
-    pa.field("context_activations", pa.list_(pa.float32())),
-    pa.field("document", pa.string()),
-    pa.field("genre", pa.string()),
-)
-
-
 def max_examples_table(
     result: ExamplesResult,
     run_id: Mapping[str, Any],
@@ -271,14 +184,14 @@ def max_examples_table(
     import numpy as np
 
     valid = result.context_valid.numpy()  # [M, C]
-    off = pa.array(np.concatenate([[0], np.cumsum(valid.sum(1))]), type=pa.int32())
+    off = pa.array(np.concatenate([[0], np.cumsum(valid.sum(1))]), type=I32)
     flat_ids = result.context_ids.numpy()[valid]  # row-major: each example's window in order
     flat_acts = result.context_acts.numpy()[valid].astype(np.float32)
     vocab = np.asarray(sorted(result.strings), dtype=np.int64)
-    lookup = pa.array([result.strings[int(i)] for i in vocab], type=pa.string())
+    lookup = pa.array([result.strings[int(i)] for i in vocab], type=STR)
 
     def strings_of(ids: Any) -> pa.Array:
-        return lookup.take(pa.array(np.searchsorted(vocab, ids), type=pa.int64()))
+        return lookup.take(pa.array(np.searchsorted(vocab, ids), type=I64))
 
     doc_col: list[str | None] = [None] * len(result)
     genre_col: list[str | None] = [None] * len(result)
@@ -287,140 +200,46 @@ def max_examples_table(
         doc_col = [documents[i].id if i >= 0 else None for i in idx]
         genre_col = [getattr(documents[i], "genre", None) if i >= 0 else None for i in idx]
     columns = {
-        "latent": result.latent.numpy(),
-        "layer": result.layer.int().numpy(),
-        "rank": result.rank.int().numpy(),
-        "activation": result.activation.float().numpy(),
-        "row": result.row.numpy(),
-        "pos": result.pos.int().numpy(),
-        "token_id": result.token_id.numpy(),
-        "token": strings_of(result.token_id.numpy()),
-        "centre": result.centre.int().numpy(),
-        "context_ids": pa.ListArray.from_arrays(off, pa.array(flat_ids, type=pa.int64())),
-        "context_tokens": pa.ListArray.from_arrays(off, strings_of(flat_ids)),
-        "context_activations": pa.ListArray.from_arrays(
-            off, pa.array(flat_acts, type=pa.float32())
+        "latent": (I64, result.latent.numpy()),
+        "layer": (I32, result.layer.int().numpy()),
+        "rank": (I32, result.rank.int().numpy()),
+        "activation": (F32, result.activation.float().numpy()),
+        "row": (I64, result.row.numpy()),
+        "pos": (I32, result.pos.int().numpy()),
+        "token_id": (I64, result.token_id.numpy()),
+        "token": (STR, strings_of(result.token_id.numpy())),
+        "centre": (I32, result.centre.int().numpy()),
+        "context_ids": (pa.list_(I64), pa.ListArray.from_arrays(off, pa.array(flat_ids, I64))),
+        "context_tokens": (pa.list_(STR), pa.ListArray.from_arrays(off, strings_of(flat_ids))),
+        "context_activations": (
+            pa.list_(F32),
+            pa.ListArray.from_arrays(off, pa.array(flat_acts, type=F32)),
         ),
-        "document": doc_col,
-        "genre": genre_col,
+        "document": (STR, doc_col),
+        "genre": (STR, genre_col),
     }
-    return _table(run_id, MAX_EXAMPLES_FIELDS, columns)
+    return _table(run_id, columns)
 
 
 # ----- geometry ------------------------------------------------------------------------------
-RESID_COS_SIM_FIELDS = (
-    pa.field("layer", pa.int32()),
-    pa.field("next_layer", pa.int32()),
-    *(pa.field(f"cos_{s}", pa.float64()) for s in STAT_NAMES),
-    *(pa.field(f"norm_{s}", pa.float64()) for s in STAT_NAMES),
-    pa.field("n_tokens", pa.int64()),
-)
-
-
 def resid_cos_sim_table(result: ResidCosSim, run_id: Mapping[str, Any]) -> pa.Table:
     """One row per layer: its norm stats and the cosine with the next layer (null for the last)."""
-    n_layers = len(result.layers)
     cols: dict[str, Any] = {
-        "layer": result.layers,
-        "next_layer": [*result.layers[1:], None],
-        "n_tokens": [result.n_tokens] * n_layers,
+        "layer": (I32, result.layers),
+        "next_layer": (I32, [*result.layers[1:], None]),
     }
-    for s in STAT_NAMES:
-        cols[f"cos_{s}"] = [*_f64(result.cos[s]), None]
-        cols[f"norm_{s}"] = _f64(result.norm[s])
-    return _table(run_id, RESID_COS_SIM_FIELDS, cols, required=MODEL_COLUMNS)
-
-
-MMCS_FIELDS = (
-    pa.field("reference", pa.string()),
-    pa.field("n_latents", pa.int64()),
-    *(pa.field(s, pa.float64()) for s in STAT_NAMES),
-)
+    cols |= {f"cos_{s}": (F64, [*result.cos[s].tolist(), None]) for s in STAT_NAMES}
+    cols |= {f"norm_{s}": (F64, result.norm[s].tolist()) for s in STAT_NAMES}
+    cols["n_tokens"] = (I64, [result.n_tokens] * len(result.layers))
+    return _table(run_id, cols, required=MODEL_COLUMNS)
 
 
 def mmcs_table(
     summary: Mapping[str, float], run_id: Mapping[str, Any], reference: str = "self"
 ) -> pa.Table:
     """One row: MMCS stats of a dictionary against itself ("self") or another (its label)."""
-    cols = {"reference": [reference], "n_latents": [int(summary["n"])]}
-    cols.update({s: [float(summary[s])] for s in STAT_NAMES})
-    return _table(run_id, MMCS_FIELDS, cols)
-
-
-DECODER_SIM_FIELDS = (
-    pa.field("dist_lo", pa.float64()),
-    pa.field("dist_hi", pa.float64()),
-    pa.field("cos_lo", pa.float64()),
-    pa.field("cos_hi", pa.float64()),
-    pa.field("count", pa.int64()),
-)
-
-
-def decoder_sim_table(hist: SimDistHistogram, run_id: Mapping[str, Any]) -> pa.Table:
-    """The 2-D histogram of decoder cosine vs layer-mean distance, one row per bin."""
-    import numpy as np
-
-    nd, nc = hist.counts.shape
-    di, ci = np.meshgrid(np.arange(nd), np.arange(nc), indexing="ij")
-    di, ci = di.ravel(), ci.ravel()
-    return _table(
-        run_id,
-        DECODER_SIM_FIELDS,
-        {
-            "dist_lo": hist.dist_edges[di],
-            "dist_hi": hist.dist_edges[di + 1],
-            "cos_lo": hist.cos_edges[ci],
-            "cos_hi": hist.cos_edges[ci + 1],
-            "count": hist.counts.ravel().astype(np.int64),
-        },
-    )
-
-
-EMBEDDING_SIM_FIELDS = (
-    pa.field("latent", pa.int64()),
-    pa.field("embedding", pa.string()),
-    pa.field("rank", pa.int32()),
-    pa.field("token_id", pa.int64()),
-    pa.field("token", pa.string()),
-    pa.field("cosine", pa.float32()),
-)
-
-
-def embedding_sim_table(
-    sim: EmbeddingSim, run_id: Mapping[str, Any], strings: Mapping[int, str]
-) -> pa.Table:
-    """Rows (latent, embedding in {input, output}, rank): top tokens by cosine.
-
-    `strings` maps token ids to text (`examples.token_strings`).
-    """
-    import numpy as np
-
-    cols: dict[str, list[Any]] = {f.name: [] for f in EMBEDDING_SIM_FIELDS}
-    for name, vals, ids in (
-        ("input", sim.input_values, sim.input_ids),
-        ("output", sim.output_values, sim.output_ids),
-    ):
-        n, top = ids.shape
-        cols["latent"].append(np.repeat(np.arange(n), top))
-        cols["embedding"].append(np.full(n * top, name, dtype=object))
-        cols["rank"].append(np.tile(np.arange(top, dtype=np.int32), n))
-        flat = ids.reshape(-1).numpy()
-        cols["token_id"].append(flat)
-        cols["token"].append(
-            np.array([strings.get(int(i), str(int(i))) for i in flat], dtype=object)
-        )
-        cols["cosine"].append(vals.reshape(-1).float().numpy())
-    return _table(run_id, EMBEDDING_SIM_FIELDS, {k: np.concatenate(v) for k, v in cols.items()})
-
-
-PROMPT_HEATMAP_FIELDS = (
-    pa.field("prompt", pa.string()),
-    pa.field("latent", pa.int64()),
-    pa.field("order", pa.int32()),
-    pa.field("layer", pa.int32()),
-    pa.field("value", pa.float64()),
-    pa.field("raw", pa.float64()),
-)
+    cols = {"reference": (STR, [reference]), "n_latents": (I64, [int(summary["n"])])}
+    return _table(run_id, cols | {s: (F64, [float(summary[s])]) for s in STAT_NAMES})
 
 
 def prompt_heatmap_table(heat: PromptHeatmap, run_id: Mapping[str, Any]) -> pa.Table:
@@ -432,14 +251,13 @@ def prompt_heatmap_table(heat: PromptHeatmap, run_id: Mapping[str, Any]) -> pa.T
     li, ci = li.ravel(), ci.ravel()
     return _table(
         run_id,
-        PROMPT_HEATMAP_FIELDS,
         {
-            "prompt": [heat.prompt] * (n_layers * m),
-            "latent": heat.latents.numpy()[ci],
-            "order": ci.astype(np.int32),
-            "layer": np.asarray(heat.layers, dtype=np.int32)[li],
-            "value": heat.matrix.numpy()[li, ci],
-            "raw": heat.raw.numpy()[li, ci],
+            "prompt": (STR, [heat.prompt] * (n_layers * m)),
+            "latent": (I64, heat.latents.numpy()[ci]),
+            "order": (I32, ci.astype(np.int32)),
+            "layer": (I32, np.asarray(heat.layers, dtype=np.int32)[li]),
+            "value": (F64, heat.matrix.numpy()[li, ci]),
+            "raw": (F64, heat.raw.numpy()[li, ci]),
         },
     )
 

@@ -67,13 +67,6 @@ class ByteLRU:
                 _, (_, size) = self._data.popitem(last=False)
                 self._bytes -= size
 
-    def __len__(self) -> int:
-        return len(self._data)
-
-    @property
-    def nbytes(self) -> int:
-        return self._bytes
-
     def stats(self) -> dict[str, int]:
         with self._lock:
             return {
@@ -95,6 +88,3 @@ def tensor_bytes(obj: Any) -> int:
     if isinstance(obj, list | tuple):
         return sum(tensor_bytes(v) for v in obj)
     return 64
-
-
-__all__ = ["ByteLRU", "tensor_bytes"]

@@ -115,6 +115,3 @@ def load_examples(
     except Exception as exc:  # noqa: BLE001 - a bad table must not stop the explorer
         logger.warning("cannot read %s: %s", path, exc)
         return None, f"{path} could not be read ({type(exc).__name__}: {exc}); " + hint
-
-
-__all__ = ["NO_EXAMPLES_HINT", "ExamplesStore", "examples_path", "load_examples"]

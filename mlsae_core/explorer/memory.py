@@ -1,20 +1,7 @@
-"""The explorer's memory bound: the gate on concurrent work, the allocator, and the estimate.
-
-Why the server grew past its cache bound (docs/explorer.md, "Performance and memory"): every
-request ran in one of uvicorn's 40 threadpool threads, so a burst held up to 40 prompt
-analyses (each keeping its own result alive, evicted from the cache or not, while it waited
-for the model), and glibc gave each thread its own malloc arena (up to 8 per core), each
-keeping the freed blocks of a whole analysis (arenas return only their top to the kernel; the
-dynamic mmap threshold rises past the tensors' sizes after the first free, so they stop
-being mmap'd). The fix, and what states it:
-
-* `Gate`: at most `workers` requests are computed at once, on that many long-lived threads;
-  up to `max_queue` more wait without a thread (just their body); beyond that, 503 with
-  Retry-After;
-* `tune_allocator`: a fixed 1 MiB mmap threshold (tensors of 1 MiB and more are mmap'd and
-  given back to the kernel when freed) and at most 2 arenas (glibc only; `mlsae explore`);
-* `result_bytes` / `working_set_bytes`: the terms of the documented bound
-  (`Explorer.memory_bound`, in /api/info), which `benchmarks/explorer_burst.py` measures against.
+"""The explorer's memory bound (docs/explorer.md, "Performance and memory", says why each part
+is needed): `Gate`, at most `workers` requests computed at once and `max_queue` waiting, then 503
++ Retry-After; `tune_allocator`, glibc's mmap threshold and arena count; `result_bytes` and
+`working_set_bytes`, the terms of the bound that `Explorer.memory_bound` reports in /api/info.
 """
 
 from __future__ import annotations
@@ -42,22 +29,10 @@ ARENA_MAX = 2
 SLACK_BYTES = 96 << 20
 
 
-class Busy(HTTPException):
-    """More requests are waiting than the queue holds: 503 with Retry-After (in seconds)."""
-
-    def __init__(self, waiting: int, retry_after: int) -> None:
-        message = f"the explorer is busy ({waiting} requests waiting); retry in {retry_after} s"
-        super().__init__(503, message, headers={"Retry-After": str(retry_after)})
-
-
 class Gate:
-    """At most `workers` calls run at once (on fixed threads); `max_queue` more may wait.
-
-    Fixed threads (not the threadpool's 40) bound both the working sets alive at once and the
-    malloc arenas that keep freed memory. Thread-based (no asyncio primitive), so one gate
-    serves any event loop (TestClient starts one per client). `ExplorerSettings` checks
-    workers >= 1 and max_queue >= 0.
-    """
+    """At most `workers` calls run at once, on fixed threads (which bound the working sets
+    and the malloc arenas); `max_queue` more may wait. Thread-based, so one gate serves any
+    event loop (TestClient starts one per client)."""
 
     def __init__(self, workers: int, max_queue: int) -> None:
         self.workers, self.max_queue = workers, max_queue
@@ -73,8 +48,9 @@ class Gate:
             if self._admitted >= self.workers + self.max_queue:
                 self.rejected += 1
                 waiting = self._admitted - self.workers
-                wait = self._mean_s * (waiting + 1) / self.workers
-                raise Busy(waiting, max(1, math.ceil(wait)))
+                after = max(1, math.ceil(self._mean_s * (waiting + 1) / self.workers))
+                busy = f"the explorer is busy ({waiting} requests waiting); retry in {after} s"
+                raise HTTPException(503, busy, headers={"Retry-After": str(after)})
             self._admitted += 1
             self.peak = max(self.peak, self._admitted)
 
@@ -92,7 +68,7 @@ class Gate:
             self._admitted -= 1
 
     async def run(self, fn: Callable[..., T], *args: Any) -> T:
-        """fn(*args) on a worker thread; raises `Busy` when the queue is full.
+        """fn(*args) on a worker thread; 503 (Retry-After) when the queue is full.
 
         The slot is released when the call ends, not when the client goes away, so a
         disconnected burst cannot start more work than the bound.
@@ -154,13 +130,3 @@ def working_set_bytes(
     blocks = 16 * p * d * 4
     views = 3 * n_sae_layers * n_latents * 8 + 4 * vocab * 8
     return result + sae + blocks + views
-
-
-__all__ = [
-    "Busy",
-    "Gate",
-    "SLACK_BYTES",
-    "result_bytes",
-    "tune_allocator",
-    "working_set_bytes",
-]

@@ -1,10 +1,6 @@
-"""The settings of `mlsae explore`, defined once, and its command-line flags.
-
-`ExplorerSettings` is the one definition of every default, in the style of mlsae_core.config
-(a pydantic dataclass: default, help and range per field): the CLI's flags are generated from
-its fields (`config.add_arguments`), `run` builds it back from them (`config.from_args`), the
-explorer reads its limits from it and the API's request bounds are its defaults. Kept free of
-torch and FastAPI: `mlsae --help` and every other command build this parser.
+"""The settings of `mlsae explore`, defined once as in mlsae_core.config (its CLI flags, its
+limits and the API's request bounds all come from `ExplorerSettings`), and its flags. Kept free
+of torch and FastAPI: `mlsae --help` and every other command build this parser.
 """
 
 from __future__ import annotations
@@ -131,6 +127,3 @@ def add_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--root", type=Path, default=None, help="where --list looks")
     add_arguments(p, ExplorerSettings, from_checkpoint=("model_name",))
-
-
-__all__ = ["ExplorerSettings", "add_args", "find_checkpoints", "is_checkpoint"]

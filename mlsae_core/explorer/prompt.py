@@ -40,7 +40,13 @@ class PromptResult:
     recons: torch.Tensor  # [L, P, d] the SAE's reconstruction, in the model's own space
     scale: torch.Tensor  # [L, P] standardization std (1 without standardization)
     metrics: list[dict[str, Any]]
-    nbytes: int = 0
+
+    @property
+    def nbytes(self) -> int:
+        """What the prompt cache charges for this result."""
+        tensors = (self.clean.hidden, self.clean.block_kwargs, self.values, self.indices)
+        held = tensor_bytes([*tensors, self.recons, self.scale])
+        return held + 64 * len(self.ids) + 2 * len(self.prompt)
 
 
 def prompt_metrics(
@@ -109,24 +115,6 @@ def analyse_prompt(
     )
     if lens is not None:
         recons = lens.inverse(recons.to(device), layers).cpu()
-    result = PromptResult(
-        prompt=prompt,
-        ids=ids,
-        tokens=tokens,
-        special=special,
-        clean=clean,
-        values=values,
-        indices=indices,
-        recons=recons,
-        scale=scale,
-        metrics=metrics,
+    return PromptResult(
+        prompt, ids, tokens, special, clean, values, indices, recons, scale, metrics
     )
-    result.nbytes = (
-        tensor_bytes([clean.hidden, clean.block_kwargs, values, indices, recons, scale])
-        + 64 * len(ids)
-        + 2 * len(prompt)
-    )
-    return result
-
-
-__all__ = ["NO_VARIANCE", "PromptResult", "analyse_prompt", "prompt_metrics"]

@@ -25,32 +25,24 @@ _DEFAULTS = ExplorerSettings()
 
 
 # ----- request bodies ------------------------------------------------------------------------
-class _Body(BaseModel):
-    # strict: pydantic's lax mode would take `true` for an integer and "1" for a number,
-    # which the schema does not allow
-    model_config = ConfigDict(extra="forbid", str_strip_whitespace=False, strict=True)
-
-
-Prompt = Annotated[
-    str,
-    Field(
-        min_length=1,
-        max_length=HARD_MAX_CHARS,
-        description="the text to analyse (limits in /api/info)",
-    ),
-]
 Position = Annotated[int, Field(ge=0, description="token position, 0-based")]
 Layer = Annotated[int, Field(ge=0, description="block id; one of the SAE's layers")]
 Latent = Annotated[int, Field(ge=0, description="latent id, 0..n_latents-1")]
 Number = float | None  # JSON has no NaN/Inf: a non-finite number is null
 
 
-class PromptIn(_Body):
-    prompt: Prompt
+class PromptIn(BaseModel):  # every request body: the prompt, then the view's own fields
+    # strict: pydantic's lax mode would take `true` for an integer and "1" for a number,
+    # which the schema does not allow
+    model_config = ConfigDict(extra="forbid", strict=True)
+    prompt: str = Field(
+        min_length=1,
+        max_length=HARD_MAX_CHARS,
+        description="the text to analyse (limits in /api/info)",
+    )
 
 
-class HeatmapIn(_Body):
-    prompt: Prompt
+class HeatmapIn(PromptIn):
     position: Position | None = Field(
         default=None, description="token position; null sums over all tokens"
     )
@@ -60,20 +52,17 @@ class HeatmapIn(_Body):
     max_latents: int | None = Field(default=None, ge=1, le=10_000)
 
 
-class ActivationsIn(_Body):
-    prompt: Prompt
+class ActivationsIn(PromptIn):
     latent: Latent
     layer: Layer
 
 
-class HistogramsIn(_Body):
-    prompt: Prompt
+class HistogramsIn(PromptIn):
     bins: int = Field(default=20, ge=1, le=_DEFAULTS.max_bins)
     position: Position | None = None
 
 
-class LogitsIn(_Body):
-    prompt: Prompt
+class LogitsIn(PromptIn):
     position: Position
     layer: Layer
     latent: Latent | None = Field(default=None, description="latent to steer (null: no steering)")
@@ -236,8 +225,7 @@ class CleanLogits(_Out):
     top: list[TopToken]
 
 
-class LogitsDiff(_Out):
-    top: list[TopToken]
+class LogitsDiff(CleanLogits):
     increases: list[TokenDelta]
     decreases: list[TokenDelta]
     kl: Number = Field(description="KL(clean || this)")
@@ -336,24 +324,3 @@ class InfoOut(_Out):
     cache: PromptCacheStats
     splice_cache: CacheStats
     memory: MemoryInfo
-
-
-__all__ = [
-    "COMMON_ERRORS",
-    "HARD_MAX_CHARS",
-    "MAX_BODY_BYTES",
-    "WITH_PARAMS_ERRORS",
-    "ActivationsIn",
-    "ActivationsOut",
-    "ErrorBody",
-    "ExamplesOut",
-    "HeatmapIn",
-    "HeatmapOut",
-    "HistogramsIn",
-    "HistogramsOut",
-    "InfoOut",
-    "LogitsIn",
-    "LogitsOut",
-    "PromptIn",
-    "PromptOut",
-]

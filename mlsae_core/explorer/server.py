@@ -1,22 +1,12 @@
 """The explorer's HTTP layer: a FastAPI app (JSON API + the static page) and `mlsae explore`.
 
-Endpoints (all JSON; described at /openapi.json):
-
-    GET  /api/info          model, SAE, limits, whether examples are loaded, cache sizes
-    POST /api/prompt        tokens + per-layer metrics (FVU, MSE, L0, L1) of a prompt
-    POST /api/heatmap       latents x layers at a token (or summed over tokens)
-    POST /api/activations   one latent's value on every token, at every layer
-    POST /api/histograms    per-layer histograms of the prompt's latent values
-    GET  /api/examples      max-activating examples of (latent, layer)
-    POST /api/logits        top predictions at a position: clean / reconstruction / steered
-
-Every parameter is validated (strictly: `schemas`); bad input answers 4xx with
-{"detail": "<what is wrong>"}, never a stack trace, and every status an operation can answer
-is declared in the schema with that body (400, 413, 422, 500, 503; 405 carries `Allow`).
-Views run on the explorer's gate (`memory.Gate`: `--workers` at once, `--max_queue` waiting,
-then 503 + Retry-After), so a burst cannot hold more working sets than that. No request
-names a file: the checkpoint and the examples table are chosen on the command line only.
-The page is served at `/` and at `/prompt/<text>` (the URL holds the state).
+The endpoints are described at /openapi.json and in docs/explorer.md. Every parameter is
+validated (strictly: `schemas`); bad input answers 4xx with {"detail": "<what is wrong>"}, never
+a stack trace, and every status an operation can answer is declared in the schema with that
+body (400, 413, 422, 500, 503; 405 carries `Allow`). Views run on the explorer's gate
+(`memory.Gate`). No request names a file: the checkpoint and the examples table are chosen on
+the command line only. The page is served at `/` and at `/prompt/<text>` (the URL holds the
+state).
 """
 
 import argparse
@@ -51,10 +41,7 @@ from mlsae_core.transformer import Transformer
 logger = logging.getLogger(__name__)
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
-
-
-def static_dir() -> Path:
-    return Path(str(resources.files("mlsae_core") / "explorer_static"))
+STATIC = Path(str(resources.files("mlsae_core") / "explorer_static"))
 
 
 # ----- errors ----------------------------------------------------------------------------------
@@ -92,19 +79,14 @@ class _BodyLimit:
             return
         too_big = f"request body over {self.max_bytes} bytes"
         length = dict(scope.get("headers") or []).get(b"content-length")
-        if length is not None:
-            try:
-                n = int(length)
-            except ValueError:
-                await JSONResponse(status_code=400, content={"detail": "bad Content-Length"})(
-                    scope, receive, send
-                )
-                return
-            if n > self.max_bytes:
-                await JSONResponse(status_code=413, content={"detail": too_big})(
-                    scope, receive, send
-                )
-                return
+        try:
+            n = 0 if length is None else int(length)
+        except ValueError:
+            n = None
+        if n is None or n > self.max_bytes:
+            status, detail = (400, "bad Content-Length") if n is None else (413, too_big)
+            await JSONResponse(status_code=status, content={"detail": detail})(scope, receive, send)
+            return
         seen = 0
 
         async def limited_receive() -> dict:
@@ -143,7 +125,7 @@ def create_app(
         redoc_url=None,
     )
     app.state.explorer = ex
-    # FastAPI's own handler answers HTTPException (ExplorerInputError 422, Busy 503 with
+    # FastAPI's own handler answers HTTPException (ExplorerInputError 422, the gate's 503 with
     # Retry-After, 405 with Allow) as {"detail": ...} with the exception's headers.
     app.add_exception_handler(RequestValidationError, _invalid)
     app.add_exception_handler(Exception, _internal)
@@ -192,14 +174,14 @@ def create_app(
 
     post("logits", ex.logits_view, "top predictions: clean, reconstruction, steered")
 
-    index = static_dir() / "index.html"
+    index = STATIC / "index.html"
 
     @app.get("/", include_in_schema=False)
     @app.get("/prompt/{text:path}", include_in_schema=False)
     def page() -> FileResponse:
         return FileResponse(index, headers={"Cache-Control": "no-cache"})
 
-    app.mount("/static", StaticFiles(directory=static_dir()), name="static")
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
     return app
 
 
@@ -256,19 +238,16 @@ def load_app(repo_id: str, settings: ExplorerSettings | None = None) -> FastAPI:
     )
 
 
-def list_checkpoints(root: Path) -> None:
-    """`mlsae explore --list`: each checkpoint under `root` and whether it has examples."""
-    found = find_checkpoints(root)
-    if not found:
-        print(f"no trained checkpoints under {root}")
-    for d in found:
-        print(f"{d}    examples: {'yes' if examples_path(d).is_file() else 'no'}")
-
-
 def run(args: argparse.Namespace) -> int:
-    """`mlsae explore`: list the checkpoints, or serve one (blocks until Ctrl-C)."""
+    """`mlsae explore`: list the checkpoints (and whether each has examples), or serve one
+    (blocks until Ctrl-C)."""
     if args.list:
-        list_checkpoints(args.root or data_root())
+        root = args.root or data_root()
+        found = find_checkpoints(root)
+        if not found:
+            print(f"no trained checkpoints under {root}")
+        for d in found:
+            print(f"{d}    examples: {'yes' if examples_path(d).is_file() else 'no'}")
         return 0
     if not args.repo_id:
         raise ValueError("--repo_id is required (or --list to see the trained checkpoints)")
@@ -283,6 +262,3 @@ def run(args: argparse.Namespace) -> int:
     print(f"MLSAE explorer on http://{settings.host}:{settings.port}/  (Ctrl-C to stop)")
     uvicorn.run(app, host=settings.host, port=settings.port, log_level="warning")
     return 0
-
-
-__all__ = ["create_app", "list_checkpoints", "load_app", "run"]

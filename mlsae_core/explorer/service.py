@@ -86,13 +86,12 @@ class Explorer:
             )
         return self.layer_index[layer]
 
-    def check_latent(self, latent: int) -> int:
+    def check_latent(self, latent: int) -> None:
         if not 0 <= latent < self.sae.n_latents:
             raise ExplorerInputError(
                 f"latent={latent} is not allowed: the MLSAE has {self.sae.n_latents} latents "
                 f"(0..{self.sae.n_latents - 1})"
             )
-        return latent
 
     def tokenize(self, prompt: str) -> list[int]:
         if not prompt.strip():
@@ -155,16 +154,6 @@ class Explorer:
             "metrics_mean": mean,
         }
 
-    def _dense(self, r: PromptResult, position: int | None) -> torch.Tensor:
-        """[L, n_latents] float64: latent values at `position`, or summed over all tokens."""
-        n_layers = len(self.layers)
-        dense = torch.zeros(n_layers, self.sae.n_latents, dtype=torch.float64)
-        if position is None:
-            dense.scatter_add_(1, r.indices.flatten(1), r.values.double().flatten(1))
-        else:
-            dense.scatter_add_(1, r.indices[:, position], r.values[:, position].double())
-        return dense
-
     def heatmap(
         self, prompt: str, position: int | None, threshold: float, max_latents: int | None = None
     ) -> dict[str, Any]:
@@ -178,7 +167,9 @@ class Explorer:
         cap = min(
             max_latents or self.settings.max_heatmap_latents, self.settings.max_heatmap_latents
         )
-        dense = self._dense(r, position)  # [L, n]
+        at = slice(None) if position is None else slice(position, position + 1)  # or all tokens
+        dense = torch.zeros(len(self.layers), self.sae.n_latents, dtype=torch.float64)  # [L, n]
+        dense.scatter_add_(1, r.indices[:, at].flatten(1), r.values[:, at].double().flatten(1))
         above = (dense.max(0).values >= max(threshold, 1e-12)).nonzero().squeeze(-1)  # [m]
         n_above = int(above.numel())
         if n_above > cap:
@@ -258,13 +249,6 @@ class Explorer:
         }
 
     # ----- logits --------------------------------------------------------------------------
-    def _normed_final(self, r: PromptResult) -> torch.Tensor:
-        """[P, d] final-normed hidden of the clean run."""
-        with torch.no_grad():
-            return self.transformer.final_norm(
-                r.clean.hidden[-1, 0].to(self.transformer.device, self.transformer.dtype)
-            ).float()
-
     def _splice(
         self, r: PromptResult, key: tuple, layer: int, replacement: torch.Tensor
     ) -> torch.Tensor:
@@ -275,12 +259,6 @@ class Explorer:
             return normed, tensor_bytes(normed) + 256
 
         return self.splices.get_or_compute(key, splice, self._compute)
-
-    def _recons_normed(self, r: PromptResult, layer: int) -> torch.Tensor:
-        li = self.layer_index[layer]
-        x = r.clean.hidden[layer, 0]  # [P, d]
-        repl = torch.where(r.special[:, None], x, r.recons[li])
-        return self._splice(r, ("recons", r.prompt, layer), layer, repl)
 
     def _steer_normed(
         self, r: PromptResult, latent: int, layer: int, factor: float, mode: SteerMode
@@ -348,8 +326,12 @@ class Explorer:
             self.check_latent(latent)
         top_k = min(top_k, self.settings.max_top_k, self.transformer.vocab_size)
         tf = self.transformer
-        clean = tf.logits(self._normed_final(r)[position]).float().cpu()  # [V]
-        recons = tf.logits(self._recons_normed(r, layer)[position]).float().cpu()
+        with torch.no_grad():  # [P, d] final-normed hidden of the clean run
+            final = tf.final_norm(r.clean.hidden[-1, 0].to(tf.device, tf.dtype)).float()
+        x = r.clean.hidden[layer, 0]  # [P, d]
+        repl = torch.where(r.special[:, None], x, r.recons[self.layer_index[layer]])
+        spliced = self._splice(r, ("recons", r.prompt, layer), layer, repl)
+        clean, recons = (tf.logits(h[position]).float().cpu() for h in (final, spliced))  # [V]
         out: dict[str, Any] = {
             "position": position,
             "layer": layer,
@@ -394,11 +376,8 @@ class Explorer:
             "model_name": meta.get("model_name", tf.name),
             "transformer": {name: getattr(tf, name) for name in sc.TransformerInfo.model_fields},
             "sae": {
-                "n_inputs": sae.n_inputs,
-                "n_latents": sae.n_latents,
-                "k": sae.k,
+                **{n: getattr(sae, n) for n in ("n_inputs", "n_latents", "k", "standardize")},
                 "expansion_factor": meta.get("expansion_factor", sae.n_latents // sae.n_inputs),
-                "standardize": sae.standardize,
                 "dead_threshold": sae.dead_threshold,
                 "layers": self.layers,
                 "dataset": meta.get("dataset"),
@@ -418,6 +397,3 @@ class Explorer:
             "splice_cache": self.splices.stats(),
             "memory": {**self.memory_bound(), **self.gate.stats()},
         }
-
-
-__all__ = ["Explorer"]

@@ -1,19 +1,11 @@
-"""Steering one latent at one layer, precisely (docs/explorer.md, "Steering, precisely").
-
-Let x_l[p] be block l's output at position p, s_l[p] the standardization scale (std over d
-of x_l[p], or 1 when the SAE does not standardize), d_j the unit decoder column of latent j,
-and v_l[p] latent j's (ReLU'd top-k) value there. Changing a latent's value by delta changes
-the SAE's reconstruction by delta * s_l[p] * d_j, so we add exactly that change to the true
-residual stream (the SAE's reconstruction error is kept), at every non-special position of
-the prompt, and the caller runs the rest of the model from block l + 1:
+"""Steering one latent at one layer (docs/explorer.md, "Steering, precisely"): the change of
+the latent's value, decoded and un-standardized, is added to the true residual stream (its
+reconstruction error kept) at every non-special position, and the caller runs the rest of the
+model from block l + 1:
 
     x'_l[p] = x_l[p] + (v'[p] - v_l[p]) * s_l[p] * d_j
 
-* mode "scale" (default): v'[p] = factor * v_l[p]. factor = 1 is the clean run exactly,
-  factor = 0 ablates the latent, factor = 5 amplifies it; it does nothing where the latent
-  is inactive.
-* mode "add": v'[p] = v_l[p] + factor * a_j, with a_j the activation scale of latent j at
-  layer l (`activation_scale`). This steers latents that are not active on the prompt.
+with v' = factor * v (mode "scale") or v + factor * a_j (mode "add", a_j: `activation_scale`).
 """
 
 from __future__ import annotations
@@ -71,6 +63,3 @@ def steered_residual(
     delta = torch.where(r.special, 0.0, delta)  # [P]
     x = r.clean.hidden[layer, 0]  # [P, d]
     return x + (delta * r.scale[li])[:, None] * column[None, :]
-
-
-__all__ = ["STEER_MODES", "SteerMode", "activation_scale", "steered_residual"]

@@ -23,6 +23,3 @@ def finite(x: float) -> float | None:
     """JSON has no NaN/Inf: non-finite numbers become null."""
     x = float(x)
     return x if math.isfinite(x) else None
-
-
-__all__ = ["ExplorerInputError", "finite"]
