@@ -6,6 +6,9 @@ and verified before they are parsed; a mismatch is refused naming the file, neve
 directory without a manifest is a foreign format (the reference's layout, a hub repo by other
 tools), loaded as it is. The reference's `...-tfm` repos hold `autoencoder.*` and
 `transformer.model.*` in one file, with the training module's settings as config.json.
+EleutherAI sparsify's checkpoints (`<run>/layers.N/cfg.json` + `sae.safetensors`, the run's
+settings in `<run>/config.json`) and SAELens TopK SAEs (`cfg.json` + `sae_weights.safetensors`)
+load as single-layer SAEs on their layer, or as the MLSAE an export came from (docs/interop.md).
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ _OPTIONAL: dict[str, Callable[[Any], Any]] = {
     "dead_threshold": float,
     "dead_tokens_threshold": int,
     "standardize": bool,
+    "encoder_bias": bool,
 }
 
 # The reference's training-module checkpoints (`...-tfm` repos): prefixes in one weights file.
@@ -47,6 +51,10 @@ TFM_AUTOENCODER = "autoencoder."
 TFM_TRANSFORMER = "transformer.model."
 TFM_LENS = "lens."
 TFM_FORMAT = "tfm"  # metadata["source_format"]: settings mapped from the training module's
+SPARSIFY_FORMAT, SPARSIFY_CONFIG, SPARSIFY_WEIGHTS = "sparsify", "cfg.json", "sae.safetensors"
+_RESIDUAL_HOOK = re.compile(r"^(?:layers|h)\.(\d+)$")  # a block's output: the residual stream
+SAELENS_FORMAT, SAELENS_WEIGHTS = "saelens", "sae_weights.safetensors"
+_SAELENS_HOOK = re.compile(r"(?:^|\.)(?:layers|h)\.(\d+)$")  # e.g. model.layers.3
 _LAYER_INDEX = re.compile(r"^transformer\.model\..*?\.(?:layers|h)\.(\d+)\.")
 
 
@@ -74,7 +82,12 @@ def read_sae(
     """A checkpoint directory's (or hub repo id's) MLSAE constructor arguments and tensors;
     keyword arguments (e.g. n_inputs=576, k=32) are expectations, refused when not met."""
     directory = resolve_checkpoint(path_or_repo_id)
-    config = read_checkpoint_config(directory)
+    config, tensors = None, None
+    if (directory / SPARSIFY_CONFIG).is_file() and (directory / SAELENS_WEIGHTS).is_file():
+        config, tensors = _read_saelens(directory)
+    elif sparsify := sparsify_dir(directory):
+        config, tensors = _read_sparsify(sparsify)
+    config = config or read_checkpoint_config(directory)
     for key, want in expect.items():
         if config.get(key) != want:
             raise CheckpointError(
@@ -89,19 +102,120 @@ def read_sae(
         metadata={k: v for k, v in config.items() if k not in known},
         **{key: read(config[key]) for key, read in _OPTIONAL.items() if key in config},
     )
+    if tensors is not None:
+        return kwargs, tensors
     # the file's layout, not its (copied) metadata, says whether it is a training module's
     prefix = TFM_AUTOENCODER if _has_prefix(directory, TFM_AUTOENCODER) else ""
     return kwargs, read_tensors(directory, prefix)
 
 
+def _json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{path} is not valid JSON: {exc}") from exc
+
+
+def _float_tensors(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {n: f.get_tensor(n).float() for n in f.keys()}
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise CheckpointError(f"{path} is corrupt or truncated ({exc})") from exc
+
+
+def _read_saelens(directory: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """An MLSAE from a SAELens TopK SAE: `layer_norm` input normalization is our
+    standardization; an SAE exported from an MLSAE comes back on all of the MLSAE's layers."""
+    if (directory / atomic.MANIFEST_NAME).is_file():  # written by `mlsae export`
+        try:
+            atomic.verify(directory, [SPARSIFY_CONFIG, SAELENS_WEIGHTS])
+        except atomic.CorruptFileError as exc:
+            raise CheckpointError(str(exc)) from exc
+    cfg = _json(directory / SPARSIFY_CONFIG)
+    meta = cfg.get("metadata") or {}
+    hook = _SAELENS_HOOK.search(str(meta.get("hook_name") or ""))
+    norm = cfg.get("normalize_activations", "none")
+    why = [text for flag, text in (
+        (cfg.get("architecture") != "topk", f"its architecture is {cfg.get('architecture')!r}"),
+        (norm not in ("none", "layer_norm"), f"its normalize_activations is {norm!r}"),
+        (cfg.get("rescale_acts_by_decoder_norm"), "it rescales activations by decoder norm"),
+        (cfg.get("reshape_activations", "none") != "none", "it reads attention heads (hook_z)"),
+        (hook is None, f"its hook {meta.get('hook_name')!r} is not a block output (...layers.N)"),
+    ) if flag]  # fmt: skip
+    if why:
+        raise CheckpointError(
+            f"{directory} is a SAELens SAE that mlsae cannot load: {'; '.join(why)}; mlsae "
+            "loads TopK SAEs on the residual stream"
+        )
+    t = _float_tensors(directory / SAELENS_WEIGHTS)
+    # apply_b_dec_to_input false: W(x) + b_enc = W(x - b_dec) + (b_enc + W b_dec)
+    shift = 0 if cfg.get("apply_b_dec_to_input", True) else t["b_dec"] @ t["W_enc"]
+    config = {
+        "n_inputs": int(cfg["d_in"]), "n_latents": int(cfg["d_sae"]), "k": int(cfg["k"]),
+        "standardize": norm == "layer_norm", "encoder_bias": bool((t["b_enc"] + shift).any()),
+        "layers": meta.get("mlsae_layers") or [int(hook[1])], "source_format": SAELENS_FORMAT,
+        **{ours: meta[theirs] for theirs, ours in (("model_name", "model_name"),
+           ("dataset_path", "dataset"), ("context_size", "max_length")) if meta.get(theirs)},
+    }  # fmt: skip
+    tensors = {"encoder.weight": t["W_enc"].t(), "decoder.weight": t["W_dec"].t(),
+               "pre_encoder_bias": t["b_dec"]}  # fmt: skip
+    if config["encoder_bias"]:
+        tensors["encoder.bias"] = t["b_enc"] + shift
+    return config, tensors
+
+
+def sparsify_dir(directory: Path) -> Path | None:
+    """The sparsify SAE `directory` names: itself (`<run>/layers.N`) or the one SAE of a run;
+    None when it holds no sparsify SAE. A run with several must be narrowed to one."""
+    if (directory / SPARSIFY_CONFIG).is_file() and (directory / SPARSIFY_WEIGHTS).is_file():
+        return directory
+    found = sorted(p.parent for p in directory.glob(f"*/{SPARSIFY_WEIGHTS}"))
+    found = [p for p in found if (p / SPARSIFY_CONFIG).is_file()]
+    if len(found) > 1:
+        raise CheckpointError(
+            f"{directory} holds {len(found)} sparsify SAEs ({', '.join(p.name for p in found)}); "
+            f"pass one of them, e.g. --repo_id {found[0]}"
+        )
+    return found[0] if found else None
+
+
+def _read_sparsify(sae_dir: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """An MLSAE config and tensors from a sparsify SAE: a single-layer SAE on block N's output
+    with sparsify's encoder bias, no standardization; what it cannot be is refused by name."""
+    cfg = _json(sae_dir / SPARSIFY_CONFIG)
+    hook = _RESIDUAL_HOOK.match(sae_dir.name)
+    why = [text for flag, text in (
+        (cfg.get("transcode"), "it is a transcoder (it predicts a module's output)"),
+        (cfg.get("skip_connection"), "it has a skip connection (W_skip)"),
+        (cfg.get("activation", "topk") != "topk", f"its activation is {cfg.get('activation')!r}"),
+        (hook is None, f"its hook point {sae_dir.name!r} is not a block output (layers.N, h.N)"),
+    ) if text and flag]  # fmt: skip
+    if why:
+        raise CheckpointError(
+            f"{sae_dir} is a sparsify SAE that mlsae cannot evaluate: {'; '.join(why)}; mlsae "
+            "evaluates TopK SAEs on the residual stream"
+        )
+    raw = _float_tensors(sae_dir / SPARSIFY_WEIGHTS)
+    n_latents, n_inputs = raw["encoder.weight"].shape
+    run_path = sae_dir.parent / "config.json"
+    run = _json(run_path) if run_path.is_file() else {}
+    recorded = {"model": "model_name", "dataset": "dataset", "ctx_len": "max_length",
+                "text_column": "text_field"}  # fmt: skip
+    config = {
+        "n_inputs": n_inputs, "n_latents": n_latents, "k": int(cfg["k"]), "standardize": False,
+        "encoder_bias": True, "layers": [int(hook[1])], "source_format": SPARSIFY_FORMAT,
+        **{ours: run[theirs] for theirs, ours in recorded.items() if run.get(theirs)},
+    }  # fmt: skip
+    tensors = {"encoder.weight": raw["encoder.weight"], "encoder.bias": raw["encoder.bias"],
+               "decoder.weight": raw["W_dec"].t(), "pre_encoder_bias": raw["b_dec"]}  # fmt: skip
+    return config, tensors
+
+
 @torch.no_grad()
 def load_weights(sae: MLSAE, tensors: dict[str, torch.Tensor]) -> None:
     """Copy tensors into `sae`, refusing missing/extra names or wrong shapes by name."""
-    want = {
-        "encoder.weight": (sae.n_latents, sae.n_inputs),
-        "decoder.weight": (sae.n_inputs, sae.n_latents),
-        "pre_encoder_bias": (sae.n_inputs,),
-    }
+    want = {name: tuple(p.shape) for name, p in sae.named_parameters()}
     missing = sorted(set(want) - set(tensors))
     extra = sorted(set(tensors) - set(want))
     if missing or extra:

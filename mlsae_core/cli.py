@@ -188,6 +188,29 @@ COMMANDS["figures"] = (
 )
 
 
+# ----- export ----------------------------------------------------------------------------------
+def _export_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--format",
+        required=True,
+        choices=("saelens", "dashboard"),
+        help="saelens: one SAELens TopK SAE per layer; dashboard: a JSON per latent",
+    )
+    p.add_argument("--repo_id", required=True, help="checkpoint directory or hub repo id")
+    p.add_argument("--out", required=True, type=out_dir, help="output directory")
+
+
+def _export(args: argparse.Namespace) -> int:
+    from mlsae_core.export import export_saelens
+
+    for path in export_saelens(args.repo_id, args.out):
+        print(f"wrote {path}")
+    return 0
+
+
+COMMANDS["export"] = (_export_args, _export, "export an MLSAE to SAELens (docs/interop.md)")
+
+
 # ----- query ------------------------------------------------------------------------------------
 def _query_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("sql", help='SQL over the views of results.duckdb, e.g. "SELECT * FROM mmcs"')

@@ -88,6 +88,8 @@ class MLSAE(nn.Module):
 
     encoder.weight [n_latents, n_inputs]; decoder.weight [n_inputs, n_latents], unit-norm
     columns, stored so that `decoder.weight.t()` (whose rows the decode gathers) is contiguous.
+    `encoder_bias`: an encoder bias, which mlsae does not train but SAEs imported from other
+    tools (sparsify) carry.
     """
 
     def __init__(
@@ -100,6 +102,7 @@ class MLSAE(nn.Module):
         dead_threshold: float = SAEConfig.dead_threshold,
         standardize: bool = SAEConfig.standardize,
         metadata: dict[str, Any] | None = None,
+        encoder_bias: bool = False,
     ) -> None:
         super().__init__()
         if not 1 <= k <= n_latents:
@@ -115,7 +118,7 @@ class MLSAE(nn.Module):
         self.standardize = standardize
         self.metadata: dict[str, Any] = dict(metadata or {})
 
-        self.encoder = nn.Linear(n_inputs, n_latents, bias=False)
+        self.encoder = nn.Linear(n_inputs, n_latents, bias=encoder_bias)
         self.decoder = nn.Linear(n_latents, n_inputs, bias=False)
         self.pre_encoder_bias = nn.Parameter(torch.zeros(n_inputs))
         # Tokens seen since each latent last fired (counted in tokens, docs/method.md §3.6).
@@ -123,6 +126,8 @@ class MLSAE(nn.Module):
             "tokens_since_fired", torch.zeros(n_latents, dtype=torch.long), persistent=False
         )
         with torch.no_grad():
+            if encoder_bias:
+                self.encoder.bias.zero_()
             self.decoder.weight = nn.Parameter(self.encoder.weight.detach().clone().t())
             self.normalize_decoder()
 
@@ -185,17 +190,21 @@ class MLSAE(nn.Module):
         dead = self.dead_mask()
         dead_idx = dead.nonzero().squeeze(-1)
         n_aux = 0 if self.auxk is None else min(self.auxk, int(dead_idx.numel()))
-        weight = self.encoder.weight  # [n, d]
+        weight, bias = self.encoder.weight, self.encoder.bias  # [n, d], [n] or None
 
         rows = max(1, ENCODE_CHUNK_ELEMENTS // self.n_latents)
         top_v, top_i, aux_v, aux_i = [], [], [], []
         with torch.no_grad():
             xb_ng, w_ng = xb.detach(), weight.detach()
+            b_ng = None if bias is None else bias.detach()
             low = _autocast_dtype(x.device)
             if low is not None:  # cast once, not once per chunk as autocast would
                 xb_ng, w_ng = xb_ng.to(low), w_ng.to(low)
+                b_ng = None if b_ng is None else b_ng.to(low)
             for s in range(0, xb.shape[0], rows):
                 z = xb_ng[s : s + rows] @ w_ng.t()  # [rows, n]
+                if b_ng is not None:
+                    z += b_ng
                 v, i = torch.topk(z, self.k, dim=-1, sorted=False)
                 top_v.append(v)
                 top_i.append(i)
@@ -251,15 +260,12 @@ class MLSAE(nn.Module):
             "dead_threshold": self.dead_threshold,
             "dead_tokens_threshold": self.dead_tokens_threshold,
             "standardize": self.standardize,
+            **({"encoder_bias": True} if self.encoder.bias is not None else {}),
             **self.metadata,
         }
 
     def weights_dict(self) -> dict[str, torch.Tensor]:
-        return {
-            "encoder.weight": self.encoder.weight.detach().float().contiguous().cpu(),
-            "decoder.weight": self.decoder.weight.detach().float().contiguous().cpu(),
-            "pre_encoder_bias": self.pre_encoder_bias.detach().float().contiguous().cpu(),
-        }
+        return {name: t.detach().float().contiguous().cpu() for name, t in self.named_parameters()}
 
     def save_pretrained(self, directory: str | Path) -> Path:
         """`checkpoint.save_sae(self, directory)`: weights and config.json, atomically."""

@@ -313,8 +313,8 @@ class Transformer:
         self.tokenizer = tokenizer
         self.name = name
         self.family = family
-        blocks_path, norm_path = _FAMILY_PATHS[family]
-        self.blocks: list[nn.Module] = list(_getattr_path(model, blocks_path))
+        self.blocks_path, norm_path = _FAMILY_PATHS[family]  # module names, e.g. model.layers
+        self.blocks: list[nn.Module] = list(_getattr_path(model, self.blocks_path))
         self.final_norm: nn.Module = _getattr_path(model, norm_path)
         unembed = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
         if unembed is None:
