@@ -201,14 +201,24 @@ def _export_args(p: argparse.ArgumentParser) -> None:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from mlsae_core.export import export_saelens
+    if args.format == "saelens":
+        from mlsae_core.export import export_saelens
 
-    for path in export_saelens(args.repo_id, args.out):
-        print(f"wrote {path}")
+        for path in export_saelens(args.repo_id, args.out):
+            print(f"wrote {path}")
+        return 0
+    from mlsae_core.explorer.latent import export_dashboard
+
+    written = export_dashboard(args.repo_id, args.out)
+    print(f"wrote {written[0]} and {len(written) - 1} latent pages in {args.out / 'latents'}")
     return 0
 
 
-COMMANDS["export"] = (_export_args, _export, "export an MLSAE to SAELens (docs/interop.md)")
+COMMANDS["export"] = (
+    _export_args,
+    _export,
+    "export an MLSAE: to SAELens (docs/interop.md), or its latent pages as JSON (docs/explorer.md)",
+)
 
 
 # ----- query ------------------------------------------------------------------------------------

@@ -35,9 +35,10 @@ def saelens_version() -> str:
         return SAELENS_TESTED
 
 
-def export_saelens(repo_id: str | Path, out_dir: Path) -> list[Path]:
+def export_saelens(repo_id: str | Path, out_dir: Path, blocks: str | None = None) -> list[Path]:
     """Write `out_dir/<hook_name>/` (cfg.json, sae_weights.safetensors and, when the run has
-    its layer distributions, sparsity.safetensors) for every layer the MLSAE was trained on."""
+    its layer distributions, sparsity.safetensors) for every layer the MLSAE was trained on.
+    `blocks`: the model's block list (`Transformer.blocks_path`), else the model is loaded."""
     from mlsae_core.analysis.tables import dists_from_layer_table
     from mlsae_core.checkpoint import resolve_checkpoint
     from mlsae_core.transformer import Transformer
@@ -46,7 +47,7 @@ def export_saelens(repo_id: str | Path, out_dir: Path) -> list[Path]:
     meta = sae.metadata
     if not meta.get("model_name") or not meta.get("layers"):
         raise ValueError(f"{repo_id}: config.json does not record model_name and layers")
-    blocks = Transformer.load(meta["model_name"]).blocks_path
+    blocks = blocks or Transformer.load(meta["model_name"]).blocks_path
     table = RunLayout(resolve_checkpoint(repo_id)).table("latent_layer_dists")
     dists = dists_from_layer_table(atomic.read_parquet(table)) if table.exists() else None
     if dists is None:

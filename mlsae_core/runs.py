@@ -271,17 +271,28 @@ def load_for_test(
     if tfm and not max_length and "max_length" not in meta:
         # Unrecorded: the default, cut to what the model can read.
         max_length = min(DataConfig.max_length, transformer.max_context)
-    # the data it was trained with, for its held-out side
+    chunks = held_out_split(meta, transformer, cfg.max_tokens, dataset, max_length)
+    return EvalSetup(sae, transformer, layers, chunks, lens)
+
+
+def held_out_split(
+    meta: dict[str, Any],
+    transformer: Transformer,
+    max_tokens: int,
+    dataset: str | None = None,
+    max_length: int | None = None,
+) -> TokenChunks:
+    """The held-out side of the data a checkpoint's config records (`dataset`, `max_length`
+    override it), so `test`, `analyse` and the explorer's latent pages read the same tokens."""
     recorded = {k: meta[k] for k in ("dataset", "text_field") if k in meta}
     recorded["max_length"] = int(max_length or meta.get("max_length", DataConfig.max_length))
     recorded["test_fraction"] = float(meta.get("test_fraction", DataConfig.test_fraction))
     if dataset:
         recorded["dataset"] = dataset
-    recorded["max_tokens"] = cfg.max_tokens
+    recorded["max_tokens"] = max_tokens
     data = from_dict(DataConfig, recorded, "the checkpoint's data")
     seed = int(meta.get("split_seed", 0))
-    chunks = transformer_split(transformer, data, seed, "test", cfg.max_tokens)
-    return EvalSetup(sae, transformer, layers, chunks, lens)
+    return transformer_split(transformer, data, seed, "test", max_tokens)
 
 
 def checkpoint_transformer(

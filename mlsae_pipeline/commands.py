@@ -124,6 +124,7 @@ def outputs(layout: Any, sw: Any, asset: str, partition: str | None) -> list[Pat
             "mlsae": [run.weights, run.config, run.figure("training_curve")],
             "dists_heatmap": [run.figure("dists_heatmap"), run.figure("layer_mean_hist")],
             "prompt_heatmap": [run.figure("prompt_heatmap")],
+            "saelens_export": sorted(run.directory.glob("saelens/*/sae_weights.safetensors")),
         }.get(asset, [])
     elif partition is not None:
         paths += {

@@ -33,8 +33,8 @@ MODEL_JOB = dg.define_asset_job(
 )
 CONFIG_JOB = dg.define_asset_job(
     "config_assets",
-    selection=dg.AssetSelection.groups("training", "evaluation", "figures"),
-    description="Per (model x SAE config): train, evaluate (one pass), figures.",
+    selection=dg.AssetSelection.groups("training", "evaluation", "figures", "exports"),
+    description="Per (model x SAE config): train, evaluate (one pass), figures, SAELens export.",
 )
 SUMMARY_JOB = dg.define_asset_job(
     "summary_tables",

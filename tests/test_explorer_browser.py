@@ -3,15 +3,19 @@
 Starts `mlsae explore` as a subprocess on a free loopback port over a tiny checkpoint with a
 max_examples Parquet beside it, then: submit a prompt, see its tokens and the heatmap, click
 a latent, see its examples, change the steering factor and see the logits change, reload and
-keep the selection. Saves test-artifacts/explorer.png.
+keep the selection. Saves test-artifacts/explorer.png. Then, over a trained and analysed tiny
+MLSAE, a latent's page shows each of its sections, and the prompt page links to latent pages
+(test-artifacts/explorer-latent.png).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -35,9 +39,9 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    ckpt = build_checkpoint(tmp_path_factory.mktemp("explorer"), with_examples=True)
+@contextlib.contextmanager
+def explore(ckpt: Path) -> Iterator[str]:
+    """`mlsae explore` over `ckpt` in a subprocess on a free loopback port; yields its URL."""
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     cmd = [sys.executable, "-m", "mlsae_core.cli", "explore", "--repo_id", str(ckpt)]
@@ -65,6 +69,12 @@ def server(tmp_path_factory):
             proc.wait(timeout=10)
         except subprocess.TimeoutExpired:
             proc.kill()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    with explore(build_checkpoint(tmp_path_factory.mktemp("explorer"), with_examples=True)) as base:
+        yield base
 
 
 @pytest.fixture(scope="module")
@@ -163,4 +173,88 @@ def test_explorer_in_browser(server, browser) -> None:
     assert not failed, failed
     # the one expected error: the 422 of the over-long prompt
     assert [e for e in errors if "422" not in e] == [], errors
+    assert not outside, f"the page fetched something other than the explorer: {outside}"
+
+
+# ----- the latent pages ----------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """(URL of `mlsae explore` over a trained and analysed tiny MLSAE, its most active latent)."""
+    import pyarrow.parquet as pq
+
+    from tests.test_explorer_latent import trained_run
+
+    run = trained_run(tmp_path_factory.mktemp("latent"))
+    dists = pq.read_table(run / "latent_dists.parquet").to_pylist()
+    with explore(run) as base:
+        yield base, max(dists, key=lambda r: r["count"])["latent"]
+
+
+def test_latent_pages_in_browser(trained, browser) -> None:
+    from playwright.sync_api import expect
+
+    base, live = trained
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    errors: list[str] = []
+    outside: list[str] = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+    page.on("request", lambda r: None if r.url.startswith(base) else outside.append(r.url))
+    page.set_default_timeout(20_000)
+
+    # Every section of a live latent's page.
+    page.goto(f"{base}/latent/{live}")
+    expect(page.locator("#latent-title")).to_have_text(f"Latent {live}")
+    expect(page.locator("#latent-views")).to_be_visible()
+    expect(page.locator("#dist-panel h2")).to_have_text("Distribution over layers")
+    expect(page.locator("#dist-chart rect.bar")).to_have_count(3)
+    expect(page.locator("#dist-stats")).to_contain_text("layer_mean")
+    expect(page.locator("#dist-stats")).to_contain_text("layer_std")
+    expect(page.locator("#density-chart rect.bar")).to_have_count(3)
+    expect(page.locator("#density-note")).to_contain_text("tokens it fires on")
+    expect(page.locator("#values-chart rect.bar")).to_have_count(20)  # latent.BINS
+    expect(page.locator("#values-note")).to_contain_text("fired values over all layers")
+    expect(page.locator("#effects .effect h3")).to_have_text("decoder direction (every layer)")
+    expect(page.locator("#effects table.increases tr")).to_have_count(10)
+    expect(page.locator("#effects table.decreases tr")).to_have_count(10)
+    expect(page.locator("#max-examples .layer-examples")).to_have_count(3)
+    expect(page.locator("#max-examples .example .ctx.centre").first).not_to_be_empty()
+    expect(page.locator("#quantile-examples .quantile-examples")).to_have_count(5)
+    expect(page.locator("#quantile-examples .example .ctx.centre").first).to_be_visible()
+    expect(page.locator("#neighbours a.latent-link")).to_have_count(10)
+    page.wait_for_function("document.body.dataset.pending === '0'")
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "explorer-latent.png"), full_page=True)
+
+    # A neighbour's link opens its page; the search box opens one by id or says the range.
+    other = page.locator("#neighbours a.latent-link").first.get_attribute("data-latent")
+    page.locator("#neighbours a.latent-link").first.click()
+    expect(page.locator("#latent-title")).to_have_text(f"Latent {other}")
+    page.fill("#latent-id", "64")
+    page.click("#latent-search button")
+    expect(page.locator("#error")).to_contain_text("0..63")
+    page.fill("#latent-id", "2")
+    page.click("#latent-search button")
+    expect(page.locator("#latent-title")).to_have_text("Latent 2")
+    assert page.url == f"{base}/latent/2"
+    page.goto(f"{base}/latent/64")
+    expect(page.locator("#error")).to_have_text(
+        "latent=64 is out of range: the MLSAE has 64 latents (0..63)"
+    )
+
+    # The prompt page links every latent of its heatmap to its page.
+    page.goto(f"{base}/prompt/the%20quick%20brown%20fox%20jumps%20over%20the%20lazy%20dog")
+    expect(page.locator("#heatmap rect.cell").first).to_be_visible()
+    links = page.locator("#heatmap-links a.latent-link")
+    shown = page.eval_on_selector_all(
+        "#heatmap rect.cell", "els => new Set(els.map(e => e.dataset.latent)).size"
+    )
+    expect(links).to_have_count(shown)
+    target = links.first.get_attribute("data-latent")
+    links.first.click()
+    expect(page.locator("#latent-title")).to_have_text(f"Latent {target}")
+    assert page.url == f"{base}/latent/{target}"
+    expect(page.locator("#dist-chart rect.bar")).to_have_count(3)
+    page.close()
+    assert [e for e in errors if "404" not in e] == [], errors
     assert not outside, f"the page fetched something other than the explorer: {outside}"

@@ -47,6 +47,7 @@ ASSET_KEYS = {
     "mmcs",
     "single_layer_comparison",
     "results_db",
+    "saelens_export",
 }
 # Per-run tables live in the run directories (saes/<model>/<sae>/<name>.parquet).
 TABLES = (
@@ -244,6 +245,17 @@ def test_whole_graph_materializes(smoke):
 
     cache = ActivationCache.open(smoke["data"] / "cache" / "tiny-llama")
     assert cache.n_layers == 4
+    # every config also left its SAELens export, which loads back as the same MLSAE
+    import torch
+
+    from mlsae_core.sae import MLSAE
+
+    run = smoke["data"] / "saes" / "tiny-llama" / "x2-k4-Lall"
+    hooks = sorted(p.name for p in (run / "saelens").iterdir())
+    assert hooks == [f"model.layers.{i}" for i in range(4)]
+    assert (run / "saelens" / hooks[2] / "sparsity.safetensors").is_file()
+    back, ours = MLSAE.from_pretrained(run / "saelens" / hooks[2]), MLSAE.from_pretrained(run)
+    assert all(torch.equal(t, back.state_dict()[n]) for n, t in ours.state_dict().items())
 
 
 def test_tables_columns_and_rows(smoke):

@@ -161,3 +161,6 @@ def test_explore_uses_the_files_transformer_and_lens(model_dir, tmp_path):
         assert c.get("/api/info").json()["sae"]["tuned_lens"] is True
         prompt = "the quick brown fox jumps over the lazy dog"
         assert c.post("/api/prompt", json={"prompt": prompt}).status_code == 200
+        # a latent's output-token effects: one per layer, through the lens's inverse
+        page = c.get("/api/latent/0").json()
+        assert [e["layer"] for e in page["output_effects"]] == explorer.layers

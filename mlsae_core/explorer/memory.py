@@ -1,7 +1,7 @@
 """The explorer's memory bound (docs/explorer.md, "Performance and memory", says why each part
 is needed): `Gate`, at most `workers` requests computed at once and `max_queue` waiting, then 503
 + Retry-After; `tune_allocator`, glibc's mmap threshold and arena count; `result_bytes` and
-`working_set_bytes`, the terms of the bound that `Explorer.memory_bound` reports in /api/info.
+`working_set_bytes` and `latent_bytes`, the terms of the bound that `Explorer.memory_bound` reports in /api/info.
 """
 
 from __future__ import annotations
@@ -130,3 +130,13 @@ def working_set_bytes(
     blocks = 16 * p * d * 4
     views = 3 * n_sae_layers * n_latents * 8 + 4 * vocab * 8
     return result + sae + blocks + views
+
+
+def latent_bytes(n_sae_layers: int, tokens: int, k: int, n_latents: int) -> tuple[int, int]:
+    """(kept, per page) bytes of the latent pages (`latent.LatentPages`). Kept once computed:
+    the held-out sample's top-k (float32 values, int32 ids) and tokens (ids, mask, document),
+    and the layer distributions (three [L, n] float64, seven [n]). Per page: a [L, T, k] mask
+    and values, the latent's [L, T] row, and the decoder cosines [n]."""
+    kept = n_sae_layers * tokens * k * 8 + tokens * 13 + (3 * n_sae_layers + 7) * n_latents * 8
+    page = n_sae_layers * tokens * (5 * k + 4) + 2 * n_latents * 8
+    return kept, page

@@ -56,6 +56,12 @@ class ExplorerSettings:
         description="requests that may wait for a worker; beyond them the answer is 503 + "
         "Retry-After",
     )
+    latent_tokens: StrictInt = Field(
+        2048,
+        ge=1,
+        description="held-out tokens a latent page computes on, once (its histogram and "
+        "quantile examples, and what the run directory's tables lack)",
+    )
     # Bounds of the API (not flags: the page and its tests are built around them).
     max_factor: float = Field(
         1000.0, gt=0, description="largest |steering factor|", json_schema_extra=NO_FLAG

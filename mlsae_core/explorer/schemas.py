@@ -118,6 +118,10 @@ WITH_PARAMS_ERRORS = {
     **COMMON_ERRORS,
     422: _error("a parameter is invalid or out of range (the message says which and why)"),
 }
+LATENT_ERRORS = {
+    **WITH_PARAMS_ERRORS,
+    404: _error("no such latent: the message names the valid range, 0..n_latents-1"),
+}
 
 
 # ----- responses -------------------------------------------------------------------------------
@@ -249,6 +253,63 @@ class LogitsOut(_Out):
     clean: CleanLogits
     recons: LogitsDiff
     steer: SteerLogits | None
+
+
+class LatentLayer(_Out):
+    layer: int = Field(description="block id")
+    p: Number = Field(description="share of the latent's total activation at this layer")
+    count: int = Field(description="tokens where it fired at this layer")
+    density: Number = Field(description="count / tokens evaluated")
+
+
+class LatentHistogram(_Out):
+    edges: list[float] = Field(description="bin edges shared by every layer")
+    counts: list[list[int]] = Field(description="[L][bins] its fired values at each layer")
+
+
+class OutputEffects(_Out):
+    layer: int | None = Field(description="null: the same at every layer (no tuned lens)")
+    positive: list[TokenDelta] = Field(description="largest logit increases")
+    negative: list[TokenDelta] = Field(description="largest logit decreases")
+
+
+class LayerExamples(_Out):
+    layer: int
+    examples: list[Example]
+
+
+class QuantileExamples(_Out):
+    quantile: float = Field(description="of its fired values over every layer")
+    activation: Number = Field(description="the value at that quantile")
+    examples: list[Example]
+
+
+class Neighbour(_Out):
+    latent: int
+    cosine: Number = Field(description="of the decoder columns")
+    layer_mean: Number
+
+
+class LatentOut(_Out):
+    """A latent's page (docs/explorer.md, "Latent pages"); the same JSON as the export."""
+
+    latent: int
+    n_latents: int
+    layers: list[int]
+    live: bool | None = Field(description="fired at least once (null: no distribution)")
+    layer_mean: Number = Field(description="mean layer index (position in `layers`) of p")
+    layer_std: Number = Field(description="std of the layer index under p")
+    n_tokens: int | None = Field(description="tokens the distribution and densities count")
+    per_layer: list[LatentLayer]
+    dists_source: str | None = Field(description="the latent_layer_dists table or the sample")
+    histogram: LatentHistogram | None
+    output_effects: list[OutputEffects]
+    max_examples: list[LayerExamples]
+    examples_source: str | None
+    quantile_examples: list[QuantileExamples]
+    neighbours: list[Neighbour]
+    sample_tokens: int = Field(description="held-out tokens sampled (0: none, see message)")
+    message: str | None = Field(description="why the sample, hence some sections, is missing")
 
 
 class TransformerInfo(_Out):

@@ -6,7 +6,7 @@ a stack trace, and every status an operation can answer is declared in the schem
 body (400, 413, 422, 500, 503; 405 carries `Allow`). Views run on the explorer's gate
 (`memory.Gate`). No request names a file: the checkpoint and the examples table are chosen on
 the command line only. The page is served at `/` and at `/prompt/<text>` (the URL holds the
-state).
+state), a latent's page at `/latent/<id>` (`latent`).
 """
 
 import argparse
@@ -25,16 +25,15 @@ from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException
 
-from mlsae_core.checkpoint import resolve_checkpoint
-from mlsae_core.config import ConfigError, from_args, resolve_device
+from mlsae_core.config import from_args
 from mlsae_core.explorer import schemas as sc
-from mlsae_core.explorer.examples import ExamplesStore, examples_path, load_examples
+from mlsae_core.explorer.examples import ExamplesStore, examples_path
+from mlsae_core.explorer.latent import LatentPages
 from mlsae_core.explorer.memory import tune_allocator
 from mlsae_core.explorer.options import ExplorerSettings, find_checkpoints
 from mlsae_core.explorer.schemas import MAX_BODY_BYTES
-from mlsae_core.explorer.service import Explorer
-from mlsae_core.layout import StorageLayout, data_root
-from mlsae_core.runs import checkpoint_lens, checkpoint_transformer
+from mlsae_core.explorer.service import Explorer, load_explorer
+from mlsae_core.layout import data_root
 from mlsae_core.sae import MLSAE
 from mlsae_core.transformer import Transformer
 
@@ -112,11 +111,15 @@ def create_app(
 
     examples_table: an `ExamplesStore`, a pyarrow Table with the max_examples schema
     (docs/tables.md), or None (the page then says how to compute them). `options` are
-    `Explorer`'s: settings, repo_id, examples_message, lens.
+    `Explorer`'s: settings, repo_id, examples_message, lens, run_dir.
     """
     if examples_table is not None and not isinstance(examples_table, ExamplesStore):
         examples_table = ExamplesStore(examples_table)
-    ex = Explorer(sae, transformer, examples=examples_table, **options)
+    return explorer_app(Explorer(sae, transformer, examples=examples_table, **options))
+
+
+def explorer_app(ex: Explorer) -> FastAPI:
+    """The app over a loaded explorer: the JSON API, the page and the latent pages."""
     app = FastAPI(
         title="MLSAE explorer",
         description="Multi-layer SAE latents on a prompt: heatmaps, examples, logits, steering.",
@@ -125,6 +128,7 @@ def create_app(
         redoc_url=None,
     )
     app.state.explorer = ex
+    app.state.latents = pages = LatentPages(ex)
     # FastAPI's own handler answers HTTPException (ExplorerInputError 422, the gate's 503 with
     # Retry-After, 405 with Allow) as {"detail": ...} with the exception's headers.
     app.add_exception_handler(RequestValidationError, _invalid)
@@ -174,68 +178,30 @@ def create_app(
 
     post("logits", ex.logits_view, "top predictions: clean, reconstruction, steered")
 
-    index = STATIC / "index.html"
+    @app.get(
+        "/api/latent/{latent}",
+        summary="a latent's page: layers, density, values, output tokens, examples, neighbours",
+        response_model=sc.LatentOut,
+        responses=sc.LATENT_ERRORS,
+    )
+    async def latent(latent: int) -> dict[str, Any]:
+        return await run(pages.page, latent)
 
-    @app.get("/", include_in_schema=False)
-    @app.get("/prompt/{text:path}", include_in_schema=False)
-    def page() -> FileResponse:
-        return FileResponse(index, headers={"Cache-Control": "no-cache"})
+    def static_page(name: str) -> Callable[[], FileResponse]:
+        return lambda: FileResponse(STATIC / name, headers={"Cache-Control": "no-cache"})
+
+    app.get("/", include_in_schema=False)(static_page("index.html"))
+    app.get("/prompt/{text:path}", include_in_schema=False)(static_page("index.html"))
+    app.get("/latent/{latent}", include_in_schema=False)(static_page("latent.html"))
 
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
     return app
 
 
 # ----- loading a checkpoint and the CLI ------------------------------------------------------
-def _moved_model(name: str, directory: Path) -> str:
-    """The checkpoint's model as the storage root that holds the checkpoint has it: the
-    recorded path if it still exists, else `<root>/models/<its name>` or `<root>/models/<model>`
-    (a moved or copied root, or a model key that the root, not $MLSAE_DATA_DIR, resolves)."""
-    found = StorageLayout.containing(directory)
-    if Path(name).expanduser().exists() or found is None:
-        return name
-    layout, model, _ = found
-    for moved in (layout.model_dir(Path(name).name), layout.model_dir(model)):
-        if (moved / "config.json").is_file():
-            logger.info("model %s: using %s", name, moved)
-            return str(moved)
-    return name
-
-
 def load_app(repo_id: str, settings: ExplorerSettings | None = None) -> FastAPI:
-    """Load the MLSAE, its transformer and the examples beside the checkpoint, once.
-
-    The transformer is the checkpoint's `model_name` (or `settings.model_name`), found in
-    the storage root when it has moved (`_moved_model`). Examples: `settings.examples`, else
-    the run directory's `max_examples.parquet`.
-    """
-    settings = settings or ExplorerSettings()
-    device = resolve_device(settings.device)
-    directory = resolve_checkpoint(repo_id)
-    sae = MLSAE.from_pretrained(directory, device=device)
-    name = settings.model_name or sae.metadata.get("model_name")
-    if not name:
-        raise ConfigError(
-            f"{repo_id}: config.json does not say which model it was trained on (model_name); "
-            "pass --model_name"
-        )
-    name = _moved_model(str(name), directory)
-    logger.info("loading transformer %s", name)
-    transformer = checkpoint_transformer(directory, sae, name, device)
-    lens = checkpoint_lens(repo_id, sae.metadata, transformer, settings.tuned_lens)
-    examples, message = load_examples(directory, repo_id, settings.examples)
-    if examples is None:
-        logger.info("%s", message)
-    else:
-        logger.info("loaded %d max-activating examples from %s", examples.n_rows, examples.source)
-    return create_app(
-        sae,
-        transformer,
-        examples_table=examples,
-        settings=settings,
-        repo_id=repo_id,
-        examples_message=message,
-        lens=lens,
-    )
+    """The explorer app over a checkpoint (`service.load_explorer`)."""
+    return explorer_app(load_explorer(repo_id, settings))
 
 
 def run(args: argparse.Namespace) -> int:

@@ -5,21 +5,32 @@ a repeated prompt costs a dictionary lookup and memory never grows without bound
 (reconstruction, steering: `steering`) are cached separately, keeping only the final-normed
 hidden states `[P, d]` (logits at a position are one `[d] x [d, vocab]` product away). Every
 view validates its parameters and raises `ExplorerInputError` saying what is allowed.
+`load_explorer` loads one from a checkpoint, for the server and the dashboard export.
 """
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from mlsae_core.analysis.examples import token_strings
+from mlsae_core.checkpoint import resolve_checkpoint
+from mlsae_core.config import ConfigError, resolve_device
 from mlsae_core.explorer import schemas as sc
 from mlsae_core.explorer.cache import ByteLRU, tensor_bytes
-from mlsae_core.explorer.examples import NO_EXAMPLES_HINT, ExamplesStore
-from mlsae_core.explorer.memory import SLACK_BYTES, Gate, result_bytes, working_set_bytes
+from mlsae_core.explorer.examples import NO_EXAMPLES_HINT, ExamplesStore, load_examples
+from mlsae_core.explorer.memory import (
+    SLACK_BYTES,
+    Gate,
+    latent_bytes,
+    result_bytes,
+    working_set_bytes,
+)
 from mlsae_core.explorer.options import ExplorerSettings
 from mlsae_core.explorer.prompt import PromptResult, analyse_prompt
 from mlsae_core.explorer.steering import (
@@ -29,9 +40,13 @@ from mlsae_core.explorer.steering import (
     steered_residual,
 )
 from mlsae_core.explorer.wire import ExplorerInputError, finite
+from mlsae_core.layout import StorageLayout
 from mlsae_core.lens import TunedLens
+from mlsae_core.runs import checkpoint_lens, checkpoint_transformer
 from mlsae_core.sae import MLSAE
 from mlsae_core.transformer import Transformer
+
+logger = logging.getLogger(__name__)
 
 
 class Explorer:
@@ -46,6 +61,7 @@ class Explorer:
         repo_id: str = "DIR",
         examples_message: str | None = None,
         lens: TunedLens | None = None,
+        run_dir: Path | None = None,
     ) -> None:
         if transformer.d_model != sae.n_inputs:
             raise ValueError(
@@ -55,6 +71,7 @@ class Explorer:
         self.sae = sae.eval()
         self.transformer = transformer
         self.lens = lens  # the tuned lens the MLSAE was trained through, if any
+        self.run_dir = run_dir  # the run directory whose tables the latent pages read
         self.examples = examples
         self.settings = settings or ExplorerSettings()
         layers = sae.metadata.get("layers") or list(range(transformer.n_layers))
@@ -72,7 +89,7 @@ class Explorer:
         )
         self.cache = ByteLRU(self.settings.cache_entries, self.settings.cache_bytes)
         self.splices = ByteLRU(self.settings.splice_cache_entries, self.settings.splice_cache_bytes)
-        self._compute = threading.Lock()  # one model computation at a time
+        self.compute_lock = threading.Lock()  # one model computation at a time
         # every API request runs through the gate: `workers` at once, `max_queue` waiting
         self.gate = Gate(self.settings.workers, self.settings.max_queue)
         self._strings: dict[int, str] = {}
@@ -128,7 +145,7 @@ class Explorer:
             self.n_analysed += 1
             return r, r.nbytes
 
-        r = self.cache.get_or_compute(prompt, analyse, self._compute)
+        r = self.cache.get_or_compute(prompt, analyse, self.compute_lock)
         if position is not None and not 0 <= position < len(ids):
             raise ExplorerInputError(
                 f"position={position} is not allowed: the prompt has {len(ids)} tokens "
@@ -258,7 +275,7 @@ class Explorer:
             normed = self.transformer.run_from(r.clean, layer, replacement[None])[0].float().cpu()
             return normed, tensor_bytes(normed) + 256
 
-        return self.splices.get_or_compute(key, splice, self._compute)
+        return self.splices.get_or_compute(key, splice, self.compute_lock)
 
     def _steer_normed(
         self, r: PromptResult, latent: int, layer: int, factor: float, mode: SteerMode
@@ -349,8 +366,9 @@ class Explorer:
 
     # ----- about ------------------------------------------------------------------------------
     def memory_bound(self) -> dict[str, int]:
-        """Bytes above idle that RSS stays under (docs/explorer.md): the caches' real bound,
-        `workers` requests' working sets at the longest prompt, and a fixed slack."""
+        """Bytes above idle that RSS stays under (docs/explorer.md): the caches' real bound
+        and the latent pages' data, `workers` requests' working sets at the longest prompt (or
+        a latent page's, if larger), and a fixed slack."""
         lim, tf, sae = self.settings, self.transformer, self.sae
         p, n_layers = self.max_prompt_tokens, len(self.layers)
         one = result_bytes(tf.n_layers, n_layers, p, tf.d_model, sae.k)
@@ -361,6 +379,9 @@ class Explorer:
         work = working_set_bytes(
             tf.n_layers, n_layers, p, tf.d_model, sae.k, sae.n_latents, tf.vocab_size
         )
+        # the latent pages' held-out sample (rows of at most p tokens, the last one padded)
+        kept, page = latent_bytes(n_layers, lim.latent_tokens + p, sae.k, sae.n_latents)
+        caches, work = caches + kept, max(work, page)
         return {
             "caches_bytes": caches,
             "working_set_bytes": work,
@@ -397,3 +418,50 @@ class Explorer:
             "splice_cache": self.splices.stats(),
             "memory": {**self.memory_bound(), **self.gate.stats()},
         }
+
+
+# ----- loading a checkpoint ------------------------------------------------------------------
+def _moved_model(name: str, directory: Path) -> str:
+    """The checkpoint's model as the storage root that holds the checkpoint has it: the
+    recorded path if it still exists, else `<root>/models/<its name>` or `<root>/models/<model>`
+    (a moved or copied root, or a model key that the root, not $MLSAE_DATA_DIR, resolves)."""
+    found = StorageLayout.containing(directory)
+    if Path(name).expanduser().exists() or found is None:
+        return name
+    layout, model, _ = found
+    for moved in (layout.model_dir(Path(name).name), layout.model_dir(model)):
+        if (moved / "config.json").is_file():
+            logger.info("model %s: using %s", name, moved)
+            return str(moved)
+    return name
+
+
+def load_explorer(repo_id: str, settings: ExplorerSettings | None = None) -> Explorer:
+    """Load the MLSAE, its transformer and the examples beside the checkpoint, once.
+
+    The transformer is the checkpoint's `model_name` (or `settings.model_name`), found in
+    the storage root when it has moved (`_moved_model`). Examples: `settings.examples`, else
+    the run directory's `max_examples.parquet`.
+    """
+    settings = settings or ExplorerSettings()
+    device = resolve_device(settings.device)
+    directory = resolve_checkpoint(repo_id)
+    sae = MLSAE.from_pretrained(directory, device=device)
+    name = settings.model_name or sae.metadata.get("model_name")
+    if not name:
+        raise ConfigError(
+            f"{repo_id}: config.json does not say which model it was trained on (model_name); "
+            "pass --model_name"
+        )
+    name = _moved_model(str(name), directory)
+    logger.info("loading transformer %s", name)
+    transformer = checkpoint_transformer(directory, sae, name, device)
+    lens = checkpoint_lens(repo_id, sae.metadata, transformer, settings.tuned_lens)
+    examples, message = load_examples(directory, repo_id, settings.examples)
+    if examples is None:
+        logger.info("%s", message)
+    else:
+        logger.info("loaded %d max-activating examples from %s", examples.n_rows, examples.source)
+    return Explorer(
+        sae, transformer, examples, settings, repo_id, message, lens, run_dir=Path(directory)
+    )

@@ -2,9 +2,6 @@
 // /prompt/<text>?pos=..&layer=..&latent=..&factor=..&mode=..&threshold=..&agg=token|sum
 "use strict";
 
-const $ = (sel) => document.querySelector(sel);
-const SVGNS = "http://www.w3.org/2000/svg";
-
 const state = {
   info: null,
   prompt: "",
@@ -20,80 +17,6 @@ const state = {
 };
 
 // ----- helpers ------------------------------------------------------------------------------
-let pending = 0;
-function busy(delta) {
-  pending += delta;
-  document.body.dataset.pending = String(pending);
-  $("#status").textContent = pending > 0 ? "computing…" : "";
-}
-
-async function api(method, path, body) {
-  busy(1);
-  try {
-    const opts = { method, headers: {} };
-    if (body !== undefined) {
-      opts.headers["Content-Type"] = "application/json";
-      opts.body = JSON.stringify(body);
-    }
-    const res = await fetch(path, opts);
-    let data = null;
-    try {
-      data = await res.json();
-    } catch (e) {
-      data = { detail: `${res.status} ${res.statusText}` };
-    }
-    if (!res.ok) throw new Error(data && data.detail ? data.detail : `HTTP ${res.status}`);
-    return data;
-  } finally {
-    busy(-1);
-  }
-}
-
-function showError(msg) {
-  const el = $("#error");
-  if (msg) {
-    el.textContent = msg;
-    el.hidden = false;
-  } else {
-    el.hidden = true;
-    el.textContent = "";
-  }
-}
-
-function el(tag, attrs, text) {
-  const e = document.createElement(tag);
-  if (attrs) for (const [k, v] of Object.entries(attrs)) {
-    if (k === "class") e.className = v;
-    else e.setAttribute(k, v);
-  }
-  if (text !== undefined && text !== null) e.textContent = text;
-  return e;
-}
-
-function svg(tag, attrs) {
-  const e = document.createElementNS(SVGNS, tag);
-  if (attrs) for (const [k, v] of Object.entries(attrs)) e.setAttribute(k, v);
-  return e;
-}
-
-// Token text shown literally, with invisible characters made visible.
-function showToken(t) {
-  if (t === null || t === undefined || t === "") return "∅";
-  return t.replace(/\n/g, "↵").replace(/\t/g, "⇥");
-}
-
-function fmt(x, digits = 3) {
-  if (x === null || x === undefined) return "–";
-  if (Math.abs(x) >= 1000 || (Math.abs(x) > 0 && Math.abs(x) < 0.001)) return x.toExponential(2);
-  return x.toFixed(digits);
-}
-
-function actColour(v, max) {
-  if (!v || !max || v <= 0) return "transparent";
-  const a = Math.min(1, v / max);
-  return `rgba(255, 110, 20, ${(0.1 + 0.85 * a).toFixed(3)})`;
-}
-
 function heatColour(t) {
   // white -> dark blue
   t = Math.max(0, Math.min(1, t));
@@ -178,6 +101,7 @@ async function loadInfo() {
   sel.textContent = "";
   for (const l of s.layers) sel.appendChild(el("option", { value: String(l) }, String(l)));
   $("#latent").max = String(s.n_latents - 1);
+  bindLatentSearch(s.n_latents);
   $("#prompt").maxLength = info.limits.max_prompt_chars;
   const f = info.limits.max_factor;
   $("#factor").min = String(-f);
@@ -231,8 +155,10 @@ function renderSelection() {
   const r = state.result;
   if (!r) return;
   const tok = showToken(r.tokens[state.pos]);
-  const lat = state.latent === null ? "no latent selected (click a heatmap cell)" : `latent ${state.latent}`;
-  $("#selection").textContent = `position ${state.pos} “${tok}” · layer ${state.layer} · ${lat}`;
+  const box = $("#selection");
+  box.textContent = `position ${state.pos} “${tok}” · layer ${state.layer} · `;
+  if (state.latent === null) box.append("no latent selected (click a heatmap cell)");
+  else box.append(latentLink(state.latent, `latent ${state.latent} (its page)`));
 }
 
 // ----- tokens -------------------------------------------------------------------------------
@@ -286,6 +212,10 @@ async function loadHeatmap() {
 function renderHeatmap(hm) {
   const box = $("#heatmap");
   box.textContent = "";
+  const links = $("#heatmap-links");
+  links.textContent = "";
+  if (hm.latents.length) links.append("latent pages: ");
+  for (const j of hm.latents) links.append(latentLink(j), " ");
   const m = hm.latents.length;
   const where = hm.position === null ? "summed over tokens" : `at position ${hm.position}`;
   let note = `${m} latents ${where} with a value ≥ ${hm.threshold}, sorted by mean layer`;
@@ -394,27 +324,15 @@ async function loadExamples() {
 function renderExamples(ex) {
   const box = $("#examples");
   box.textContent = "";
-  box.appendChild(el("div", { class: "muted small" }, `latent ${ex.latent} at layer ${ex.layer}` + (ex.available && ex.total ? ` · top ${ex.examples.length} of ${ex.total}` : "")));
+  const head = el("div", { class: "muted small" });
+  head.append(latentLink(ex.latent, `latent ${ex.latent}`), ` at layer ${ex.layer}` + (ex.available && ex.total ? ` · top ${ex.examples.length} of ${ex.total}` : ""));
+  box.appendChild(head);
   if (!ex.available || ex.examples.length === 0) {
     box.appendChild(el("div", { class: "muted", id: "examples-message" }, ex.message || "no examples"));
     return;
   }
   const max = ex.examples[0].activation || 1;
-  for (const e of ex.examples) {
-    const row = el("div", { class: "example" });
-    let meta = `#${e.rank} ${fmt(e.activation)}`;
-    if (e.genre) meta += ` · ${e.genre}`;
-    row.appendChild(el("span", { class: "meta" }, meta));
-    e.context_tokens.forEach((t, i) => {
-      const a = e.context_activations[i];
-      const span = el("span", { class: "ctx" + (i === e.centre ? " centre" : "") }, showToken(t));
-      span.style.background = actColour(a, max);
-      span.title = `activation ${fmt(a)}`;
-      row.appendChild(span);
-    });
-    if (e.document) row.title = `document ${e.document}`;
-    box.appendChild(row);
-  }
+  for (const e of ex.examples) box.appendChild(exampleRow(e, max));
 }
 
 // ----- logits -------------------------------------------------------------------------------
@@ -443,17 +361,6 @@ function topTable(rows) {
     tr.appendChild(el("td", { class: "tok" }, showToken(r.token)));
     tr.appendChild(el("td", null, fmt(r.logit, 2)));
     tr.appendChild(el("td", null, r.prob === null ? "–" : `${(100 * r.prob).toFixed(1)}%`));
-    t.appendChild(tr);
-  }
-  return t;
-}
-
-function deltaTable(rows, cls) {
-  const t = el("table", { class: cls });
-  for (const r of rows) {
-    const tr = el("tr");
-    tr.appendChild(el("td", { class: "tok" }, showToken(r.token)));
-    tr.appendChild(el("td", { class: r.delta >= 0 ? "up" : "down" }, (r.delta >= 0 ? "+" : "") + fmt(r.delta, 3)));
     t.appendChild(tr);
   }
   return t;

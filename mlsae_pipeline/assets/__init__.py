@@ -30,6 +30,7 @@ CODE_VERSIONS = {
     "mmcs": "2",  # 2: the tuned_lens partition column
     "single_layer_comparison": "3",  # 3: the tuned_lens partition column
     "results_db": "2",  # 2: per-run views glob the run directories
+    "saelens_export": "1",
 }
 PARQUET = "parquet_io_manager"
 

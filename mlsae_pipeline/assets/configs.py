@@ -146,6 +146,22 @@ def prompt_heatmap(context: dg.AssetExecutionContext, storage: Storage, sweep: S
     return dg.Output(table, metadata={**meta, "heatmap": md})
 
 
+def saelens_export(context: dg.AssetExecutionContext, storage: Storage, sweep: SweepResource):
+    """The MLSAE as SAELens TopK SAEs, one per layer (`mlsae export --format saelens`):
+    saes/<model>/<sae>/saelens/<hook>/ with the layer distributions as sparsity.safetensors
+    (docs/interop.md)."""
+    from mlsae_core.export import export_saelens
+    from mlsae_pipeline import steps
+
+    layout, sw = storage.layout, sweep.load()
+    model, sae_key = split_config_key(context.partition_key)
+    blocks = steps.load_transformer(layout, sw.model_name(model), "cpu").blocks_path
+    run = layout.run(model, sae_key)
+    written = export_saelens(run.directory, run.directory / "saelens", blocks)
+    where = dg.MetadataValue.path(str(run.directory / "saelens"))
+    return dg.MaterializeResult(metadata={"hooks": [p.name for p in written], "directory": where})
+
+
 def build_config_assets(parts: SweepPartitions, sw: Sweep) -> list[Any]:
     """The per-config assets, partitioned (model x SAE config); each reads its model's
     assets through the `model` dimension, and its code version hashes the settings it reads."""
@@ -180,6 +196,12 @@ def build_config_assets(parts: SweepPartitions, sw: Sweep) -> list[Any]:
             pool="mlsae_eval",
             **per_config,
         )(prompt_heatmap),
+        asset(
+            "exports",
+            {"safetensors"},
+            deps=["mlsae", "latent_layer_dists", transformer],
+            **per_config,
+        )(saelens_export),
     ]
 
 
