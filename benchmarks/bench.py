@@ -17,6 +17,8 @@ Measurements (tokens/s = chunk positions per second, median of --reps after --wa
   extract/<model> activation extraction (every block output, no unembedding)
   train-run/<cfg> with --train-run N: `train()` itself, end to end, for an N-token budget of
                   random chunks (checkpoints, history, dead-latent counters), timed once
+  peers/<line>    with --peers (instead of the above): the same TopK SAE training done by
+                  sparsify and SAELens on the same activations (benchmarks/peers.py)
 SmolLM2 (30 layers, d=576) runs the same lines on fewer tokens, when its converted copy exists.
 With --device cuda our lines run on the GPU (timed after torch.cuda.synchronize, with the
 GPU's peak allocation as peak_gpu_mb) and the CPU-only baseline is not run.
@@ -516,11 +518,21 @@ def main(argv: list[str] | None = None) -> int:
         "--train-run", type=int, default=0, metavar="N",
         help="also time train() end to end for N tokens (line train-run/x64-k32)",
     )  # fmt: skip
+    p.add_argument(
+        "--peers", action="store_true",
+        help="instead: the same SAE training by sparsify and SAELens (benchmarks/peers.py)",
+    )  # fmt: skip
     p.add_argument("--worker", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
 
     if a.worker:
         print(json.dumps(worker(json.loads(a.worker))))
+        return 0
+    if a.peers:
+        from benchmarks.peers import format_line, run
+
+        for rec in run(a.rounds, a.threads, a.quick):
+            print(format_line(rec), flush=True)
         return 0
     if a.quick:
         a.reps, a.warmup = min(a.reps, 2), 1

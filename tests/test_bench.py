@@ -118,3 +118,22 @@ def test_baseline_eval_runs(tmp_path):
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=True)
     rec = json.loads(proc.stdout.strip().splitlines()[-1])
     assert rec["name"] == "baseline/eval" and rec["tokens_per_s"] > 0
+
+
+def test_peer_lines_run_each_tool_on_the_same_activations():
+    """`--peers` smoke: every (line, side) ran, in its own process, and says what it computed;
+    ratios are ours / peer. No timing assertions: the numbers are the benchmark's to print."""
+    import math
+
+    from benchmarks.peers import run
+
+    recs = run(rounds=1, threads=1, quick=True)
+    assert {(r["name"], r["side"]) for r in recs} == {
+        (f"peers/{line}/x16-k32", side)
+        for line in ("one-layer", "all-layers")
+        for side in ("mlsae", "sparsify", "saelens")
+    }
+    for r in recs:
+        assert "error" not in r, r.get("error")
+        assert r["tokens_per_s"] > 0 and math.isfinite(r["heldout_fvu"]) and r["computed"]
+        assert ("ours_over_peer" in r) == (r["side"] != "mlsae")

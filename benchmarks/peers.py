@@ -1,0 +1,258 @@
+"""Peer lines: the same TopK SAE training done by mlsae, EleutherAI sparsify and SAELens.
+
+`python -m benchmarks.bench --peers [--rounds 3]` (or `python -m benchmarks.peers`). Every
+side trains on the SAME residual activations (block outputs of the benchmark's random
+Pythia-70m-shaped model, computed once and saved), with the same d_in, width, k, batch
+(positions per step), optimiser (Adam) and learning rate, each in its own default dtype policy
+(mlsae: `--precision auto`, bfloat16 where native; sparsify and SAELens: float32 on CPU, as
+their trainers run there). Each side steps as its own trainer does: mlsae `total_loss` +
+`optimizer_step` (decoder-gradient projection, unit norm); sparsify `SparseCoder` forward, FVU
+loss, `remove_gradient_parallel_to_decoder_directions`, `set_decoder_norm_to_unit_norm`;
+SAELens `TopKTrainingSAE.training_forward_pass` with its aux-loss coefficients and grad clip.
+
+Lines: `one-layer` (layer 2; one SAE each) and `all-layers` (all 6 layers: ONE MLSAE over every
+layer against one sparsify / SAELens SAE per layer, as sparsify trains them in one pass).
+tokens/s counts positions (an all-layers position is 6 activation vectors on every side).
+Quality at equal tokens: held-out FVU (float64, ours to compute for every side: sum of squared
+errors over the total variance about each layer's mean), averaged over the layers, after the
+same number of training positions. Each measurement is its own subprocess (peak RSS is its
+own); the sides' order rotates each round.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from benchmarks.bench import PYTHIA_70M_SHAPE, ROOT, _run, make_model_dir, peak_rss_mb
+
+SIDES = ("mlsae", "sparsify", "saelens")
+LINES = {"one-layer": [2], "all-layers": [0, 1, 2, 3, 4, 5]}
+
+
+def write_activations(model_dir: Path, out: Path, positions: int, threads: int) -> Path:
+    """Block outputs [6, positions, 512] of random tokens, train and held-out halves."""
+    import torch
+    from safetensors.torch import save_file
+
+    from mlsae_core.transformer import Transformer
+
+    torch.set_num_threads(threads)
+    tr = Transformer.load(str(model_dir))
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, tr.vocab_size, (2 * positions // 256, 256), generator=g)
+    with torch.no_grad():
+        acts = torch.cat([tr.activations(t[None]) for t in tokens], dim=2)  # [L, 1, P, d]
+    acts = acts[:, 0].float().contiguous()
+    save_file({"train": acts[:, :positions].contiguous(), "test": acts[:, positions:].clone()},
+              str(out))  # fmt: skip
+    return out
+
+
+def _fvu(x, recons) -> float:
+    x, recons = x.double(), recons.double()
+    return float(((x - recons) ** 2).sum() / ((x - x.mean(0)) ** 2).sum())
+
+
+def _mlsae(d: int, spec: dict[str, Any]):
+    import torch
+
+    from mlsae_core.config import SAEConfig
+    from mlsae_core.losses import total_loss
+    from mlsae_core.precision import autocast, resolve_precision
+    from mlsae_core.sae import MLSAE
+    from mlsae_core.train import optimizer_step
+
+    sae = MLSAE.from_config(d, SAEConfig(expansion_factor=spec["expansion_factor"], k=spec["k"]))
+    opt = torch.optim.Adam(sae.parameters(), lr=spec["lr"])
+    low = resolve_precision("auto", torch.device("cpu"))
+
+    def step(x):  # x [L, B, d]: one MLSAE over every layer
+        if not sae.pre_encoder_bias.any():
+            sae.init_pre_encoder_bias(x)
+        with autocast(torch.device("cpu"), low):
+            out = sae(x)
+        loss, _, _ = total_loss(x, out, 1 / 32)
+        loss.backward()
+        optimizer_step(sae, opt)
+        sae.update_dead(out.fired, x.shape[1])
+
+    def recons(x):
+        with torch.no_grad():
+            return sae(x).recons
+
+    return step, recons, f"one MLSAE, precision={low}"
+
+
+def _sparsify(d: int, spec: dict[str, Any], n_layers: int):
+    import os
+
+    # sparsify's Triton decoder needs a GPU; on CPU, its documented eager fallback
+    os.environ.setdefault("SPARSIFY_DISABLE_TRITON", "1")
+    import torch
+    from sparsify import SparseCoder, SparseCoderConfig
+
+    cfg = SparseCoderConfig(k=spec["k"], expansion_factor=spec["expansion_factor"])
+    saes = [SparseCoder(d, cfg) for _ in range(n_layers)]
+    opts = [torch.optim.Adam(s.parameters(), lr=spec["lr"]) for s in saes]
+    started = [False] * n_layers
+
+    def step(x):
+        for i, (sae, opt) in enumerate(zip(saes, opts, strict=True)):
+            if not started[i]:  # sparsify's trainer: b_dec at the first batch's mean
+                sae.b_dec.data = x[i].mean(0)
+                started[i] = True
+            sae.set_decoder_norm_to_unit_norm()
+            out = sae(x[i])
+            out.fvu.backward()
+            sae.remove_gradient_parallel_to_decoder_directions()
+            opt.step()
+            opt.zero_grad()
+
+    def recons(x):
+        with torch.no_grad():
+            return torch.stack([sae(x[i]).sae_out for i, sae in enumerate(saes)])
+
+    return step, recons, f"{n_layers} SparseCoder(s), float32, eager decoder"
+
+
+def _saelens(d: int, spec: dict[str, Any], n_layers: int):
+    import torch
+    from sae_lens import TopKTrainingSAE, TopKTrainingSAEConfig
+    from sae_lens.saes.sae import TrainStepInput
+
+    cfg = TopKTrainingSAEConfig(d_in=d, d_sae=d * spec["expansion_factor"], k=spec["k"])
+    saes = [TopKTrainingSAE(cfg) for _ in range(n_layers)]
+    opts = [torch.optim.Adam(s.parameters(), lr=spec["lr"]) for s in saes]
+    dead = [torch.zeros(cfg.d_sae, dtype=torch.bool) for _ in range(n_layers)]
+    count = [0]
+
+    def step(x):
+        for i, (sae, opt) in enumerate(zip(saes, opts, strict=True)):
+            out = sae.training_forward_pass(TrainStepInput(
+                sae_in=x[i], coefficients=sae.get_coefficients(), dead_neuron_mask=dead[i],
+                n_training_steps=count[0], is_logging_step=False,
+            ))  # fmt: skip
+            out.loss.backward()
+            torch.nn.utils.clip_grad_norm_(sae.parameters(), 1.0)  # as SAETrainer does
+            opt.step()
+            opt.zero_grad()
+        count[0] += 1
+
+    def recons(x):
+        with torch.no_grad():
+            return torch.stack([sae(x[i]) for i, sae in enumerate(saes)])
+
+    return step, recons, f"{n_layers} TopKTrainingSAE(s), float32"
+
+
+def worker(spec: dict[str, Any]) -> dict[str, Any]:
+    import torch
+    from safetensors.torch import load_file
+
+    torch.set_num_threads(spec["threads"])
+    torch.manual_seed(0)
+    acts = load_file(spec["acts"])
+    layers = LINES[spec["line"]]
+    train, test = acts["train"][layers], acts["test"][layers]
+    d, batch = train.shape[-1], spec["batch"]
+    if train.shape[1] < spec["steps"] * batch:
+        raise ValueError(f"{spec['acts']} holds {train.shape[1]} positions; the run needs more")
+    make = {"mlsae": lambda: _mlsae(d, spec), "sparsify": lambda: _sparsify(d, spec, len(layers)),
+            "saelens": lambda: _saelens(d, spec, len(layers))}  # fmt: skip
+    step, recons, what = make[spec["side"]]()
+    times = []
+    for s in range(spec["steps"]):
+        x = train[:, s * batch : (s + 1) * batch]
+        t0 = time.perf_counter()
+        step(x)
+        times.append(time.perf_counter() - t0)
+    timed = times[spec["warmup"] :]
+    x_test = test[:, : spec["test_positions"]]
+    fvu = statistics.fmean(_fvu(x_test[i], r) for i, r in enumerate(recons(x_test)))
+    return {
+        "tokens_per_s": round(batch / statistics.median(timed), 1),
+        "peak_rss_mb": peak_rss_mb(),
+        "heldout_fvu": round(fvu, 4),
+        "train_positions": spec["steps"] * batch,
+        "computed": what,
+    }
+
+
+def run(rounds: int, threads: int, quick: bool = False) -> list[dict[str, Any]]:
+    """Every (line, side) `rounds` times, sides rotated; one record per line and side."""
+    spec = {"expansion_factor": 16, "k": 32, "lr": 1e-3, "threads": threads,
+            "batch": 256 if quick else 1024, "steps": 4 if quick else 12, "warmup": 1 if quick else 2,
+            "test_positions": 256 if quick else 2048}  # fmt: skip
+    work = Path(tempfile.mkdtemp(prefix="mlsae-peers-"))
+    positions = spec["batch"] * spec["steps"]
+    # in a child: Linux carries a parent's peak RSS into the children it forks (ru_maxrss)
+    prepare = {"work": str(work), "positions": positions, "threads": threads}
+    done = subprocess.run([sys.executable, "-m", "benchmarks.peers", "--prepare",
+                           json.dumps(prepare)], cwd=ROOT, capture_output=True, text=True)  # fmt: skip
+    if done.returncode != 0:
+        raise RuntimeError(f"preparing the activations failed: {done.stderr[-2000:]}")
+    spec["acts"] = str(work / "acts.safetensors")
+    results: dict[tuple[str, str], list[dict]] = {}
+    for r in range(rounds):
+        for line in LINES:
+            for side in SIDES[r % 3 :] + SIDES[: r % 3]:
+                cmd = [sys.executable, "-m", "benchmarks.peers", "--threads", str(threads),
+                       "--worker", json.dumps({**spec, "line": line, "side": side})]  # fmt: skip
+                results.setdefault((line, side), []).append(_run(cmd))
+    out = []
+    for (line, side), runs in results.items():
+        ok = [x for x in runs if "error" not in x]
+        rec = {"name": f"peers/{line}/x16-k32", "side": side, **(ok[0] if ok else runs[-1])}
+        if ok:
+            rec["tokens_per_s"] = round(statistics.median(x["tokens_per_s"] for x in ok), 1)
+            rec["rounds_tokens_per_s"] = [x["tokens_per_s"] for x in ok]
+            rec["peak_rss_mb"] = max(x["peak_rss_mb"] for x in ok)
+        out.append(rec)
+    for rec in out:  # ours / peer, per line
+        ours = next(x for x in out if x["name"] == rec["name"] and x["side"] == "mlsae")
+        if rec["side"] != "mlsae" and rec.get("tokens_per_s") and ours.get("tokens_per_s"):
+            rec["ours_over_peer"] = round(ours["tokens_per_s"] / rec["tokens_per_s"], 2)
+    return out
+
+
+def format_line(rec: dict[str, Any]) -> str:
+    if "error" in rec:
+        return f"{rec['name']:28s} {rec['side']:9s} ERROR {rec['error'][-300:]}"
+    ratio = f"  ours/peer {rec['ours_over_peer']:.2f}x" if "ours_over_peer" in rec else ""
+    return (f"{rec['name']:28s} {rec['side']:9s} {rec['tokens_per_s']:9.1f} tok/s  "
+            f"peak {rec['peak_rss_mb']:7.1f} MB  held-out FVU {rec['heldout_fvu']:.4f} after "
+            f"{rec['train_positions']} positions{ratio}  [{rec['computed']}]")  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.peers", description=__doc__)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--quick", action="store_true", help="a few steps (smoke test)")
+    p.add_argument("--worker", help=argparse.SUPPRESS)
+    p.add_argument("--prepare", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.prepare:
+        spec = json.loads(args.prepare)
+        model = make_model_dir(Path(spec["work"]) / "model", PYTHIA_70M_SHAPE)
+        write_activations(model, Path(spec["work"]) / "acts.safetensors", spec["positions"],
+                          spec["threads"])  # fmt: skip
+        return 0
+    if args.worker:
+        print(json.dumps(worker(json.loads(args.worker))))
+        return 0
+    for rec in run(args.rounds, args.threads, args.quick):
+        print(format_line(rec), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
