@@ -188,6 +188,42 @@ COMMANDS["figures"] = (
 )
 
 
+# ----- report ----------------------------------------------------------------------------------
+def _report_args(p: argparse.ArgumentParser) -> None:
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--data_dir", default=None, help="storage root (default: $MLSAE_DATA_DIR)")
+    src.add_argument("--repo_id", nargs="+", default=[], help="analysed run directories")
+    p.add_argument(
+        "--out",
+        type=out_dir,
+        default=None,
+        help="default: <root>/report, or report/ with --repo_id",
+    )
+
+
+def _report(args: argparse.Namespace) -> int:
+    from mlsae_core.layout import RunLayout, StorageLayout, data_root
+    from mlsae_core.report import load_root, load_runs, print_claims, write_report
+
+    if args.repo_id:
+        tables, out = load_runs([RunLayout(Path(r)) for r in args.repo_id]), Path("report")
+    else:
+        layout = StorageLayout(Path(args.data_dir).resolve() if args.data_dir else data_root())
+        tables, out = load_root(layout), layout.report_dir
+    written = write_report(tables, args.out or out)
+    print(print_claims(written["claims"]))
+    for path in written["paths"].values():
+        print(f"wrote {path}")
+    return 0
+
+
+COMMANDS["report"] = (
+    _report_args,
+    _report,
+    "the paper's three claims with verdicts: report.html (offline), report.md, claims.parquet",
+)
+
+
 # ----- export ----------------------------------------------------------------------------------
 def _export_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(

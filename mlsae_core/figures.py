@@ -248,3 +248,94 @@ def summary_figures(
             ax.legend(fontsize=6)
             written += save_figure(fig, out_dir / f"test_{metric}_{suffix}")
     return written
+
+
+def _size_label(r: Mapping[str, Any]) -> str:
+    lens = " lens" if r.get("tuned_lens") else ""
+    return f"{r['model']} x{r['expansion_factor']} k{r['k']}{lens}"
+
+
+def fvu_by_layer_figure(
+    test_metrics: pa.Table, path: str | PathLike[str], title: str | None = None
+) -> list[Path]:
+    """Per-layer FVU of each MLSAE (a line) and of the single-layer SAE trained on a layer (a
+    marker of the same colour), from test_metrics rows."""
+    rows = [r for r in test_metrics.to_pylist() if r["layer"] != "avg"]
+    if not rows:
+        raise ValueError("no per-layer test metrics to plot")
+    fig, ax = _axes()
+    colours: dict[str, Any] = {}
+    for multi in (True, False):  # lines first, so baselines take their MLSAE's colour
+        for label in sorted({_size_label(r) for r in rows}):
+            by_run: dict[str, list] = {}
+            for r in rows:
+                if _size_label(r) == label and (not str(r["layers"]).isdigit()) == multi:
+                    by_run.setdefault(str(r["layers"]), []).append((int(r["layer"]), r["fvu"]))
+            for layers, pts in sorted(by_run.items()):
+                pts.sort()
+                kw = {"color": colours[label]} if label in colours else {}
+                if multi:
+                    (line,) = ax.plot(*zip(*pts, strict=True), marker="o", ms=3, label=label, **kw)
+                    colours.setdefault(label, line.get_color())
+                else:
+                    ax.plot(*zip(*pts, strict=True), ls="none", marker="s", ms=6, mfc="none",
+                            label=f"{label} single-layer L{layers}", **kw)  # fmt: skip
+    ax.set_xlabel("layer")
+    ax.set_ylabel("FVU (test)")
+    ax.legend(fontsize=6)
+    return save_figure(fig, path, title)
+
+
+def variance_ratio_figure(
+    layer_variance: pa.Table, path: str | PathLike[str], title: str | None = None
+) -> list[Path]:
+    """Aggregate / token-level layer variance per config: ours and the original code's
+    formula (layer_variance's `ratio` and `orig_ratio`), log scale."""
+    rows = [r for r in layer_variance.to_pylist() if r["n_layers"] > 1]
+    if not rows:
+        raise ValueError("no multi-layer layer_variance rows to plot")
+    fig, ax = _axes()
+    x = list(range(len(rows)))
+    ax.plot(x, [r["ratio"] for r in rows], "o", label="ours (law of total variance)")
+    ax.plot(x, [r["orig_ratio"] for r in rows], "s", mfc="none", label="original code's formula")
+    ax.set_yscale("log")
+    ax.set_xticks(x, [_size_label(r) for r in rows], rotation=30, ha="right", fontsize=6)
+    ax.set_ylabel("aggregate / token layer variance")
+    ax.legend(fontsize=6)
+    return save_figure(fig, path, title)
+
+
+def layer_std_figure(
+    dists_layer_std: pa.Table, path: str | PathLike[str], title: str | None = None
+) -> list[Path]:
+    """Mean layer_std (± sem over live latents) of each MLSAE against expansion factor (a line
+    per k) and against k (a line per expansion factor)."""
+    rows = [r for r in dists_layer_std.to_pylist() if r["n_layers"] > 1]
+    if not rows:
+        raise ValueError("no multi-layer dists_layer_std rows to plot")
+    plt = _plt()
+    fig, axes = plt.subplots(1, 2, figsize=(FIGSIZE[0] * 1.6, FIGSIZE[1]))
+    for ax, (x_key, line_key, x_label) in zip(axes, (
+        ("expansion_factor", "k", "expansion factor"), ("k", "expansion_factor", "k")
+    ), strict=True):  # fmt: skip
+        for group in sorted({(r["model"], r[line_key], r["tuned_lens"]) for r in rows}):
+            pts = sorted(
+                (r[x_key], r["mean"], r["sem"])
+                for r in rows
+                if (r["model"], r[line_key], r["tuned_lens"]) == group
+            )
+            xs, ys, es = zip(*pts, strict=True)
+            label = f"{group[0]} {line_key.replace('_', ' ')} {group[1]}" + (
+                " lens" if group[2] else ""
+            )
+            ax.errorbar(xs, ys, yerr=es, marker="o", ms=3, capsize=2, label=label)
+        ax.set_xscale("log", base=2)
+        ticks = sorted({r[x_key] for r in rows})
+        ax.set_xticks(ticks, [str(t) for t in ticks])
+        ax.minorticks_off()
+        ax.set_xlabel(x_label)
+        ax.set_ylabel("layer_std (mean ± sem)")
+        ax.legend(fontsize=6)
+    if title:
+        fig.suptitle(title)
+    return save_figure(fig, path)

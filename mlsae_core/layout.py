@@ -13,6 +13,7 @@ its run directories under one storage root:
     <root>/tables/<name>.parquet                 cross-config tables (test_summary, mmcs, ...)
     <root>/tables/<name>/<model>.parquet         per-model tables (resid_cos_sim)
     <root>/figures/                              cross-config figures
+    <root>/report/                               the claims report (report.html, report.md)
     <root>/results.duckdb                        one DuckDB view per table
 
 The root is `$MLSAE_DATA_DIR`, else `data/` in the current directory.
@@ -150,6 +151,11 @@ class StorageLayout:
     def figures_dir(self) -> Path:
         """Cross-config figures."""
         return self.root / "figures"
+
+    @property
+    def report_dir(self) -> Path:
+        """The claims report (report.html, report.md, claims.parquet and its figures)."""
+        return self.root / "report"
 
     @property
     def results_db(self) -> Path:

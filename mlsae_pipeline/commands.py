@@ -34,6 +34,11 @@ def sweep_args(p: argparse.ArgumentParser) -> None:
         "--data_dir", default=None, help="storage root (default: $MLSAE_DATA_DIR, else data/)"
     )
     p.add_argument(
+        "--check",
+        action="store_true",
+        help="only parse and validate the sweep file (offline: no model, data or hub is read)",
+    )
+    p.add_argument(
         "--keep_going",
         action="store_true",
         help="continue with the next partition when one fails (report failures at the end)",
@@ -134,6 +139,8 @@ def outputs(layout: Any, sw: Any, asset: str, partition: str | None) -> list[Pat
         }.get(asset, [])
     elif asset == "results_db":
         paths.append(layout.results_db)
+    elif asset == "report":
+        paths += [layout.report_dir / "report.html", layout.report_dir / "report.md"]
     return paths
 
 
@@ -264,6 +271,13 @@ def run_stage(
 
 
 def sweep(args: argparse.Namespace) -> int:
+    if args.check:
+        from mlsae_pipeline.sweep import load_sweep
+
+        sw = load_sweep(args.sweep)
+        print(f"sweep {sw.name} ({sw.path}) is valid: {len(sw.models)} model(s) "
+              f"{sw.model_keys} x {len(sw.points)} SAE config(s) {sw.sae_keys}")  # fmt: skip
+        return 0
     if args.data_dir:
         os.environ["MLSAE_DATA_DIR"] = str(Path(args.data_dir).resolve())
     os.environ.setdefault("MLSAE_PROGRESS", "1")  # progress bars for the long steps

@@ -151,7 +151,7 @@ class ParquetIOManager(dg.ConfigurableIOManagerFactory):
 # unpartitioned assets that read every config: `AssetIn(..., metadata=ALLOW_MISSING)`.
 ALLOW_MISSING = {"allow_missing_partitions": True}
 MODEL_TABLES = ("resid_cos_sim",)
-SUMMARY_TABLES = ("test_summary", "dists_layer_std", "mmcs", "single_layer_comparison")
+SUMMARY_TABLES = ("test_summary", "dists_layer_std", "mmcs", "single_layer_comparison", "claims")
 # Every table asset, each one DuckDB view of results_db (plus training_history).
 TABLE_ASSETS = (*RUN_TABLES, *MODEL_TABLES, *SUMMARY_TABLES)
 

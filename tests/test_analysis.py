@@ -640,3 +640,133 @@ def test_reference_rows_keep_a_lens_run_apart_from_its_plain_twin() -> None:
         [{**base, "tuned_lens": False, "fvu": 0.5}, {**base, "tuned_lens": True, "fvu": 0.25}]
     )
     assert [(r["tuned_lens"], r["train/fvu/avg"]) for r in rows] == [(False, 0.5), (True, 0.25)]
+
+
+# ----- the original code's variance formula and the claims ------------------------------------
+def original_variances(latents: torch.Tensor) -> dict[str, float]:
+    """tim-lawson/mlsae `mlsae/analysis/variances.py` Metric.update + compute on one batch,
+    re-implemented in float64: latents [L, T, F] with inactive entries 0."""
+    n_layers = latents.shape[0]
+    layers = torch.arange(n_layers, dtype=torch.float64)
+
+    def var(x: torch.Tensor) -> torch.Tensor:
+        ell = layers.view((n_layers, *([1] * (x.dim() - 1))))
+        return (ell**2 * x).sum(0) - (ell * x).sum(0) ** 2
+
+    probs = (latents / latents.sum(dim=0)).nan_to_num_(0.0)
+    e_var_l_f = var(probs.mean(1)).mean()
+    e_var_l_tf = var(probs).mean()
+    var_l = var(probs.mean((1, 2)))
+    return {
+        "orig_exp_var_l_f": float(e_var_l_f),
+        "orig_exp_var_l_tf": float(e_var_l_tf),
+        "orig_var_l": float(var_l),
+        "orig_rel_var_f": float(e_var_l_f / var_l),
+        "orig_rel_var_t": float(e_var_l_tf / e_var_l_f),
+        "orig_ratio": float(e_var_l_f / e_var_l_tf),
+    }
+
+
+def test_original_variance_formula_matches_a_float64_reimplementation() -> None:
+    v, i, dense = random_topk(5, 40, 20, 6, seed=4)
+    col = TokenLayerVariance(20, range(5))
+    for s in range(0, 40, 9):  # batch split does not matter: the test set is one batch
+        col.add(v[:, s : s + 9], i[:, s : s + 9])
+    got = col.result().summary()
+    want = original_variances(torch.where(dense > 1e-3, dense, 0.0))
+    assert got.keys() >= want.keys()
+    for name, value in want.items():
+        assert got[name] == pytest.approx(value, rel=1e-12), name
+    # planted: latent 0 at layer 0 on token 0 and layer 2 on token 1; latent 1 never fires
+    values = torch.tensor([[[1.0], [0.0]], [[0.0], [0.0]], [[0.0], [1.0]]])
+    col = TokenLayerVariance(2, [0, 1, 2])
+    col.add(values, torch.zeros(3, 2, 1, dtype=torch.long))
+    s = col.result().summary()
+    # per token the variance is 0; mean probs of latent 0 = [.5, 0, .5]: 0.5*4 - 1^2 = 1
+    assert s["orig_exp_var_l_tf"] == 0.0 and s["orig_exp_var_l_f"] == pytest.approx(0.5)
+    assert s["ratio"] == math.inf and s["orig_ratio"] == math.inf
+
+
+def claim_inputs(efs=(2, 4), std=(1.0, 1.5), ratio=(2.0, 2.2), seed=0) -> dict[str, pa.Table]:
+    """Planted cross-config inputs of the claims: an MLSAE over layers 0-2 and a single-layer
+    SAE at layer 1 per expansion factor (k 8), their layer_std and variance ratios."""
+    rng = np.random.default_rng(seed)
+    run = {"model": "m", "k": 8, "tuned_lens": False}
+    metrics, dists, variance, latents = [], [], [], []
+    for ef, s, r in zip(efs, std, ratio, strict=True):
+        for layers, rows in (("0-2", ("0", "1", "2", "avg")), ("1", ("1", "avg"))):
+            for j, layer in enumerate(rows):
+                m = {c: 0.1 * ef + 0.01 * j + (0.05 if layers == "1" else 0.0)
+                     for c in summaries.COMPARE_METRICS}  # fmt: skip
+                metrics.append(
+                    {**run, "expansion_factor": ef, "layers": layers, "layer": layer, **m}
+                )
+            n_layers = summaries.n_layers_of(layers)
+            ids = {**run, "expansion_factor": ef, "layers": layers}
+            dists.append({**ids, "n_layers": n_layers, "n_latents": 16, "n_live": 16,
+                          **{k: 0.0 for k in tables.LAYER_STD_STATS}, "mean": s, "sem": 0.01})  # fmt: skip
+            tok = rng.uniform(0.5, 1.5, 16)
+            agg = tok * r + rng.normal(0, 0.05, 16)
+            variance.append({**ids, "n_layers": n_layers, "ratio": agg.mean() / tok.mean(),
+                             "orig_ratio": 50 * r})  # fmt: skip
+            latents += [{**ids, "latent": j, "token_var": t, "aggregate_var": a, "weight": 1.0}
+                        for j, (t, a) in enumerate(zip(tok, agg, strict=True))]  # fmt: skip
+    return {
+        "test_metrics": pa.Table.from_pylist(metrics),
+        "dists_layer_std": pa.Table.from_pylist(dists),
+        "layer_variance": pa.Table.from_pylist(variance),
+        "latent_variance": pa.Table.from_pylist(latents),
+    }
+
+
+def test_claims_against_hand_computations() -> None:
+    from mlsae_core.analysis import claims
+
+    t = claim_inputs()
+    table = claims.claims_table(**t)
+    assert table.schema.equals(claims.CLAIMS_SCHEMA)
+    rows = table.to_pylist()
+    v = claims.verdicts(table)
+    # claim 1 by hand: the MLSAE's layer-1 row next to the single-layer SAE's layer-1 row
+    c1 = [r for r in rows if r["claim"] == 1]
+    assert len(c1) == 2 * len(claims.CLAIM1_METRICS)
+    for r in c1:
+        mlsae_row = 0.1 * r["expansion_factor"] + 0.01 * 1
+        assert r["layer"] == 1 and r["layers"] == "0-2" and r["n_seeds"] == 1
+        assert r["value"] == pytest.approx(mlsae_row)
+        assert r["baseline"] == pytest.approx(0.1 * r["expansion_factor"] + 0.05)  # its row 0
+        assert r["baseline_spread"] is None
+    assert v[1][0] == claims.UNSURE and "one seed" in v[1][1]
+    # claim 2: the ratio's standard error is the delta method's, from np.cov
+    lv = t["latent_variance"].to_pylist()
+    for r in (r for r in rows if r["statistic"] == "variance_ratio" and r["claim"] == 2):
+        mine = [
+            x for x in lv if (x["expansion_factor"], x["layers"]) == (r["expansion_factor"], "0-2")
+        ]
+        a = np.array([x["aggregate_var"] for x in mine])
+        tv = np.array([x["token_var"] for x in mine])
+        ratio = a.mean() / tv.mean()
+        cov = np.cov(a, tv)
+        var = (cov[0, 0] - 2 * ratio * cov[0, 1] + ratio**2 * cov[1, 1]) / len(a) / tv.mean() ** 2
+        assert r["stderr"] == pytest.approx(math.sqrt(var), rel=1e-9)
+    assert v[2][0] == claims.FAILS  # about 2x, far below 10^1.5
+    orig = sorted(r["value"] for r in rows if r["statistic"] == "orig_variance_ratio")
+    assert orig == pytest.approx([100.0, 110.0])
+    # claim 3: layer_std 1.0 -> 1.5 (sem 0.01) from x2 to x4 holds; reversed does not hold
+    assert v[3][0] == claims.HOLDS
+    assert (
+        claims.verdicts(claims.claims_table(**claim_inputs(std=(1.5, 1.0))))[3][0] == claims.FAILS
+    )
+    assert (
+        claims.verdicts(claims.claims_table(**claim_inputs(std=(1.0, 1.01))))[3][0] == claims.UNSURE
+    )
+    big = claims.verdicts(claims.claims_table(**claim_inputs(ratio=(200.0, 300.0))))
+    assert big[2][0] == claims.HOLDS
+    # one expansion factor and no baseline: cannot tell, with the reason
+    one = claim_inputs(efs=(2,), std=(1.0,), ratio=(2.0,))
+    one["test_metrics"] = one["test_metrics"].filter(
+        pa.compute.equal(one["test_metrics"]["layers"], "0-2")
+    )
+    v1 = claims.verdicts(claims.claims_table(**one))
+    assert v1[1] == (claims.UNSURE, v1[1][1]) and "no single-layer baseline" in v1[1][1]
+    assert v1[3][0] == claims.UNSURE and "only one expansion factor" in v1[3][1]

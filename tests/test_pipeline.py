@@ -46,6 +46,8 @@ ASSET_KEYS = {
     "dists_layer_std",
     "mmcs",
     "single_layer_comparison",
+    "claims",
+    "report",
     "results_db",
     "saelens_export",
 }
@@ -57,6 +59,7 @@ TABLES = (
     "dists_layer_std",
     "mmcs",
     "single_layer_comparison",
+    "claims",
 )
 PART = ["model", "expansion_factor", "k", "layers", "tuned_lens"]
 
@@ -173,7 +176,7 @@ def test_definitions_assets_groups_kinds_partitions(tmp_path):
     ]
     assert named[0] == {"transformer", "corpus", "tuned_lens", "resid_cos_sim"}
     assert named[-1] == {"test_summary", "dists_layer_std", "mmcs", "single_layer_comparison",
-                         "results_db"}  # fmt: skip
+                         "claims", "report", "results_db"}  # fmt: skip
     assert set().union(*named) == ASSET_KEYS
 
 
@@ -351,6 +354,37 @@ def test_duckdb_views_and_query(smoke, capsys):
     assert len(out.strip().splitlines()) == 2 + 4
 
 
+def test_claims_and_report(smoke, tmp_path, capsys):
+    """The smoke sweep's claims (one seed, one expansion factor: cannot tell, with the reason),
+    the report asset's UI page (claims table, an inline figure, the HTML's path) and
+    `mlsae report` over the storage root, which gives the same claims table."""
+    import dagster as dg
+    import pyarrow.parquet as pq
+
+    from mlsae_core.cli import main
+
+    data = smoke["data"]
+    claims = _table(data, "claims").to_pylist()
+    verdicts = {r["claim"]: (r["verdict"], r["reason"]) for r in claims}
+    assert verdicts[1][0] == "cannot tell" and "one seed" in verdicts[1][1]
+    assert verdicts[3][0] == "cannot tell" and "only one expansion factor" in verdicts[3][1]
+    assert {r["statistic"] for r in claims if r["claim"] == 2} == {
+        "variance_ratio",
+        "orig_variance_ratio",
+    }
+    event = smoke["instance"].get_latest_materialization_event(dg.AssetKey("report"))
+    meta = event.asset_materialization.metadata
+    md = meta["report"].value
+    assert "| claim | verdict | reason |" in md and "data:image/png;base64," in md
+    assert "report.html" in md and Path(meta["html"].value).exists()
+    html = (data / "report" / "report.html").read_text()
+    assert html.count("<h2>Claim") == 3 and "data:image/png;base64," in html
+    assert main(["report", "--data_dir", str(data), "--out", str(tmp_path / "r")]) == 0
+    out = capsys.readouterr().out
+    assert "claim 1: cannot tell" in out and "report.html" in out
+    assert pq.read_table(tmp_path / "r" / "claims.parquet").equals(_table(data, "claims"))
+
+
 def test_second_materialization_recomputes_nothing(smoke):
     from mlsae_pipeline.commands import run_sweep
 
@@ -383,6 +417,8 @@ def test_second_materialization_recomputes_nothing(smoke):
         "dists_layer_std",
         "mmcs",
         "single_layer_comparison",
+        "claims",
+        "report",
         "results_db",
     }
     assert heavy <= skipped, heavy - skipped

@@ -145,8 +145,12 @@ def dists_summary_table(result: DistsResult, run_id: Mapping[str, Any]) -> pa.Ta
 
 
 # ----- variance ------------------------------------------------------------------------------
+# the original code's formula (analysis.variance.VarianceResult.original_summary)
+ORIGINAL_STATS = ("orig_exp_var_l_tf", "orig_exp_var_l_f", "orig_var_l", "orig_rel_var_f",
+                  "orig_rel_var_t", "orig_ratio")  # fmt: skip
 _VARIANCE_STATS = ("token_var_mean", "aggregate_var_mean", "ratio", "token_var_weighted",
-                   "aggregate_var_weighted", "ratio_weighted", "mean_layers_per_token")  # fmt: skip
+                   "aggregate_var_weighted", "ratio_weighted", "mean_layers_per_token",
+                   *ORIGINAL_STATS)  # fmt: skip
 
 
 def layer_variance_table(result: VarianceResult, run_id: Mapping[str, Any]) -> pa.Table:

@@ -19,6 +19,13 @@ Definitions (layer index l = 0..L-1 is the position in the SAE's layers list):
   (ratio = aggregate / token); the `_weighted` versions weight latents by their total
   activation (ratio_weighted likewise); mean_layers_per_token is the mean over (token,
   latent) pairs of the number of layers at which the latent fires on that token.
+- The original code's formula (`mlsae/analysis/variances.py` of tim-lawson/mlsae), the `orig_*`
+  columns, over all N tokens and all n latents with q[l | t, j] = 0 where the latent does not
+  fire on the token: var(x) = sum_l l^2 x - (sum_l l x)^2 applied to q itself
+  (orig_exp_var_l_tf = mean over (t, j) of v[t, j], inactive pairs as 0), to the unnormalised
+  token mean q[:, j] summed over t / N (orig_exp_var_l_f, mean over j) and to the mean over
+  both (orig_var_l). The original averaged per batch; we take the whole test set as one batch,
+  so the numbers do not depend on the batch split. docs/method.md §5 says what each measures.
 """
 
 from __future__ import annotations
@@ -31,6 +38,13 @@ from typing import Any
 import torch
 
 from mlsae_core.analysis.dists import TopKCollector
+from mlsae_core.analysis.tables import ORIGINAL_STATS
+
+
+def _ratio(a: float, b: float) -> float:
+    if math.isnan(a) or math.isnan(b):
+        return math.nan
+    return a / b if b > 0 else (math.inf if a > 0 else math.nan)
 
 
 @dataclass
@@ -44,6 +58,7 @@ class VarianceResult:
     pairs: torch.Tensor  # [n] number of (token, latent) pairs where it fires
     layers_per_pair: torch.Tensor  # [n] sum over pairs of the layers it fires at
     n_tokens: int
+    orig: torch.Tensor  # [3, n] sums over tokens of m[t, j], E_q[l^2], v[t, j] (original formula)
 
     @property
     def live(self) -> torch.Tensor:
@@ -55,11 +70,6 @@ class VarianceResult:
         n_live = int(live.sum())
         pairs = float(self.pairs.sum())
 
-        def ratio(a: float, b: float) -> float:
-            if math.isnan(a) or math.isnan(b):
-                return math.nan
-            return a / b if b > 0 else (math.inf if a > 0 else math.nan)
-
         tok_mean = float(tok.mean()) if n_live else math.nan
         agg_mean = float(agg.mean()) if n_live else math.nan
         tok_w = float((tok * w).sum() / w.sum()) if n_live else math.nan
@@ -70,13 +80,33 @@ class VarianceResult:
             "n_tokens": self.n_tokens,
             "token_var_mean": tok_mean,
             "aggregate_var_mean": agg_mean,
-            "ratio": ratio(agg_mean, tok_mean),
+            "ratio": _ratio(agg_mean, tok_mean),
             "token_var_weighted": tok_w,
             "aggregate_var_weighted": agg_w,
-            "ratio_weighted": ratio(agg_w, tok_w),
+            "ratio_weighted": _ratio(agg_w, tok_w),
             "mean_layers_per_token": float(self.layers_per_pair.sum()) / pairs
             if pairs
             else math.nan,
+            **self.original_summary(),
+        }
+
+    def original_summary(self) -> dict[str, float]:
+        """The original code's Metric.update/compute on one batch holding every test token."""
+        n_tok, n_lat = self.n_tokens, self.orig.shape[1]
+        if not n_tok:
+            return dict.fromkeys(ORIGINAL_STATS, math.nan)
+        m, e2, v = self.orig / n_tok  # [n] each: token means (inactive tokens count as 0)
+        e_var_l_tf = float(v.sum()) / n_lat
+        e_var_l_f = float((e2 - m.pow(2)).mean())
+        var_l = float(e2.mean() - m.mean().pow(2))
+
+        return {
+            "orig_exp_var_l_tf": e_var_l_tf,
+            "orig_exp_var_l_f": e_var_l_f,
+            "orig_var_l": var_l,
+            "orig_rel_var_f": _ratio(e_var_l_f, var_l),
+            "orig_rel_var_t": _ratio(e_var_l_tf, e_var_l_f),
+            "orig_ratio": _ratio(e_var_l_f, e_var_l_tf),
         }
 
 
@@ -95,6 +125,7 @@ class TokenLayerVariance(TopKCollector):
         self.pairs = torch.zeros(n_latents, dtype=f64)  # (token, latent) pairs
         self.layer_count = torch.zeros(n_latents, dtype=f64)  # sum over pairs of #layers
         self.agg = torch.zeros(3, n_latents, dtype=f64)  # sum a, sum l a, sum l^2 a
+        self.orig = torch.zeros(3, n_latents, dtype=f64)  # sum_t m, E_q[l^2], v (original)
 
     @torch.no_grad()
     def add(self, values: torch.Tensor, indices: torch.Tensor) -> None:
@@ -117,8 +148,8 @@ class TokenLayerVariance(TopKCollector):
         for row, val in enumerate((a, ell * a, ell.pow(2) * a, torch.ones_like(a))):
             sums[row].index_add_(0, inv, val)
         w, s1, s2, n_l = sums
-        mean = s1 / w
-        var = (s2 / w - mean.pow(2)).clamp_min(0.0)
+        mean, second = s1 / w, s2 / w
+        var = (second - mean.pow(2)).clamp_min(0.0)
         g_lat = uniq % self.n_latents  # [G]
         self.tok_w.index_add_(0, g_lat, w)
         self.tok_wv.index_add_(0, g_lat, w * var)
@@ -126,6 +157,8 @@ class TokenLayerVariance(TopKCollector):
         self.layer_count.index_add_(0, g_lat, n_l)
         for row, val in enumerate((w, s1, s2)):
             self.agg[row].index_add_(0, g_lat, val)
+        for row, val in enumerate((mean, second, second - mean.pow(2))):
+            self.orig[row].index_add_(0, g_lat, val)
 
     def result(self) -> VarianceResult:
         w, s1, s2 = self.agg
@@ -142,4 +175,5 @@ class TokenLayerVariance(TopKCollector):
             pairs=self.pairs.clone(),
             layers_per_pair=self.layer_count.clone(),
             n_tokens=self.n_tokens,
+            orig=self.orig.clone(),
         )

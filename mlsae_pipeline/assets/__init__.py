@@ -22,13 +22,15 @@ CODE_VERSIONS = {
     "resid_cos_sim": "1",
     "tuned_lens": "1",
     "mlsae": "4",  # 4: --precision (auto: bf16 where native); tuned-lens inputs
-    "evaluation": "4",  # 4: the tuned_lens partition column in every table
+    "evaluation": "5",  # 5: layer_variance's orig_* columns (the original code's formula)
     "dists_heatmap": "2",  # 2: analyse.write_run_figures (layer_mean_hist)
     "prompt_heatmap": "3",  # 3: the tuned_lens partition column
     "test_summary": "2",  # 2: the tuned_lens partition column
     "dists_layer_std": "3",  # 3: the tuned_lens partition column
     "mmcs": "2",  # 2: the tuned_lens partition column
     "single_layer_comparison": "3",  # 3: the tuned_lens partition column
+    "claims": "1",
+    "report": "1",
     "results_db": "2",  # 2: per-run views glob the run directories
     "saelens_export": "1",
 }

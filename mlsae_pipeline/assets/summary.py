@@ -11,6 +11,7 @@ from typing import Any
 import dagster as dg
 
 from mlsae_core import atomic
+from mlsae_core.textable import format_table
 from mlsae_pipeline import checks
 from mlsae_pipeline.assets import PARQUET, asset
 from mlsae_pipeline.io import ALLOW_MISSING, TABLE_ASSETS, build_results_db, md_table
@@ -95,6 +96,66 @@ def single_layer_comparison(test_metrics: Any):
     return dg.Output(table, metadata=_preview(table))
 
 
+def _all(*names: str) -> dict[str, dg.AssetIn]:
+    return {n: dg.AssetIn(n, metadata=ALLOW_MISSING) for n in names}
+
+
+@asset(
+    GROUP,
+    {"parquet"},
+    ins={
+        **_all("test_metrics", "layer_variance", "latent_variance"),
+        "dists_layer_std": dg.AssetIn(),
+    },
+    io_manager_key=PARQUET,
+)
+def claims(test_metrics: Any, dists_layer_std: Any, layer_variance: Any, latent_variance: Any):
+    """The paper's three claims at this sweep's budget: per claim the numbers behind it for
+    every config (with standard errors or seed spread), its verdict (holds / does not hold /
+    cannot tell) and the reason (analysis.claims; rules in docs/method.md §8)."""
+    from mlsae_core.analysis import claims as c
+
+    table = c.claims_table(test_metrics, dists_layer_std, layer_variance, latent_variance)
+    return dg.Output(table, metadata=_preview(table))
+
+
+@asset(
+    GROUP,
+    {"html", "matplotlib"},
+    ins={**_all("test_metrics", "layer_variance", "resid_cos_sim"),
+         "dists_layer_std": dg.AssetIn(), "claims": dg.AssetIn()},
+)  # fmt: skip
+def report(
+    storage: Storage,
+    claims: Any,
+    test_metrics: Any,
+    dists_layer_std: Any,
+    layer_variance: Any,
+    resid_cos_sim: Any,
+):
+    """$MLSAE_DATA_DIR/report/report.html (self-contained, opens offline) and report.md: each
+    claim's statistic, how it is computed, its numbers per config, its figure and verdict."""
+    from mlsae_core.analysis.claims import verdicts
+    from mlsae_core.report import write_report
+    from mlsae_pipeline import steps
+
+    tables = {"test_metrics": test_metrics, "dists_layer_std": dists_layer_std,
+              "layer_variance": layer_variance, "resid_cos_sim": resid_cos_sim}  # fmt: skip
+    out = write_report(tables, storage.layout.report_dir, claims)
+    rows = [[c, v, why] for c, (v, why) in sorted(verdicts(claims).items())]
+    pngs = [p for ps in out["pngs"].values() for p in ps]
+    html = out["paths"]["html"]
+    md = "\n\n".join([
+        format_table(["claim", "verdict", "reason"], rows, markdown=True),
+        md_table(claims, max_rows=40),
+        *(steps.inline_png(p, p.stem) for p in pngs[:2]),
+        f"[report.html]({html.as_uri()})",
+    ])  # fmt: skip
+    return dg.MaterializeResult(
+        metadata={"report": dg.MetadataValue.md(md), "html": dg.MetadataValue.path(str(html))}
+    )
+
+
 @asset(GROUP, {"duckdb"}, deps=[*TABLE_ASSETS, "mlsae"])
 def results_db(storage: Storage):
     """$MLSAE_DATA_DIR/results.duckdb: one view per table asset (named as the asset) over its
@@ -114,7 +175,9 @@ def results_db(storage: Storage):
     )
 
 
-SUMMARY_ASSETS = [test_summary, dists_layer_std, mmcs, single_layer_comparison, results_db]
+SUMMARY_ASSETS = [
+    test_summary, dists_layer_std, mmcs, single_layer_comparison, claims, report, results_db
+]  # fmt: skip
 
 
 # ----- checks on the stored cross-config tables ------------------------------------------------
