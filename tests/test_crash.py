@@ -26,6 +26,15 @@ def _start(mode: str, out: Path) -> subprocess.Popen:
     return subprocess.Popen([*WORKER, mode, str(out)], cwd=ROOT, env=env)
 
 
+def _mtime(path) -> int:
+    """0 while `path` is absent, including the instant between atomic_dir's two renames that
+    replace the training state (the test polls while training writes)."""
+    try:
+        return path.stat().st_mtime_ns
+    except FileNotFoundError:
+        return 0
+
+
 @pytest.mark.slow
 def test_training_killed_at_random_points_resumes_to_identical_weights(tmp_path):
     reference = tmp_path / "ref"
@@ -38,11 +47,11 @@ def test_training_killed_at_random_points_resumes_to_identical_weights(tmp_path)
     kills = 0
     for _ in range(5):
         proc = _start("train", victim)
-        seen = state.stat().st_mtime_ns if state.exists() else 0
+        seen = _mtime(state)
         deadline = time.monotonic() + 60
         # wait for the next checkpoint, then kill at a random moment after it
         while proc.poll() is None and time.monotonic() < deadline:
-            if state.exists() and state.stat().st_mtime_ns != seen:
+            if _mtime(state) not in (0, seen):
                 break
             time.sleep(0.01)
         time.sleep(rng.uniform(0.0, 0.3))
