@@ -124,6 +124,16 @@ def _float_tensors(path: Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{path} is corrupt or truncated ({exc})") from exc
 
 
+def _refuse(what: str, verb: str, reasons: tuple[tuple[Any, str], ...]) -> None:
+    """One line naming every reason whose condition holds: what a foreign SAE has that mlsae
+    cannot represent."""
+    why = [text for condition, text in reasons if condition]
+    if why:
+        raise CheckpointError(
+            f"{what}: {'; '.join(why)}; mlsae {verb} TopK SAEs on the residual stream"
+        )
+
+
 def _read_saelens(directory: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """An MLSAE from a SAELens TopK SAE: `layer_norm` input normalization is our
     standardization; an SAE exported from an MLSAE comes back on all of the MLSAE's layers."""
@@ -136,18 +146,13 @@ def _read_saelens(directory: Path) -> tuple[dict[str, Any], dict[str, torch.Tens
     meta = cfg.get("metadata") or {}
     hook = _SAELENS_HOOK.search(str(meta.get("hook_name") or ""))
     norm = cfg.get("normalize_activations", "none")
-    why = [text for flag, text in (
+    _refuse(f"{directory} is a SAELens SAE that mlsae cannot load", "loads", (
         (cfg.get("architecture") != "topk", f"its architecture is {cfg.get('architecture')!r}"),
         (norm not in ("none", "layer_norm"), f"its normalize_activations is {norm!r}"),
         (cfg.get("rescale_acts_by_decoder_norm"), "it rescales activations by decoder norm"),
         (cfg.get("reshape_activations", "none") != "none", "it reads attention heads (hook_z)"),
         (hook is None, f"its hook {meta.get('hook_name')!r} is not a block output (...layers.N)"),
-    ) if flag]  # fmt: skip
-    if why:
-        raise CheckpointError(
-            f"{directory} is a SAELens SAE that mlsae cannot load: {'; '.join(why)}; mlsae "
-            "loads TopK SAEs on the residual stream"
-        )
+    ))  # fmt: skip
     t = _float_tensors(directory / SAELENS_WEIGHTS)
     # apply_b_dec_to_input false: W(x) + b_enc = W(x - b_dec) + (b_enc + W b_dec)
     shift = 0 if cfg.get("apply_b_dec_to_input", True) else t["b_dec"] @ t["W_enc"]
@@ -185,17 +190,12 @@ def _read_sparsify(sae_dir: Path) -> tuple[dict[str, Any], dict[str, torch.Tenso
     with sparsify's encoder bias, no standardization; what it cannot be is refused by name."""
     cfg = _json(sae_dir / SPARSIFY_CONFIG)
     hook = _RESIDUAL_HOOK.match(sae_dir.name)
-    why = [text for flag, text in (
+    _refuse(f"{sae_dir} is a sparsify SAE that mlsae cannot evaluate", "evaluates", (
         (cfg.get("transcode"), "it is a transcoder (it predicts a module's output)"),
         (cfg.get("skip_connection"), "it has a skip connection (W_skip)"),
         (cfg.get("activation", "topk") != "topk", f"its activation is {cfg.get('activation')!r}"),
         (hook is None, f"its hook point {sae_dir.name!r} is not a block output (layers.N, h.N)"),
-    ) if text and flag]  # fmt: skip
-    if why:
-        raise CheckpointError(
-            f"{sae_dir} is a sparsify SAE that mlsae cannot evaluate: {'; '.join(why)}; mlsae "
-            "evaluates TopK SAEs on the residual stream"
-        )
+    ))  # fmt: skip
     raw = _float_tensors(sae_dir / SPARSIFY_WEIGHTS)
     n_latents, n_inputs = raw["encoder.weight"].shape
     run_path = sae_dir.parent / "config.json"

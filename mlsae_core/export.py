@@ -35,19 +35,22 @@ def saelens_version() -> str:
         return SAELENS_TESTED
 
 
-def export_saelens(repo_id: str | Path, out_dir: Path, blocks: str | None = None) -> list[Path]:
+def export_saelens(
+    repo_id: str | Path, out_dir: Path, models_dir: Path | None = None
+) -> list[Path]:
     """Write `out_dir/<hook_name>/` (cfg.json, sae_weights.safetensors and, when the run has
     its layer distributions, sparsity.safetensors) for every layer the MLSAE was trained on.
-    `blocks`: the model's block list (`Transformer.blocks_path`), else the model is loaded."""
+    The hook names come from the model's config (`transformer.blocks_path`; a model key
+    resolves under `models_dir`, default the storage root's models/)."""
     from mlsae_core.analysis.tables import dists_from_layer_table
     from mlsae_core.checkpoint import resolve_checkpoint
-    from mlsae_core.transformer import Transformer
+    from mlsae_core.transformer import blocks_path
 
     sae = MLSAE.from_pretrained(repo_id)
     meta = sae.metadata
     if not meta.get("model_name") or not meta.get("layers"):
         raise ValueError(f"{repo_id}: config.json does not record model_name and layers")
-    blocks = blocks or Transformer.load(meta["model_name"]).blocks_path
+    blocks = blocks_path(meta["model_name"], models_dir)
     table = RunLayout(resolve_checkpoint(repo_id)).table("latent_layer_dists")
     dists = dists_from_layer_table(atomic.read_parquet(table)) if table.exists() else None
     if dists is None:

@@ -219,9 +219,20 @@ def _getattr_path(obj: Any, dotted: str) -> Any:
     return obj
 
 
+def blocks_path(name: str, models_dir: Path | None = None) -> str:
+    """The module name of model `name`'s decoder blocks (e.g. `model.layers`), from its config
+    alone: the model is built on the meta device, so no weights are read."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = AutoConfig.from_pretrained(resolve_model_path(name, models_dir), trust_remote_code=False)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(cfg)
+    return _FAMILY_PATHS[_detect_family(model)][0]
+
+
 def _detect_family(model: nn.Module) -> str:
-    for family, (blocks_path, norm_path) in _FAMILY_PATHS.items():
-        blocks = _getattr_path(model, blocks_path)
+    for family, (blocks_at, norm_path) in _FAMILY_PATHS.items():
+        blocks = _getattr_path(model, blocks_at)
         norm = _getattr_path(model, norm_path)
         if isinstance(blocks, nn.ModuleList) and len(blocks) > 0 and isinstance(norm, nn.Module):
             return family
@@ -313,8 +324,8 @@ class Transformer:
         self.tokenizer = tokenizer
         self.name = name
         self.family = family
-        self.blocks_path, norm_path = _FAMILY_PATHS[family]  # module names, e.g. model.layers
-        self.blocks: list[nn.Module] = list(_getattr_path(model, self.blocks_path))
+        blocks_at, norm_path = _FAMILY_PATHS[family]
+        self.blocks: list[nn.Module] = list(_getattr_path(model, blocks_at))
         self.final_norm: nn.Module = _getattr_path(model, norm_path)
         unembed = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
         if unembed is None:

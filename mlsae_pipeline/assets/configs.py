@@ -146,18 +146,15 @@ def prompt_heatmap(context: dg.AssetExecutionContext, storage: Storage, sweep: S
     return dg.Output(table, metadata={**meta, "heatmap": md})
 
 
-def saelens_export(context: dg.AssetExecutionContext, storage: Storage, sweep: SweepResource):
+def saelens_export(context: dg.AssetExecutionContext, storage: Storage):
     """The MLSAE as SAELens TopK SAEs, one per layer (`mlsae export --format saelens`):
     saes/<model>/<sae>/saelens/<hook>/ with the layer distributions as sparsity.safetensors
     (docs/interop.md)."""
     from mlsae_core.export import export_saelens
-    from mlsae_pipeline import steps
 
-    layout, sw = storage.layout, sweep.load()
-    model, sae_key = split_config_key(context.partition_key)
-    blocks = steps.load_transformer(layout, sw.model_name(model), "cpu").blocks_path
-    run = layout.run(model, sae_key)
-    written = export_saelens(run.directory, run.directory / "saelens", blocks)
+    layout = storage.layout
+    run = layout.run(*split_config_key(context.partition_key))
+    written = export_saelens(run.directory, run.directory / "saelens", layout.models_dir)
     where = dg.MetadataValue.path(str(run.directory / "saelens"))
     return dg.MaterializeResult(metadata={"hooks": [p.name for p in written], "directory": where})
 
