@@ -143,7 +143,10 @@ def analysis_tables(result: OnePass, run_id: dict[str, Any], chunks: TokenChunks
 
 
 def figure_title(run_id: dict[str, Any]) -> str:
-    return f"{run_id['model']} x{run_id['expansion_factor']} k{run_id['k']} L{run_id['layers']}"
+    seed = f" seed {run_id['seed']}" if run_id.get("seed") else ""
+    return (
+        f"{run_id['model']} x{run_id['expansion_factor']} k{run_id['k']} L{run_id['layers']}{seed}"
+    )
 
 
 def write_run_figures(run: RunLayout, dists: DistsResult, title: str) -> list[Path]:

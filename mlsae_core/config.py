@@ -296,6 +296,17 @@ class RunSpec:
     sae: SAEConfig = Field(default_factory=SAEConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
+    split_seed: StrictInt | None = Field(
+        None,
+        description="seed of the document split when it differs from train.seed: a sweep's "
+        "seeds of one config share its held-out text (default: train.seed)",
+        json_schema_extra=NO_FLAG,
+    )
+
+    @property
+    def document_seed(self) -> int:
+        """The seed that splits the documents into train and test."""
+        return self.train.seed if self.split_seed is None else self.split_seed
 
     @field_validator("layers", mode="after")
     @classmethod

@@ -258,8 +258,8 @@ def _size_label(r: Mapping[str, Any]) -> str:
 def fvu_by_layer_figure(
     test_metrics: pa.Table, path: str | PathLike[str], title: str | None = None
 ) -> list[Path]:
-    """Per-layer FVU of each MLSAE (a line) and of the single-layer SAE trained on a layer (a
-    marker of the same colour), from test_metrics rows."""
+    """Per-layer FVU of each MLSAE (a line) and of the single-layer SAEs trained on a layer (a
+    marker of the same colour per baseline and seed), from test_metrics rows."""
     rows = [r for r in test_metrics.to_pylist() if r["layer"] != "avg"]
     if not rows:
         raise ValueError("no per-layer test metrics to plot")
@@ -270,8 +270,9 @@ def fvu_by_layer_figure(
             by_run: dict[str, list] = {}
             for r in rows:
                 if _size_label(r) == label and (not str(r["layers"]).isdigit()) == multi:
-                    by_run.setdefault(str(r["layers"]), []).append((int(r["layer"]), r["fvu"]))
-            for layers, pts in sorted(by_run.items()):
+                    run = f"{r['layers']} seed {r.get('seed', 0)}" if multi else "baselines"
+                    by_run.setdefault(run, []).append((int(r["layer"]), r["fvu"]))
+            for _run, pts in sorted(by_run.items()):
                 pts.sort()
                 kw = {"color": colours[label]} if label in colours else {}
                 if multi:
@@ -279,7 +280,7 @@ def fvu_by_layer_figure(
                     colours.setdefault(label, line.get_color())
                 else:
                     ax.plot(*zip(*pts, strict=True), ls="none", marker="s", ms=6, mfc="none",
-                            label=f"{label} single-layer L{layers}", **kw)  # fmt: skip
+                            label=f"{label} single-layer", **kw)  # fmt: skip
     ax.set_xlabel("layer")
     ax.set_ylabel("FVU (test)")
     ax.legend(fontsize=6)

@@ -1,7 +1,7 @@
 """What identifies a run everywhere: its model key, SAE key and the run-id columns.
 
-Every table carries the same five run-id columns (model, expansion_factor, k, layers,
-tuned_lens) with the same types, so Parquet files from many runs concatenate into one DuckDB view; the
+Every table carries the same six run-id columns (model, expansion_factor, k, layers,
+tuned_lens, seed) with the same types, so Parquet files from many runs concatenate into one DuckDB view; the
 pipeline's partition keys (`smollm2|x2-k16-Lall`) are built from the same names.
 """
 
@@ -21,6 +21,8 @@ RUN_ID_FIELDS: tuple[pa.Field, ...] = (
     pa.field("layers", pa.string(), nullable=False),
     # trained on tuned-lens-transformed activations (docs/method.md §2, "Tuned-lens inputs")
     pa.field("tuned_lens", pa.bool_(), nullable=False),
+    # the training seed (initialisation and data order); a config's seeds share the test split
+    pa.field("seed", pa.int32(), nullable=False),
 )
 RUN_ID_COLUMNS = tuple(f.name for f in RUN_ID_FIELDS)
 MODEL_COLUMNS = ("model",)
@@ -67,17 +69,33 @@ def is_single_layer(label: str) -> bool:
 LENS_SUFFIX = "-lens"
 
 
+def seed_suffix(seed: int) -> str:
+    """'' for seed 0 (keys of one-seed sweeps stay as they were), else '-s<seed>'."""
+    return f"-s{seed}" if seed else ""
+
+
 def sae_key(
-    expansion_factor: int, k: int, layers: Sequence[int] | None, tuned_lens: bool = False
+    expansion_factor: int,
+    k: int,
+    layers: Sequence[int] | None,
+    tuned_lens: bool = False,
+    seed: int = 0,
 ) -> str:
-    """The pipeline's SAE partition key: 'x2-k16-Lall', 'x2-k16-L9', 'x2-k16-L0_5', and
-    'x2-k16-Lall-lens' for one trained on tuned-lens inputs."""
+    """The pipeline's SAE partition key: 'x2-k16-Lall', 'x2-k16-L9', 'x2-k16-L0_5',
+    'x2-k16-Lall-lens' for one trained on tuned-lens inputs, 'x2-k16-L9-s1' for seed 1."""
     label = "all" if layers is None else "_".join(map(str, layers))
-    return f"x{expansion_factor}-k{k}-L{label}{LENS_SUFFIX if tuned_lens else ''}"
+    return (
+        f"x{expansion_factor}-k{k}-L{label}{LENS_SUFFIX if tuned_lens else ''}{seed_suffix(seed)}"
+    )
 
 
 def run_id(
-    model: str, expansion_factor: int, k: int, layers: Sequence[int], tuned_lens: bool = False
+    model: str,
+    expansion_factor: int,
+    k: int,
+    layers: Sequence[int],
+    tuned_lens: bool = False,
+    seed: int = 0,
 ) -> dict[str, Any]:
     """The run-id columns of one run, typed as every table stores them."""
     return {
@@ -86,6 +104,7 @@ def run_id(
         "k": int(k),
         "layers": layers_label(layers),
         "tuned_lens": bool(tuned_lens),
+        "seed": int(seed),
     }
 
 
@@ -99,6 +118,8 @@ def run_id_of(sae: Any) -> dict[str, Any]:
         int(sae.k),
         layers,
         bool(metadata.get("tuned_lens", False)),
+        # checkpoints from before the seed column trained and split with one seed
+        int(metadata.get("seed", metadata.get("split_seed", 0))),
     )
 
 
@@ -106,7 +127,8 @@ def run_slug(run_id: Mapping[str, Any]) -> str:
     """'smollm2-x2-k16-L0-29': a file-name-safe name for a run's figures."""
     label = str(run_id["layers"]).replace(",", "_")
     lens = LENS_SUFFIX if run_id.get("tuned_lens") else ""
-    return f"{run_id['model']}-x{run_id['expansion_factor']}-k{run_id['k']}-L{label}{lens}"
+    seed = seed_suffix(int(run_id.get("seed", 0)))
+    return f"{run_id['model']}-x{run_id['expansion_factor']}-k{run_id['k']}-L{label}{lens}{seed}"
 
 
 def run_id_fields(run_id: Mapping[str, Any], required: Sequence[str]) -> list[pa.Field]:

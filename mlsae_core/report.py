@@ -26,6 +26,8 @@ from mlsae_core.textable import format_table, format_value
 logger = logging.getLogger(__name__)
 
 METHOD = Path(__file__).resolve().parents[1] / "docs" / "method.md"
+# the sections of docs/method.md the claims cite, copied into the page so it stands alone
+METHOD_SECTIONS = {"5-analyses": "## §5 Analyses", "8-claims": "## §8 Claims"}
 # per-run tables the report reads (dists_summary becomes dists_layer_std)
 RUN_INPUTS = ("test_metrics", "dists_summary", "layer_variance", "latent_variance")
 SHOWN = ("statistic", "expansion_factor", "k", "layers", "layer", "value", "stderr", "baseline",
@@ -93,6 +95,20 @@ def _figures(tables: dict[str, pa.Table], out: Path) -> dict[str, list[Path]]:
     return made
 
 
+def method_section(anchor: str, method: Path = METHOD) -> str:
+    """The text of one cited section of docs/method.md (heading to the next `## `)."""
+    heading = METHOD_SECTIONS[anchor]
+    try:
+        text = method.read_text(encoding="utf-8")
+    except OSError:
+        return f"docs/method.md of the mlsae project, {heading.removeprefix('## ')}."
+    start = text.find(heading + "\n")
+    if start < 0:
+        raise ValueError(f"{method} has no section {heading!r}: update report.METHOD_SECTIONS")
+    end = text.find("\n## ", start + len(heading))
+    return text[start + len(heading) : end if end >= 0 else len(text)].strip()
+
+
 def blocks(table: pa.Table, pngs: dict[str, list[Path]], n_runs: int) -> list[tuple[str, Any]]:
     """The report's content, once: (kind, payload) for both renderers."""
     out: list[tuple[str, Any]] = [
@@ -100,7 +116,7 @@ def blocks(table: pa.Table, pngs: dict[str, list[Path]], n_runs: int) -> list[tu
         (
             "p",
             f"{n_runs} run(s). Verdicts: holds / does not hold / cannot tell, with the reason; "
-            "the rules are in docs/method.md §8.",
+            "the rules are in the method's §8, at the end of this page.",
         ),  # fmt: skip
     ]
     verdict = claims.verdicts(table)
@@ -111,7 +127,7 @@ def blocks(table: pa.Table, pngs: dict[str, list[Path]], n_runs: int) -> list[tu
         out += [
             ("h2", f"Claim {c}: {statement}"),
             ("p", f"Verdict: {verdict[c][0]} ({verdict[c][1]})."),
-            ("link", (f"Statistic: {statistic}; how it is computed", f"{METHOD.as_uri()}#{anchor}")),
+            ("link", (f"Statistic: {statistic}; how it is computed", f"#method-{anchor}")),
             ("table", (list(SHOWN), [[r[k] for k in SHOWN] for r in rows])),
         ]  # fmt: skip
         out += [("img", p) for p in pngs.get(f"claim{c}", [])]
@@ -120,6 +136,10 @@ def blocks(table: pa.Table, pngs: dict[str, list[Path]], n_runs: int) -> list[tu
     out += [("img", p) for p in pngs.get("resid", [])] or [
         ("p", "No resid_cos_sim table: run `mlsae figures resid_cos_sim` or `mlsae sweep`.")
     ]
+    out.append(("h2", "Method (from docs/method.md)"))
+    for anchor, heading in METHOD_SECTIONS.items():
+        out.append(("section", (f"method-{anchor}", f"Method {heading.removeprefix('## ')}",
+                                method_section(anchor))))  # fmt: skip
     return out
 
 
@@ -133,6 +153,8 @@ def to_markdown(content: list[tuple[str, Any]], image: Callable[[Path], str]) ->
             lines.append(x)
         elif kind == "link":
             lines.append(f"[{x[0]}]({x[1]})")
+        elif kind == "section":  # its heading's anchor is x[0] on GitHub-style renderers
+            lines.append(f"### {x[1]}\n\n{x[2].replace(chr(10) + '#', chr(10) + '###')}")
         elif kind == "table":
             lines.append(format_table(x[0], x[1], max_rows=len(x[1]), markdown=True))
         else:
@@ -153,6 +175,8 @@ def to_html(content: list[tuple[str, Any]]) -> str:
             body.append(f"<{kind}>{e(x)}</{kind}>")
         elif kind == "link":
             body.append(f'<p><a href="{e(x[1])}">{e(x[0])}</a></p>')
+        elif kind == "section":  # the method's Markdown as written (it reads well as text)
+            body.append(f'<section id="{e(x[0])}"><h3>{e(x[1])}</h3><pre>{e(x[2])}</pre></section>')
         elif kind == "table":
             head = "".join(f"<th>{e(c)}</th>" for c in x[0])
             rows = "".join(
@@ -164,7 +188,7 @@ def to_html(content: list[tuple[str, Any]]) -> str:
             body.append(f'<figure><img alt="{e(x.stem)}" src="{_png_uri(x)}"></figure>')
     style = ("body{font-family:sans-serif;max-width:1000px;margin:auto}table{border-collapse:"
              "collapse;font-size:12px}td,th{border:1px solid #ccc;padding:2px 6px}"
-             "img{max-width:100%}")  # fmt: skip
+             "img{max-width:100%}pre{white-space:pre-wrap;font-size:13px}")  # fmt: skip
     return (
         f'<!doctype html><html><head><meta charset="utf-8"><title>MLSAE report</title>'
         f"<style>{style}</style></head><body>{''.join(body)}</body></html>\n"

@@ -159,7 +159,8 @@ def checkpoint_metadata(
         "n_model_layers": n_layers,
         "expansion_factor": spec.sae.expansion_factor,
         **{k: getattr(spec.data, k) for k in data},
-        "split_seed": spec.train.seed,
+        "split_seed": spec.document_seed,
+        "seed": spec.train.seed,
         "auxk_coef": spec.sae.auxk_coef,
         "tuned_lens": lens is not None,
         "lens_fingerprint": lens.fingerprint() if lens is not None else None,
@@ -191,7 +192,7 @@ def train_run(
     layers = check_spec(spec, shape)  # before tokenizing or training
     if train_chunks is None:
         train_chunks = transformer_split(
-            transformer, spec.data, spec.train.seed, "train", train_token_budget(spec)
+            transformer, spec.data, spec.document_seed, "train", train_token_budget(spec)
         )
     lens = None
     if spec.tuned_lens:

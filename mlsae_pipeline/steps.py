@@ -246,7 +246,7 @@ def settings_changes(run_dir: Path, spec: RunSpec) -> dict[str, tuple[Any, Any]]
         "dataset": spec.data.dataset,
         "text_field": spec.data.text_field,
         "test_fraction": spec.data.test_fraction,
-        "split_seed": spec.train.seed,
+        "split_seed": spec.document_seed,
         "tuned_lens": spec.tuned_lens is not None,
     }
     if spec.tuned_lens is not None:
@@ -300,7 +300,7 @@ def _run_setup(layout: StorageLayout, sw: Sweep, model: str, point: SAEPoint) ->
     run_dir = layout.run(model, point.key).directory
     sae = MLSAE.from_pretrained(run_dir, device=str(tr.device))
     layers = resolve_layers(point.layers, tr.n_layers)
-    part = run_id(model, point.expansion_factor, point.k, layers, point.tuned_lens)
+    part = run_id(model, point.expansion_factor, point.k, layers, point.tuned_lens, point.seed)
     return tr, sae, layers, part, checkpoint_lens(run_dir, sae.metadata, tr)
 
 
@@ -344,7 +344,9 @@ def dists_figures(
 
     dists = dists_from_layer_table(layer_dists)
     point = sw.point(sae_key)
-    title = figure_title(run_id(model, point.expansion_factor, point.k, dists.layers))
+    title = figure_title(
+        run_id(model, point.expansion_factor, point.k, dists.layers, seed=point.seed)
+    )
     written = write_run_figures(layout.run(model, sae_key), dists, title)
     pngs = [p for p in written if p.suffix == ".png"]
     return pngs, {"files": [str(p) for p in written], "n_live": int(dists.live.sum())}

@@ -7,9 +7,11 @@ Loading is YAML parsing plus validation only (no torch), so Dagster's code serve
 partitions in milliseconds; a mistake raises `mlsae_core.config.ConfigError` in one line.
 
 Partitions are (model x SAE config): the `model` dimension holds model keys (file-name-safe
-slugs of the model names), the `sae` dimension one key per (expansion factor, k, layer set),
-e.g. `x2-k16-Lall` or `x2-k16-L9`; a layer set with one layer is a single-layer SAE, the
-baseline the paper compares MLSAEs against.
+slugs of the model names), the `sae` dimension one key per (expansion factor, k, layer set,
+inputs, seed), e.g. `x2-k16-Lall`, `x2-k16-L9` or `x2-k16-L9-s1`; a layer set with one layer
+is a single-layer SAE, the baseline the paper compares MLSAEs against. `grid` is one mapping
+(every combination of its lists) or a list of them (the union), so baselines can take more
+seeds or layers than the MLSAEs without multiplying the costly configs.
 """
 
 from __future__ import annotations
@@ -75,10 +77,11 @@ class SAEPoint:
     k: int
     layers: tuple[int, ...] | None  # None = every layer of the model
     tuned_lens: bool = False  # trained on the model's tuned-lens-transformed activations
+    seed: int = 0  # training seed (initialisation and data order)
 
     @property
     def key(self) -> str:
-        return sae_key(self.expansion_factor, self.k, self.layers, self.tuned_lens)
+        return sae_key(self.expansion_factor, self.k, self.layers, self.tuned_lens, self.seed)
 
     @property
     def single_layer(self) -> bool:
@@ -109,11 +112,14 @@ class Grid(BaseModel):
     k: list[StrictInt] = [SAEConfig().k]
     layers: list[tuple[int, ...] | None] = [None]
     tuned_lens: list[StrictBool] = [False]
+    # training seeds (initialisation, data order); every seed of a config reads the same
+    # documents, split by train.seed. None: train.seed alone
+    seed: list[StrictInt] | None = None
 
     @field_validator("*", mode="before")
     @classmethod
-    def _listed(cls, value: Any) -> list[Any]:
-        return value if isinstance(value, list) else [value]
+    def _listed(cls, value: Any) -> list[Any] | None:
+        return value if isinstance(value, list) or value is None else [value]
 
     @field_validator("layers", mode="before")
     @classmethod
@@ -131,7 +137,7 @@ class Sweep(BaseModel):
     name: str = ""
     description: str = ""
     models: dict[str, str]  # model key (slug) -> model name as written (a list in the file)
-    grid: Grid = Grid()
+    grid: list[Grid] = [Grid()]  # a mapping in the file, or a list of them (the union)
     sae: SAEConfig = SAEConfig()  # shared SAE settings (expansion_factor and k are per point)
     data: DataConfig = DataConfig()
     train: TrainConfig = TrainConfig()
@@ -169,16 +175,26 @@ class Sweep(BaseModel):
             models[key] = name
         return models
 
+    @field_validator("grid", mode="before")
+    @classmethod
+    def _grids(cls, value: Any) -> Any:
+        return [value] if isinstance(value, dict) else value
+
     @model_validator(mode="after")
     def _grid_points(self) -> Sweep:
-        g = self.grid
-        points = [SAEPoint(ef, k, layers, lens) for ef, k, layers, lens
-                  in itertools.product(g.expansion_factor, g.k, g.layers, g.tuned_lens)]  # fmt: skip
+        points = [
+            SAEPoint(ef, k, layers, lens, seed)
+            for g in self.grid
+            for ef, k, layers, lens, seed in itertools.product(
+                g.expansion_factor, g.k, g.layers, g.tuned_lens, g.seed or [self.train.seed]
+            )
+        ]
         for p in points:
             self.sae_config(p)  # each point's SAE settings are in range (ConfigError names them)
         keys = [p.key for p in points]
-        if len(set(keys)) != len(keys):
-            raise ValueError(f"the sweep lists the same SAE config twice: {keys}")
+        twice = sorted({k for k in keys if keys.count(k) > 1})
+        if twice:
+            raise ValueError(f"the sweep lists the same SAE config twice: {twice}")
         self._points = tuple(points)
         return self
 
@@ -234,7 +250,8 @@ class Sweep(BaseModel):
             tuned_lens=str(lens_dir) if point.tuned_lens and lens_dir else None,
             sae=self.sae_config(point),
             data=self.data,
-            train=self.train,
+            train=dataclasses.replace(self.train, seed=point.seed),
+            split_seed=self.train.seed,  # the model's one corpus split, shared by every config
         )
 
 

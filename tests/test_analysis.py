@@ -29,7 +29,14 @@ from mlsae_core.sae import MLSAE, TopK
 from tests.tiny import dense_latents
 
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "tables.md"
-RUN_ID = {"model": "tiny", "expansion_factor": 2, "k": 2, "layers": "2,3,5", "tuned_lens": False}
+RUN_ID = {
+    "model": "tiny",
+    "expansion_factor": 2,
+    "k": 2,
+    "layers": "2,3,5",
+    "tuned_lens": False,
+    "seed": 0,
+}
 
 
 # ----- planted data ----------------------------------------------------------------------------
@@ -455,7 +462,7 @@ def test_one_pass_equals_separate_passes_and_brute_force(tiny_setup) -> None:
     assert len(res) > 0
     n_tok = tokens.shape[1]
     run_id = {"model": "tiny", "expansion_factor": 1, "k": 4, "layers": identity.layers_label(layers),
-            "tuned_lens": False}  # fmt: skip
+            "tuned_lens": False, "seed": 0}  # fmt: skip
     t = tables.max_examples_table(res, run_id)
     rows = t.to_pylist()
     for e in rows:
@@ -595,7 +602,7 @@ def test_tables_have_documented_columns(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="lacks"):
         tables.latent_dists_table(dres, {"model": "tiny"})
     with pytest.raises(ValueError, match="unknown"):
-        tables.latent_dists_table(dres, {**RUN_ID, "seed": 1})
+        tables.latent_dists_table(dres, {**RUN_ID, "colour": 1})
 
 
 def test_layers_label() -> None:
@@ -687,22 +694,27 @@ def test_original_variance_formula_matches_a_float64_reimplementation() -> None:
     assert s["ratio"] == math.inf and s["orig_ratio"] == math.inf
 
 
-def claim_inputs(efs=(2, 4), std=(1.0, 1.5), ratio=(2.0, 2.2), seed=0) -> dict[str, pa.Table]:
+def claim_inputs(
+    efs=(2, 4), std=(1.0, 1.5), ratio=(2.0, 2.2), seed=0, baseline_shifts=(0.0,)
+) -> dict[str, pa.Table]:
     """Planted cross-config inputs of the claims: an MLSAE over layers 0-2 and a single-layer
-    SAE at layer 1 per expansion factor (k 8), their layer_std and variance ratios."""
+    SAE at layer 1 per expansion factor (k 8), their layer_std and variance ratios; the
+    baseline is trained once per entry of `baseline_shifts` (seeds 0, 1, ...), each seed's
+    metrics shifted by its entry."""
     rng = np.random.default_rng(seed)
     run = {"model": "m", "k": 8, "tuned_lens": False}
     metrics, dists, variance, latents = [], [], [], []
+    trained = [("0-2", ("0", "1", "2", "avg"), 0, 0.0)]
+    trained += [("1", ("1", "avg"), i, shift) for i, shift in enumerate(baseline_shifts)]
     for ef, s, r in zip(efs, std, ratio, strict=True):
-        for layers, rows in (("0-2", ("0", "1", "2", "avg")), ("1", ("1", "avg"))):
+        for layers, rows, run_seed, shift in trained:
             for j, layer in enumerate(rows):
-                m = {c: 0.1 * ef + 0.01 * j + (0.05 if layers == "1" else 0.0)
+                m = {c: 0.1 * ef + 0.01 * j + (0.05 + shift if layers == "1" else 0.0)
                      for c in summaries.COMPARE_METRICS}  # fmt: skip
-                metrics.append(
-                    {**run, "expansion_factor": ef, "layers": layers, "layer": layer, **m}
-                )
+                metrics.append({**run, "seed": run_seed, "expansion_factor": ef,
+                                "layers": layers, "layer": layer, **m})  # fmt: skip
             n_layers = summaries.n_layers_of(layers)
-            ids = {**run, "expansion_factor": ef, "layers": layers}
+            ids = {**run, "seed": run_seed, "expansion_factor": ef, "layers": layers}
             dists.append({**ids, "n_layers": n_layers, "n_latents": 16, "n_live": 16,
                           **{k: 0.0 for k in tables.LAYER_STD_STATS}, "mean": s, "sem": 0.01})  # fmt: skip
             tok = rng.uniform(0.5, 1.5, 16)
@@ -735,7 +747,7 @@ def test_claims_against_hand_computations() -> None:
         assert r["layer"] == 1 and r["layers"] == "0-2" and r["n_seeds"] == 1
         assert r["value"] == pytest.approx(mlsae_row)
         assert r["baseline"] == pytest.approx(0.1 * r["expansion_factor"] + 0.05)  # its row 0
-        assert r["baseline_spread"] is None
+        assert r["baseline_spread"] is None or math.isnan(r["baseline_spread"])
     assert v[1][0] == claims.UNSURE and "one seed" in v[1][1]
     # claim 2: the ratio's standard error is the delta method's, from np.cov
     lv = t["latent_variance"].to_pylist()
@@ -757,6 +769,35 @@ def test_claims_against_hand_computations() -> None:
     assert (
         claims.verdicts(claims.claims_table(**claim_inputs(std=(1.5, 1.0))))[3][0] == claims.FAILS
     )
+
+
+@pytest.mark.parametrize(
+    ("shifts", "verdict"),
+    [
+        # x2: baselines 0.25 and 0.27 (mean 0.26, s 0.0141): MLSAE 0.21 << 1.25 x 0.26
+        ((0.0, 0.02), "holds"),
+        # x2: baselines 0.05 and 0.06, 1.25 x 0.055 = 0.069 << MLSAE 0.21 (x4: 0.32 < 0.41)
+        ((-0.2, -0.19), "does not hold"),
+        # one baseline far off: the seed spread swamps the gap
+        ((-0.13, 0.3), "cannot tell"),
+    ],
+)
+def test_claim1_judges_the_gap_by_the_baselines_seed_spread(shifts, verdict) -> None:
+    """Claim 1 with two baseline seeds, by hand: the baselines' mean and sample std, the
+    MLSAE within 1.25x their mean beyond 2 * s * sqrt(1 + 1/n)."""
+    from mlsae_core.analysis import claims
+
+    table = claims.claims_table(**claim_inputs(baseline_shifts=shifts))
+    for r in (r for r in table.to_pylist() if r["claim"] == 1):
+        ef = r["expansion_factor"]
+        seeds = [0.1 * ef + 0.05 + shift for shift in shifts]
+        assert r["n_seeds"] == 2
+        assert r["value"] == pytest.approx(0.1 * ef + 0.01)
+        assert r["baseline"] == pytest.approx(np.mean(seeds))
+        assert r["baseline_spread"] == pytest.approx(np.std(seeds, ddof=1))
+    got, reason = claims.verdicts(table)[1]
+    assert got == verdict, reason
+    assert "2+ seeds" in reason or "disagree" in reason
     assert (
         claims.verdicts(claims.claims_table(**claim_inputs(std=(1.0, 1.01))))[3][0] == claims.UNSURE
     )

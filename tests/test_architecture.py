@@ -280,8 +280,10 @@ def test_every_key_of_the_shipped_sweeps_maps_to_a_field():
         for name, cls in sections.items():
             unknown = set(raw.get(name) or {}) - {f.name for f in dataclasses.fields(cls)}
             assert not unknown, f"{path.name}: {name}.{sorted(unknown)} map to no field"
-        assert set(raw.get("grid") or {}) <= set(GRID_KEYS)
-    run_fields = {"layers", "tuned_lens"}  # RunSpec fields swept per point
+        grids = raw.get("grid") or {}
+        for grid in grids if isinstance(grids, list) else [grids]:
+            assert set(grid) <= set(GRID_KEYS)
+    run_fields = {"layers", "tuned_lens", "seed"}  # RunSpec (train.seed) fields swept per point
     assert set(GRID_KEYS) <= {f.name for f in dataclasses.fields(SAEConfig)} | run_fields
 
 

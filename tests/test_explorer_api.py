@@ -71,7 +71,14 @@ def examples_table(sae: MLSAE, tf, n_examples: int = 4, n_context: int = 2):
     p_idx = torch.arange(width).repeat(len(rows))
     coll.add(topk.values.flatten(1, 2), topk.indices.flatten(1, 2), r_idx, p_idx, width)
     result = coll.result(tokens, tf.tokenizer, encode_rows=encode)
-    run_id = {"model": "tiny", "expansion_factor": 2, "k": K, "layers": "0-2", "tuned_lens": False}
+    run_id = {
+        "model": "tiny",
+        "expansion_factor": 2,
+        "k": K,
+        "layers": "0-2",
+        "tuned_lens": False,
+        "seed": 0,
+    }
     return tables.max_examples_table(result, run_id)
 
 

@@ -61,7 +61,7 @@ TABLES = (
     "single_layer_comparison",
     "claims",
 )
-PART = ["model", "expansion_factor", "k", "layers", "tuned_lens"]
+PART = ["model", "expansion_factor", "k", "layers", "tuned_lens", "seed"]
 
 
 def _env(data: Path, home: Path) -> dict[str, str]:
@@ -267,29 +267,29 @@ def test_tables_columns_and_rows(smoke):
     n_all, n_single, n_layers, n_latents = 2, 2, 4, 64
     # test_metrics: per layer + avg
     assert t["test_metrics"].num_rows == n_all * (n_layers + 1) + n_single * 2
-    assert t["test_metrics"].column_names[:6] == [*PART, "layer"]
+    assert t["test_metrics"].column_names[:7] == [*PART, "layer"]
     assert {"fvu", "mse", "l0", "dce", "kl", "loss_recovered"} <= set(
         t["test_metrics"].column_names
     )
     assert t["latent_dists"].num_rows == 4 * n_latents
-    assert t["latent_dists"].column_names[:5] == PART
+    assert t["latent_dists"].column_names[:6] == PART
     assert {"layer_mean", "layer_std", "live", "n_layers_active"} <= set(
         t["latent_dists"].column_names
     )
     ex = t["max_examples"]
-    assert ex.num_rows > 0 and ex.column_names[:5] == PART
+    assert ex.num_rows > 0 and ex.column_names[:6] == PART
     assert {"latent", "layer", "rank", "activation", "context_tokens"} <= set(ex.column_names)
     assert max(ex.column("rank").to_pylist()) < 4  # n_examples in smoke.yaml
     assert t["latent_layer_dists"].num_rows > 0
-    assert t["latent_layer_dists"].column_names[:5] == PART
+    assert t["latent_layer_dists"].column_names[:6] == PART
     for name in ("dists_summary", "layer_variance"):  # one row per config
-        assert t[name].num_rows == 4 and t[name].column_names[:5] == PART, name
+        assert t[name].num_rows == 4 and t[name].column_names[:6] == PART, name
     assert t["latent_variance"].num_rows == 4 * n_latents
-    assert t["prompt_heatmap"].num_rows > 0 and t["prompt_heatmap"].column_names[:5] == PART
+    assert t["prompt_heatmap"].num_rows > 0 and t["prompt_heatmap"].column_names[:6] == PART
     assert t["resid_cos_sim"].num_rows == n_layers
     assert t["resid_cos_sim"].column_names[:2] == ["model", "layer"]
     assert t["test_summary"].num_rows == 4
-    assert t["test_summary"].column_names[:6] == [*PART, "n_layers"]
+    assert t["test_summary"].column_names[:7] == [*PART, "n_layers"]
     assert t["dists_layer_std"].num_rows == 4
     assert {"mean", "std", "sem", "mean_rel"} <= set(t["dists_layer_std"].column_names)
     mmcs = t["mmcs"].to_pylist()
@@ -314,7 +314,7 @@ def test_tables_columns_and_rows(smoke):
     for name in TABLES:
         if name != "resid_cos_sim":
             types = [str(t[name].schema.field(c).type) for c in PART]
-            assert types == ["string", "int32", "int32", "string", "bool"], name
+            assert types == ["string", "int32", "int32", "string", "bool", "int32"], name
     # figures sit in the run directory beside the checkpoint and its tables
     run = data / "saes" / "tiny-llama" / "x2-k4-Lall"
     for stem in ("training_curve", "dists_heatmap", "layer_mean_hist", "prompt_heatmap"):

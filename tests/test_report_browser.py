@@ -39,6 +39,12 @@ def test_report_opens_offline_with_claims_and_figures(tmp_path: Path) -> None:
                 img.scroll_into_view_if_needed()
                 assert img.evaluate("e => e.complete && e.naturalWidth > 100"), alt
             assert not outside, outside
+            # "how it is computed" leads to the method's section inside the page itself
+            page.get_by_role("link", name="how it is computed").first.click()
+            assert page.url.endswith("#method-8-claims")
+            section = page.locator("#method-8-claims")
+            expect(section).to_contain_text("MLSAE vs single-layer SAEs")
+            expect(section).to_be_in_viewport()
             ARTIFACTS.mkdir(exist_ok=True)
             page.screenshot(path=str(ARTIFACTS / "report.png"), full_page=True)
         finally:

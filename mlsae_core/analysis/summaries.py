@@ -80,12 +80,19 @@ def run_decoder(directory: str | Path) -> tuple[dict[str, Any], torch.Tensor]:
     return run_id, sae.decoder.weight.detach()
 
 
-# What a single-layer baseline shares with the MLSAE it is compared with (all but the layers).
-_SAME_CONFIG = tuple(c for c in RUN_ID_COLUMNS if c != "layers")
+# What a single-layer baseline shares with the MLSAE it is compared with (all but the layers
+# and the training seed: every seed of a baseline is compared).
+_SAME_CONFIG = tuple(c for c in RUN_ID_COLUMNS if c not in ("layers", "seed"))
 
 
 def _same_dictionary_size(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
     return all(a.get(c, False) == b.get(c, False) for c in _SAME_CONFIG)
+
+
+def _baseline_label(run_id: Mapping[str, Any]) -> str:
+    """mmcs's reference for a single-layer SAE: 'layers=9', or 'layers=9,seed=1'."""
+    seed = int(run_id.get("seed", 0))
+    return f"layers={run_id['layers']}" + (f",seed={seed}" if seed else "")
 
 
 def mmcs(decoders: Sequence[tuple[Mapping[str, Any], torch.Tensor]]) -> pa.Table:
@@ -103,7 +110,7 @@ def mmcs(decoders: Sequence[tuple[Mapping[str, Any], torch.Tensor]]) -> pa.Table
             if _same_dictionary_size(run_id, other_run_id) and is_single_layer(
                 other_run_id["layers"]
             ):
-                ref = f"layers={other_run_id['layers']}"
+                ref = _baseline_label(other_run_id)
                 out.append(mmcs_table(geometry.mmcs(dec, other), run_id, ref))
     return _sorted(pa.concat_tables(out), "reference")
 
@@ -119,42 +126,57 @@ SINGLE_LAYER_COMPARISON_SCHEMA = pa.schema(
         *RUN_ID_FIELDS,
         pa.field("layer", pa.int32()),
         *[
-            pa.field(f"{who}_{m}", pa.float64())
+            pa.field(name, pa.float64())
             for m in COMPARE_METRICS
-            for who in ("mlsae", "single")
+            for name in (f"mlsae_{m}", f"single_{m}", f"single_{m}_std")
         ],
+        pa.field("n_single_seeds", pa.int32()),
         pa.field("fvu_ratio", pa.float64()),
     ]
 )
 
 
+def _mean_std(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (NaN for fewer than two values)."""
+    n = len(values)
+    mean = sum(values) / n
+    if n < 2:
+        return mean, math.nan
+    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
+
+
 def single_layer_comparison(test_metrics: pa.Table) -> pa.Table:
     """At each layer l with a single-layer SAE (same model, expansion factor, k and inputs),
-    the MLSAE's test metrics at l next to the baseline's, and fvu_ratio = mlsae_fvu /
+    the MLSAE's test metrics at l next to the baselines' mean over their training seeds, with
+    the seeds' sample standard deviation (NaN for one seed); fvu_ratio = mlsae_fvu /
     single_fvu."""
     by_cfg: dict[tuple, dict[str, dict[str, Any]]] = {}
     for r in test_metrics.to_pylist():
         by_cfg.setdefault(tuple(r[c] for c in RUN_ID_COLUMNS), {})[r["layer"]] = r
+    runs = [
+        (dict(zip(RUN_ID_COLUMNS, key, strict=True)), rows) for key, rows in sorted(by_cfg.items())
+    ]
     rows = []
-    for key, layer_rows in sorted(by_cfg.items()):
-        run_id = dict(zip(RUN_ID_COLUMNS, key, strict=True))
+    for run_id, layer_rows in runs:
         if is_single_layer(run_id["layers"]):
             continue
-        for skey, srows in sorted(by_cfg.items()):
-            single = dict(zip(RUN_ID_COLUMNS, skey, strict=True))
+        baselines: dict[str, list[dict[str, Any]]] = {}
+        for single, srows in runs:
             layer = single["layers"]
-            if not (
+            if (
                 _same_dictionary_size(run_id, single)
                 and is_single_layer(layer)
                 and layer in layer_rows
             ):
-                continue
-            m, s = layer_rows[layer], srows[layer]
-            row: dict[str, Any] = dict(run_id)
-            row["layer"] = int(layer)
+                baselines.setdefault(layer, []).append(srows[layer])
+        for layer, seeds in sorted(baselines.items(), key=lambda item: int(item[0])):
+            m = layer_rows[layer]
+            row: dict[str, Any] = {**run_id, "layer": int(layer), "n_single_seeds": len(seeds)}
             for metric in COMPARE_METRICS:
                 row[f"mlsae_{metric}"] = m[metric]
-                row[f"single_{metric}"] = s[metric]
-            row["fvu_ratio"] = m["fvu"] / s["fvu"] if s["fvu"] else math.nan
+                row[f"single_{metric}"], row[f"single_{metric}_std"] = _mean_std(
+                    [s[metric] for s in seeds]
+                )
+            row["fvu_ratio"] = m["fvu"] / row["single_fvu"] if row["single_fvu"] else math.nan
             rows.append(row)
     return pa.Table.from_pylist(rows, schema=SINGLE_LAYER_COMPARISON_SCHEMA)

@@ -22,15 +22,15 @@ CODE_VERSIONS = {
     "resid_cos_sim": "1",
     "tuned_lens": "1",
     "mlsae": "4",  # 4: --precision (auto: bf16 where native); tuned-lens inputs
-    "evaluation": "5",  # 5: layer_variance's orig_* columns (the original code's formula)
+    "evaluation": "6",  # 6: the seed run-id column
     "dists_heatmap": "2",  # 2: analyse.write_run_figures (layer_mean_hist)
-    "prompt_heatmap": "3",  # 3: the tuned_lens partition column
-    "test_summary": "2",  # 2: the tuned_lens partition column
-    "dists_layer_std": "3",  # 3: the tuned_lens partition column
-    "mmcs": "2",  # 2: the tuned_lens partition column
-    "single_layer_comparison": "3",  # 3: the tuned_lens partition column
-    "claims": "1",
-    "report": "1",
+    "prompt_heatmap": "4",  # 4: the seed run-id column
+    "test_summary": "3",  # 3: the seed run-id column
+    "dists_layer_std": "4",  # 4: the seed run-id column
+    "mmcs": "3",  # 3: the seed run-id column; every seed of a baseline
+    "single_layer_comparison": "4",  # 4: baselines averaged over seeds
+    "claims": "2",  # 2: claim 1 judged against the baselines' seed spread
+    "report": "2",  # 2: the method sections inside the page
     "results_db": "2",  # 2: per-run views glob the run directories
     "saelens_export": "1",
 }
