@@ -531,7 +531,7 @@ def main(argv: list[str] | None = None) -> int:
     if a.peers:
         from benchmarks.peers import format_line, run
 
-        for rec in run(a.rounds, a.threads, a.quick):
+        for rec in run(a.rounds, a.threads, a.quick, a.device):
             print(format_line(rec), flush=True)
         return 0
     if a.quick:

@@ -17,6 +17,11 @@ Quality at equal tokens: held-out FVU (float64, ours to compute for every side: 
 errors over the total variance about each layer's mean), averaged over the layers, after the
 same number of training positions. Each measurement is its own subprocess (peak RSS is its
 own); the sides' order rotates each round.
+
+`--device cuda` (scripts/gpu_check.sh) runs the same lines on the GPU at a GPU-sized batch:
+mlsae in its `auto` precision (bfloat16), sparsify as its trainer runs there (Triton decoder,
+bfloat16 autocast), SAELens in float32 (its default); each step is synchronised before it is
+timed, and the peak is the GPU's allocated peak (torch.cuda.max_memory_allocated).
 """
 
 from __future__ import annotations
@@ -61,6 +66,12 @@ def _fvu(x, recons) -> float:
     return float(((x - recons) ** 2).sum() / ((x - x.mean(0)) ** 2).sum())
 
 
+def _device(spec: dict[str, Any]):
+    import torch
+
+    return torch.device(spec.get("device", "cpu"))
+
+
 def _mlsae(d: int, spec: dict[str, Any]):
     import torch
 
@@ -70,14 +81,16 @@ def _mlsae(d: int, spec: dict[str, Any]):
     from mlsae_core.sae import MLSAE
     from mlsae_core.train import optimizer_step
 
+    device = _device(spec)
     sae = MLSAE.from_config(d, SAEConfig(expansion_factor=spec["expansion_factor"], k=spec["k"]))
+    sae = sae.to(device)
     opt = torch.optim.Adam(sae.parameters(), lr=spec["lr"])
-    low = resolve_precision("auto", torch.device("cpu"))
+    low = resolve_precision("auto", device)
 
     def step(x):  # x [L, B, d]: one MLSAE over every layer
         if not sae.pre_encoder_bias.any():
             sae.init_pre_encoder_bias(x)
-        with autocast(torch.device("cpu"), low):
+        with autocast(device, low):
             out = sae(x)
         loss, _, _ = total_loss(x, out, 1 / 32)
         loss.backward()
@@ -92,15 +105,24 @@ def _mlsae(d: int, spec: dict[str, Any]):
 
 
 def _sparsify(d: int, spec: dict[str, Any], n_layers: int):
+    import contextlib
     import os
 
-    # sparsify's Triton decoder needs a GPU; on CPU, its documented eager fallback
-    os.environ.setdefault("SPARSIFY_DISABLE_TRITON", "1")
+    device = _device(spec)
+    if device.type == "cpu":  # sparsify's Triton decoder needs a GPU; its eager fallback
+        os.environ.setdefault("SPARSIFY_DISABLE_TRITON", "1")
     import torch
     from sparsify import SparseCoder, SparseCoderConfig
 
     cfg = SparseCoderConfig(k=spec["k"], expansion_factor=spec["expansion_factor"])
-    saes = [SparseCoder(d, cfg) for _ in range(n_layers)]
+    saes = [SparseCoder(d, cfg, device=device) for _ in range(n_layers)]
+    # as sparsify's Trainer: bfloat16 autocast where the GPU has it
+    gpu_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    cast = (
+        (lambda: torch.autocast("cuda", dtype=torch.bfloat16))
+        if gpu_bf16
+        else contextlib.nullcontext
+    )
     opts = [torch.optim.Adam(s.parameters(), lr=spec["lr"]) for s in saes]
     started = [False] * n_layers
 
@@ -110,7 +132,8 @@ def _sparsify(d: int, spec: dict[str, Any], n_layers: int):
                 sae.b_dec.data = x[i].mean(0)
                 started[i] = True
             sae.set_decoder_norm_to_unit_norm()
-            out = sae(x[i])
+            with cast():
+                out = sae(x[i])
             out.fvu.backward()
             sae.remove_gradient_parallel_to_decoder_directions()
             opt.step()
@@ -120,7 +143,8 @@ def _sparsify(d: int, spec: dict[str, Any], n_layers: int):
         with torch.no_grad():
             return torch.stack([sae(x[i]).sae_out for i, sae in enumerate(saes)])
 
-    return step, recons, f"{n_layers} SparseCoder(s), float32, eager decoder"
+    what = "bfloat16 autocast, Triton decoder" if gpu_bf16 else "float32, eager decoder"
+    return step, recons, f"{n_layers} SparseCoder(s), {what}"
 
 
 def _saelens(d: int, spec: dict[str, Any], n_layers: int):
@@ -128,10 +152,12 @@ def _saelens(d: int, spec: dict[str, Any], n_layers: int):
     from sae_lens import TopKTrainingSAE, TopKTrainingSAEConfig
     from sae_lens.saes.sae import TrainStepInput
 
-    cfg = TopKTrainingSAEConfig(d_in=d, d_sae=d * spec["expansion_factor"], k=spec["k"])
+    device = _device(spec)
+    cfg = TopKTrainingSAEConfig(d_in=d, d_sae=d * spec["expansion_factor"], k=spec["k"],
+                                device=str(device))  # fmt: skip
     saes = [TopKTrainingSAE(cfg) for _ in range(n_layers)]
     opts = [torch.optim.Adam(s.parameters(), lr=spec["lr"]) for s in saes]
-    dead = [torch.zeros(cfg.d_sae, dtype=torch.bool) for _ in range(n_layers)]
+    dead = [torch.zeros(cfg.d_sae, dtype=torch.bool, device=device) for _ in range(n_layers)]
     count = [0]
 
     def step(x):
@@ -159,9 +185,11 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
 
     torch.set_num_threads(spec["threads"])
     torch.manual_seed(0)
+    device = _device(spec)
     acts = load_file(spec["acts"])
     layers = LINES[spec["line"]]
-    train, test = acts["train"][layers], acts["test"][layers]
+    train, test = acts["train"][layers].to(device), acts["test"][layers].to(device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     d, batch = train.shape[-1], spec["batch"]
     if train.shape[1] < spec["steps"] * batch:
         raise ValueError(f"{spec['acts']} holds {train.shape[1]} positions; the run needs more")
@@ -171,26 +199,36 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
     times = []
     for s in range(spec["steps"]):
         x = train[:, s * batch : (s + 1) * batch]
+        sync()
         t0 = time.perf_counter()
         step(x)
+        sync()
         times.append(time.perf_counter() - t0)
     timed = times[spec["warmup"] :]
     x_test = test[:, : spec["test_positions"]]
     fvu = statistics.fmean(_fvu(x_test[i], r) for i, r in enumerate(recons(x_test)))
+    gpu = {}
+    if device.type == "cuda":
+        gpu["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
     return {
         "tokens_per_s": round(batch / statistics.median(timed), 1),
         "peak_rss_mb": peak_rss_mb(),
+        **gpu,
         "heldout_fvu": round(fvu, 4),
         "train_positions": spec["steps"] * batch,
         "computed": what,
     }
 
 
-def run(rounds: int, threads: int, quick: bool = False) -> list[dict[str, Any]]:
+def run(
+    rounds: int, threads: int, quick: bool = False, device: str = "cpu"
+) -> list[dict[str, Any]]:
     """Every (line, side) `rounds` times, sides rotated; one record per line and side."""
     spec = {"expansion_factor": 16, "k": 32, "lr": 1e-3, "threads": threads,
             "batch": 256 if quick else 1024, "steps": 4 if quick else 12, "warmup": 1 if quick else 2,
-            "test_positions": 256 if quick else 2048}  # fmt: skip
+            "test_positions": 256 if quick else 2048, "device": device}  # fmt: skip
+    if device == "cuda" and not quick:  # a GPU-sized batch; more steps past the warm-up
+        spec.update(batch=4096, steps=24, warmup=4, test_positions=8192)
     work = Path(tempfile.mkdtemp(prefix="mlsae-peers-"))
     positions = spec["batch"] * spec["steps"]
     # in a child: Linux carries a parent's peak RSS into the children it forks (ru_maxrss)
@@ -215,6 +253,8 @@ def run(rounds: int, threads: int, quick: bool = False) -> list[dict[str, Any]]:
             rec["tokens_per_s"] = round(statistics.median(x["tokens_per_s"] for x in ok), 1)
             rec["rounds_tokens_per_s"] = [x["tokens_per_s"] for x in ok]
             rec["peak_rss_mb"] = max(x["peak_rss_mb"] for x in ok)
+            if "peak_gpu_mb" in rec:
+                rec["peak_gpu_mb"] = max(x["peak_gpu_mb"] for x in ok)
         out.append(rec)
     for rec in out:  # ours / peer, per line
         ours = next(x for x in out if x["name"] == rec["name"] and x["side"] == "mlsae")
@@ -227,8 +267,9 @@ def format_line(rec: dict[str, Any]) -> str:
     if "error" in rec:
         return f"{rec['name']:28s} {rec['side']:9s} ERROR {rec['error'][-300:]}"
     ratio = f"  ours/peer {rec['ours_over_peer']:.2f}x" if "ours_over_peer" in rec else ""
+    gpu = f" (GPU {rec['peak_gpu_mb']:.1f} MB)" if "peak_gpu_mb" in rec else ""
     return (f"{rec['name']:28s} {rec['side']:9s} {rec['tokens_per_s']:9.1f} tok/s  "
-            f"peak {rec['peak_rss_mb']:7.1f} MB  held-out FVU {rec['heldout_fvu']:.4f} after "
+            f"peak {rec['peak_rss_mb']:7.1f} MB{gpu}  held-out FVU {rec['heldout_fvu']:.4f} after "
             f"{rec['train_positions']} positions{ratio}  [{rec['computed']}]")  # fmt: skip
 
 
@@ -237,6 +278,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--quick", action="store_true", help="a few steps (smoke test)")
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--prepare", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -249,7 +291,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.worker:
         print(json.dumps(worker(json.loads(args.worker))))
         return 0
-    for rec in run(args.rounds, args.threads, args.quick):
+    for rec in run(args.rounds, args.threads, args.quick, args.device):
         print(format_line(rec), flush=True)
     return 0
 

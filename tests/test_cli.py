@@ -70,8 +70,8 @@ def test_train_then_test_writes_tidy_table(tiny_model_dir, corpus_dir, tmp_path)
         assert all(isinstance(r[c], float) for c in ("fvu", "dce", "kl", "logit_mse"))
         assert r["l0"] <= 4 and r["fvu"] > 0
     header = out_csv.read_text().splitlines()[0]
-    assert header.replace('"', "").split(",")[:7] == [
-        "model", "expansion_factor", "k", "layers", "tuned_lens", "layer", "mse",
+    assert header.replace('"', "").split(",")[:8] == [
+        "model", "expansion_factor", "k", "layers", "tuned_lens", "seed", "layer", "mse",
     ]  # fmt: skip
 
 
