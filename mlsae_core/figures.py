@@ -272,7 +272,7 @@ def fvu_by_layer_figure(
                 if _size_label(r) == label and (not str(r["layers"]).isdigit()) == multi:
                     run = f"{r['layers']} seed {r.get('seed', 0)}" if multi else "baselines"
                     by_run.setdefault(run, []).append((int(r["layer"]), r["fvu"]))
-            for _run, pts in sorted(by_run.items()):
+            for _, pts in sorted(by_run.items()):
                 pts.sort()
                 kw = {"color": colours[label]} if label in colours else {}
                 if multi:

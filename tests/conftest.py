@@ -6,6 +6,7 @@ import contextlib
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -14,6 +15,26 @@ import torch
 # interpreter, so their tests check the same kernel code the GPU compiles.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+def run_sweep_text(tmp_path: Path, name: str, text: str) -> tuple[Any, Path]:
+    """Write sweep `text` as `<name>.yaml`, the smoke inputs into a fresh storage root, and
+    materialize the whole sweep through Dagster; (the Sweep, the root). Fails on any failed run."""
+    import dagster as dg
+
+    from mlsae_pipeline.commands import run_sweep
+    from mlsae_pipeline.sweep import load_sweep
+    from tests.tiny import write_smoke_inputs
+
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(text)
+    sw = load_sweep(path)
+    data, home = write_smoke_inputs(tmp_path / "data"), tmp_path / "home"
+    home.mkdir()
+    with storage_env(data, home):
+        rows = run_sweep(sw, data, instance=dg.DagsterInstance.get(), report=lambda s: None)
+    assert all(r["success"] for r in rows), rows
+    return sw, data
 
 
 @contextlib.contextmanager

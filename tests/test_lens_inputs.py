@@ -32,7 +32,6 @@ from tests.tiny import (
     dense_latents,
     splice_logits,
     tiny_transformer,
-    write_smoke_inputs,
 )
 
 L, D = 3, 32
@@ -217,22 +216,11 @@ lens: {max_tokens: 512, steps: 8, batch_size: 64, eval_tokens: 128, device: cpu}
 def test_a_sweep_with_the_tuned_lens_dimension(tmp_path):
     """grid.tuned_lens doubles the configs; the tuned_lens asset trains the model's lens once;
     the lens configs train through it and every table says which is which."""
-    import dagster as dg
-
     from mlsae_core.layout import StorageLayout
-    from mlsae_pipeline.commands import run_sweep
-    from mlsae_pipeline.sweep import load_sweep
-    from tests.conftest import storage_env
+    from tests.conftest import run_sweep_text
 
-    path = tmp_path / "lens-smoke.yaml"
-    path.write_text(SWEEP)
-    sw = load_sweep(path)
+    sw, data = run_sweep_text(tmp_path, "lens-smoke", SWEEP)
     assert sw.sae_keys == ["x2-k4-Lall", "x2-k4-Lall-lens", "x2-k4-L1", "x2-k4-L1-lens"]
-    data, home = write_smoke_inputs(tmp_path / "data"), tmp_path / "home"
-    home.mkdir()
-    with storage_env(data, home):
-        rows = run_sweep(sw, data, instance=dg.DagsterInstance.get(), report=lambda s: None)
-    assert all(r["success"] for r in rows), rows
     layout = StorageLayout(data)
     lens = TunedLens.load(layout.lens_dir("tiny-llama"))
     assert [r["layer"] for r in lens.kl_table] == [0, 1, 2, 3]  # measured on test chunks

@@ -11,7 +11,6 @@ import torch
 
 from mlsae_core.config import ConfigError
 from mlsae_pipeline.sweep import parse_sweep
-from tests.tiny import write_smoke_inputs
 
 SWEEP = """
 name: seeds-smoke
@@ -57,22 +56,11 @@ def test_a_config_listed_twice_across_grids_is_refused():
 def test_baseline_seeds_through_the_pipeline(tmp_path):
     """Two seeds of the layer-1 baseline: different weights, the same held-out text, the
     seed column in every table, and single_layer_comparison / claims over both seeds."""
-    import dagster as dg
-
     from mlsae_core.layout import StorageLayout
     from mlsae_core.sae import MLSAE
-    from mlsae_pipeline.commands import run_sweep
-    from mlsae_pipeline.sweep import load_sweep
-    from tests.conftest import storage_env
+    from tests.conftest import run_sweep_text
 
-    path = tmp_path / "seeds-smoke.yaml"
-    path.write_text(SWEEP)
-    sw = load_sweep(path)
-    data, home = write_smoke_inputs(tmp_path / "data"), tmp_path / "home"
-    home.mkdir()
-    with storage_env(data, home):
-        rows = run_sweep(sw, data, instance=dg.DagsterInstance.get(), report=lambda s: None)
-    assert all(r["success"] for r in rows), rows
+    sw, data = run_sweep_text(tmp_path, "seeds-smoke", SWEEP)
     layout = StorageLayout(data)
     runs = {key: layout.run("tiny-llama", key) for key in sw.sae_keys}
     saes = {key: MLSAE.from_pretrained(run.directory) for key, run in runs.items()}

@@ -8,6 +8,7 @@ derived from the tables they return (`*_csv_rows`).
 from __future__ import annotations
 
 import math
+import statistics
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -138,11 +139,8 @@ SINGLE_LAYER_COMPARISON_SCHEMA = pa.schema(
 
 def _mean_std(values: Sequence[float]) -> tuple[float, float]:
     """Mean and sample standard deviation (NaN for fewer than two values)."""
-    n = len(values)
-    mean = sum(values) / n
-    if n < 2:
-        return mean, math.nan
-    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
+    spread = statistics.stdev(values) if len(values) > 1 else math.nan
+    return statistics.fmean(values), spread
 
 
 def single_layer_comparison(test_metrics: pa.Table) -> pa.Table:
