@@ -146,7 +146,24 @@ def claim1(test_metrics: pa.Table) -> tuple[list[dict], tuple[str, str]]:
     if seeds < 2:
         return rows, (UNSURE, f"one seed for some single-layer baseline, so no seed spread to "
                               f"judge the gap by ({detail}; add seeds with grid.seed)")  # fmt: skip
-    return rows, _combine([_gap_outcome(r) for r in comparison], f"{detail}, {seeds}+ seeds")
+    return rows, _claim1_verdict(comparison, f"{detail}, {seeds}+ seeds")
+
+
+def _claim1_verdict(comparison: list[dict[str, Any]], detail: str) -> tuple[str, str]:
+    """The claim is about every layer: one (config, layer) clearly worse than 1.25x refutes
+    it (the reason says at which layers it held); all holding confirms it; else cannot tell."""
+    outcomes = [_gap_outcome(r) for r in comparison]
+    if FAILS not in outcomes:
+        return _combine(outcomes, detail)
+    by_kind = {
+        kind: ", ".join(map(str, sorted({r["layer"] for r, o in zip(comparison, outcomes,
+                                                                      strict=True) if o == kind})))
+        for kind in (FAILS, HOLDS, UNSURE)
+        if kind in outcomes
+    }  # fmt: skip
+    counts = f"{outcomes.count(FAILS)} of {len(outcomes)} (config, layer) pairs"
+    where = "; ".join(f"{kind} at layer(s) {layers}" for kind, layers in by_kind.items())
+    return FAILS, f"{counts} clearly worse: {where}; {detail}"
 
 
 def claim2(layer_variance: pa.Table, latent_variance: pa.Table | None) -> tuple[list, tuple]:

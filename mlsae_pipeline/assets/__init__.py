@@ -29,8 +29,8 @@ CODE_VERSIONS = {
     "dists_layer_std": "4",  # 4: the seed run-id column
     "mmcs": "3",  # 3: the seed run-id column; every seed of a baseline
     "single_layer_comparison": "4",  # 4: baselines averaged over seeds
-    "claims": "2",  # 2: claim 1 judged against the baselines' seed spread
-    "report": "2",  # 2: the method sections inside the page
+    "claims": "3",  # 2: against the baselines' seed spread; 3: one failing layer refutes claim 1
+    "report": "3",  # 2: the method sections inside the page; 3: the claim-1 rule by layer
     "results_db": "2",  # 2: per-run views glob the run directories
     "saelens_export": "1",
 }
