@@ -125,15 +125,40 @@ def test_peer_lines_run_each_tool_on_the_same_activations():
     ratios are ours / peer. No timing assertions: the numbers are the benchmark's to print."""
     import math
 
-    from benchmarks.peers import run
+    from benchmarks.peers import WIDE_EF, run
 
     recs = run(rounds=1, threads=1, quick=True)
+    wide = f"mlsae-x{WIDE_EF}"
     assert {(r["name"], r["side"]) for r in recs} == {
         (f"peers/{line}/x16-k32", side)
-        for line in ("one-layer", "all-layers")
-        for side in ("mlsae", "sparsify", "saelens")
+        for line, ours in (("one-layer", ("mlsae",)), ("all-layers", ("mlsae", wide)))
+        for side in (*ours, "sparsify", "saelens", "target")
     }
-    for r in recs:
+    for r in (r for r in recs if r["side"] != "target"):
         assert "error" not in r, r.get("error")
         assert r["tokens_per_s"] > 0 and math.isfinite(r["heldout_fvu"]) and r["computed"]
-        assert ("ours_over_peer" in r) == (r["side"] != "mlsae")
+        assert ("ours_over_peer" in r) == (r["side"] in ("sparsify", "saelens"))
+    assert f"width x{WIDE_EF}" in next(r["computed"] for r in recs if r["side"] == wide)
+    for r in (r for r in recs if r["side"] == "target"):
+        assert r["verdict"]
+
+
+def test_peer_target_takes_the_faster_peer_and_our_fastest_side_at_equal_quality():
+    """The target line, by hand on planted records: the faster peer (sparsify), and of our
+    sides only those at least as good in held-out FVU; none good enough says so."""
+    from benchmarks.peers import target_record
+
+    name = "peers/all-layers/x16-k32"
+
+    def rec(side, tok, fvu):
+        return {"name": name, "side": side, "tokens_per_s": tok, "heldout_fvu": fvu}
+
+    out = [rec("mlsae", 4000.0, 0.63), rec("mlsae-x36", 1500.0, 0.604),
+           rec("sparsify", 1000.0, 0.6058), rec("saelens", 400.0, 0.89)]  # fmt: skip
+    got = target_record(out, name)
+    assert (got["peer"], got["ours"], got["ratio"]) == ("sparsify", "mlsae-x36", 1.5)
+    assert got["verdict"].startswith("met: mlsae-x36 1.50x sparsify")
+    out[1]["tokens_per_s"] = 1200.0
+    assert target_record(out, name)["verdict"].startswith("missed: mlsae-x36 1.20x")
+    out[1]["heldout_fvu"] = 0.61
+    assert target_record(out, name)["verdict"].startswith("no side of ours reached sparsify")
