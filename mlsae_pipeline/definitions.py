@@ -8,7 +8,7 @@ bodies, so the code server starts in about a second.
 Environment:
     MLSAE_SWEEP      sweep file: a path or a name under data/sweeps/ (default: default)
     MLSAE_DATA_DIR   storage root (default: data/)
-    MLSAE_EXECUTOR   multiprocess (default) | in_process | k8s (needs dagster-k8s)
+    MLSAE_EXECUTOR   multiprocess (default) | in_process | k8s (needs dagster-k8s: pip install .[k8s])
 """
 
 from __future__ import annotations

@@ -180,19 +180,6 @@ def test_definitions_assets_groups_kinds_partitions(tmp_path):
     assert set().union(*named) == ASSET_KEYS
 
 
-def test_k8s_executor_switch_loads_without_dagster_k8s(tmp_path):
-    code = "import mlsae_pipeline.definitions as d; print(d.defs.executor)"
-    out = subprocess.run(
-        [sys.executable, "-W", "ignore", "-c", code],
-        cwd=ROOT,
-        env={**os.environ, "MLSAE_EXECUTOR": "k8s", "MLSAE_SWEEP": "smoke"},
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert out.returncode == 0, out.stderr
-
-
 @pytest.mark.parametrize(
     ("patch", "message"),
     [
