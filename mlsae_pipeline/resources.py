@@ -54,9 +54,7 @@ def executor_from_env() -> Any:
 
             return k8s_job_executor
         except ImportError:
-            problem = (
-                "MLSAE_EXECUTOR=k8s but dagster-k8s is not installed (pip install .[k8s])"
-            )
+            problem = "MLSAE_EXECUTOR=k8s but dagster-k8s is not installed (pip install .[k8s])"
     if kind != "multiprocess":
         warnings.warn(f"{problem}; using the multiprocess executor", stacklevel=2)
     return dg.multiprocess_executor
