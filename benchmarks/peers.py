@@ -5,10 +5,10 @@ side trains on the SAME residual activations (block outputs of the benchmark's r
 Pythia-70m-shaped model, computed once and saved), with the same d_in, width, k, batch
 (positions per step), optimiser (Adam) and learning rate, each in its own default dtype policy
 (mlsae: `--precision auto`, bfloat16 where native, and its trainer's fused Adam; sparsify and
-SAELens: float32 on CPU, as their trainers run there). Each side steps as its own trainer does: mlsae `total_loss` +
-`optimizer_step` (decoder-gradient projection, unit norm); sparsify `SparseCoder` forward, FVU
-loss, `remove_gradient_parallel_to_decoder_directions`, `set_decoder_norm_to_unit_norm`;
-SAELens `TopKTrainingSAE.training_forward_pass` with its aux-loss coefficients and grad clip.
+SAELens: float32 on CPU, as their trainers run there). Each side steps as its own trainer
+does: mlsae `total_loss` + `optimizer_step` (decoder-gradient projection, unit norm); sparsify
+`SparseCoder` forward, FVU loss, `remove_gradient_parallel_to_decoder_directions`,
+`set_decoder_norm_to_unit_norm`; SAELens `TopKTrainingSAE.training_forward_pass` with its aux-loss coefficients and grad clip.
 
 Lines: `one-layer` (layer 2; one SAE each) and `all-layers` (all 6 layers: ONE MLSAE over every
 layer against one sparsify / SAELens SAE per layer, as sparsify trains them in one pass).

@@ -67,7 +67,7 @@ def test_executor_run_config_validates_against_the_k8s_job() -> None:
 import dagster as dg
 job = d.defs.resolve_job_def("config_assets")
 run_config = {run_config!r}
-ok = dg.validate_run_config(job, run_config)
+dg.validate_run_config(job, run_config)  # raises DagsterInvalidConfigError if it does not fit
 bad = {{"execution": {{"config": {{**run_config["execution"]["config"], "max_concurent": 2}}}}}}
 try:
     dg.validate_run_config(job, bad)

@@ -155,14 +155,15 @@ def _claim1_verdict(comparison: list[dict[str, Any]], detail: str) -> tuple[str,
     outcomes = [_gap_outcome(r) for r in comparison]
     if FAILS not in outcomes:
         return _combine(outcomes, detail)
-    by_kind = {
-        kind: ", ".join(map(str, sorted({r["layer"] for r, o in zip(comparison, outcomes,
-                                                                      strict=True) if o == kind})))
-        for kind in (FAILS, HOLDS, UNSURE)
-        if kind in outcomes
-    }  # fmt: skip
+    layers: dict[str, set[int]] = {}
+    for r, outcome in zip(comparison, outcomes, strict=True):
+        layers.setdefault(outcome, set()).add(r["layer"])
     counts = f"{outcomes.count(FAILS)} of {len(outcomes)} (config, layer) pairs"
-    where = "; ".join(f"{kind} at layer(s) {layers}" for kind, layers in by_kind.items())
+    where = "; ".join(
+        f"{kind} at layer(s) {', '.join(map(str, sorted(layers[kind])))}"
+        for kind in (FAILS, HOLDS, UNSURE)
+        if kind in layers
+    )
     return FAILS, f"{counts} clearly worse: {where}; {detail}"
 
 
