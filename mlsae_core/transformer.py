@@ -165,6 +165,23 @@ def context_length(config: Any) -> int:
     )
 
 
+def model_card(path: str | Path) -> dict[str, Any]:
+    """What a local model directory holds, for the record: source, architecture and shape."""
+    path = Path(path)
+    cfg = json.loads((path / "config.json").read_text())
+    source = path / "mlsae_source.json"  # written by the GGUF conversion and tiny builds
+    size = sum(f.stat().st_size for f in path.glob("*.safetensors"))
+    return {
+        "path": str(path),
+        "source": json.loads(source.read_text())["source"] if source.exists() else "directory",
+        "architecture": (cfg.get("architectures") or ["?"])[0],
+        "n_layers": int(cfg.get("num_hidden_layers") or cfg.get("n_layer") or 0),
+        "d_model": int(cfg.get("hidden_size") or cfg.get("n_embd") or 0),
+        "vocab_size": int(cfg.get("vocab_size") or 0),
+        "weights_mb": round(size / 2**20, 2),
+    }
+
+
 def model_context_length(path: str | Path) -> int:
     """context_length of a local model directory, read from its config.json only."""
     from transformers import AutoConfig
@@ -367,15 +384,20 @@ class Transformer:
 
     @classmethod
     def load(
-        cls, name: str, device: str = "cpu", dtype: torch.dtype = torch.float32
+        cls,
+        name: str,
+        device: str = "cpu",
+        dtype: torch.dtype = torch.float32,
+        models_dir: Path | None = None,
     ) -> Transformer:
-        """Load by name ("smollm2", a .gguf path, a local dir or a hub id), frozen in eval mode;
-        `device` may be "auto" (CUDA when available)."""
+        """Load by name ("smollm2", a .gguf path, a local dir or a hub id; a hub model is
+        snapshotted under `models_dir` when one is given), frozen in eval mode; `device` may be
+        "auto" (CUDA when available)."""
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
-        path = resolve_model_path(name)
+        path = resolve_model_path(name, models_dir, snapshot=models_dir is not None)
         try:
             # safetensors only: a pickled checkpoint (pytorch_model.bin) is never unpickled
             model = AutoModelForCausalLM.from_pretrained(

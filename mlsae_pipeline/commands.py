@@ -24,19 +24,20 @@ from typing import Any
 
 
 def sweep_args(p: argparse.ArgumentParser) -> None:
+    from mlsae_core.config import add_data_dir
+
     p.add_argument(
         "--sweep",
         default=None,
         help="sweep file: a YAML path or a name under data/sweeps/ (default: $MLSAE_SWEEP, "
         "else 'default')",
     )
-    p.add_argument(
-        "--data_dir", default=None, help="storage root (default: $MLSAE_DATA_DIR, else data/)"
-    )
+    add_data_dir(p)
     p.add_argument(
         "--check",
         action="store_true",
-        help="only parse and validate the sweep file (offline: no model, data or hub is read)",
+        help="only parse and validate the sweep file (offline: no model, data, storage root "
+        "or hub is read)",
     )
     p.add_argument(
         "--keep_going",
@@ -114,75 +115,98 @@ def quiet_run_config(verbose: bool) -> dict[str, Any]:
     return {"loggers": {"console": {"config": {"log_level": level}}}}
 
 
-def outputs(layout: Any, sw: Any, asset: str, partition: str | None) -> list[Path]:
-    """The files asset `asset` of `partition` leaves, each recorded in its directory's
-    manifest (tables by `atomic.write_parquet`, the rest by the core writer that wrote them)."""
-    from mlsae_pipeline import steps
+def latest(instance: Any, key: Any, partition: str | None = None, before: int | None = None) -> Any:
+    """The asset's last materialization record (of `partition`; None: of any), or None;
+    `before`: the last one with a storage id below it."""
+    import dagster as dg
+
+    where = dg.AssetRecordsFilter(
+        key, asset_partitions=[partition] if partition else None, before_storage_id=before
+    )
+    records = instance.fetch_materializations(where, limit=1).records
+    return records[0] if records else None
+
+
+def damaged(record: Any, layout: Any, asset: str, partition: str | None) -> str | None:
+    """Why a file the materialization wrote fails `atomic.verify`, or None: its metadata's
+    `files` (relative to the storage root) and, for a table asset, its Parquet file."""
+    from mlsae_core import atomic
     from mlsae_pipeline.io import TABLE_ASSETS, table_path
-    from mlsae_pipeline.partitions import split_config_key
 
-    paths = [table_path(layout, asset, partition)] if asset in TABLE_ASSETS else []
-    if partition is not None and "|" in partition:
-        model, sae_key = split_config_key(partition)
-        run = layout.run(model, sae_key)
-        paths += {
-            "mlsae": [run.weights, run.config, run.figure("training_curve")],
-            "dists_heatmap": [run.figure("dists_heatmap"), run.figure("layer_mean_hist")],
-            "prompt_heatmap": [run.figure("prompt_heatmap")],
-            "saelens_export": sorted(run.directory.glob("saelens/*/sae_weights.safetensors")),
-        }.get(asset, [])
-    elif partition is not None:
-        paths += {
-            "corpus": steps.corpus_files(layout, partition),
-            "tuned_lens": steps.lens_files(layout, partition) if sw.wants_lens else [],
-            "resid_cos_sim": [Path(f"{layout.model_figure_stem('resid_cos_sim', partition)}.png")],
-        }.get(asset, [])
-    elif asset == "results_db":
-        paths.append(layout.results_db)
-    elif asset == "report":
-        paths += [layout.report_dir / "report.html", layout.report_dir / "report.md"]
-    return paths
+    meta = record.asset_materialization.metadata or {}
+    paths = [layout.root / f for f in (meta["files"].value if "files" in meta else [])]
+    paths += [table_path(layout, asset, partition)] if asset in TABLE_ASSETS else []
+    for path in paths:
+        try:
+            atomic.verify(path.parent, [path.name])
+        except atomic.CorruptFileError as exc:
+            return str(exc)
+    return None
 
 
-def launches(defs: Any, instance: Any, sw: Any, job: str, partition: str | None) -> dict:
+def _updated(instance: Any, graph: Any, key: Any, partition: str | None, record: Any) -> list[str]:
+    """The parents of `key` with new data since its last materialization `record` read them
+    (the input event pointer Dagster recorded, else the record itself): a partition it reads
+    materialized since, to another data version than the one it read."""
+    import dagster as dg
+
+    from mlsae_pipeline.assets import DATA_VERSION_TAG, INPUT_POINTER_TAG
+
+    tags, out = record.asset_materialization.tags or {}, []
+    version = lambda r: (r.asset_materialization.tags or {}).get(DATA_VERSION_TAG)  # noqa: E731
+    for parent in graph.get(key).parent_keys:
+        pdef = graph.get(parent).partitions_def
+        if pdef is None:
+            parts: list[str | None] = [None]
+        elif partition is None:  # an unpartitioned asset reads every partition
+            parts = list(pdef.get_partition_keys())
+        elif isinstance(pdef, dg.MultiPartitionsDefinition):
+            parts = [partition]
+        else:  # a per-model parent of a per-config asset
+            parts = [partition.split("|")[0]]
+        pointer = tags.get(f"{INPUT_POINTER_TAG}{parent.to_user_string()}")
+        read_at = int(pointer or record.storage_id)
+        for part in parts:
+            now = latest(instance, parent, part)
+            if now is None or now.storage_id <= read_at:
+                continue
+            then = latest(instance, parent, part, before=read_at + 1)
+            if then is None or version(then) != version(now):
+                out.append(parent.to_user_string())
+                break
+    return sorted(out)
+
+
+def launches(defs: Any, instance: Any, job: str, partition: str | None) -> dict:
     """{asset: why it runs} for one stage (job x partition); empty: the stage is up to date.
 
-    Dagster's stale status decides (the UI's "unsynced"): never materialized, a new code
-    version or new upstream data. A file that fails `atomic.verify` is rebuilt too (nothing
-    read back is trusted). What a launched asset feeds in the same stage runs after it (a
-    rebuilt checkpoint may differ); later stages see its new data version, or its same one."""
-    from dagster._core.asset_graph_view.asset_graph_view import AssetGraphView, TemporalContext
-    from dagster._core.definitions.data_version import CachingStaleStatusResolver, StaleStatus
-    from dagster._time import get_current_datetime
-
-    from mlsae_pipeline import steps
+    From Dagster's record of each asset's last materialization (public instance API): it runs
+    when never materialized, when it was made by another code version (which includes the
+    sweep settings it reads), when a parent has new data since, or when a file it wrote fails
+    `atomic.verify` (nothing read back is trusted). What a launched asset feeds in the same
+    stage runs after it (a rebuilt checkpoint may differ)."""
+    from mlsae_pipeline.assets import CODE_VERSION_TAG
 
     graph = defs.resolve_asset_graph()
-    stage = defs.resolve_job_def(job).asset_layer.selected_asset_keys
-    view = AssetGraphView(
-        temporal_context=TemporalContext(effective_dt=get_current_datetime(), last_event_id=None),
-        instance=instance,
-        asset_graph=graph,
-    )
-    resolver = CachingStaleStatusResolver(instance, graph, loading_context=view)
     layout = defs.resources["storage"].layout
+    stage = defs.resolve_job_def(job).asset_layer.selected_asset_keys
     why: dict[Any, str] = {}
-    changed: set[Any] = set()
     for key in (k for k in graph.toposorted_asset_keys if k in stage):
-        status = resolver.get_status(key, partition)
-        moved = sorted(k.to_user_string() for k in graph.get(key).parent_keys & changed)
-        if status == StaleStatus.MISSING:
+        record = latest(instance, key, partition)
+        tags = (record.asset_materialization.tags or {}) if record else {}
+        moved = sorted(k.to_user_string() for k in graph.get(key).parent_keys & why.keys())
+        if record is None:
             why[key] = "never materialized"
-        elif status == StaleStatus.STALE:
-            causes = resolver.get_stale_root_causes(key, partition)
-            why[key] = "; ".join(f"{c.asset_key.to_user_string()} {c.reason}" for c in causes)
+        elif tags.get(CODE_VERSION_TAG) != graph.get(key).code_version:
+            why[key] = (
+                f"has a new code version ({tags.get(CODE_VERSION_TAG)} -> {graph.get(key).code_version})"
+            )
+        elif updated := _updated(instance, graph, key, partition, record):
+            why[key] = f"{', '.join(updated)} has new data"
         elif moved:
             why[key] = f"{', '.join(moved)} re-run"
-        elif problem := steps.damaged(outputs(layout, sw, key.to_user_string(), partition)):
+        elif problem := damaged(record, layout, key.to_user_string(), partition):
             why[key] = problem
-        else:
-            continue
-        changed.add(key)
     for key in list(why):  # a multi-asset (evaluation) computes all its outputs at once
         for sibling in graph.get(key).execution_set_asset_keys - why.keys():
             why[sibling] = f"computed with {key.to_user_string()}"
@@ -223,7 +247,7 @@ def run_sweep(
     t_all = time.perf_counter()
     for i, (label, job_name, partition) in enumerate(stages, start=1):
         t0 = time.perf_counter()
-        why = launches(defs, instance, sw, job_name, partition)
+        why = launches(defs, instance, job_name, partition)
         row = run_stage(defs, instance, sw, job_name, partition, why, keep_going, verbose)
         row.update(stage=label, seconds=time.perf_counter() - t0)
         status = ("ok" if row["success"] else "FAILED") if why else "up to date"
@@ -278,22 +302,21 @@ def sweep(args: argparse.Namespace) -> int:
         print(f"sweep {sw.name} ({sw.path}) is valid: {len(sw.models)} model(s) "
               f"{sw.model_keys} x {len(sw.points)} SAE config(s) {sw.sae_keys}")  # fmt: skip
         return 0
-    if args.data_dir:
-        os.environ["MLSAE_DATA_DIR"] = str(Path(args.data_dir).resolve())
+    from mlsae_core.config import use_data_dir
+
+    data_dir = use_data_dir(args)
     os.environ.setdefault("MLSAE_PROGRESS", "1")  # progress bars for the long steps
     verbose = bool(getattr(args, "verbose", False))
     if not verbose:
         for name in ("alembic", "dagster"):  # instance migrations, code-server chatter
             logging.getLogger(name).setLevel(logging.WARNING)
         logging.getLogger().setLevel(logging.WARNING)
-    rows = run_sweep(args.sweep, args.data_dir, keep_going=args.keep_going, verbose=verbose)
+    rows = run_sweep(args.sweep, data_dir, keep_going=args.keep_going, verbose=verbose)
     failed = [r["stage"] for r in rows if not r["success"]]
     if failed:
         print(f"mlsae sweep: {len(failed)} stage(s) failed: {', '.join(failed)}", file=sys.stderr)
         return 1
-    from mlsae_pipeline.resources import default_data_dir
-
-    print(f'results: {Path(default_data_dir()) / "results.duckdb"}  (try: mlsae query "...")')
+    print(f'results: {data_dir / "results.duckdb"}  (try: mlsae query "...")')
     return 0
 
 

@@ -18,18 +18,19 @@ from pathlib import Path
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--job", required=True, type=Path, help="JSON: spec, out_dir, chunks, root")
+    parser.add_argument("--job", required=True, type=Path, help="JSON: spec, out_dir, model, root")
     args = parser.parse_args(argv)
     job = json.loads(args.job.read_text())
 
     from mlsae_core.config import spec_from_dict
-    from mlsae_pipeline.steps import train_sae
+    from mlsae_core.layout import StorageLayout
+    from mlsae_core.runs import train_stored
 
     spec = spec_from_dict(job["spec"])
-    out_dir, chunks, root = Path(job["out_dir"]), Path(job["chunks"]), Path(job["root"])
+    layout, out_dir = StorageLayout(Path(job["root"])), Path(job["out_dir"])
     rank = int(os.environ.get("RANK", "0"))
     if rank != 0:
-        train_sae(spec, out_dir, chunks, root)
+        train_stored(spec, layout, job["model"], out_dir)
         return 0
 
     from dagster_pipes import open_dagster_pipes
@@ -41,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
             if row["step"] % 10 == 0:
                 pipes.log.info(f"step {row['step']}: {row['tokens']} tokens, fvu {row['fvu']:.4f}")
 
-        meta = train_sae(spec, out_dir, chunks, root, on_step=on_step)
+        meta = train_stored(spec, layout, job["model"], out_dir, on_step=on_step)
         pipes.report_asset_materialization(metadata=meta)
     return 0
 

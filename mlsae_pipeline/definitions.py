@@ -1,7 +1,7 @@
 """The Dagster code location: every asset, check, job, schedule and sensor, in one place.
 
-Loaded by `dagster dev` / `dagster asset materialize` through pyproject's [tool.dagster]
-(module_name = "mlsae_pipeline.definitions") or workspace.yaml. Loading parses the sweep
+Loaded by `dagster dev` through pyproject's [tool.dagster] (module_name =
+"mlsae_pipeline.definitions"), by `dagster asset ...` through -m. Loading parses the sweep
 YAML and builds the partitions; torch and transformers are imported only inside asset
 bodies, so the code server starts in about a second.
 

@@ -22,28 +22,9 @@ import dagster as dg
 
 from mlsae_core import atomic
 from mlsae_core.layout import RUN_TABLES, StorageLayout
+from mlsae_pipeline import ui
 from mlsae_pipeline.partitions import split_config_key
 from mlsae_pipeline.resources import Storage
-
-
-def _fmt(v: Any) -> str:
-    if isinstance(v, float):
-        return f"{v:.4g}"
-    if isinstance(v, list):
-        text = " ".join(_fmt(x) for x in v[:9])
-        return text + (" …" if len(v) > 9 else "")
-    return str(v).replace("|", "\\|").replace("\n", "\\n")
-
-
-def md_table(table: Any, max_rows: int = 12) -> str:
-    """A Markdown preview of a pyarrow table (first rows) for the Dagster UI."""
-    cols = table.column_names
-    rows = table.slice(0, max_rows).to_pylist()
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    lines += ["| " + " | ".join(_fmt(r[c]) for c in cols) + " |" for r in rows]
-    if table.num_rows > max_rows:
-        lines.append(f"\n… {table.num_rows - max_rows} more rows")
-    return "\n".join(lines)
 
 
 def table_metadata(table: Any) -> dict[str, Any]:
@@ -53,7 +34,7 @@ def table_metadata(table: Any) -> dict[str, Any]:
     return {
         "dagster/row_count": table.num_rows,
         "dagster/column_schema": schema,
-        "preview": dg.MetadataValue.md(md_table(table)),
+        "preview": ui.md(ui.table_md(table)),
     }
 
 

@@ -219,6 +219,20 @@ class Sweep(BaseModel):
         """Whether any config trains through a tuned lens (so the models need one)."""
         return any(p.tuned_lens for p in self.points)
 
+    @property
+    def held_out_tokens(self) -> int:
+        """Held-out tokens to tokenize: enough for the evaluation and for resid_cos_sim."""
+        return max(self.eval.max_tokens, self.eval.resid_tokens)
+
+    def train_tokens(self, model: str) -> int:
+        """Training tokens to tokenize for `model`: the largest budget any config reads
+        (data.train_token_budget: whole optimiser steps)."""
+        from mlsae_core.data import train_token_budget
+
+        world = self.train.nproc_per_node
+        return max(train_token_budget(self.run_spec(p, self.model_name(model)), world)
+                   for p in self.points)  # fmt: skip
+
     def point(self, key: str) -> SAEPoint:
         for p in self.points:
             if p.key == key:

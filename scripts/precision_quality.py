@@ -24,8 +24,8 @@ import torch
 
 from benchmarks.bench import PYTHIA_70M_SHAPE, make_model_dir
 from mlsae_core.config import DataConfig, SAEConfig, TrainConfig
+from mlsae_core.data import corpus_split
 from mlsae_core.evaluate import evaluate
-from mlsae_core.runs import corpus_split
 from mlsae_core.train import LiveActivations, read_history, train
 from mlsae_core.transformer import Transformer
 

@@ -51,7 +51,7 @@ def test_mlsae_asset_trains_with_torchrun_via_pipes(tmp_path, monkeypatch):
     meta = {k: v.value for k, v in mats[-1].materialization.metadata.items()}
     assert meta["world_size"] == 2  # reported by rank 0 through dagster_pipes
     assert meta["launcher"] == "torchrun via Dagster Pipes"
-    assert meta["run"] == "trained"  # a new run (not extended, not restarted)
+    assert meta["run"] == "new"  # a new run (not extended, not restarted)
     ckpt = data / "saes" / "tiny-llama" / sweep.points[0].key
     sae = MLSAE.from_pretrained(ckpt)
     assert sae.metadata["layers"] == [0, 1, 2, 3]

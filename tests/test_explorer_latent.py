@@ -23,10 +23,10 @@ from fastapi.testclient import TestClient
 
 from mlsae_core.cli import main
 from mlsae_core.config import EvalConfig
+from mlsae_core.data import held_out_split
 from mlsae_core.explorer.latent import BINS, N_MAX_EXAMPLES, QUANTILES, export_dashboard
 from mlsae_core.explorer.options import ExplorerSettings
 from mlsae_core.explorer.server import create_app, load_app
-from mlsae_core.runs import held_out_split
 from mlsae_core.sae import MLSAE
 from mlsae_core.transformer import Transformer
 from tests.test_cli import train_args

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from mlsae_core.config import DataConfig, SAEConfig, TrainConfig
+from mlsae_core.data import transformer_split
 from mlsae_core.evaluate import evaluate
-from mlsae_core.runs import transformer_split
 from mlsae_core.train import read_history, train
 
 pytestmark = pytest.mark.integration

@@ -92,7 +92,7 @@ def test_larger_budget_extends_each_run_to_one_longer_run(tmp_path, monkeypatch)
     )
     for key in KEYS:
         meta = _mlsae_metadata(instance, key)
-        assert meta["run"] == "extended" and meta["changed"] == ["max_tokens: 1024 -> 2048"]
+        assert meta["run"] == "extend" and meta["changed"] == ["max_tokens: 1024 -> 2048"]
         extended, fresh = _weights(data, key), _weights(fresh_data, key)
         assert extended.keys() == fresh.keys()
         for name in fresh:
@@ -107,7 +107,7 @@ def test_larger_budget_extends_each_run_to_one_longer_run(tmp_path, monkeypatch)
     assert all(r["launched"] for r in rows if r["job"] == "config_assets")
     for key in KEYS:
         meta = _mlsae_metadata(instance, key)
-        assert meta["run"] == "restarted" and meta["changed"] == ["train.lr: 0.001 -> 0.002"]
+        assert meta["run"] == "restart" and meta["changed"] == ["train.lr: 0.001 -> 0.002"]
         steps = [r["step"] for r in read_history(data / "saes" / MODEL / key)]
         assert steps == fresh_steps
         retrained, fresh = _weights(data, key), _weights(fresh_data, key)

@@ -221,7 +221,7 @@ def test_names_resolve_under_the_storage_root_only(tmp_path, monkeypatch) -> Non
     """A bare name is a model directory under the storage root's models/ (or a source under
     its sources/) when one is there, so it follows MLSAE_DATA_DIR; the package knows no tiny
     names: with nothing written, `tiny-llama` is just a hub id."""
-    from mlsae_core.runs import resolve_dataset
+    from mlsae_core.data import resolve_dataset
 
     monkeypatch.setenv("MLSAE_DATA_DIR", str(tmp_path / "root"))
     assert resolve_model_path("tiny-llama") == "tiny-llama"

@@ -3,7 +3,7 @@ for `GET /api/latent/{latent}` and for the static dashboard export (`export_dash
 
 The layer distribution and densities come from the run directory's `latent_layer_dists` table
 when there is one (`tables.dists_from_layer_table`), else from a held-out sample: the first
-`latent_tokens` tokens of the checkpoint's held-out split (`runs.held_out_split`), in rows of at
+`latent_tokens` tokens of the checkpoint's held-out split (`data.held_out_split`), in rows of at
 most `max_prompt_tokens`, encoded once on the first request and kept (its bytes are a term of
 the explorer's memory bound, `memory.latent_bytes`). The histogram and the quantile examples
 always come from the sample; the max-activating examples from the explorer's max_examples
@@ -28,12 +28,12 @@ from mlsae_core.analysis.examples import sae_row_encoder
 from mlsae_core.analysis.tables import dists_from_layer_table
 from mlsae_core.chunks import TokenChunks
 from mlsae_core.config import DataConfig, EvalConfig
+from mlsae_core.data import held_out_split
 from mlsae_core.explorer import schemas as sc
 from mlsae_core.explorer.options import ExplorerSettings
 from mlsae_core.explorer.service import Explorer, load_explorer
 from mlsae_core.explorer.wire import finite
 from mlsae_core.layout import RunLayout
-from mlsae_core.runs import held_out_split
 
 logger = logging.getLogger(__name__)
 
@@ -126,13 +126,18 @@ class LatentPages:
         return Sample(chunks, mask, torch.cat(values, 1), torch.cat(indices, 1))
 
     # ----- the page ----------------------------------------------------------------------------
-    def page(self, latent: int) -> dict[str, Any]:
-        """Everything on the latent's page (`schemas.LatentOut`); 404 outside 0..n-1."""
-        ex, n = self.ex, self.ex.sae.n_latents
-        if not 0 <= latent < n:
+    def check(self, latent: int | str) -> None:
+        """404 naming the valid range, for an id outside 0..n-1 (the API and the HTML page)."""
+        n = self.ex.sae.n_latents
+        if not (str(latent).isascii() and str(latent).isdigit() and int(latent) < n):
             raise HTTPException(
                 404, f"latent={latent} is out of range: the MLSAE has {n} latents (0..{n - 1})"
             )
+
+    def page(self, latent: int) -> dict[str, Any]:
+        """Everything on the latent's page (`schemas.LatentOut`); 404 outside 0..n-1."""
+        self.check(latent)
+        ex, n = self.ex, self.ex.sae.n_latents
         self.load()
         s, d = self.sample, self.dists
         row = None if s is None else s.latent_row(latent)  # [L, T]

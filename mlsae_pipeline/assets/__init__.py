@@ -18,7 +18,7 @@ import dagster as dg
 # depends on it) unsynced, and `mlsae sweep` (or "Materialize unsynced") recomputes it.
 CODE_VERSIONS = {
     "transformer": "2",  # 2: mlsae_core.transformer.resolve_model_path
-    "corpus": "2",  # 2: runs.corpus_split resolves the dataset
+    "corpus": "2",  # 2: data.corpus_split resolves the dataset
     "resid_cos_sim": "1",
     "tuned_lens": "1",
     "mlsae": "4",  # 4: --precision (auto: bf16 where native); tuned-lens inputs
@@ -35,6 +35,10 @@ CODE_VERSIONS = {
     "saelens_export": "1",
 }
 PARQUET = "parquet_io_manager"
+# Tags Dagster writes on every materialization: its record of what made it and from what.
+CODE_VERSION_TAG = "dagster/code_version"
+DATA_VERSION_TAG = "dagster/data_version"
+INPUT_POINTER_TAG = "dagster/input_event_pointer/"
 
 
 def code_version(asset: str, *settings: Any) -> str:

@@ -1,11 +1,12 @@
-"""Groups `training`, `evaluation`, `figures`: everything per (model x SAE config) partition.
+"""Groups `training`, `evaluation`, `figures`, `exports`: everything per (model x SAE config)
+partition.
 
 `mlsae` trains the checkpoint into its run directory (in-process, or across processes with
 torchrun through Dagster Pipes when the sweep sets train.nproc_per_node > 1). `evaluation`
 is ONE pass of `mlsae_core.analyse.one_pass`; it materializes every table of
 `analyse.analysis_tables` as an asset of the same name, which the IO manager writes into the
 run directory under the file names `mlsae analyse` uses, and runs their checks on the
-in-memory tables. The figures land in the run directory too.
+in-memory tables. The figures and the SAELens export land in the run directory too.
 """
 
 import json
@@ -16,8 +17,11 @@ import dagster as dg
 
 from mlsae_core import atomic
 from mlsae_core.config import to_dict
+from mlsae_core.identity import run_id
 from mlsae_core.layout import RUN_TABLES
-from mlsae_pipeline.assets import CODE_VERSIONS, PARQUET, asset, code_version
+from mlsae_core.textable import format_table
+from mlsae_pipeline import ui
+from mlsae_pipeline.assets import CODE_VERSION_TAG, CODE_VERSIONS, PARQUET, asset, code_version
 from mlsae_pipeline.partitions import SweepPartitions, split_config_key
 from mlsae_pipeline.resources import Storage, SweepResource
 from mlsae_pipeline.sweep import Sweep
@@ -68,31 +72,43 @@ def mlsae(
     layer set; one layer = a single-layer baseline): the run directory saes/<model>/<sae>/
     with model.safetensors + config.json, history.parquet and training_curve.png. A larger
     data.max_tokens continues the finished run; any other settings change (or a new mlsae
-    code version, or a damaged checkpoint) starts it over (metadata: changed).
+    code version, or a damaged checkpoint) starts it over (metadata: run = new, resume,
+    extend, finished or restart; changed = the settings that differ).
 
-    The one short-circuit inside a run is the core's own: train_run resumes a directory that
-    holds the same settings and returns a finished run untouched. "Materialize all" in the UI
-    launches up-to-date partitions too, and a crashed run's retry must resume, not retrain
-    (`mlsae sweep` launches only what is missing, unsynced or corrupt)."""
-    from mlsae_pipeline import steps
+    What training does is the core's plan (mlsae_core.runs.prepare): it resumes a directory
+    that holds the same settings and leaves a finished run untouched, so "Materialize all" in
+    the UI and a crashed run's retry never retrain what is there."""
+    from mlsae_core import figures, runs
+    from mlsae_core.train import read_history
 
     layout, sw = storage.layout, sweep.load()
     model, sae_key = split_config_key(context.partition_key)
     run = layout.run(model, sae_key)
     spec = sw.run_spec(sw.point(sae_key), sw.model_name(model), layout.lens_dir(model))
-    changes, outcome = steps.reconcile_run(run, spec, _code_change(context))
-    if outcome == "restarted":
-        context.log.info("settings changed: started %s over", run.directory)
-    meta = _train(context, pipes_subprocess_client, spec, layout, model, run, len(sw.points))
-    steps.training_curve(layout, model, sae_key)
+    plan = runs.prepare(spec, run.directory, "restart", _code_change(context))
+    if spec.train.nproc_per_node < 2:
+        meta = runs.train_stored(
+            spec, layout, model, run.directory, len(sw.points) > 1, ui.terminal_progress(),
+            _log_progress(context),
+        )  # fmt: skip
+    else:
+        meta = _torchrun(context, pipes_subprocess_client, spec, layout, model, run)
+    hist = read_history(run.directory)
+    pngs = figures.training_curve_figure(
+        hist, run.figure_stem("training_curve"), f"{model} {sae_key}"
+    )
+    shown = ["step", "tokens", "fvu", "dead_fraction", "l0"]
+    rows = [[r[c] for c in shown] for r in hist[:: max(1, len(hist) // 10)] + hist[-1:]]
+    curve = ui.figures_md(pngs[:1]) + "\n\n" + format_table(shown, rows, len(rows), markdown=True)
     weights = atomic.read_manifest(run.directory)[run.weights.name]["sha256"]
     return dg.MaterializeResult(
         metadata={
             **meta,
-            "run": outcome,
-            "changed": [f"{k}: {old!r} -> {new!r}" for k, (old, new) in changes.items()],
+            "run": "restart" if plan.action == "conflict" else plan.action,
+            "changed": plan.describe(),
+            "files": ui.files(layout, (run.weights, run.config, *pngs)),
             "checkpoint": dg.MetadataValue.path(str(run.directory)),
-            "training_curve": dg.MetadataValue.md(steps.curve_markdown(run)),
+            "training_curve": ui.md(curve),
         },
         data_version=dg.DataVersion(weights[:16]),  # the weights: a no-op run changes nothing
     )
@@ -101,13 +117,33 @@ def mlsae(
 def evaluation(context: dg.AssetExecutionContext, storage: Storage, sweep: SweepResource):
     """One evaluation pass (analyse.one_pass): test metrics, layer distributions, layer
     variance, max examples; every table of analyse.analysis_tables."""
-    from mlsae_pipeline import checks, steps
+    from mlsae_core.analyse import analysis_tables, one_pass
+    from mlsae_core.evaluate import resolve_delta_dtype
+    from mlsae_pipeline import checks
 
-    sw = sweep.load()
+    layout, sw = storage.layout, sweep.load()
     model, sae_key = split_config_key(context.partition_key)
-    tables, meta = steps.evaluate(storage.layout, sw, model, sw.point(sae_key))
+    setup, part = _load_run(layout, sw, model, sae_key)
+    test = setup.chunks
+    result = one_pass(setup.transformer, setup.sae, test, setup.layers, sw.eval,
+                      progress=ui.terminal_progress(), lens=setup.lens)  # fmt: skip
+    tables = analysis_tables(result, part, test)
+    avg = next(r for r in result.metrics_rows if r["layer"] == "avg")
+    dtype = resolve_delta_dtype(sw.eval.delta_dtype, setup.transformer.device)
+    splice = {True: "logit difference (linear head)", False: "full logits"}
+    meta = {
+        "test_metrics": {
+            "n_tokens": result.n_tokens,
+            "splice_tokens": sw.eval.spliced_tokens,
+            "delta_dtype": str(dtype).removeprefix("torch."),
+            "splice_path": splice.get(result.linear_head, "none"),
+            **{k: avg[k] for k in ("fvu", "l0", "dead", "dce")},
+        },
+        "latent_dists": {"n_live": int(result.dists.live.sum()), "n_latents": setup.sae.n_latents},
+        "max_examples": {"n_examples": len(result.examples)},
+    }
     for name in EVAL_TABLES:
-        yield dg.Output(tables[name], output_name=name, metadata=steps.plain(meta.get(name, {})))
+        yield dg.Output(tables[name], output_name=name, metadata=ui.plain(meta.get(name, {})))
     outcomes = checks.evaluation_checks(tables, sw.checks, sw.eval.spliced_tokens > 0)
     for asset_name, results in outcomes.items():
         for outcome in results:
@@ -123,40 +159,60 @@ def dists_heatmap(
     """Heatmap of p[layer, latent] for live latents sorted by mean layer, plus the histogram
     of latents' mean layers (dists_heatmap / layer_mean_hist .png + .pdf in the run directory,
     as `mlsae analyse` writes them; shown inline)."""
-    from mlsae_pipeline import steps
+    from mlsae_core.analyse import figure_title, write_run_figures
+    from mlsae_core.analysis.tables import dists_from_layer_table
 
-    sw = sweep.load()
     model, sae_key = split_config_key(context.partition_key)
-    pngs, meta = steps.dists_figures(storage.layout, sw, model, sae_key, latent_layer_dists)
-    md = "\n\n".join(steps.inline_png(p, p.stem) for p in pngs)
-    return dg.MaterializeResult(metadata={**meta, "heatmap": dg.MetadataValue.md(md)})
+    point, run = sweep.load().point(sae_key), storage.layout.run(model, sae_key)
+    dists = dists_from_layer_table(latent_layer_dists)
+    part = run_id(model, point.expansion_factor, point.k, dists.layers, seed=point.seed)
+    written = write_run_figures(run, dists, figure_title(part))
+    pngs = [p for p in written if p.suffix == ".png"]
+    return dg.MaterializeResult(
+        metadata={
+            "files": ui.files(storage.layout, written),
+            "n_live": int(dists.live.sum()),
+            "heatmap": ui.md(ui.figures_md(pngs)),
+        }  # fmt: skip
+    )
 
 
 def prompt_heatmap(context: dg.AssetExecutionContext, storage: Storage, sweep: SweepResource):
     """For the sweep's eval.prompt: each latent's activation summed over tokens per layer,
     normalised over layers, latents sorted by mean layer: the long-form table
     (prompt_heatmap.parquet) and the figure (PNG + PDF, inline) in the run directory."""
-    from mlsae_pipeline import steps
+    from mlsae_core import figures
+    from mlsae_core.analysis import prompts, tables
 
     layout, sw = storage.layout, sweep.load()
     model, sae_key = split_config_key(context.partition_key)
-    table, meta = steps.prompt_heatmap(layout, sw, model, sw.point(sae_key))
-    png = layout.run(model, sae_key).figure("prompt_heatmap")
-    md = dg.MetadataValue.md(steps.inline_png(png, "prompt heatmap"))
-    return dg.Output(table, metadata={**meta, "heatmap": md})
+    setup, part = _load_run(layout, sw, model, sae_key)
+    heat = prompts.prompt_heatmap(
+        setup.transformer, setup.sae, setup.layers, prompt=sw.eval.prompt, lens=setup.lens
+    )
+    run = layout.run(model, sae_key)
+    written = figures.prompt_heatmap_figure(heat, run.figure_stem("prompt_heatmap"))
+    meta = {"n_latents_active": int(heat.latents.numel()), "tokens": " ".join(heat.tokens),
+            "heatmap": ui.md(ui.figures_md([p for p in written if p.suffix == ".png"]))}  # fmt: skip
+    return dg.Output(tables.prompt_heatmap_table(heat, part), metadata=meta)
 
 
 def saelens_export(context: dg.AssetExecutionContext, storage: Storage):
     """The MLSAE as SAELens TopK SAEs, one per layer (`mlsae export --format saelens`):
     saes/<model>/<sae>/saelens/<hook>/ with the layer distributions as sparsity.safetensors
     (docs/interop.md)."""
-    from mlsae_core.export import export_saelens
+    from mlsae_core.interop import saelens
+    from mlsae_core.sae import MLSAE
 
     layout = storage.layout
     run = layout.run(*split_config_key(context.partition_key))
-    written = export_saelens(run.directory, run.directory / "saelens", layout.models_dir)
+    sae = MLSAE.from_pretrained(run.directory)
+    written = saelens.write(sae, run.directory, run.directory / "saelens", layout)
     where = dg.MetadataValue.path(str(run.directory / "saelens"))
-    return dg.MaterializeResult(metadata={"hooks": [p.name for p in written], "directory": where})
+    files = ui.files(layout, [p / "sae_weights.safetensors" for p in written])
+    return dg.MaterializeResult(
+        metadata={"hooks": [p.name for p in written], "directory": where, "files": files}
+    )
 
 
 def build_config_assets(parts: SweepPartitions, sw: Sweep) -> list[Any]:
@@ -255,42 +311,48 @@ def _log_progress(context: dg.AssetExecutionContext) -> Any:
 def _code_change(context: dg.AssetExecutionContext) -> dict[str, tuple[Any, Any]]:
     """{"code_version": (then, now)} when the partition's last materialization (Dagster's
     record of it) was made by another CODE_VERSIONS["mlsae"]: such a run starts over."""
-    from dagster._core.definitions.data_version import extract_data_provenance_from_entry
-
-    record = context.instance.get_latest_data_version_record(
-        context.asset_key, partition_key=context.partition_key
-    )
-    provenance = extract_data_provenance_from_entry(record.event_log_entry) if record else None
-    then = (provenance.code_version or "").split(".")[0] if provenance else None
+    records = context.instance.fetch_materializations(
+        dg.AssetRecordsFilter(context.asset_key, asset_partitions=[context.partition_key]), 1
+    ).records
+    tags = (records[0].asset_materialization.tags or {}) if records else {}
+    then = tags.get(CODE_VERSION_TAG, "").split(".")[0] or None
     now = CODE_VERSIONS["mlsae"]
     return {"code_version": (then, now)} if then not in (None, now) else {}
 
 
-def _train(
+def _load_run(layout: Any, sw: Sweep, model: str, sae_key: str) -> tuple[Any, dict[str, Any]]:
+    """(runs.load_for_test on the run, its stored test chunks and model; its run-id columns)."""
+    from mlsae_core.chunks import TokenChunks
+    from mlsae_core.runs import load_for_test
+    from mlsae_core.transformer import Transformer
+
+    point = sw.point(sae_key)
+    tr = Transformer.load(sw.model_name(model), sw.eval.device, models_dir=layout.models_dir)
+    test = TokenChunks.load(layout.corpus_path(model, "test"))
+    setup = load_for_test(
+        layout.run(model, sae_key).directory, sw.eval, transformer=tr, chunks=test
+    )
+    part = run_id(
+        model, point.expansion_factor, point.k, setup.layers, point.tuned_lens, point.seed
+    )
+    return setup, part
+
+
+def _torchrun(
     context: dg.AssetExecutionContext,
     client: dg.PipesSubprocessClient,
     spec: Any,
     layout: Any,
     model: str,
     run: Any,
-    n_configs: int,
 ) -> dict[str, Any]:
-    """In this process, or across train.nproc_per_node processes: torchrun runs
-    mlsae_pipeline.ddp_train through Dagster Pipes."""
+    """Train across train.nproc_per_node processes: torchrun runs mlsae_pipeline.ddp_train
+    through Dagster Pipes."""
     from mlsae_core.config import spec_to_dict
-    from mlsae_pipeline import steps
 
-    chunks = layout.corpus_path(model, "train")
-    if spec.train.nproc_per_node < 2:
-        # several configs of one model share one transformer pass (activation cache)
-        shared = layout.cache_dir(model) if n_configs > 1 else None
-        return steps.train_sae(
-            spec, run.directory, chunks, layout.root, _log_progress(context),
-            steps.terminal_progress(), shared,
-        )  # fmt: skip
     job = run.directory.parent / f".{run.directory.name}.ddp.json"
-    paths = {"out_dir": str(run.directory), "chunks": str(chunks), "root": str(layout.root)}
-    atomic.write_json(job, {"spec": spec_to_dict(spec), **paths})
+    atomic.write_json(job, {"spec": spec_to_dict(spec), "out_dir": str(run.directory),
+                            "model": model, "root": str(layout.root)})  # fmt: skip
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
     n = spec.train.nproc_per_node
     cmd = [*torchrun, f"--nproc_per_node={n}", "-m", "mlsae_pipeline.ddp_train", f"--job={job}"]

@@ -12,9 +12,9 @@ import dagster as dg
 
 from mlsae_core import atomic
 from mlsae_core.textable import format_table
-from mlsae_pipeline import checks
+from mlsae_pipeline import checks, ui
 from mlsae_pipeline.assets import PARQUET, asset
-from mlsae_pipeline.io import ALLOW_MISSING, TABLE_ASSETS, build_results_db, md_table
+from mlsae_pipeline.io import ALLOW_MISSING, TABLE_ASSETS, build_results_db
 from mlsae_pipeline.resources import Storage, SweepResource
 
 GROUP = "summary"
@@ -22,7 +22,7 @@ TEST_METRICS = {"test_metrics": dg.AssetIn("test_metrics", metadata=ALLOW_MISSIN
 
 
 def _preview(table: Any) -> dict[str, Any]:
-    return {"table": dg.MetadataValue.md(md_table(table, max_rows=30))}
+    return {"table": ui.md(ui.table_md(table, max_rows=30))}
 
 
 @asset(GROUP, {"parquet", "matplotlib"}, ins=TEST_METRICS, io_manager_key=PARQUET)
@@ -32,7 +32,6 @@ def test_summary(context: dg.AssetExecutionContext, storage: Storage, test_metri
     expansion factor (figures/test_<metric>_by_{k,expansion})."""
     from mlsae_core import figures
     from mlsae_core.analysis import summaries
-    from mlsae_pipeline import steps
 
     table = summaries.summarize_test_metrics(test_metrics)
     try:
@@ -43,11 +42,10 @@ def test_summary(context: dg.AssetExecutionContext, storage: Storage, test_metri
         context.log.warning("summary figures skipped: %s", exc)
         written = []
     pngs = [p for p in written if p.suffix == ".png"]
-    ui = _preview(table)
+    meta = _preview(table)
     if pngs:
-        plots = "\n\n".join(steps.inline_png(p, p.stem) for p in pngs[:2])
-        ui["plots"] = dg.MetadataValue.md(plots)
-    return dg.Output(table, metadata={**ui, "figures": [str(p) for p in pngs]})
+        meta["plots"] = ui.md(ui.figures_md(pngs[:2]))
+    return dg.Output(table, metadata={**meta, "figures": [str(p) for p in pngs]})
 
 
 @asset(
@@ -72,11 +70,15 @@ def mmcs(context: dg.AssetExecutionContext, storage: Storage, sweep: SweepResour
     within each dictionary (reference='self') and between each MLSAE and the single-layer SAEs
     of the same model, expansion factor and k (reference='layers=<l>'); summaries.mmcs."""
     from mlsae_core.analysis import summaries
-    from mlsae_pipeline import steps
 
-    found, missing = steps.decoders(storage.layout, sweep.load())
-    for key in missing:
-        context.log.warning("no checkpoint for %s yet; skipped", key)
+    layout, sw, found = storage.layout, sweep.load(), []
+    for model in sw.model_keys:
+        for point in sw.points:
+            run = layout.run(model, point.key)
+            if run.weights.exists():
+                found.append(summaries.run_decoder(run.directory))
+            else:
+                context.log.warning("no checkpoint for %s|%s yet; skipped", model, point.key)
     if not found:
         raise FileNotFoundError(
             f"no trained checkpoints under {storage.layout.root / 'saes'}; materialize mlsae first"
@@ -137,7 +139,6 @@ def report(
     claim's statistic, how it is computed, its numbers per config, its figure and verdict."""
     from mlsae_core.analysis.claims import verdicts
     from mlsae_core.report import write_report
-    from mlsae_pipeline import steps
 
     tables = {"test_metrics": test_metrics, "dists_layer_std": dists_layer_std,
               "layer_variance": layer_variance, "resid_cos_sim": resid_cos_sim}  # fmt: skip
@@ -147,12 +148,16 @@ def report(
     html = out["paths"]["html"]
     md = "\n\n".join([
         format_table(["claim", "verdict", "reason"], rows, markdown=True),
-        md_table(claims, max_rows=40),
-        *(steps.inline_png(p, p.stem) for p in pngs[:2]),
+        ui.table_md(claims, max_rows=40),
+        ui.figures_md(pngs[:2]),
         f"[report.html]({html.as_uri()})",
     ])  # fmt: skip
     return dg.MaterializeResult(
-        metadata={"report": dg.MetadataValue.md(md), "html": dg.MetadataValue.path(str(html))}
+        metadata={
+            "report": ui.md(md),
+            "html": dg.MetadataValue.path(str(html)),
+            "files": ui.files(storage.layout, [html, html.with_suffix(".md")]),
+        }
     )
 
 
@@ -164,12 +169,13 @@ def results_db(storage: Storage):
     `mlsae query "SQL"`."""
     layout = storage.layout
     views = build_results_db(layout)
-    lines = ["| view | rows | source |", "|---|---|---|"]
-    lines += [f"| {name} | {n} | `{src}` |" for name, (n, src) in views.items()]
+    rows = [[name, n, f"`{src}`"] for name, (n, src) in views.items()]
+    listing = format_table(["view", "rows", "source"], rows, len(rows), markdown=True)
     return dg.MaterializeResult(
         metadata={
             "path": dg.MetadataValue.path(str(layout.results_db)),
-            "views": dg.MetadataValue.md("\n".join(lines)),
+            "files": ui.files(layout, [layout.results_db]),
+            "views": ui.md(listing),
             "n_views": len(views),
         }
     )
