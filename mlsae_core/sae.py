@@ -13,7 +13,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
-from mlsae_core import checkpoint
+from mlsae_core import checkpoint, interop
 from mlsae_core.config import SAEConfig
 from mlsae_core.sparse import selected_preacts, sparse_decode
 
@@ -278,8 +278,8 @@ class MLSAE(nn.Module):
         device: str | torch.device = "cpu",
         **expect: Any,
     ) -> MLSAE:
-        """A checkpoint directory or hub repo id (`checkpoint.read_sae`); `expect` are musts."""
-        kwargs, tensors = checkpoint.read_sae(path_or_repo_id, **expect)
+        """A checkpoint directory or hub repo id (`interop.read_sae`); `expect` are musts."""
+        kwargs, tensors = interop.read_sae(path_or_repo_id, **expect)
         sae = cls(**kwargs)
         checkpoint.load_weights(sae, tensors)
         return sae.to(device)
