@@ -4,7 +4,7 @@ Run as a script, never as timed tests. Every measurement runs in its OWN subproc
 peak RSS (`ru_maxrss`) printed is that measurement's. The baseline, `benchmarks.bench_baseline`
 (the original research code's compute pattern, beside it; `--baseline PATH` runs another
 script with the same flags instead), runs in the same process tree on the same model directory
-(random Pythia-70m-shaped weights from `tests.tiny`, saved once), the same batch shape and
+(random Pythia-70m-shaped weights from `mlsae_core.tiny`, saved once), the same batch shape and
 the same thread count, and each pair reports ours / baseline.
 
 Measurements (tokens/s = chunk positions per second, median of --reps after --warmup):
@@ -18,7 +18,8 @@ Measurements (tokens/s = chunk positions per second, median of --reps after --wa
   train-run/<cfg> with --train-run N: `train()` itself, end to end, for an N-token budget of
                   random chunks (checkpoints, history, dead-latent counters), timed once
   peers/<line>    with --peers (instead of the above): the same TopK SAE training done by
-                  sparsify and SAELens on the same activations (benchmarks/peers.py)
+                  sparsify and SAELens on the same activations (benchmarks/peers.py); it takes
+                  --rounds, --threads, --quick, --device and --json, and refuses the other flags
 SmolLM2 (30 layers, d=576) runs the same lines on fewer tokens, when its converted copy exists.
 With --device cuda our lines run on the GPU (timed after torch.cuda.synchronize, with the
 GPU's peak allocation as peak_gpu_mb) and the CPU-only baseline is not run.
@@ -51,7 +52,7 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 BASELINE_MODULE = "benchmarks.bench_baseline"
-# `tests.tiny.tiny_model("gpt_neox", ...)` arguments for the benchmark's two model shapes.
+# `mlsae_core.tiny.tiny_model("gpt_neox", ...)` arguments for the benchmark's two model shapes.
 PYTHIA_70M_SHAPE = dict(
     n_layers=6,
     d=512,
@@ -473,7 +474,7 @@ def make_model_dir(out: Path, shape: dict[str, Any]) -> Path:
     Pythia's rotary fraction and token ids (bos = eos = 0, no pad), no tokenizer: the
     benchmark feeds random ids and both sides load the directory with `from_pretrained`.
     """
-    from tests.tiny import tiny_model
+    from mlsae_core.tiny import tiny_model
 
     ids = dict(bos_token_id=0, eos_token_id=0, pad_token_id=None)
     tiny_model("gpt_neox", **shape, seed=0, rotary_pct=0.25, **ids).save_pretrained(out)
@@ -487,19 +488,29 @@ def _smollm2_available() -> bool:
     return (StorageLayout.from_env().models_dir / SMOLLM2_DIR_NAME / "config.json").is_file()
 
 
+# The flags of the lines above that --peers (its own training, benchmarks/peers.py) does not use.
+PEERS_IGNORE = ("only", "reps", "warmup", "batch_size", "max_length", "baseline", "no_baseline",
+                "no_smollm2", "tiny", "precision", "train_run")  # fmt: skip
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="python -m benchmarks.bench", description=__doc__.split("\n")[0]
     )
     p.add_argument("--quick", action="store_true", help="reps 2, warmup 1, fewer SmolLM2 tokens")
     p.add_argument("--only", action="append", default=[], help="run names containing this")
-    p.add_argument("--reps", type=int, default=5)
-    p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--rounds", type=int, default=1, help="alternate ours/baseline N times")
-    p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--max-length", type=int, default=256)
-    p.add_argument("--json", nargs="?", const="-", default=None, help="JSON lines to PATH/stdout")
+    p.add_argument("--reps", type=int, default=5, help="(default: 5)")
+    p.add_argument("--warmup", type=int, default=1, help="(default: 1)")
+    p.add_argument("--threads", type=int, default=2, help="(default: 2)")
+    p.add_argument(
+        "--rounds", type=int, default=1, help="alternate ours/baseline N times (default: 1)"
+    )
+    p.add_argument("--batch-size", type=int, default=4, help="(default: 4)")
+    p.add_argument("--max-length", type=int, default=256, help="(default: 256)")
+    p.add_argument(
+        "--json", nargs="?", const="-", default=None,
+        help="JSON lines to PATH, or to stdout instead of the text lines (default: text only)",
+    )  # fmt: skip
     p.add_argument(
         "--baseline", type=Path, default=None,
         help=f"a baseline script with {BASELINE_MODULE}'s flags (default: that module)",
@@ -508,7 +519,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-smollm2", action="store_true")
     p.add_argument("--tiny", action="store_true", help="a tiny model (smoke tests only)")
     p.add_argument(
-        "--device", default="cpu", help="cpu or cuda (cuda: ours only; the baseline is CPU-only)"
+        "--device",
+        default="cpu",
+        help="cpu or cuda (cuda: ours only; the baseline is CPU-only) (default: cpu)",
     )
     p.add_argument(
         "--precision", default="auto", choices=("auto", "float32", "bfloat16"),
@@ -529,10 +542,28 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(worker(json.loads(a.worker))))
         return 0
     if a.peers:
+        ignored = [
+            f"--{d.replace('_', '-')}" for d in PEERS_IGNORE if getattr(a, d) != p.get_default(d)
+        ]
+        if ignored:
+            p.error(f"--peers does not use {', '.join(ignored)}; drop them")
+    json_out = open(a.json, "w") if a.json and a.json != "-" else None  # noqa: SIM115
+
+    def write(rec: dict[str, Any], text: str) -> None:
+        """The record as text, or as a JSON line on stdout (--json); also to --json PATH."""
+        line = json.dumps(rec)
+        if json_out is not None:
+            json_out.write(line + "\n")
+            json_out.flush()
+        print(line if a.json == "-" else text, flush=True)
+
+    if a.peers:
         from benchmarks.peers import format_line, run
 
         for rec in run(a.rounds, a.threads, a.quick, a.device):
-            print(format_line(rec), flush=True)
+            write(rec, format_line(rec))
+        if json_out is not None:
+            json_out.close()
         return 0
     if a.quick:
         a.reps, a.warmup = min(a.reps, 2), 1
@@ -541,23 +572,12 @@ def main(argv: list[str] | None = None) -> int:
         return not a.only or any(o in name for o in a.only)
 
     results: list[dict[str, Any]] = []
-    json_out = None
-    if a.json and a.json != "-":
-        json_out = open(a.json, "w")  # noqa: SIM115 - kept open while results stream in
-
     peaks: dict[str, float] = {}  # dtype -> GFLOP/s, measured first in this run
 
     def emit(rec: dict[str, Any]) -> None:
         roofline(rec, peaks)
         results.append(rec)
-        line = json.dumps(rec)
-        if json_out is not None:
-            json_out.write(line + "\n")
-            json_out.flush()
-        if a.json == "-":
-            print(line, flush=True)
-        else:
-            print(_format(rec), flush=True)
+        write(rec, _format(rec))
 
     base_spec = dict(
         threads=a.threads, reps=a.reps, warmup=a.warmup, device=a.device, precision=a.precision

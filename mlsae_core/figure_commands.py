@@ -1,4 +1,5 @@
-"""`mlsae figures NAME`: the original's figure scripts, over checkpoints analysed beforehand.
+"""`mlsae figures NAME`: the original's figure scripts, over checkpoints analysed beforehand;
+one function per NAME, reading only that figure's flags.
 
 Multi-checkpoint figures read the tables `mlsae analyse`/`mlsae dists` wrote into each run
 directory (running the missing analysis when a table is absent), so a figure never costs a
@@ -23,9 +24,10 @@ from mlsae_core.analysis.dists import DistsResult
 from mlsae_core.analysis.prompts import prompt_heatmap
 from mlsae_core.analysis.tables import dists_from_layer_table
 from mlsae_core.config import DataConfig, EvalConfig, resolve_device
+from mlsae_core.data import transformer_split
 from mlsae_core.identity import model_slug, resolve_layers, run_id_of, run_slug
 from mlsae_core.layout import RunLayout
-from mlsae_core.runs import checkpoint_lens, transformer_split
+from mlsae_core.runs import checkpoint_lens
 from mlsae_core.sae import MLSAE
 from mlsae_core.transformer import Transformer
 
@@ -45,12 +47,6 @@ def load_dists(checkpoint: str | Path) -> DistsResult:
         logger.info("%s has no layer distributions yet: computing them", checkpoint)
     out = analyse_checkpoint(checkpoint, EvalConfig(), analyses=("dists",), write_figures=False)
     return out.result.dists
-
-
-def _need_repos(args: argparse.Namespace) -> list[Path]:
-    if not args.repo_id:
-        raise ValueError(f"figures {args.name} needs --repo_id with one or more checkpoints")
-    return [Path(r) for r in args.repo_id]
 
 
 def _run_id(repo: Path) -> dict[str, Any]:
@@ -96,63 +92,85 @@ def _write_table(path: Path, table: pa.Table) -> Path:
     return path
 
 
-def run_figure(args: argparse.Namespace) -> list[Path]:
-    """Dispatch on args.name; returns every file written."""
-    out: Path = args.out
-    written: list[Path] = []
-    if args.name == "resid_cos_sim":
-        transformer = Transformer.load(args.model_name, device=resolve_device(args.device))
-        data = DataConfig(dataset=args.dataset, max_length=args.max_length)
-        chunks = transformer_split(transformer, data, 0, "test", args.resid_tokens)
-        source = geometry.transformer_batches(
-            transformer, chunks.tokens, chunks.mask(), batch_size=args.batch_size
-        )
-        result = geometry.resid_cos_sim(source)
-        slug = model_slug(args.model_name)
-        table = tables.resid_cos_sim_table(result, {"model": slug})
-        written.append(_write_table(out / f"resid_cos_sim_{slug}.parquet", table))
-        written += figures.resid_cos_sim_figure(result, out / f"resid_cos_sim_{slug}", title=slug)
-        return written
+# ----- one function per `mlsae figures NAME`: its args are that figure's flags ----------------
+def resid_cos_sim(args: argparse.Namespace) -> list[Path]:
+    transformer = Transformer.load(args.model_name, device=resolve_device(args.device))
+    data = DataConfig(dataset=args.dataset, max_length=args.max_length)
+    chunks = transformer_split(transformer, data, 0, "test", args.resid_tokens)
+    source = geometry.transformer_batches(
+        transformer, chunks.tokens, chunks.mask(), batch_size=args.batch_size
+    )
+    result = geometry.resid_cos_sim(source)
+    slug = model_slug(args.model_name)
+    table = tables.resid_cos_sim_table(result, {"model": slug})
+    written = [_write_table(args.out / f"resid_cos_sim_{slug}.parquet", table)]
+    return written + figures.resid_cos_sim_figure(
+        result, args.out / f"resid_cos_sim_{slug}", title=slug
+    )
 
-    repos = _need_repos(args)
-    if args.name == "dists_heatmaps":
-        for repo in repos:
-            slug = run_slug(_run_id(repo))
-            written += figures.dists_heatmap(load_dists(repo), out / f"dists_heatmap_{slug}", slug)
-    elif args.name in _WITH_REFERENCE_CSV:
-        build, csv_rows, write_csv = _WITH_REFERENCE_CSV[args.name]
-        table = build(repos)
-        written.append(_write_table(out / f"{args.name}.parquet", table))
-        write_csv(out / f"{args.name}.csv", csv_rows(table))
-        written.append(out / f"{args.name}.csv")
-    elif args.name == "prompt_heatmaps":
-        loaded: dict[str, Transformer] = {}
-        for repo in repos:
-            sae = MLSAE.from_pretrained(repo)
-            name = sae.metadata["model_name"]
-            transformer = loaded.setdefault(name, Transformer.load(name))
-            layers = resolve_layers(sae.metadata.get("layers"), transformer.n_layers)
-            lens = checkpoint_lens(repo, sae.metadata, transformer)
-            heat = prompt_heatmap(transformer, sae, layers, args.prompt, lens=lens)
-            slug = run_slug(run_id_of(sae))
-            written += figures.prompt_heatmap_figure(heat, out / f"prompt_heatmap_{slug}")
-    elif args.name == "test_summary":
-        metrics = concat_test_metrics(repos)
-        table = summaries.summarize_test_metrics(metrics)
-        written.append(_write_table(out / "test_summary.parquet", table))
-        # the reference's CSVs also give each config's dictionary size
-        saes = map(MLSAE.from_pretrained, repos)
-        n_latents = {run_slug(run_id_of(sae)): sae.n_latents for sae in saes}
-        rows = [{**r, "n_latents": n_latents[run_slug(r)]} for r in metrics.to_pylist()]
-        written += tables.write_reference_test_csvs(rows, out)
-        written += figures.summary_figures(table, out)
-    elif args.name == "decoder_sim":
-        for repo in repos:
-            sae = MLSAE.from_pretrained(repo)
-            dists = load_dists(repo)
-            hist = geometry.decoder_sim_vs_layer_distance(
-                sae.decoder.weight.detach(), dists.layer_mean, dists.n_layers
-            )
-            slug = run_slug(run_id_of(sae))
-            written += figures.decoder_sim_figure(hist, out / f"decoder_sim_{slug}", slug)
+
+def dists_heatmaps(args: argparse.Namespace) -> list[Path]:
+    written: list[Path] = []
+    for repo in map(Path, args.repo_id):
+        slug = run_slug(_run_id(repo))
+        written += figures.dists_heatmap(load_dists(repo), args.out / f"dists_heatmap_{slug}", slug)
+    return written
+
+
+def _with_reference_csv(name: str, args: argparse.Namespace) -> list[Path]:
+    build, csv_rows, write_csv = _WITH_REFERENCE_CSV[name]
+    table = build([Path(r) for r in args.repo_id])
+    written = [_write_table(args.out / f"{name}.parquet", table)]
+    write_csv(args.out / f"{name}.csv", csv_rows(table))
+    return [*written, args.out / f"{name}.csv"]
+
+
+def dists_layer_std(args: argparse.Namespace) -> list[Path]:
+    return _with_reference_csv("dists_layer_std", args)
+
+
+def mmcs(args: argparse.Namespace) -> list[Path]:
+    return _with_reference_csv("mmcs", args)
+
+
+def prompt_heatmaps(args: argparse.Namespace) -> list[Path]:
+    loaded: dict[str, Transformer] = {}
+    device = resolve_device(args.device)
+    written: list[Path] = []
+    for repo in map(Path, args.repo_id):
+        sae = MLSAE.from_pretrained(repo, device=device)
+        name = sae.metadata["model_name"]
+        transformer = loaded.setdefault(name, Transformer.load(name, device=device))
+        layers = resolve_layers(sae.metadata.get("layers"), transformer.n_layers)
+        lens = checkpoint_lens(repo, sae.metadata, transformer)
+        heat = prompt_heatmap(transformer, sae, layers, args.prompt, lens=lens)
+        slug = run_slug(run_id_of(sae))
+        written += figures.prompt_heatmap_figure(heat, args.out / f"prompt_heatmap_{slug}")
+    return written
+
+
+def test_summary(args: argparse.Namespace) -> list[Path]:
+    repos = [Path(r) for r in args.repo_id]
+    metrics = concat_test_metrics(repos)
+    table = summaries.summarize_test_metrics(metrics)
+    written = [_write_table(args.out / "test_summary.parquet", table)]
+    # the reference's CSVs also give each config's dictionary size
+    n_latents = {
+        run_slug(run_id_of(sae)): sae.n_latents for sae in map(MLSAE.from_pretrained, repos)
+    }
+    rows = [{**r, "n_latents": n_latents[run_slug(r)]} for r in metrics.to_pylist()]
+    written += tables.write_reference_test_csvs(rows, args.out)
+    return written + figures.summary_figures(table, args.out)
+
+
+def decoder_sim(args: argparse.Namespace) -> list[Path]:
+    written: list[Path] = []
+    for repo in map(Path, args.repo_id):
+        sae = MLSAE.from_pretrained(repo)
+        dists = load_dists(repo)
+        hist = geometry.decoder_sim_vs_layer_distance(
+            sae.decoder.weight.detach(), dists.layer_mean, dists.n_layers
+        )
+        slug = run_slug(run_id_of(sae))
+        written += figures.decoder_sim_figure(hist, args.out / f"decoder_sim_{slug}", slug)
     return written

@@ -196,7 +196,7 @@ def _subparser(name: str) -> argparse.ArgumentParser:
 
 REQUIRED = {"train": ["--out", "x"], "test": ["--repo_id", "x"], "analyse": ["--repo_id", "x"],
             "dists": ["--repo_id", "x"], "examples": ["--repo_id", "x"],
-            "figures": ["mmcs"], "prepare": []}  # fmt: skip
+            "figures": ["resid_cos_sim"], "prepare": []}  # fmt: skip
 
 
 @pytest.mark.parametrize("command", sorted(REQUIRED))

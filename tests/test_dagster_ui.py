@@ -131,9 +131,7 @@ def ui(tmp_path_factory):
     env |= {"DAGSTER_HOME": str(home), "MLSAE_SWEEP": "smoke", "MLSAE_DATA_DIR": str(data)}
 
     t0 = time.monotonic()
-    subprocess.run(
-        _shell('python -m tests.tiny "${MLSAE_DATA_DIR:-data}"'), cwd=ROOT, env=env, check=True
-    )
+    subprocess.run(_shell("mlsae prepare --smoke"), cwd=ROOT, env=env, check=True)
     sweep_log = ARTIFACTS / "mlsae-sweep.log"
     with sweep_log.open("w") as log:
         sweep = subprocess.run(

@@ -584,7 +584,7 @@ def test_cli_list_and_errors(tmp_path, capsys) -> None:
     from mlsae_core.cli import main
 
     ckpt = build_checkpoint(tmp_path, with_examples=False)
-    assert main(["explore", "--list", "--root", str(tmp_path)]) == 0
+    assert main(["explore", "--list", "--data_dir", str(tmp_path)]) == 0
     assert str(ckpt) in capsys.readouterr().out
     assert main(["explore"]) == 2
     assert "--repo_id is required" in capsys.readouterr().err
@@ -640,7 +640,7 @@ def test_storage_layout_run_and_moved_model(tmp_path, capsys) -> None:
     run = layout.run("tiny-llama", "x2-k4-Lall")
     shutil.copytree(built, run.directory)
     shutil.move(tmp_path / "build" / "model", layout.model_dir("tiny-llama"))
-    assert main(["explore", "--list", "--root", str(layout.root)]) == 0
+    assert main(["explore", "--list", "--data_dir", str(layout.root)]) == 0
     assert f"{run.directory}    examples: yes" in capsys.readouterr().out
     with TestClient(load_app(str(run.directory))) as c:
         info = c.get("/api/info").json()

@@ -241,7 +241,7 @@ def test_whole_graph_materializes(smoke):
     from mlsae_core.sae import MLSAE
 
     run = smoke["data"] / "saes" / "tiny-llama" / "x2-k4-Lall"
-    hooks = sorted(p.name for p in (run / "saelens").iterdir())
+    hooks = sorted(p.name for p in (run / "saelens").glob("model.layers.*"))
     assert hooks == [f"model.layers.{i}" for i in range(4)]
     assert (run / "saelens" / hooks[2] / "sparsity.safetensors").is_file()
     back, ours = MLSAE.from_pretrained(run / "saelens" / hooks[2]), MLSAE.from_pretrained(run)

@@ -35,7 +35,7 @@ def test_readme_dagster_commands_work_verbatim(tmp_path):
     }
     activated = _shell('echo "$DAGSTER_HOME|${DAGSTER_MODULE_NAME:-unset}"', env)
     assert activated.stdout.strip() == f"{env['DAGSTER_HOME']}|unset", activated.stderr
-    assert _shell('python -m tests.tiny "${MLSAE_DATA_DIR:-data}"', env).returncode == 0
+    assert _shell("mlsae prepare --smoke", env).returncode == 0
     sweep = _shell("mlsae sweep", env, timeout=600)
     assert sweep.returncode == 0, sweep.stderr[-3000:]
     lines = [ln for ln in sweep.stdout.splitlines() if ln.strip()]

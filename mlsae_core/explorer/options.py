@@ -11,7 +11,7 @@ from pathlib import Path
 
 from pydantic import Field, StrictInt
 
-from mlsae_core.config import DEVICE_HELP, NO_FLAG, Device, add_arguments, settings
+from mlsae_core.config import DEVICE_HELP, NO_FLAG, Device, add_arguments, add_data_dir, settings
 from mlsae_core.layout import RunLayout, StorageLayout
 
 MIB = 2**20
@@ -32,12 +32,13 @@ class ExplorerSettings:
     tuned_lens: str | None = Field(
         None,
         description="the tuned lens the MLSAE was trained through, for a checkpoint without "
-        "its copy",
+        "its copy (default: the checkpoint's copy, if any)",
     )
     examples: Path | None = Field(
-        None, description="max_examples Parquet to read instead of <repo_id>/max_examples.parquet"
+        None,
+        description="max_examples Parquet to read (default: <repo_id>/max_examples.parquet)",
     )
-    device: Device = Field("cpu", description=DEVICE_HELP)
+    device: Device = Field("auto", description=DEVICE_HELP)
     max_prompt_tokens: StrictInt = Field(
         128, ge=1, description="longest prompt in tokens (also capped by the model's context)"
     )
@@ -124,12 +125,11 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--repo_id",
         default=None,
-        help="checkpoint directory (e.g. one listed by --list) or hub repo id",
+        help="checkpoint directory (e.g. one listed by --list) or hub repo id (required "
+        "unless --list)",
     )
     p.add_argument(
-        "--list",
-        action="store_true",
-        help="list the trained checkpoints under $MLSAE_DATA_DIR (or --root) and exit",
+        "--list", action="store_true", help="list the trained checkpoints under --data_dir and exit"
     )
-    p.add_argument("--root", type=Path, default=None, help="where --list looks")
+    add_data_dir(p)
     add_arguments(p, ExplorerSettings, from_checkpoint=("model_name",))

@@ -6,10 +6,11 @@ a stack trace, and every status an operation can answer is declared in the schem
 body (400, 413, 422, 500, 503; 405 carries `Allow`). Views run on the explorer's gate
 (`memory.Gate`). No request names a file: the checkpoint and the examples table are chosen on
 the command line only. The page is served at `/` and at `/prompt/<text>` (the URL holds the
-state), a latent's page at `/latent/<id>` (`latent`).
+state), a latent's page at `/latent/<id>` (`latent`; 404 naming the valid ids outside them).
 """
 
 import argparse
+import html
 import logging
 from collections.abc import Callable
 from functools import partial
@@ -21,11 +22,11 @@ import pyarrow as pa
 import uvicorn
 from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException
 
-from mlsae_core.config import from_args
+from mlsae_core.config import from_args, use_data_dir
 from mlsae_core.explorer import schemas as sc
 from mlsae_core.explorer.examples import ExamplesStore, examples_path
 from mlsae_core.explorer.latent import LatentPages
@@ -33,7 +34,6 @@ from mlsae_core.explorer.memory import tune_allocator
 from mlsae_core.explorer.options import ExplorerSettings, find_checkpoints
 from mlsae_core.explorer.schemas import MAX_BODY_BYTES
 from mlsae_core.explorer.service import Explorer, load_explorer
-from mlsae_core.layout import data_root
 from mlsae_core.sae import MLSAE
 from mlsae_core.transformer import Transformer
 
@@ -192,7 +192,19 @@ def explorer_app(ex: Explorer) -> FastAPI:
 
     app.get("/", include_in_schema=False)(static_page("index.html"))
     app.get("/prompt/{text:path}", include_in_schema=False)(static_page("index.html"))
-    app.get("/latent/{latent}", include_in_schema=False)(static_page("latent.html"))
+    error_div = '<div id="error" role="alert" hidden></div>'
+    latent_html = (STATIC / "latent.html").read_text()
+
+    @app.get("/latent/{latent}", include_in_schema=False)
+    async def latent_page(latent: str) -> Any:
+        """The latent's page; outside the MLSAE's ids, 404 with the range in its error box."""
+        try:
+            pages.check(latent)
+        except HTTPException as exc:
+            shown = f'<div id="error" role="alert">{html.escape(exc.detail)}</div>'
+            page = latent_html.replace(error_div, shown)
+            return HTMLResponse(page, status_code=404, headers={"Cache-Control": "no-cache"})
+        return static_page("latent.html")()
 
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
     return app
@@ -207,8 +219,8 @@ def load_app(repo_id: str, settings: ExplorerSettings | None = None) -> FastAPI:
 def run(args: argparse.Namespace) -> int:
     """`mlsae explore`: list the checkpoints (and whether each has examples), or serve one
     (blocks until Ctrl-C)."""
+    root = use_data_dir(args)  # also where the checkpoint's model is looked up
     if args.list:
-        root = args.root or data_root()
         found = find_checkpoints(root)
         if not found:
             print(f"no trained checkpoints under {root}")
