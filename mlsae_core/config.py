@@ -320,14 +320,23 @@ class RunSpec:
 
 
 def resolve_device(device: str) -> str:
-    """'auto' -> 'cuda' when available, else 'cpu'; an explicit 'cuda' without one is an error."""
+    """'auto' -> CUDA when available, else 'cpu'; an explicit 'cuda' without one is an error.
+    CUDA is this process's GPU, `cuda:<LOCAL_RANK>`: under torchrun each rank gets its own."""
     import torch
 
     if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device != "cuda":
+        return device
+    if not torch.cuda.is_available():
         raise ConfigError("device='cuda' is not allowed: no CUDA device is visible; use 'cpu'")
-    return device
+    rank, count = int(os.environ.get("LOCAL_RANK", "0")), torch.cuda.device_count()
+    if rank >= count:
+        raise ConfigError(
+            f"LOCAL_RANK={rank} needs a GPU of its own but {count} are visible; run torchrun "
+            f"with --nproc_per_node {count} or fewer per machine"
+        )
+    return f"cuda:{rank}"
 
 
 # ----- mappings (sweep YAML, config.json) ---------------------------------------------------

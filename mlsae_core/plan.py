@@ -46,10 +46,10 @@ def run_settings(
     data: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The settings that decide a run's weights, as state.json records them. `train` holds
-    the resolved precision; checkpoint_every and nproc_per_node are not the weights' (the
-    world size in `shape` is). `shape`: batch_size, max_length, max_tokens, world_size and,
-    once tokenized, n_chunks."""
-    skip = ("checkpoint_every", "nproc_per_node")
+    the resolved precision; checkpoint_every, nproc_per_node and device are not the weights'
+    (the world size in `shape` is; a run may resume on another device in its precision).
+    `shape`: batch_size, max_length, max_tokens, world_size and, once tokenized, n_chunks."""
+    skip = ("checkpoint_every", "nproc_per_node", "device")
     config = {"sae": sae, "train": {k: v for k, v in train.items() if k not in skip}, **shape}
     config["inputs"] = inputs
     if data:

@@ -5,6 +5,8 @@ Pure torch, and the test oracle for the Triton kernels (`triton_sparse.py`) used
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 
@@ -17,7 +19,15 @@ def sparse_decode(
     """[..., d] sum_j values[..., j] * weight_t[indices[..., j]] (weight_t [n_latents, d]);
     differentiable, and embedding_bag's backward never builds a [N, n_latents] tensor."""
     if triton_sparse.enabled_for(weight_t, values):
-        return triton_sparse.sparse_decode(indices, values, weight_t)
+        with contextlib.suppress(triton_sparse.LaunchFailed):  # it warned; torch computes it
+            return triton_sparse.sparse_decode(indices, values, weight_t, torch_decode)
+    return torch_decode(indices, values, weight_t)
+
+
+def torch_decode(
+    indices: torch.Tensor, values: torch.Tensor, weight_t: torch.Tensor
+) -> torch.Tensor:
+    """`sparse_decode` by embedding_bag, whatever the device (the kernels' oracle and fallback)."""
     k = indices.shape[-1]
     lead = indices.shape[:-1]
     out = F.embedding_bag(
@@ -36,7 +46,10 @@ def sparse_outer_sum(
     weight gradient of a k-sparse product, by embedding_bag's backward (no [N, k, d] temporary;
     an `index_add_` of outer products was 5-8x slower)."""
     if triton_sparse.enabled_for(rows):
-        return triton_sparse.outer_sum(indices.detach(), coefs.detach(), rows.detach(), n_latents)
+        with contextlib.suppress(triton_sparse.LaunchFailed):  # it warned; torch computes it
+            return triton_sparse.outer_sum(
+                indices.detach(), coefs.detach(), rows.detach(), n_latents
+            )
     with torch.enable_grad():
         table = torch.zeros(n_latents, rows.shape[-1], dtype=rows.dtype, device=rows.device)
         table.requires_grad_(True)

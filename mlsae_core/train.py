@@ -123,12 +123,17 @@ def optimizer_step(sae: MLSAE, opt: torch.optim.Optimizer) -> None:
 
 # ----- distributed helpers ------------------------------------------------------------------
 def dist_info() -> tuple[int, int]:
-    """(rank, world_size); initialises torch.distributed under torchrun (gloo on CPU)."""
+    """(rank, world_size); under torchrun, joins the process group once: with CUDA, each rank
+    on the GPU of its LOCAL_RANK (`resolve_device`), nccl for CUDA tensors and gloo for CPU
+    ones (a `device: cpu` run on a GPU machine); without CUDA, gloo."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return 0, 1
     if not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        backend = "gloo"
+        if torch.cuda.is_available():
+            torch.cuda.set_device(resolve_device("cuda"))
+            backend = "cpu:gloo,cuda:nccl"
         dist.init_process_group(backend=backend)
     return dist.get_rank(), dist.get_world_size()
 

@@ -7,20 +7,28 @@ its gradients (the encoder's are the same pair of products with the roles swappe
   (grad of the table), deterministic: sorted by latent once, each latent sums its segment in
   a fixed order (no atomics), so a resumed GPU run stays bit-identical.
 
-`sparse.py` dispatches here for CUDA tensors when Triton imports and MLSAE_TRITON is not "0";
-the tests run the kernels under Triton's CPU interpreter (tests/conftest.py). Accumulation is
-float32 (float64 for float64 inputs), as embedding_bag's.
+`sparse.py` dispatches here for CUDA tensors when Triton imports and MLSAE_TRITON is not "0",
+and uses torch where a kernel fails to build or launch (`_launch`). The tests run the kernels
+under Triton's CPU interpreter (tests/conftest.py). Accumulation is float32 (float64 for
+float64 inputs), as embedding_bag's; offsets are int64 (rows x d passes 2**31 at scale).
 """
 
 from __future__ import annotations
 
 import functools
 import os
+import warnings
+from collections.abc import Callable
 from typing import Any
 
 import torch
 
 _BLOCK_D = 128
+_failure: list[str] = []  # the first failed build or launch: the kernels stay off after it
+
+
+class LaunchFailed(RuntimeError):
+    """A kernel did not build or launch; the caller computes the product with torch."""
 
 
 @functools.cache
@@ -34,11 +42,34 @@ def _triton() -> Any:
 
 
 def enabled_for(*tensors: torch.Tensor) -> bool:
-    """All on CUDA (checked first: CPU calls never import Triton), Triton present, and not
-    MLSAE_TRITON=0."""
-    if not all(t.is_cuda for t in tensors):
-        return False
-    return os.environ.get("MLSAE_TRITON", "1").strip() != "0" and _triton() is not None
+    """All on CUDA (checked first: CPU calls never import Triton) and `available()`."""
+    return all(t.is_cuda for t in tensors) and available()
+
+
+def available() -> bool:
+    """Triton present, not MLSAE_TRITON=0, and no kernel has failed to build or launch."""
+    off = os.environ.get("MLSAE_TRITON", "1").strip() == "0"
+    return not off and not _failure and _triton() is not None
+
+
+def _launch(name: str, grid: tuple[int, ...], *args: Any, **constexprs: Any) -> None:
+    """Run kernel `name`. Triton builds it and a C launcher at its first launch (a C compiler,
+    Python's headers, libcuda); a failure (not a CUDA out-of-memory) turns the kernels off with
+    one warning and raises LaunchFailed for the caller's torch fallback."""
+    try:
+        _kernels()[name][grid](*args, **constexprs)
+    except torch.cuda.OutOfMemoryError:
+        raise
+    except Exception as exc:
+        if not _failure:
+            _failure.append(f"{type(exc).__name__}: {exc}")
+            warnings.warn(
+                f"the Triton sparse kernels failed to build or launch ({_failure[0][:300]}); "
+                "using the pure-torch sparse products instead; set MLSAE_TRITON=0 to skip them",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+        raise LaunchFailed(_failure[0]) from exc
 
 
 @functools.cache
@@ -58,8 +89,8 @@ def _kernels() -> dict[str, Any]:
         idx_ptr, val_ptr, tab_ptr, out_ptr, K, D, s_t0, s_t1,
         F64: tl.constexpr, BLOCK_D: tl.constexpr,
     ):  # fmt: skip
-        row = tl.program_id(0)
-        offs = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+        row = tl.program_id(0).to(tl.int64)  # every offset int64: none wraps past 2**31
+        offs = (tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)).to(tl.int64)
         dmask = offs < D
         acc = tl.zeros([BLOCK_D], dtype=tl.float64 if F64 else tl.float32)
         for j in range(K):
@@ -74,13 +105,13 @@ def _kernels() -> dict[str, Any]:
         idx_ptr, x_ptr, tab_ptr, out_ptr, K, D, s_x0, s_x1, s_t0, s_t1,
         F64: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
     ):  # fmt: skip
-        row = tl.program_id(0)
+        row = tl.program_id(0).to(tl.int64)
         ks = tl.arange(0, BLOCK_K)
         kmask = ks < K
         lat = tl.load(idx_ptr + row * K + ks, mask=kmask, other=0)
         acc = tl.zeros([BLOCK_K], dtype=tl.float64 if F64 else tl.float32)
         for d0 in range(0, D, BLOCK_D):
-            offs = d0 + tl.arange(0, BLOCK_D)
+            offs = (d0 + tl.arange(0, BLOCK_D)).to(tl.int64)
             dmask = offs < D
             x = tl.load(x_ptr + row * s_x0 + offs * s_x1, mask=dmask, other=0.0).to(acc.dtype)
             w = tl.load(
@@ -96,8 +127,8 @@ def _kernels() -> dict[str, Any]:
         order_ptr, start_ptr, count_ptr, coef_ptr, rows_ptr, out_ptr, K, D, s_r0, s_r1,
         F64: tl.constexpr, BLOCK_D: tl.constexpr,
     ):  # fmt: skip
-        lat = tl.program_id(0)
-        offs = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+        lat = tl.program_id(0).to(tl.int64)
+        offs = (tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)).to(tl.int64)
         dmask = offs < D
         start = tl.load(start_ptr + lat)
         count = tl.load(count_ptr + lat)
@@ -126,8 +157,8 @@ def decode(indices: torch.Tensor, values: torch.Tensor, table: torch.Tensor) -> 
     out = torch.empty(n_rows, d, dtype=table.dtype, device=table.device)
     if n_rows and d:
         grid = (n_rows, -(-d // _BLOCK_D))
-        _kernels()["decode"][grid](
-            idx, val, table, out, k, d, table.stride(0), table.stride(1),
+        _launch(
+            "decode", grid, idx, val, table, out, k, d, table.stride(0), table.stride(1),
             F64=table.dtype == torch.float64, BLOCK_D=_BLOCK_D,
         )  # fmt: skip
     return out.reshape(*lead, d)
@@ -143,8 +174,9 @@ def gather_dot(indices: torch.Tensor, x: torch.Tensor, table: torch.Tensor) -> t
     if n_rows and k:
         block_k = max(16, 1 << (k - 1).bit_length())
         block_d = max(16, min(_BLOCK_D, 8192 // block_k))
-        _kernels()["gather_dot"][(n_rows,)](
-            idx, x2, table, out, k, d, x2.stride(0), x2.stride(1), table.stride(0), table.stride(1),
+        _launch(
+            "gather_dot", (n_rows,), idx, x2, table, out, k, d,
+            x2.stride(0), x2.stride(1), table.stride(0), table.stride(1),
             F64=x.dtype == torch.float64, BLOCK_K=block_k, BLOCK_D=block_d,
         )  # fmt: skip
     return out.reshape(indices.shape)
@@ -164,8 +196,8 @@ def outer_sum(
     out = torch.empty(n_latents, d, dtype=rows.dtype, device=rows.device)
     if n_latents and d:
         grid = (n_latents, -(-d // _BLOCK_D))
-        _kernels()["outer_sum"][grid](
-            order, starts, counts, coef.reshape(-1), rows2, out, k, d,
+        _launch(
+            "outer_sum", grid, order, starts, counts, coef.reshape(-1), rows2, out, k, d,
             rows2.stride(0), rows2.stride(1),
             F64=rows.dtype == torch.float64, BLOCK_D=_BLOCK_D,
         )  # fmt: skip
@@ -173,11 +205,13 @@ def outer_sum(
 
 
 class SparseDecode(torch.autograd.Function):
-    """`decode` with its gradients by `gather_dot` (values) and `outer_sum` (table)."""
+    """`decode` with its gradients by `gather_dot` (values) and `outer_sum` (table), or by
+    differentiating `torch_path` (the same product in torch) where those fail to launch."""
 
     @staticmethod
-    def forward(ctx, indices, values, table):  # type: ignore[override]
+    def forward(ctx, indices, values, table, torch_path):  # type: ignore[override]
         ctx.save_for_backward(indices, values, table)
+        ctx.torch_path = torch_path
         return decode(indices, values, table)
 
     @staticmethod
@@ -185,14 +219,24 @@ class SparseDecode(torch.autograd.Function):
         indices, values, table = ctx.saved_tensors
         grad = grad.contiguous()
         grad_values = grad_table = None
-        if ctx.needs_input_grad[1]:
-            grad_values = gather_dot(indices, grad, table).to(values.dtype)
-        if ctx.needs_input_grad[2]:
-            grad_table = outer_sum(indices, values, grad, table.shape[0]).to(table.dtype)
-        return None, grad_values, grad_table
+        try:
+            if ctx.needs_input_grad[1]:
+                grad_values = gather_dot(indices, grad, table).to(values.dtype)
+            if ctx.needs_input_grad[2]:
+                grad_table = outer_sum(indices, values, grad, table.shape[0]).to(table.dtype)
+        except LaunchFailed:  # the kernels are off now: differentiate the torch path
+            inputs = (values.detach().requires_grad_(), table.detach().requires_grad_())
+            with torch.enable_grad():
+                grads = torch.autograd.grad(ctx.torch_path(indices, *inputs), inputs, grad)
+            grad_values = grads[0] if ctx.needs_input_grad[1] else None
+            grad_table = grads[1] if ctx.needs_input_grad[2] else None
+        return None, grad_values, grad_table, None
 
 
-def sparse_decode(indices: torch.Tensor, values: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
-    """Differentiable `sparse.sparse_decode`. The table (the decoder weight [d, n] transposed)
-    is made row-contiguous first, so gathered rows are not read n elements apart."""
-    return SparseDecode.apply(indices, values.to(table.dtype), table.contiguous())
+def sparse_decode(
+    indices: torch.Tensor, values: torch.Tensor, table: torch.Tensor, torch_path: Callable
+) -> torch.Tensor:
+    """Differentiable `sparse.sparse_decode` (`torch_path`: its torch form, the backward's
+    fallback). The table (the decoder weight [d, n] transposed) is made row-contiguous first,
+    so gathered rows are not read n elements apart."""
+    return SparseDecode.apply(indices, values.to(table.dtype), table.contiguous(), torch_path)

@@ -3,7 +3,7 @@
 from mlsae_core.plan import Plan, decide, run_settings
 
 SAE = {"expansion_factor": 2, "k": 4}
-TRAIN = {"lr": 1e-3, "seed": 0, "precision": "float32", "checkpoint_every": 10}
+TRAIN = {"lr": 1e-3, "seed": 0, "precision": "float32", "checkpoint_every": 10, "device": "cpu"}
 DATA = {"model_name": "tiny-llama", "dataset": "tiny-text", "split_seed": 0}
 
 
@@ -43,8 +43,8 @@ def test_data_identity_and_forced_conflicts():
     assert decide(saved, settings(dataset="brown")).changes == {
         "data.dataset": ("tiny-text", "brown")
     }
-    # checkpoint_every is not the weights' setting: it never conflicts
-    assert "checkpoint_every" not in settings()["train"]
+    # checkpoint_every and device are not the weights' settings: they never conflict
+    assert not {"checkpoint_every", "device"} & set(settings()["train"])
     # an older state that does not record a setting cannot conflict on it
     older = {k: v for k, v in saved.items() if k != "data"}
     assert decide(older, settings(dataset="brown")).action == "resume"
