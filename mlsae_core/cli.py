@@ -304,6 +304,60 @@ COMMANDS["export"] = (
 )
 
 
+# ----- probe ------------------------------------------------------------------------------------
+def _probe_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--repo_id", required=True, help="checkpoint directory or hub repo id")
+    p.add_argument(
+        "--datasets",
+        nargs="+",
+        default=["default"],
+        help="sae-probes dataset tags, 'default' (8 short-prompt sets, docs/method.md §9) or "
+        "'all' (the 113 binary ones) (default: default)",
+    )
+    p.add_argument(
+        "--max_prompts", type=int, default=None, help="prompts per dataset, class-balanced "
+        "(default: all)"
+    )  # fmt: skip
+    p.add_argument("--max_k", type=int, default=16, help="largest k of 1, 2, 4, ... (default: 16)")
+    p.add_argument("--device", default="auto", choices=("cpu", "cuda", "auto"),
+                   help="cpu, cuda, or auto (cuda when available) (default: auto)")  # fmt: skip
+    p.add_argument("--tuned_lens", default=None, help="for a checkpoint trained through a "
+                   "tuned lens it carries no copy of (default: the run's own)")  # fmt: skip
+    p.add_argument("--out", required=True, type=out_dir, help="output directory (probes.parquet)")
+
+
+def _probe(args: argparse.Namespace) -> int:
+    from mlsae_core import atomic
+    from mlsae_core.analysis.probing import probe_checkpoint
+    from mlsae_core.textable import format_table
+
+    table = probe_checkpoint(args.repo_id, args.datasets, args.max_prompts, args.max_k,
+                             args.device, args.tuned_lens)  # fmt: skip
+    atomic.write_parquet(args.out / "probes.parquet", table)
+    rows = table.to_pylist()
+    k_max = max((r["probe_k"] for r in rows if r["source"] == "sae"), default=1)
+    cols = {"sae k=1": ("sae", 1), f"sae k={k_max}": ("sae", k_max), "residual": ("residual", None)}
+    summary = []
+    for layer in sorted({r["layer"] for r in rows}):
+        line = [layer]
+        for source, k in cols.values():
+            aucs = [r["test_auc"] for r in rows if r["layer"] == layer and r["source"] == source
+                    and (k is None or r["probe_k"] == k)]  # fmt: skip
+            line.append(sum(aucs) / len(aucs) if aucs else None)
+        summary.append(line)
+    print("mean test AUC over the datasets, by layer:")
+    print(format_table(["layer", *cols], summary, max_rows=len(summary)))
+    print(f"wrote {args.out / 'probes.parquet'}")
+    return 0
+
+
+COMMANDS["probe"] = (
+    _probe_args,
+    _probe,
+    "k-sparse probing of the SAE's latents at every layer on the sae-probes datasets",
+)
+
+
 # ----- query ------------------------------------------------------------------------------------
 def _query_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("sql", help='SQL over the views of results.duckdb, e.g. "SELECT * FROM mmcs"')

@@ -172,3 +172,30 @@ def test_two_torchrun_nodes_train_the_weights_of_one_process(tiny_model_dir, cor
     want = single.state_dict()
     for name, got in two_nodes.state_dict().items():
         torch.testing.assert_close(got, want[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_probe_writes_the_table_of_the_library_and_never_the_run(
+    tiny_model_dir, corpus_dir, tmp_path, capsys
+):
+    """`mlsae probe` writes probing.probe_checkpoint's table into --out (nothing into the run
+    directory) and prints the mean AUC per layer; an unknown tag is one line naming the fix."""
+    from mlsae_core.analysis import probing
+
+    run = tmp_path / "sae"
+    assert main(train_args(tiny_model_dir, corpus_dir, run)) == 0
+    before = sorted(p.name for p in run.iterdir())
+    tags = ["5_hist_fig_ismale", "92_glue_sst2"]
+    args = ["probe", "--repo_id", str(run), "--datasets", *tags, "--max_prompts", "40",
+            "--max_k", "2", "--device", "cpu", "--out", str(tmp_path / "probes")]  # fmt: skip
+    assert main(args) == 0
+    assert sorted(p.name for p in run.iterdir()) == before
+    table = pq.read_table(tmp_path / "probes" / "probes.parquet")
+    want = probing.probe_checkpoint(run, tags, 40, 2, "cpu")
+    assert table.to_pylist() == want.to_pylist()
+    rows = table.to_pylist()
+    assert {(r["source"], r["probe_k"]) for r in rows} == {("sae", 1), ("sae", 2), ("residual", 32)}
+    assert {r["layer"] for r in rows} == {0, 1, 2} and {r["dataset"] for r in rows} == set(tags)
+    out = capsys.readouterr().out
+    assert "mean test AUC" in out and "sae k=2" in out and "residual" in out
+    assert main([*args[:3], "--datasets", "hist_fig_ismale", "--out", str(tmp_path / "p2")]) == 2
+    assert "5_hist_fig_ismale" in capsys.readouterr().err  # the close match is named
