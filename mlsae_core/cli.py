@@ -27,6 +27,7 @@ from mlsae_core.config import (
     DataConfig,
     EvalConfig,
     LensConfig,
+    ProbeConfig,
     RunSpec,
     SAEConfig,
     TrainConfig,
@@ -307,18 +308,7 @@ COMMANDS["export"] = (
 # ----- probe ------------------------------------------------------------------------------------
 def _probe_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repo_id", required=True, help="checkpoint directory or hub repo id")
-    p.add_argument(
-        "--datasets",
-        nargs="+",
-        default=["default"],
-        help="sae-probes dataset tags, 'default' (8 short-prompt sets, docs/method.md §9) or "
-        "'all' (the 113 binary ones) (default: default)",
-    )
-    p.add_argument(
-        "--max_prompts", type=int, default=None, help="prompts per dataset, class-balanced "
-        "(default: all)"
-    )  # fmt: skip
-    p.add_argument("--max_k", type=int, default=16, help="largest k of 1, 2, 4, ... (default: 16)")
+    add_arguments(p, ProbeConfig)
     p.add_argument("--device", default="auto", choices=("cpu", "cuda", "auto"),
                    help="cpu, cuda, or auto (cuda when available) (default: auto)")  # fmt: skip
     p.add_argument("--tuned_lens", default=None, help="for a checkpoint trained through a "
@@ -331,8 +321,8 @@ def _probe(args: argparse.Namespace) -> int:
     from mlsae_core.analysis.probing import probe_checkpoint
     from mlsae_core.textable import format_table
 
-    table = probe_checkpoint(args.repo_id, args.datasets, args.max_prompts, args.max_k,
-                             args.device, args.tuned_lens)  # fmt: skip
+    cfg = from_args(ProbeConfig, args)
+    table = probe_checkpoint(args.repo_id, cfg, args.device, args.tuned_lens)
     atomic.write_parquet(args.out / "probes.parquet", table)
     rows = table.to_pylist()
     k_max = max((r["probe_k"] for r in rows if r["source"] == "sae"), default=1)

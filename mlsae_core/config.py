@@ -283,6 +283,22 @@ class LensConfig:
 
 
 @settings
+class ProbeConfig:
+    """k-sparse probing on the sae-probes datasets (docs/method.md §9)."""
+
+    datasets: tuple[str, ...] = Field(
+        ("default",),
+        min_length=1,
+        description="sae-probes dataset tags, 'default' (8 short-prompt sets) or 'all' (the 113 "
+        "binary ones) (default: default)",
+    )
+    max_prompts: StrictInt | None = Field(
+        None, ge=2, description="prompts per dataset, class-balanced (default: all)"
+    )
+    max_k: StrictInt = Field(16, ge=1, description="largest k of 1, 2, 4, ... probed")
+
+
+@settings
 class RunSpec:
     """One MLSAE to train: which model, which layers, which SAE, data and optimiser settings."""
 

@@ -27,8 +27,9 @@ from pathlib import Path
 
 DATA_DIR_ENV = "MLSAE_DATA_DIR"
 
-# Per-run tables (file stem == table name == pipeline asset name), in the order they are made.
-RUN_TABLES = (
+# Per-run tables (file stem == table name == pipeline asset name), in the order they are made:
+# those of one evaluation pass (analyse.analysis_tables), then the prompt heatmap and probes.
+PASS_TABLES = (
     "test_metrics",
     "latent_dists",
     "latent_layer_dists",
@@ -36,8 +37,8 @@ RUN_TABLES = (
     "layer_variance",
     "latent_variance",
     "max_examples",
-    "prompt_heatmap",
 )
+RUN_TABLES = (*PASS_TABLES, "prompt_heatmap", "probes")
 # Per-run figures (stems; each is written as .png for the UI and .pdf for papers).
 RUN_FIGURES = ("training_curve", "dists_heatmap", "layer_mean_hist", "prompt_heatmap")
 

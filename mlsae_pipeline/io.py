@@ -131,7 +131,7 @@ class ParquetIOManager(dg.ConfigurableIOManagerFactory):
 # Missing partitions of a partitioned table are skipped (logged), not an error, for the
 # unpartitioned assets that read every config: `AssetIn(..., metadata=ALLOW_MISSING)`.
 ALLOW_MISSING = {"allow_missing_partitions": True}
-MODEL_TABLES = ("resid_cos_sim",)
+MODEL_TABLES = ("resid_cos_sim", "residual_probes")
 SUMMARY_TABLES = ("test_summary", "dists_layer_std", "mmcs", "single_layer_comparison", "claims")
 # Every table asset, each one DuckDB view of results_db (plus training_history).
 TABLE_ASSETS = (*RUN_TABLES, *MODEL_TABLES, *SUMMARY_TABLES)
@@ -144,7 +144,10 @@ def view_sources(layout: StorageLayout) -> dict[str, str]:
     sources.update({name: layout.model_table_glob(name) for name in MODEL_TABLES})
     sources.update({name: str(layout.table(name)) for name in SUMMARY_TABLES})
     sources["training_history"] = str(layout.run("*", "*").history)
-    return {n: os.path.relpath(src, layout.root) for n, src in sources.items() if glob.glob(src)}
+    found = {n: os.path.relpath(src, layout.root) for n, src in sources.items() if glob.glob(src)}
+    if "residual_probes" in found:  # one view of probes: each config's, and the ceiling's once
+        found["probes"] = ", ".join(found[n] for n in ("probes", "residual_probes") if n in found)
+    return found
 
 
 def build_results_db(layout: StorageLayout) -> dict[str, tuple[int, str]]:
@@ -157,11 +160,11 @@ def build_results_db(layout: StorageLayout) -> dict[str, tuple[int, str]]:
         tmp.unlink()  # duckdb wants to create the file itself
         with connect(tmp, read_only=False) as con:
             for name, src in view_sources(layout).items():
-                quoted = src.replace("'", "''")
+                files = ", ".join("'" + s.replace("'", "''") + "'" for s in src.split(", "))
                 extra = ", filename = true" if name == "training_history" else ""
                 con.execute(
                     f'CREATE VIEW "{name}" AS SELECT * FROM '
-                    f"read_parquet('{quoted}', union_by_name = true{extra})"
+                    f"read_parquet([{files}], union_by_name = true{extra})"
                 )
                 (rows,) = con.execute(f'SELECT count(*) FROM "{name}"').fetchone()
                 counts[name] = (int(rows), src)

@@ -40,6 +40,7 @@ from mlsae_core.config import (
     DataConfig,
     EvalConfig,
     LensConfig,
+    ProbeConfig,
     RunSpec,
     SAEConfig,
     TrainConfig,
@@ -143,6 +144,7 @@ class Sweep(BaseModel):
     train: TrainConfig = TrainConfig()
     eval: EvalConfig = EvalConfig()
     lens: LensConfig = LensConfig()  # training the models' tuned lenses (grid.tuned_lens true)
+    probe: ProbeConfig | None = None  # k-sparse probing of every config (none: no probe assets)
     checks: CheckBounds = CheckBounds()
     _path: Path = PrivateAttr(Path("sweep.yaml"))
     _points: tuple[SAEPoint, ...] = PrivateAttr(())

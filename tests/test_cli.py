@@ -180,6 +180,7 @@ def test_probe_writes_the_table_of_the_library_and_never_the_run(
     """`mlsae probe` writes probing.probe_checkpoint's table into --out (nothing into the run
     directory) and prints the mean AUC per layer; an unknown tag is one line naming the fix."""
     from mlsae_core.analysis import probing
+    from mlsae_core.config import ProbeConfig
 
     run = tmp_path / "sae"
     assert main(train_args(tiny_model_dir, corpus_dir, run)) == 0
@@ -190,7 +191,7 @@ def test_probe_writes_the_table_of_the_library_and_never_the_run(
     assert main(args) == 0
     assert sorted(p.name for p in run.iterdir()) == before
     table = pq.read_table(tmp_path / "probes" / "probes.parquet")
-    want = probing.probe_checkpoint(run, tags, 40, 2, "cpu")
+    want = probing.probe_checkpoint(run, ProbeConfig(tuple(tags), 40, 2), "cpu")
     assert table.to_pylist() == want.to_pylist()
     rows = table.to_pylist()
     assert {(r["source"], r["probe_k"]) for r in rows} == {("sae", 1), ("sae", 2), ("residual", 32)}

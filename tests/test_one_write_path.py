@@ -12,14 +12,13 @@ import math
 
 import pytest
 
-from mlsae_core.layout import RUN_TABLES
+from mlsae_core.layout import PASS_TABLES
 from tests.conftest import storage_env
 from tests.tiny import write_smoke_inputs
 
 MODEL = "tiny-llama"
 MLSAE_KEY, SINGLE_KEY = "x2-k4-Lall", "x2-k4-L1"
 # every table of one evaluation pass (the prompt heatmap is a separate asset)
-PASS_TABLES = tuple(name for name in RUN_TABLES if name != "prompt_heatmap")
 
 
 @pytest.fixture(scope="module")

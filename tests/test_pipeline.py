@@ -42,6 +42,8 @@ ASSET_KEYS = {
     "max_examples",
     "dists_heatmap",
     "prompt_heatmap",
+    "probes",
+    "residual_probes",
     "test_summary",
     "dists_layer_std",
     "mmcs",
@@ -53,7 +55,7 @@ ASSET_KEYS = {
 }
 # Per-run tables live in the run directories (saes/<model>/<sae>/<name>.parquet).
 TABLES = (
-    *RUN_TABLES,
+    *(name for name in RUN_TABLES if name != "probes"),  # the probes view adds the ceiling's
     "resid_cos_sim",
     "test_summary",
     "dists_layer_std",
@@ -174,7 +176,7 @@ def test_definitions_assets_groups_kinds_partitions(tmp_path):
         {k.to_user_string() for k in defs.resolve_job_def(job).asset_layer.selected_asset_keys}
         for _, job, _ in stages
     ]
-    assert named[0] == {"transformer", "corpus", "tuned_lens", "resid_cos_sim"}
+    assert named[0] == {"transformer", "corpus", "tuned_lens", "resid_cos_sim", "residual_probes"}
     assert named[-1] == {"test_summary", "dists_layer_std", "mmcs", "single_layer_comparison",
                          "claims", "report", "results_db"}  # fmt: skip
     assert set().union(*named) == ASSET_KEYS
@@ -309,6 +311,13 @@ def test_tables_columns_and_rows(smoke):
     assert (data / "saes" / "tiny-llama" / "x2-k8-L1" / "history.parquet").exists()
     assert (data / "figures" / "resid_cos_sim_tiny-llama.png").exists()
     assert not (data / "eval").exists()
+    # probes: per config, at its layers, k = 1, 2 on both datasets; the ceiling once per model
+    probes, ceiling = _table(data, "probes").to_pylist(), _table(data, "residual_probes")
+    assert len(probes) == 2 * 2 * (2 * n_layers + 2 * 1)  # 2 k x 2 sets x (2 MLSAEs + 2 singles)
+    assert {(r["source"], r["probe_k"]) for r in probes} == {("sae", 1), ("sae", 2)}
+    assert all(0 <= r["test_auc"] <= 1 and r["n_test"] > 0 for r in probes)
+    assert ceiling.column_names[:2] == ["model", "layer"] and ceiling.num_rows == 2 * n_layers
+    assert set(ceiling.column("source").to_pylist()) == {"residual"}
 
 
 def test_duckdb_views_and_query(smoke, capsys):
@@ -324,6 +333,9 @@ def test_duckdb_views_and_query(smoke, capsys):
             n = con.execute(f"SELECT count(*) FROM {name}").fetchone()[0]
             assert n == _table(smoke["data"], name).num_rows, name
         ranked = con.execute("SELECT layers, k, fvu FROM test_summary ORDER BY fvu ASC").fetchall()
+        # one probes view: every config's rows and, once per model, the residual ceiling's
+        by_source = dict(con.execute("SELECT source, count(*) FROM probes GROUP BY 1").fetchall())
+        assert by_source == {"sae": _table(smoke["data"], "probes").num_rows, "residual": 8}
     finally:
         con.close()
     assert len(ranked) == 4 and ranked[0][2] <= ranked[-1][2]

@@ -13,7 +13,7 @@ from sklearn.metrics import make_scorer, roc_auc_score
 from sklearn.model_selection import GridSearchCV, PredefinedSplit, StratifiedKFold
 
 from mlsae_core.analysis import probing
-from mlsae_core.config import ConfigError
+from mlsae_core.config import ConfigError, ProbeConfig
 from mlsae_core.documents import DataError
 from mlsae_core.lens import TunedLens
 from mlsae_core.sae import MLSAE
@@ -192,7 +192,7 @@ def test_bad_inputs_get_one_line_errors(monkeypatch):
 def test_a_checkpoint_without_a_model_is_refused(tmp_path):
     MLSAE(32, 64, k=4, metadata={"layers": [0, 1]}).save_pretrained(tmp_path / "run")
     with pytest.raises(ConfigError, match="no model to run"):
-        probing.probe_checkpoint(tmp_path / "run", "5_hist_fig_ismale", max_prompts=20)
+        probing.probe_checkpoint(tmp_path / "run", ProbeConfig(("5_hist_fig_ismale",), 20))
 
 
 def test_tiny_model_end_to_end():

@@ -31,7 +31,7 @@ from threadpoolctl import ThreadpoolController  # scikit-learn's own dependency
 from torch.nn.utils.rnn import pad_sequence
 
 from mlsae_core.analysis.tables import F64, I32, STR, _table
-from mlsae_core.config import ConfigError, resolve_device
+from mlsae_core.config import ConfigError, ProbeConfig, resolve_device
 from mlsae_core.documents import DataError
 from mlsae_core.identity import resolve_layers, run_id_of
 from mlsae_core.lens import TunedLens
@@ -50,7 +50,7 @@ SEED = 42  # sae-probes' fixed seed: the split, the folds, the regression
 MAX_LENGTH = 1024  # sae-probes' max_seq_len: longer prompts keep their last tokens
 MAX_TRAIN, TEST_RESERVE = 1024, 100  # sae-probes: num_train = min(size - 100, 1024)
 MIN_PER_CLASS = 3  # the fewest prompts per class that still split into train and test
-DEFAULT_MAX_K = 16  # k = 1, 2, 4, 8, 16
+DEFAULT_MAX_K = ProbeConfig.max_k  # k = 1, 2, 4, ..., max_k
 CS = np.logspace(5, -5, 10)  # find_best_reg's grid of inverse regularisation strengths
 BATCH_TOKENS = 8192  # padded tokens per forward
 # The fits are tiny (~2 ms single-threaded); two BLAS/OpenMP threads spin-waiting on a busy
@@ -309,19 +309,28 @@ def probe(
             rows += probe_dataset(ds, acts, layers, sae, lens, max_k, seed)
         if residual:
             rows += probe_dataset(ds, acts, layers, None, None, max_k, seed)
+    return probes_table(run_id, rows)
+
+
+def probes_table(run_id: Mapping[str, Any], rows: list[dict[str, Any]]) -> pa.Table:
+    """The rows of `probe_dataset` under `run_id`'s columns, with an explicit schema."""
     return _table(
         run_id, {c: (t, [r[c] for r in rows]) for c, t in PROBE_COLUMNS.items()}, ["model"]
     )
 
 
+def load_datasets(cfg: ProbeConfig) -> list[ProbeDataset]:
+    """The datasets `cfg` names, each capped at cfg.max_prompts (errors before any compute)."""
+    return [load_dataset(tag, cfg.max_prompts) for tag in resolve_datasets(cfg.datasets)]
+
+
 def probe_checkpoint(
-    repo_id: str | Path, datasets: str | Sequence[str] = "default",
-    max_prompts: int | None = None, max_k: int = DEFAULT_MAX_K, device: str = "auto",
+    repo_id: str | Path, cfg: ProbeConfig = ProbeConfig(), device: str = "auto",
     tuned_lens: str | Path | None = None, residual: bool = True,
 ) -> pa.Table:  # fmt: skip
     """`probe` for a checkpoint directory or hub id (ours, SAELens', sparsify's) at every layer
     it was trained on, with its transformer and tuned lens; residual rows carry its run id."""
-    sets = [load_dataset(t, max_prompts) for t in resolve_datasets(datasets)]  # fail early
+    sets = load_datasets(cfg)
     device = resolve_device(device)
     sae = MLSAE.from_pretrained(repo_id, device=device)
     model_name = sae.metadata.get("model_name")
@@ -332,4 +341,6 @@ def probe_checkpoint(
         )
     transformer = checkpoint_transformer(repo_id, sae, model_name, device)
     lens = checkpoint_lens(repo_id, sae.metadata, transformer, tuned_lens)
-    return probe(transformer, sets, run_id_of(sae), sae, lens=lens, max_k=max_k, residual=residual)
+    return probe(
+        transformer, sets, run_id_of(sae), sae, lens=lens, max_k=cfg.max_k, residual=residual
+    )

@@ -18,7 +18,7 @@ import dagster as dg
 from mlsae_core import atomic
 from mlsae_core.config import to_dict
 from mlsae_core.identity import run_id
-from mlsae_core.layout import RUN_TABLES
+from mlsae_core.layout import PASS_TABLES
 from mlsae_core.textable import format_table
 from mlsae_pipeline import ui
 from mlsae_pipeline.assets import CODE_VERSION_TAG, CODE_VERSIONS, PARQUET, asset, code_version
@@ -26,8 +26,8 @@ from mlsae_pipeline.partitions import SweepPartitions, split_config_key
 from mlsae_pipeline.resources import Storage, SweepResource
 from mlsae_pipeline.sweep import Sweep
 
-# The per-run tables of one evaluation pass: every per-run table but the prompt heatmap's.
-EVAL_TABLES = tuple(name for name in RUN_TABLES if name != "prompt_heatmap")
+# The per-run tables of one evaluation pass.
+EVAL_TABLES = PASS_TABLES
 EVAL_DESCRIPTIONS = {
     "test_metrics": (
         "Held-out metrics per layer plus an 'avg' row: MSE, FVU, L0, L1, dead fraction, and "
@@ -197,6 +197,22 @@ def prompt_heatmap(context: dg.AssetExecutionContext, storage: Storage, sweep: S
     return dg.Output(tables.prompt_heatmap_table(heat, part), metadata=meta)
 
 
+def probes(context: dg.AssetExecutionContext, storage: Storage, sweep: SweepResource):
+    """k-sparse probing of the MLSAE's latents (analysis.probing, docs/method.md §9): per layer it
+    was trained on and per sae-probes dataset of the sweep's probe: section, a logistic
+    regression on the top-k latents (k = 1, 2, 4, ... probe.max_k) of the prompt's last token;
+    test AUC, accuracy, F1. The residual ceiling is its model's `residual_probes`."""
+    from mlsae_core.analysis import probing
+
+    layout, sw = storage.layout, sweep.load()
+    model, sae_key = split_config_key(context.partition_key)
+    sets = probing.load_datasets(sw.probe)
+    setup, part = _load_run(layout, sw, model, sae_key)
+    table = probing.probe(setup.transformer, sets, part, setup.sae, lens=setup.lens,
+                          max_k=sw.probe.max_k, residual=False)  # fmt: skip
+    return dg.Output(table, metadata={"table": ui.md(ui.table_md(table))})
+
+
 def saelens_export(context: dg.AssetExecutionContext, storage: Storage):
     """The MLSAE as SAELens TopK SAEs, one per layer (`mlsae export --format saelens`):
     saes/<model>/<sae>/saelens/<hook>/ with the layer distributions as sparsity.safetensors
@@ -249,6 +265,21 @@ def build_config_assets(parts: SweepPartitions, sw: Sweep) -> list[Any]:
             pool="mlsae_eval",
             **per_config,
         )(prompt_heatmap),
+        *(
+            [
+                asset(
+                    "evaluation",
+                    {"parquet", "pytorch"},
+                    (to_dict(sw.probe), sw.eval.device),
+                    deps=["mlsae", transformer, corpus],
+                    io_manager_key=PARQUET,
+                    pool="mlsae_eval",
+                    **per_config,
+                )(probes)
+            ]
+            if sw.probe is not None
+            else []
+        ),  # fmt: skip
         asset(
             "exports",
             {"safetensors"},

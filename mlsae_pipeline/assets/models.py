@@ -101,6 +101,21 @@ def resid_cos_sim(context: dg.AssetExecutionContext, storage: Storage, sweep: Sw
     return dg.Output(table, metadata={**meta, "plot": ui.md(ui.figures_md(pngs))})
 
 
+def residual_probes(context: dg.AssetExecutionContext, storage: Storage, sweep: SweepResource):
+    """The ceiling of k-sparse probing (analysis.probing): per layer and sae-probes dataset of
+    the sweep's probe: section, a logistic regression on the whole residual vector at the
+    prompt's last token. Once per model: every config's `probes` rows compare with these
+    (the `probes` view of results.duckdb holds both)."""
+    from mlsae_core.analysis import probing
+    from mlsae_core.transformer import Transformer
+
+    layout, sw, model = storage.layout, sweep.load(), context.partition_key
+    sets = probing.load_datasets(sw.probe)
+    tr = Transformer.load(sw.model_name(model), sw.eval.device, models_dir=layout.models_dir)
+    table = probing.probe(tr, sets, {"model": model}, max_k=sw.probe.max_k)
+    return dg.Output(table, metadata={"table": ui.md(ui.table_md(table))})
+
+
 def build_model_assets(parts: SweepPartitions, sw: Sweep) -> list[Any]:
     """The model assets, partitioned by the sweep's models; each code version hashes the sweep
     settings it reads (a model added to the sweep is requested by the automation sensor)."""
@@ -112,7 +127,13 @@ def build_model_assets(parts: SweepPartitions, sw: Sweep) -> list[Any]:
     resid_settings = (sw.eval.resid_tokens, sw.eval.batch_size)
     per_model = {"partitions_def": parts.models}
     upstream = ["transformer", "corpus"]
+    probing = []
+    if sw.probe is not None:  # the probe: section of the sweep asks for probes
+        probe_settings = (to_dict(sw.probe), sw.eval.device)
+        probing.append(asset(GROUP, {"parquet", "pytorch"}, probe_settings, deps=["transformer"],
+                             io_manager_key=PARQUET, pool="mlsae_eval", **per_model)(residual_probes))  # fmt: skip
     return [
+        *probing,
         asset(GROUP, {"huggingface", "pytorch"}, **per_model)(transformer),
         asset(GROUP, {"safetensors"}, corpus_settings, deps=["transformer"], **per_model)(corpus),
         asset(GROUP, {"pytorch", "safetensors"}, lens_settings, deps=upstream, **per_model)(
