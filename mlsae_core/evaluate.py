@@ -154,8 +154,8 @@ def evaluate(
         if lens is not None:
             x = lens.transform(x, layers)
         out = sae(x)  # float32: the evaluation is the exact reference for every precision
-        recon.update(x, out.recons, out.topk.values, out.topk.indices)
         b_idx, p_idx = mask.nonzero(as_tuple=True)
+        recon.update(x, out.recons, out.topk.values, out.topk.indices, first=p_idx == 0)
         batch = EvalBatch(rows, toks, mask, layers, x, out.topk, out.recons, b_idx, p_idx)
         for c in collectors:
             c.update(batch)

@@ -14,10 +14,14 @@ from typing import Any
 import torch
 
 from mlsae_core.config import SAEConfig
+from mlsae_core.sae import STD_EPS, standardize
 
 METRIC_COLUMNS = (
     "mse",
     "fvu",
+    "fvu_nofirst",
+    "fvu_standardized",
+    "first_share",
     "l0",
     "l1",
     "dead",
@@ -32,41 +36,84 @@ METRIC_COLUMNS = (
 
 
 @dataclass
+class FVUSums:
+    """sum ||r - x||^2, sum x and sum ||x||^2 per layer over n vectors: an FVU, streamed."""
+
+    n_layers: int
+    d: int
+    n: int = 0
+    sq_err: torch.Tensor = field(init=False)  # [L]
+    x_sum: torch.Tensor = field(init=False)  # [L, d]
+    x_sq: torch.Tensor = field(init=False)  # [L]
+
+    def __post_init__(self) -> None:
+        self.sq_err = torch.zeros(self.n_layers, dtype=torch.float64)
+        self.x_sum = torch.zeros(self.n_layers, self.d, dtype=torch.float64)
+        self.x_sq = torch.zeros(self.n_layers, dtype=torch.float64)
+
+    def add(self, x64: torch.Tensor, r64: torch.Tensor) -> None:
+        """x64, r64: [L, N, d] float64."""
+        self.n += x64.shape[1]
+        self.sq_err += (r64 - x64).pow(2).sum(dim=(1, 2))
+        self.x_sum += x64.sum(dim=1)
+        self.x_sq += x64.pow(2).sum(dim=(1, 2))
+
+    def variance(self) -> torch.Tensor:
+        """[L] sum ||x - xbar_l||^2 about these vectors' own mean: FVU's denominator."""
+        return self.x_sq - self.x_sum.pow(2).sum(-1) / max(self.n, 1)
+
+    def fvu(self) -> torch.Tensor:
+        """[L] sum ||r - x||^2 / variance(); NaN over no vectors."""
+        if not self.n:
+            return torch.full((self.n_layers,), math.nan, dtype=torch.float64)
+        return self.sq_err / self.variance().clamp_min(1e-300)
+
+
+@dataclass
 class ReconstructionMetrics:
-    """MSE, FVU, L0, L1 and dead fraction per layer, accumulated over batches."""
+    """MSE, FVU, L0, L1 and dead fraction per layer, accumulated over batches; FVU also over
+    the positions after each sequence's first (`fvu_nofirst`), in the per-vector standardized
+    space (`fvu_standardized`), and the first positions' share of the variance (`first_share`)."""
 
     n_layers: int
     n_latents: int
     d: int
     dead_threshold: float = SAEConfig.dead_threshold
-    n_tokens: int = 0
-    sq_err: torch.Tensor = field(init=False)  # [L] sum ||r - x||^2
-    x_sum: torch.Tensor = field(init=False)  # [L, d] sum x
-    x_sq: torch.Tensor = field(init=False)  # [L] sum ||x||^2
+    total: FVUSums = field(init=False)  # every position
+    rest: FVUSums = field(init=False)  # positions other than a sequence's first
+    std: FVUSums = field(init=False)  # every position, x and r standardized by x's stats
     l0: torch.Tensor = field(init=False)  # [L] sum of active counts
     l1: torch.Tensor = field(init=False)  # [L] sum of latent values
     fired: torch.Tensor = field(init=False)  # [L, n] bool
 
     def __post_init__(self) -> None:
-        f64 = torch.float64
-        self.sq_err = torch.zeros(self.n_layers, dtype=f64)
-        self.x_sum = torch.zeros(self.n_layers, self.d, dtype=f64)
-        self.x_sq = torch.zeros(self.n_layers, dtype=f64)
-        self.l0 = torch.zeros(self.n_layers, dtype=f64)
-        self.l1 = torch.zeros(self.n_layers, dtype=f64)
+        self.total, self.rest, self.std = (FVUSums(self.n_layers, self.d) for _ in range(3))
+        self.l0 = torch.zeros(self.n_layers, dtype=torch.float64)
+        self.l1 = torch.zeros(self.n_layers, dtype=torch.float64)
         self.fired = torch.zeros(self.n_layers, self.n_latents, dtype=torch.bool)
+
+    @property
+    def n_tokens(self) -> int:
+        return self.total.n
 
     @torch.no_grad()
     def update(
-        self, x: torch.Tensor, recons: torch.Tensor, values: torch.Tensor, indices: torch.Tensor
+        self,
+        x: torch.Tensor,
+        recons: torch.Tensor,
+        values: torch.Tensor,
+        indices: torch.Tensor,
+        first: torch.Tensor | None = None,
     ) -> None:
-        """x, recons: [L, N, d]; values, indices: [L, N, k] (ReLU'd TopK)."""
+        """x, recons: [L, N, d]; values, indices: [L, N, k] (ReLU'd TopK); first: [N] bool,
+        the positions that are position 0 of their sequence (None: none are)."""
         x64, r64 = x.double().cpu(), recons.double().cpu()
         values, indices = values.cpu(), indices.cpu()
-        self.n_tokens += x.shape[1]
-        self.sq_err += (r64 - x64).pow(2).sum(dim=(1, 2))
-        self.x_sum += x64.sum(dim=1)
-        self.x_sq += x64.pow(2).sum(dim=(1, 2))
+        self.total.add(x64, r64)
+        rest = slice(None) if first is None else ~first.cpu()
+        self.rest.add(x64[:, rest], r64[:, rest])
+        xs, (mu, sd) = standardize(x64)  # the map the SAE applies to its inputs
+        self.std.add(xs, (r64 - mu) / (sd + STD_EPS))
         active = values > self.dead_threshold
         self.l0 += active.sum(dim=(1, 2)).double()
         self.l1 += values.double().sum(dim=(1, 2))
@@ -75,15 +122,25 @@ class ReconstructionMetrics:
 
     def variance(self) -> torch.Tensor:
         """[L] sum ||x - xbar_l||^2, FVU's denominator (callers that must tell "no variance",
-        e.g. the explorer's one-prompt metrics, compare it with x_sq)."""
-        return self.x_sq - self.x_sum.pow(2).sum(-1) / max(self.n_tokens, 1)
+        e.g. the explorer's one-prompt metrics, compare it with total.x_sq)."""
+        return self.total.variance()
+
+    def first_share(self) -> torch.Tensor:
+        """[L] sum over first positions of ||x - xbar_l||^2 / sum over all (xbar_l: all)."""
+        t, r = self.total, self.rest
+        mean = t.x_sum / max(t.n, 1)  # [L, d]
+        rest_var = r.x_sq - 2 * (mean * r.x_sum).sum(-1) + r.n * mean.pow(2).sum(-1)
+        var = t.variance()
+        return (var - rest_var) / var.clamp_min(1e-300)
 
     def compute(self) -> dict[str, list[float]]:
         n = max(self.n_tokens, 1)
-        var = self.variance()
         return {
-            "mse": (self.sq_err / (n * self.d)).tolist(),
-            "fvu": (self.sq_err / var.clamp_min(1e-300)).tolist(),
+            "mse": (self.total.sq_err / (n * self.d)).tolist(),
+            "fvu": self.total.fvu().tolist(),
+            "fvu_nofirst": self.rest.fvu().tolist(),
+            "fvu_standardized": self.std.fvu().tolist(),
+            "first_share": self.first_share().tolist(),
             "l0": (self.l0 / n).tolist(),
             "l1": (self.l1 / n).tolist(),
             "dead": (~self.fired).double().mean(-1).tolist(),

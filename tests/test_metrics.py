@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -13,9 +14,15 @@ from mlsae_core.metrics import ReconstructionMetrics, SpliceMetrics, metrics_row
 L, N, D, NLAT, K = 3, 40, 6, 20, 3
 
 
-def planted(seed=0):
+SEQ = 8  # the N positions are N / SEQ sequences; position 0 of each is `FIRST`
+FIRST = torch.arange(N) % SEQ == 0
+
+
+def planted(seed=0, sink=1.0):
+    """x with position 0 of each sequence scaled by `sink` (SmolLM2's deep layers: ~100x)."""
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(L, N, D, generator=g) * 2 + torch.arange(D) * 0.5
+    x[:, FIRST] *= sink
     r = x + 0.3 * torch.randn(L, N, D, generator=g)
     idx = torch.stack([torch.randperm(NLAT, generator=g)[:K] for _ in range(L * N)]).reshape(
         L, N, K
@@ -25,12 +32,27 @@ def planted(seed=0):
     return x, r, vals, idx
 
 
+def fvu_of(x64, r64):
+    """[L] sum ||r - x||^2 / sum ||x - mean over positions||^2, in one float64 pass."""
+    var = ((x64 - x64.mean(1, keepdim=True)) ** 2).sum(dim=(1, 2))
+    return ((r64 - x64) ** 2).sum(dim=(1, 2)) / var
+
+
+def reference_first(x, r):
+    """fvu_nofirst, fvu_standardized and first_share, computed directly (no streamed sums)."""
+    x64, r64 = x.double(), r.double()
+    nofirst = fvu_of(x64[:, ~FIRST], r64[:, ~FIRST])
+    mu = x64.mean(-1, keepdim=True)
+    sd = (((x64 - mu) ** 2).sum(-1, keepdim=True) / (D - 1)).sqrt()  # Bessel, as sae.standardize
+    std = fvu_of((x64 - mu) / (sd + 1e-5), (r64 - mu) / (sd + 1e-5))
+    dev = ((x64 - x64.mean(1, keepdim=True)) ** 2).sum(-1)  # [L, N] about the all-position mean
+    return nofirst, std, dev[:, FIRST].sum(1) / dev.sum(1)
+
+
 def reference(x, r, vals, idx):
     x64, r64 = x.double(), r.double()
     mse = ((r64 - x64) ** 2).mean(dim=(1, 2))
-    fvu = ((r64 - x64) ** 2).sum(dim=(1, 2)) / ((x64 - x64.mean(1, keepdim=True)) ** 2).sum(
-        dim=(1, 2)
-    )
+    fvu = fvu_of(x64, r64)
     l0 = (vals > 1e-3).double().sum(-1).mean(-1)
     l1 = vals.double().sum(-1).mean(-1)
     dense = torch.zeros(L, N, NLAT, dtype=torch.float64).scatter_(-1, idx, vals.double())
@@ -43,7 +65,7 @@ def accumulate(x, r, vals, idx, cuts):
     bounds = [0, *sorted(set(cuts)), N]
     for a, b in zip(bounds[:-1], bounds[1:], strict=True):
         if b > a:
-            m.update(x[:, a:b], r[:, a:b], vals[:, a:b], idx[:, a:b])
+            m.update(x[:, a:b], r[:, a:b], vals[:, a:b], idx[:, a:b], FIRST[a:b])
     return m
 
 
@@ -59,10 +81,33 @@ def test_reconstruction_metrics_match_float64():
     assert rows[-1]["dead"] == dead_all
 
 
+def test_first_position_statistics_match_float64():
+    """A sink at position 0 (100x the others' norm): raw FVU mostly measures that one vector,
+    fvu_nofirst and fvu_standardized do not; each equals its direct float64 computation."""
+    x, r, vals, idx = planted(sink=100.0)
+    got = accumulate(x, r, vals, idx, [5, 16, 17, 30]).compute()
+    nofirst, std, share = reference_first(x, r)
+    for name, want in (("fvu_nofirst", nofirst), ("fvu_standardized", std), ("first_share", share)):
+        torch.testing.assert_close(
+            torch.tensor(got[name], dtype=torch.float64), want, rtol=1e-9, atol=0, msg=name
+        )
+    assert min(got["first_share"]) > 0.9 and max(got["fvu"]) < 0.001 < 0.01 < min(
+        got["fvu_nofirst"]
+    )
+    # without a sink the first positions hold about their count's share (5 of 40) of the variance
+    plain = accumulate(*planted(), []).compute()
+    assert all(0.02 < s < 0.4 for s in plain["first_share"])
+    # no first positions: fvu_nofirst is fvu and the share is 0
+    m = ReconstructionMetrics(L, NLAT, D)
+    m.update(x[:, ~FIRST], r[:, ~FIRST], vals[:, ~FIRST], idx[:, ~FIRST])
+    none = m.compute()
+    assert none["fvu_nofirst"] == none["fvu"] and none["first_share"] == pytest.approx([0.0] * L)
+
+
 @settings(max_examples=40, deadline=None)
 @given(st.lists(st.integers(min_value=0, max_value=N), max_size=8), st.integers(0, 5))
 def test_streaming_over_any_split_equals_one_shot(cuts, seed):
-    x, r, vals, idx = planted(seed)
+    x, r, vals, idx = planted(seed, sink=1.0 + 30 * (seed % 2))
     one = accumulate(x, r, vals, idx, []).compute()
     split = accumulate(x, r, vals, idx, cuts).compute()
     for key in one:

@@ -28,7 +28,8 @@ from mlsae_core.identity import RUN_ID_COLUMNS, RUN_ID_FIELDS, is_single_layer, 
 from mlsae_core.sae import MLSAE
 
 # Metrics of single_layer_comparison: the MLSAE's value at a layer next to the baseline's.
-COMPARE_METRICS = ("mse", "fvu", "l0", "dead", "dce", "kl", "loss_recovered")
+COMPARE_METRICS = ("mse", "fvu", "fvu_nofirst", "fvu_standardized", "first_share", "l0", "dead", "dce",
+                   "kl", "loss_recovered")  # fmt: skip
 
 
 def n_layers_of(label: str) -> int:
@@ -138,16 +139,24 @@ SINGLE_LAYER_COMPARISON_SCHEMA = pa.schema(
 
 
 def _mean_std(values: Sequence[float]) -> tuple[float, float]:
-    """Mean and sample standard deviation (NaN for fewer than two values)."""
+    """Mean and sample standard deviation (NaN for fewer than two values, or any NaN)."""
+    if any(math.isnan(v) for v in values):
+        return math.nan, math.nan
     spread = statistics.stdev(values) if len(values) > 1 else math.nan
     return statistics.fmean(values), spread
+
+
+def _value(row: Mapping[str, Any], metric: str) -> float:
+    """row[metric], NaN where a stored table predates the metric (absent or null)."""
+    v = row.get(metric)
+    return math.nan if v is None else float(v)
 
 
 def single_layer_comparison(test_metrics: pa.Table) -> pa.Table:
     """At each layer l with a single-layer SAE (same model, expansion factor, k and inputs),
     the MLSAE's test metrics at l next to the baselines' mean over their training seeds, with
     the seeds' sample standard deviation (NaN for one seed); fvu_ratio = mlsae_fvu /
-    single_fvu."""
+    single_fvu. A metric a stored table predates is NaN."""
     by_cfg: dict[tuple, dict[str, dict[str, Any]]] = {}
     for r in test_metrics.to_pylist():
         by_cfg.setdefault(tuple(r[c] for c in RUN_ID_COLUMNS), {})[r["layer"]] = r
@@ -171,9 +180,9 @@ def single_layer_comparison(test_metrics: pa.Table) -> pa.Table:
             m = layer_rows[layer]
             row: dict[str, Any] = {**run_id, "layer": int(layer), "n_single_seeds": len(seeds)}
             for metric in COMPARE_METRICS:
-                row[f"mlsae_{metric}"] = m[metric]
+                row[f"mlsae_{metric}"] = _value(m, metric)
                 row[f"single_{metric}"], row[f"single_{metric}_std"] = _mean_std(
-                    [s[metric] for s in seeds]
+                    [_value(s, metric) for s in seeds]
                 )
             row["fvu_ratio"] = m["fvu"] / row["single_fvu"] if row["single_fvu"] else math.nan
             rows.append(row)

@@ -59,20 +59,27 @@ def prompt_metrics(
     n_latents: int,
     dead_threshold: float,
 ) -> list[dict[str, Any]]:
-    """Per SAE layer over the non-special tokens: FVU, MSE, L0, L1 (null where undefined).
+    """Per SAE layer over the non-special tokens: FVU (also without position 0, and position
+    0's share of the variance), MSE, L0, L1 (null where undefined).
 
     x, recons: [L, P, d]; values, indices: [L, P, k]; special: [P].
     """
     keep = ~special
     n = int(keep.sum())
     acc = ReconstructionMetrics(len(layers), n_latents, x.shape[-1], dead_threshold)
-    acc.update(x[:, keep], recons[:, keep], values[:, keep], indices[:, keep])
+    first = (torch.arange(len(keep)) == 0)[keep]  # the prompt's position 0, if not special
+    acc.update(x[:, keep], recons[:, keep], values[:, keep], indices[:, keep], first)
     got = acc.compute()
-    varies = (acc.variance() > NO_VARIANCE * acc.x_sq).tolist()
+    varies = (acc.variance() > NO_VARIANCE * acc.total.x_sq).tolist()
+    rest_varies = (acc.rest.variance() > NO_VARIANCE * acc.rest.x_sq).tolist()
     return [
         {
             "layer": layer,
             "fvu": finite(got["fvu"][i]) if n >= 2 and varies[i] else None,
+            "fvu_nofirst": (
+                finite(got["fvu_nofirst"][i]) if acc.rest.n >= 2 and rest_varies[i] else None
+            ),
+            "first_share": finite(got["first_share"][i]) if n >= 2 and varies[i] else None,
             "mse": finite(got["mse"][i]) if n else None,
             "l0": got["l0"][i] if n else None,
             "l1": got["l1"][i] if n else None,

@@ -132,6 +132,8 @@ class _Out(BaseModel):
 class LayerMetrics(_Out):
     layer: int
     fvu: Number = Field(description="null with < 2 tokens or no variance")
+    fvu_nofirst: Number = Field(description="FVU without position 0; null as fvu")
+    first_share: Number = Field(description="position 0's share of the variance")
     mse: Number
     l0: Number
     l1: Number
@@ -139,6 +141,8 @@ class LayerMetrics(_Out):
 
 class MeanMetrics(_Out):
     fvu: Number
+    fvu_nofirst: Number
+    first_share: Number
     mse: Number
     l0: Number
     l1: Number

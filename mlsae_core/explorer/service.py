@@ -157,7 +157,7 @@ class Explorer:
     def prompt_view(self, prompt: str) -> dict[str, Any]:
         r = self.prompt_result(prompt)
         mean = {}
-        for key in ("fvu", "mse", "l0", "l1"):
+        for key in ("fvu", "fvu_nofirst", "first_share", "mse", "l0", "l1"):
             vals = [m[key] for m in r.metrics if m[key] is not None]
             mean[key] = finite(sum(vals) / len(vals)) if vals else None
         return {

@@ -402,19 +402,19 @@ function renderMetrics() {
   box.textContent = "";
   const t = el("table");
   const head = el("tr");
-  for (const h of ["layer", "FVU", "L0", "MSE"]) head.appendChild(el("th", null, h));
+  for (const h of ["layer", "FVU", "FVU w/o pos 0", "pos 0 share", "L0", "MSE"]) head.appendChild(el("th", null, h));
   t.appendChild(head);
   for (const m of r.metrics) {
     const tr = el("tr");
-    for (const v of [String(m.layer), fmt(m.fvu), fmt(m.l0, 1), fmt(m.mse)]) tr.appendChild(el("td", null, v));
+    for (const v of [String(m.layer), fmt(m.fvu), fmt(m.fvu_nofirst), fmt(m.first_share), fmt(m.l0, 1), fmt(m.mse)]) tr.appendChild(el("td", null, v));
     t.appendChild(tr);
   }
   const mm = r.metrics_mean;
   const tr = el("tr", { class: "mean" });
-  for (const v of ["mean", fmt(mm.fvu), fmt(mm.l0, 1), fmt(mm.mse)]) tr.appendChild(el("td", null, v));
+  for (const v of ["mean", fmt(mm.fvu), fmt(mm.fvu_nofirst), fmt(mm.first_share), fmt(mm.l0, 1), fmt(mm.mse)]) tr.appendChild(el("td", null, v));
   t.appendChild(tr);
   box.appendChild(t);
-  box.appendChild(el("div", { class: "muted small" }, `${r.n_tokens} tokens; FVU = Σ‖r−x‖² / Σ‖x−x̄‖² over this prompt's tokens (null below 2 tokens); L0 = latents > ${state.info.sae.dead_threshold} per token`));
+  box.appendChild(el("div", { class: "muted small" }, `${r.n_tokens} tokens; FVU = Σ‖r−x‖² / Σ‖x−x̄‖² over this prompt's tokens (null below 2 tokens), also without position 0, whose share of Σ‖x−x̄‖² is shown; L0 = latents > ${state.info.sae.dead_threshold} per token`));
 }
 
 // ----- selection changes --------------------------------------------------------------------

@@ -22,17 +22,19 @@ CODE_VERSIONS = {
     "resid_cos_sim": "1",
     "tuned_lens": "1",
     "mlsae": "4",  # 4: --precision (auto: bf16 where native); tuned-lens inputs
-    "evaluation": "6",  # 6: the seed run-id column
+    "evaluation": "7",  # 6: the seed run-id column; 7: fvu_nofirst, fvu_standardized, first_share
     "dists_heatmap": "2",  # 2: analyse.write_run_figures (layer_mean_hist)
     "prompt_heatmap": "4",  # 4: the seed run-id column
-    "test_summary": "3",  # 3: the seed run-id column
+    "test_summary": "4",  # 3: the seed run-id column; 4: the first-position metric columns
     "dists_layer_std": "4",  # 4: the seed run-id column
     "mmcs": "3",  # 3: the seed run-id column; every seed of a baseline
-    "single_layer_comparison": "4",  # 4: baselines averaged over seeds
-    "claims": "3",  # 2: against the baselines' seed spread; 3: one failing layer refutes claim 1
-    "report": "3",  # 2: the method sections inside the page; 3: the claim-1 rule by layer
+    "single_layer_comparison": "5",  # 4: baselines averaged over seeds; 5: first-position metrics
+    "claims": "4",  # 3: one failing layer refutes claim 1; 4: judged without the first position
+    "report": "4",  # 3: the claim-1 rule by layer; 4: claim 1 without the first position
     "results_db": "2",  # 2: per-run views glob the run directories
     "saelens_export": "1",
+    "probes": "1",
+    "residual_probes": "1",
 }
 PARQUET = "parquet_io_manager"
 # Tags Dagster writes on every materialization: its record of what made it and from what.
