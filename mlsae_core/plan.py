@@ -31,6 +31,13 @@ class Plan:
         return [f"{k}: {old!r} -> {new!r}" for k, (old, new) in self.changes.items()]
 
     def refusal(self, out_dir: Any) -> str:
+        if "inputs" in self.changes:  # the tuned lens's fingerprint (None: plain activations)
+            held, now = (str(v)[:12] for v in self.changes["inputs"])
+            return (
+                f"{out_dir} holds a run trained through another tuned lens (inputs fingerprint "
+                f"{held}, now {now}); rerun with that lens to resume, or use another --out "
+                "directory"
+            )
         return (
             f"{out_dir} holds a run with other settings ({'; '.join(self.describe())}); rerun "
             "with the same settings to resume (or only a larger --max_tokens to extend it), or "

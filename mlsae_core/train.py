@@ -29,7 +29,7 @@ from mlsae_core.config import ConfigError, SAEConfig, TrainConfig, resolve_devic
 from mlsae_core.layout import RunLayout
 from mlsae_core.lock import output_lock
 from mlsae_core.losses import total_loss
-from mlsae_core.plan import decide, run_settings
+from mlsae_core.plan import Plan, decide, run_settings
 from mlsae_core.precision import autocast, dtype_name, resolve_precision
 from mlsae_core.sae import MLSAE
 
@@ -463,11 +463,7 @@ def train(
 
             held = TunedLens.load(copy).fingerprint()
             if held != inputs:  # refuse a directory trained through another lens
-                raise ConfigError(
-                    f"{out_dir} holds a run trained through another tuned lens ({copy}; inputs "
-                    f"fingerprint {held[:12]}, now {inputs[:12]}); rerun with that lens to "
-                    "resume, or use another --out directory"
-                )
+                raise ConfigError(Plan("conflict", {"inputs": (held, inputs)}).refusal(out_dir))
         trainer = Trainer(source, masks, sae_cfg, train_cfg, out_dir, batch_size, max_tokens,
                           metadata, inputs)  # fmt: skip
         if trainer.resume():
