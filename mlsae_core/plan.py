@@ -48,16 +48,28 @@ class Plan:
 def run_settings(
     sae: dict[str, Any],
     train: dict[str, Any],
-    shape: dict[str, Any],
+    precision: str,
+    *,
+    batch_size: int,
+    max_length: int,
+    max_tokens: int,
+    world_size: int,
     inputs: str | None,
     data: dict[str, Any] | None = None,
+    n_chunks: int | None = None,
 ) -> dict[str, Any]:
-    """The settings that decide a run's weights, as state.json records them. `train` holds
-    the resolved precision; checkpoint_every, nproc_per_node and device are not the weights'
-    (the world size in `shape` is; a run may resume on another device in its precision).
-    `shape`: batch_size, max_length, max_tokens, world_size and, once tokenized, n_chunks."""
+    """The settings that decide a run's weights, as state.json records them: the train
+    settings with `precision` resolved (checkpoint_every, nproc_per_node and device are not the
+    weights'; the world size is, and a run may resume on another device in its precision), the
+    batch shape and budget, the tuned lens's fingerprint (`inputs`), the data's identity and,
+    once tokenized, n_chunks."""
     skip = ("checkpoint_every", "nproc_per_node", "device")
-    config = {"sae": sae, "train": {k: v for k, v in train.items() if k not in skip}, **shape}
+    kept = {k: v for k, v in train.items() if k not in skip}
+    config: dict[str, Any] = {"sae": sae, "train": {**kept, "precision": precision}}
+    config.update(batch_size=batch_size, max_length=max_length, max_tokens=max_tokens,
+                  world_size=world_size)  # fmt: skip
+    if n_chunks is not None:
+        config["n_chunks"] = n_chunks
     config["inputs"] = inputs
     if data:
         config["data"] = {k: data[k] for k in DATA_KEYS if k in data}

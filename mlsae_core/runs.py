@@ -83,14 +83,15 @@ def plan(spec: RunSpec, run_dir: str | Path, also_changed: dict | None = None) -
     if not (state / "state.json").is_file():
         return Plan("new")
     meta = read_state(state)
-    device = resolve_device(spec.train.device)
-    train_settings = {**to_dict(spec.train),
-                      "precision": dtype_name(resolve_precision(spec.train.precision, device))}  # fmt: skip
-    shape = {"batch_size": spec.data.batch_size, "max_length": spec.data.max_length,
-             "max_tokens": spec.data.max_tokens,
-             "world_size": max(spec.train.nproc_per_node, dist_info()[1])}  # fmt: skip
+    precision = resolve_precision(spec.train.precision, resolve_device(spec.train.device))
     lens = TunedLens.load(spec.tuned_lens).fingerprint() if spec.tuned_lens else None
-    asked = run_settings(to_dict(spec.sae), train_settings, shape, lens, data_identity(spec))
+    asked = run_settings(
+        to_dict(spec.sae), to_dict(spec.train), dtype_name(precision),
+        batch_size=spec.data.batch_size, max_length=spec.data.max_length,
+        max_tokens=spec.data.max_tokens,
+        world_size=max(spec.train.nproc_per_node, dist_info()[1]),
+        inputs=lens, data=data_identity(spec),
+    )  # fmt: skip
     changed = dict(also_changed or {})
     if meta.get("done"):
         layout = RunLayout(Path(run_dir))
@@ -139,10 +140,11 @@ def train_run(
     train_chunks: TokenChunks | None = None,
     progress: bool = True,
     on_step: Callable[[dict[str, Any]], None] | None = None,
-    on_conflict: Literal["refuse", "restart"] = "refuse",
+    prepared: Plan | None = None,
 ) -> MLSAE:
     """Train (or resume) the MLSAE described by `spec` into `out_dir`; returns the MLSAE.
-    A directory holding other settings is refused or started over (`prepare`).
+    A directory holding other settings is refused (`prepare`), unless the caller has already
+    acted on its plan (`prepared`: the sweep restarts such a run instead).
 
     Loads and checks what `spec` names, then calls `train.train`, the one training entry (it
     holds `out_dir`'s lock). `source` may be an activation cache (mlsae_core.cache) shared by
@@ -151,7 +153,8 @@ def train_run(
     device = resolve_device(spec.train.device)  # before loading anything
     if dist_info()[0] == 0:
         refuse_if_locked(out_dir)  # a second writer is refused before minutes of loading
-        prepare(spec, out_dir, on_conflict)
+        if prepared is None:
+            prepare(spec, out_dir)
     if transformer is None:
         transformer = Transformer.load(spec.model_name, device=device)
     shape = ModelShape(transformer.name, transformer.n_layers, transformer.d_model,
@@ -191,6 +194,7 @@ def train_stored(
     shared_cache: bool = False,
     progress: bool = False,
     on_step: Callable[[dict[str, Any]], None] | None = None,
+    prepared: Plan | None = None,
 ) -> dict[str, Any]:
     """A sweep's run: `train_run` on the model and the training chunks stored under the
     storage root for `model`; with `shared_cache`, on a float16 cache of every layer over those
@@ -208,7 +212,7 @@ def train_stored(
             layout.cache_dir(model), transformer, chunks.tokens, precision, progress=progress
         )
         source = cache.select(resolve_layers(spec.layers, transformer.n_layers))
-    train_run(spec, run_dir, transformer, source, chunks, progress, on_step)
+    train_run(spec, run_dir, transformer, source, chunks, progress, on_step, prepared)
     return run_summary(run_dir)
 
 

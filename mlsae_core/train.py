@@ -246,10 +246,10 @@ class Trainer:
         self.tokens_per_step = batch_size * pos * train_cfg.accumulate_grad_batches * self.world
         self.total_steps = max(1, math.ceil(max_tokens / self.tokens_per_step))
         # What decides the weights, as recorded in state.json: a resume must match it.
-        train_settings = {**vars(train_cfg), "precision": dtype_name(self.precision)}
-        shape = {"batch_size": batch_size, "max_length": pos, "max_tokens": max_tokens,
-                 "world_size": self.world, "n_chunks": n_chunks}  # fmt: skip
-        config = run_settings(vars(sae_cfg), train_settings, shape, inputs, metadata)
+        config = run_settings(vars(sae_cfg), vars(train_cfg), dtype_name(self.precision),
+                              batch_size=batch_size, max_length=pos, max_tokens=max_tokens,
+                              world_size=self.world, inputs=inputs, data=metadata,
+                              n_chunks=n_chunks)  # fmt: skip
         self.run_config = json.loads(json.dumps(config))  # as it reads back from state.json
         self.sae = MLSAE.from_config(source.d_model, sae_cfg, metadata=metadata).to(self.device)
         self.opt = make_optimizer(self.sae, train_cfg.lr, train_cfg.eps)

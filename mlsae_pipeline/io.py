@@ -137,16 +137,16 @@ SUMMARY_TABLES = ("test_summary", "dists_layer_std", "mmcs", "single_layer_compa
 TABLE_ASSETS = (*RUN_TABLES, *MODEL_TABLES, *SUMMARY_TABLES)
 
 
-def view_sources(layout: StorageLayout) -> dict[str, str]:
-    """view name -> Parquet path or glob, relative to the storage root, for every table that
+def view_sources(layout: StorageLayout) -> dict[str, list[str]]:
+    """view name -> Parquet paths or globs, relative to the storage root, for every table that
     has files (relative, so a moved or copied root keeps answering: see `query.connect`)."""
     sources = {name: layout.run_table_glob(name) for name in RUN_TABLES}
     sources.update({name: layout.model_table_glob(name) for name in MODEL_TABLES})
     sources.update({name: str(layout.table(name)) for name in SUMMARY_TABLES})
     sources["training_history"] = str(layout.run("*", "*").history)
-    found = {n: os.path.relpath(src, layout.root) for n, src in sources.items() if glob.glob(src)}
+    found = {n: [os.path.relpath(src, layout.root)] for n, src in sources.items() if glob.glob(src)}
     if "residual_probes" in found:  # one view of probes: each config's, and the ceiling's once
-        found["probes"] = ", ".join(found[n] for n in ("probes", "residual_probes") if n in found)
+        found["probes"] = [*found.get("probes", []), *found["residual_probes"]]
     return found
 
 
@@ -160,14 +160,14 @@ def build_results_db(layout: StorageLayout) -> dict[str, tuple[int, str]]:
         tmp.unlink()  # duckdb wants to create the file itself
         with connect(tmp, read_only=False) as con:
             for name, src in view_sources(layout).items():
-                files = ", ".join("'" + s.replace("'", "''") + "'" for s in src.split(", "))
+                files = ", ".join("'" + s.replace("'", "''") + "'" for s in src)
                 extra = ", filename = true" if name == "training_history" else ""
                 con.execute(
                     f'CREATE VIEW "{name}" AS SELECT * FROM '
                     f"read_parquet([{files}], union_by_name = true{extra})"
                 )
                 (rows,) = con.execute(f'SELECT count(*) FROM "{name}"').fetchone()
-                counts[name] = (int(rows), src)
+                counts[name] = (int(rows), ", ".join(src))
             con.execute("CHECKPOINT")
     atomic.record(layout.results_db.parent, [layout.results_db.name])
     return counts

@@ -3,15 +3,15 @@
 from mlsae_core.plan import Plan, decide, run_settings
 
 SAE = {"expansion_factor": 2, "k": 4}
-TRAIN = {"lr": 1e-3, "seed": 0, "precision": "float32", "checkpoint_every": 10, "device": "cpu"}
+TRAIN = {"lr": 1e-3, "seed": 0, "precision": "auto", "checkpoint_every": 10, "device": "cpu"}
 DATA = {"model_name": "tiny-llama", "dataset": "tiny-text", "split_seed": 0}
 
 
 def settings(max_tokens: int = 1024, n_chunks: int | None = 32, lr: float = 1e-3, **data):
-    shape = {"batch_size": 2, "max_length": 32, "max_tokens": max_tokens, "world_size": 1}
-    if n_chunks is not None:
-        shape["n_chunks"] = n_chunks
-    return run_settings(SAE, {**TRAIN, "lr": lr}, shape, None, {**DATA, **data})
+    return run_settings(
+        SAE, {**TRAIN, "lr": lr}, "float32", batch_size=2, max_length=32, max_tokens=max_tokens,
+        world_size=1, inputs=None, data={**DATA, **data}, n_chunks=n_chunks,
+    )  # fmt: skip
 
 
 def test_the_five_outcomes():

@@ -89,7 +89,7 @@ def mlsae(
     if spec.train.nproc_per_node < 2:
         meta = runs.train_stored(
             spec, layout, model, run.directory, len(sw.points) > 1, ui.terminal_progress(),
-            _log_progress(context),
+            _log_progress(context), plan,
         )  # fmt: skip
     else:
         meta = _torchrun(context, pipes_subprocess_client, spec, layout, model, run)
